@@ -1,0 +1,346 @@
+//! Messages between a `vmm` and its host's `umemd` over a Unix socket.
+//!
+//! Each migration uses its own connection. The VMM opens it with `Outgoing` (source) or
+//! `Incoming` (destination), passing its guest-RAM memfd (and, for postcopy, its userfaultfd)
+//! beside that first frame with `SCM_RIGHTS`.
+
+use crate::frame;
+use crate::types::{BlockDesc, MigrationParams, MigrationStats, MAX_BLOCKS};
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// Most bitmap words in one `DirtyBitmap` frame (covers 4 GiB of guest RAM).
+pub const MAX_BITMAP_WORDS: usize = 1 << 14;
+
+/// Frame kinds of the local connection.
+pub mod kind {
+    #![allow(missing_docs)]
+    pub const OUTGOING: u8 = 0x41;
+    pub const INCOMING: u8 = 0x42;
+    pub const DIRTY_BITMAP: u8 = 0x43;
+    pub const BITMAP_END: u8 = 0x44;
+    pub const MACHINE_STATE: u8 = 0x45;
+    pub const STATE_LOADED: u8 = 0x46;
+    pub const SET_PARAMS: u8 = 0x47;
+    pub const CANCEL: u8 = 0x48;
+    pub const START_POSTCOPY: u8 = 0x49;
+    pub const LISTENING: u8 = 0x61;
+    pub const HARVEST: u8 = 0x62;
+    pub const PROGRESS: u8 = 0x63;
+    pub const COMPLETED: u8 = 0x65;
+    pub const FAILED: u8 = 0x66;
+}
+
+/// A RAM block as the VMM that owns it sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalBlock {
+    /// Name, guest address and size.
+    pub desc: BlockDesc,
+    /// Offset of the block in the memfd.
+    pub memfd_offset: u64,
+    /// Address of the block in the VMM's address space (where a userfaultfd places pages).
+    pub host_addr: u64,
+}
+
+fn encode_local_blocks(w: &mut Writer, blocks: &[LocalBlock]) {
+    w.u32(blocks.len() as u32);
+    for b in blocks {
+        b.desc.encode(w);
+        w.u64(b.memfd_offset);
+        w.u64(b.host_addr);
+    }
+}
+
+fn decode_local_blocks(r: &mut Reader) -> Result<Vec<LocalBlock>, DecodeError> {
+    let n = r.count("block count", 34)?;
+    if n == 0 || n > MAX_BLOCKS {
+        return Err(DecodeError::invalid(
+            "block count",
+            format!("{n} not in 1..={MAX_BLOCKS}"),
+        ));
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(LocalBlock {
+            desc: BlockDesc::decode(r)?,
+            memfd_offset: r.u64("memfd offset")?,
+            host_addr: r.u64("host address")?,
+        });
+    }
+    Ok(v)
+}
+
+/// A message on a VMM's connection to umemd, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalMessage {
+    /// VMM: migrate this VM out to `uri` (`tcp:HOST:PORT`). The memfd rides along.
+    Outgoing {
+        /// Name of the VM, for logs.
+        vm: String,
+        /// Where the destination umemd listens.
+        uri: String,
+        /// Tunables.
+        params: MigrationParams,
+        /// RAM layout.
+        blocks: Vec<LocalBlock>,
+    },
+    /// VMM: receive a VM on `uri`. The memfd (and the userfaultfd when `has_uffd`) ride along.
+    Incoming {
+        /// Name of the VM, for logs.
+        vm: String,
+        /// Where to listen (`tcp:HOST:PORT`; port 0 picks one).
+        uri: String,
+        /// RAM layout.
+        blocks: Vec<LocalBlock>,
+        /// Whether a userfaultfd was passed.
+        has_uffd: bool,
+    },
+    /// VMM: dirty pages of one block, one bit per page from `first_page`.
+    DirtyBitmap {
+        /// Block index.
+        block: u32,
+        /// Page of bit 0 of word 0.
+        first_page: u64,
+        /// Bits, little-endian within each word.
+        words: Vec<u64>,
+    },
+    /// VMM: the harvest asked for is complete; `stopped` says the vCPUs are stopped.
+    BitmapEnd {
+        /// vCPUs are stopped: this was the final harvest.
+        stopped: bool,
+    },
+    /// Either way: the machine state blob.
+    MachineState(Vec<u8>),
+    /// VMM (destination): the machine state is loaded.
+    StateLoaded,
+    /// VMM: new tunables for the running migration.
+    SetParams(MigrationParams),
+    /// VMM: cancel the migration.
+    Cancel,
+    /// VMM: switch a running precopy to postcopy now.
+    StartPostcopy,
+    /// umemd (destination): listening on this address.
+    Listening {
+        /// `tcp:HOST:PORT` actually bound.
+        uri: String,
+    },
+    /// umemd (source): send the dirty bitmap; if `stop`, stop the vCPUs first and follow the
+    /// bitmap with the machine state.
+    Harvest {
+        /// Stop the vCPUs before harvesting.
+        stop: bool,
+    },
+    /// umemd: statistics so far.
+    Progress(MigrationStats),
+    /// umemd: the migration completed.
+    Completed(MigrationStats),
+    /// umemd: the migration failed.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Statistics up to the failure.
+        stats: MigrationStats,
+    },
+}
+
+impl LocalMessage {
+    /// Appends this message as one frame.
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        match self {
+            LocalMessage::Outgoing {
+                vm,
+                uri,
+                params,
+                blocks,
+            } => frame::encode(buf, kind::OUTGOING, |w| {
+                w.str(vm);
+                w.str(uri);
+                params.encode(w);
+                encode_local_blocks(w, blocks);
+            }),
+            LocalMessage::Incoming {
+                vm,
+                uri,
+                blocks,
+                has_uffd,
+            } => frame::encode(buf, kind::INCOMING, |w| {
+                w.str(vm);
+                w.str(uri);
+                encode_local_blocks(w, blocks);
+                w.bool(*has_uffd);
+            }),
+            LocalMessage::DirtyBitmap {
+                block,
+                first_page,
+                words,
+            } => frame::encode(buf, kind::DIRTY_BITMAP, |w| {
+                w.u32(*block);
+                w.u64(*first_page);
+                w.u32(words.len() as u32);
+                for x in words {
+                    w.u64(*x);
+                }
+            }),
+            LocalMessage::BitmapEnd { stopped } => {
+                frame::encode(buf, kind::BITMAP_END, |w| w.bool(*stopped))
+            }
+            LocalMessage::MachineState(b) => {
+                frame::encode(buf, kind::MACHINE_STATE, |w| w.bytes(b))
+            }
+            LocalMessage::StateLoaded => frame::encode(buf, kind::STATE_LOADED, |_| {}),
+            LocalMessage::SetParams(p) => frame::encode(buf, kind::SET_PARAMS, |w| p.encode(w)),
+            LocalMessage::Cancel => frame::encode(buf, kind::CANCEL, |_| {}),
+            LocalMessage::StartPostcopy => frame::encode(buf, kind::START_POSTCOPY, |_| {}),
+            LocalMessage::Listening { uri } => frame::encode(buf, kind::LISTENING, |w| w.str(uri)),
+            LocalMessage::Harvest { stop } => frame::encode(buf, kind::HARVEST, |w| w.bool(*stop)),
+            LocalMessage::Progress(s) => frame::encode(buf, kind::PROGRESS, |w| s.encode(w)),
+            LocalMessage::Completed(s) => frame::encode(buf, kind::COMPLETED, |w| s.encode(w)),
+            LocalMessage::Failed { message, stats } => frame::encode(buf, kind::FAILED, |w| {
+                w.str(message);
+                stats.encode(w);
+            }),
+        }
+    }
+
+    /// Decodes a frame body of `kind`.
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let msg = match kind {
+            kind::OUTGOING => LocalMessage::Outgoing {
+                vm: r.str("vm name")?.to_owned(),
+                uri: r.str("uri")?.to_owned(),
+                params: MigrationParams::decode(&mut r)?,
+                blocks: decode_local_blocks(&mut r)?,
+            },
+            kind::INCOMING => LocalMessage::Incoming {
+                vm: r.str("vm name")?.to_owned(),
+                uri: r.str("uri")?.to_owned(),
+                blocks: decode_local_blocks(&mut r)?,
+                has_uffd: r.bool("has_uffd")?,
+            },
+            kind::DIRTY_BITMAP => {
+                let block = r.u32("bitmap block")?;
+                let first_page = r.u64("bitmap first page")?;
+                let n = r.count("bitmap words", 8)?;
+                if n > MAX_BITMAP_WORDS {
+                    return Err(DecodeError::invalid(
+                        "bitmap words",
+                        format!("{n} exceeds {MAX_BITMAP_WORDS}"),
+                    ));
+                }
+                let mut words = Vec::with_capacity(n);
+                for _ in 0..n {
+                    words.push(r.u64("bitmap word")?);
+                }
+                LocalMessage::DirtyBitmap {
+                    block,
+                    first_page,
+                    words,
+                }
+            }
+            kind::BITMAP_END => LocalMessage::BitmapEnd {
+                stopped: r.bool("stopped")?,
+            },
+            kind::MACHINE_STATE => LocalMessage::MachineState(r.bytes("machine state")?.to_vec()),
+            kind::STATE_LOADED => LocalMessage::StateLoaded,
+            kind::SET_PARAMS => LocalMessage::SetParams(MigrationParams::decode(&mut r)?),
+            kind::CANCEL => LocalMessage::Cancel,
+            kind::START_POSTCOPY => LocalMessage::StartPostcopy,
+            kind::LISTENING => LocalMessage::Listening {
+                uri: r.str("uri")?.to_owned(),
+            },
+            kind::HARVEST => LocalMessage::Harvest {
+                stop: r.bool("stop")?,
+            },
+            kind::PROGRESS => LocalMessage::Progress(MigrationStats::decode(&mut r)?),
+            kind::COMPLETED => LocalMessage::Completed(MigrationStats::decode(&mut r)?),
+            kind::FAILED => LocalMessage::Failed {
+                message: r.str("error text")?.to_owned(),
+                stats: MigrationStats::decode(&mut r)?,
+            },
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{MigrationMode, Phase};
+
+    #[test]
+    fn every_kind_round_trips() {
+        let blocks = vec![LocalBlock {
+            desc: BlockDesc {
+                name: "ram-high".into(),
+                guest_addr: 1 << 32,
+                size: 1 << 30,
+            },
+            memfd_offset: 3 << 30,
+            host_addr: 0x7f00_0000_0000,
+        }];
+        let stats = MigrationStats {
+            phase: Phase::Precopy,
+            rounds: 2,
+            pages_sent: 10,
+            ..Default::default()
+        };
+        let params = MigrationParams {
+            mode: MigrationMode::Hybrid,
+            ..Default::default()
+        };
+        for m in [
+            LocalMessage::Outgoing {
+                vm: "vm0".into(),
+                uri: "tcp:127.0.0.1:4444".into(),
+                params,
+                blocks: blocks.clone(),
+            },
+            LocalMessage::Incoming {
+                vm: "vm0".into(),
+                uri: "tcp:0.0.0.0:0".into(),
+                blocks,
+                has_uffd: true,
+            },
+            LocalMessage::DirtyBitmap {
+                block: 1,
+                first_page: 64,
+                words: vec![u64::MAX, 0, 5],
+            },
+            LocalMessage::BitmapEnd { stopped: true },
+            LocalMessage::MachineState(vec![9; 100]),
+            LocalMessage::StateLoaded,
+            LocalMessage::SetParams(params),
+            LocalMessage::Cancel,
+            LocalMessage::StartPostcopy,
+            LocalMessage::Listening {
+                uri: "tcp:127.0.0.1:5555".into(),
+            },
+            LocalMessage::Harvest { stop: false },
+            LocalMessage::Progress(stats),
+            LocalMessage::Completed(stats),
+            LocalMessage::Failed {
+                message: "refused".into(),
+                stats,
+            },
+        ] {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            let (p, body, rest) = frame::split(&buf).unwrap().unwrap();
+            assert!(rest.is_empty());
+            assert_eq!(LocalMessage::decode(p.kind, body).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut buf = Vec::new();
+        frame::encode(&mut buf, kind::CANCEL, |w| w.u8(0));
+        let (p, body, _) = frame::split(&buf).unwrap().unwrap();
+        assert_eq!(
+            LocalMessage::decode(p.kind, body),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! Messages of the TCP migration stream between the source and the destination `umemd`.
+//!
+//! The source opens the connection and sends [`PeerMessage::Hello`]; the destination answers
+//! with its own `Hello` or an `Error`. Then the source sends its [`PeerMessage::Layout`], which
+//! the destination checks against its VMM's before any page moves. Page runs name a block by its
+//! index in that layout: the name crosses the wire once per migration instead of once per run.
+
+use crate::frame::{self, FramePrefix, PREFIX_LEN};
+use crate::types::{decode_blocks, encode_blocks, BlockDesc, PAGE_SIZE};
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// First bytes of every `Hello`.
+pub const MAGIC: [u8; 4] = *b"UMEM";
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// Capability: the peer can run postcopy.
+pub const CAP_POSTCOPY: u64 = 1 << 0;
+/// Capability: the peer can resume an interrupted migration on a new connection.
+pub const CAP_RECOVERY: u64 = 1 << 1;
+/// Most pages in one run (1 MiB of data per frame).
+pub const MAX_RUN_PAGES: u32 = 256;
+/// Bytes of a run header inside a frame body.
+pub const RUN_HEADER_LEN: usize = 16;
+/// Longest error text carried.
+pub const MAX_ERROR_LEN: usize = 4096;
+/// Most ranges in one `Discard`.
+pub const MAX_DISCARD_RANGES: usize = 65536;
+
+/// Frame kinds of the peer stream.
+pub mod kind {
+    #![allow(missing_docs)]
+    pub const HELLO: u8 = 0x01;
+    pub const LAYOUT: u8 = 0x02;
+    pub const LAYOUT_ACCEPTED: u8 = 0x03;
+    pub const PAGES: u8 = 0x04;
+    pub const ZERO_PAGES: u8 = 0x05;
+    pub const ROUND_END: u8 = 0x06;
+    pub const DISCARD: u8 = 0x07;
+    pub const MACHINE_STATE: u8 = 0x08;
+    pub const ALL_SENT: u8 = 0x09;
+    pub const STARTED: u8 = 0x0a;
+    pub const PAGE_REQUEST: u8 = 0x0b;
+    pub const ALL_RECEIVED: u8 = 0x0c;
+    pub const ERROR: u8 = 0x0d;
+}
+
+/// A run of contiguous pages of one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Index of the block in the layout.
+    pub block: u32,
+    /// First page, counted from the block's start.
+    pub first: u64,
+    /// Number of pages, `1..=MAX_RUN_PAGES`.
+    pub count: u32,
+}
+
+impl PageRun {
+    /// Bytes of page data this run carries.
+    pub fn data_len(&self) -> usize {
+        self.count as usize * PAGE_SIZE as usize
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        w.u32(self.block);
+        w.u64(self.first);
+        w.u32(self.count);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let run = PageRun {
+            block: r.u32("run block")?,
+            first: r.u64("run first page")?,
+            count: r.u32("run page count")?,
+        };
+        if run.count == 0 || run.count > MAX_RUN_PAGES {
+            return Err(DecodeError::invalid(
+                "run page count",
+                format!("{} not in 1..={MAX_RUN_PAGES}", run.count),
+            ));
+        }
+        if run.first.checked_add(run.count as u64).is_none() {
+            return Err(DecodeError::invalid("run first page", "run wraps"));
+        }
+        Ok(run)
+    }
+
+    /// Decodes the header of a `PAGES` frame whose prefix is `prefix`, checking that the body
+    /// holds exactly the page data the header announces. The data follows in the stream.
+    pub fn decode_pages_header(
+        prefix: FramePrefix,
+        header: &[u8; RUN_HEADER_LEN],
+    ) -> Result<Self, DecodeError> {
+        if prefix.kind != kind::PAGES {
+            return Err(DecodeError::UnknownKind(prefix.kind));
+        }
+        let run = PageRun::decode(&mut Reader::new(header))?;
+        let expect = RUN_HEADER_LEN + run.data_len();
+        if prefix.len as usize != expect {
+            return Err(DecodeError::invalid(
+                "pages frame length",
+                format!(
+                    "{} bytes for {} pages, expected {expect}",
+                    prefix.len, run.count
+                ),
+            ));
+        }
+        Ok(run)
+    }
+
+    /// Appends the prefix and header of a `PAGES` frame; the caller sends `data_len()` bytes of
+    /// page contents right after it.
+    pub fn encode_pages_header(&self, buf: &mut Vec<u8>) {
+        let len = (RUN_HEADER_LEN + self.data_len()) as u32;
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.push(kind::PAGES);
+        self.encode(&mut Writer::new(buf));
+    }
+}
+
+/// Bytes of a `PAGES` frame before its data.
+pub const PAGES_HEADER_LEN: usize = PREFIX_LEN + RUN_HEADER_LEN;
+
+/// A message of the migration stream. Page contents of a `Pages` frame are not part of the
+/// value: they follow the header in the stream (see [`PageRun::encode_pages_header`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// Opens a connection, in both directions.
+    Hello {
+        /// Protocol version.
+        version: u16,
+        /// `CAP_*` bits the sender supports.
+        capabilities: u64,
+        /// Identifies the migration, so a later connection can resume it.
+        session_id: u64,
+    },
+    /// The source's RAM blocks, checked by the destination.
+    Layout {
+        /// Blocks in order; runs refer to them by index.
+        blocks: Vec<BlockDesc>,
+    },
+    /// The destination's layout matches; pages may flow.
+    LayoutAccepted,
+    /// A run of pages; `run.data_len()` bytes of contents follow.
+    Pages(PageRun),
+    /// A run of pages that are all zero.
+    ZeroPages(PageRun),
+    /// A precopy round is complete.
+    RoundEnd {
+        /// Round number, from 1.
+        round: u32,
+    },
+    /// Pages the destination must drop (sent earlier, dirtied since).
+    Discard {
+        /// Block index.
+        block: u32,
+        /// `(first page, page count)` ranges.
+        ranges: Vec<(u64, u32)>,
+    },
+    /// The VM's CPU and device state, opaque to umemd.
+    MachineState(Vec<u8>),
+    /// Source: every page and the machine state have been sent.
+    AllSent,
+    /// Destination: the machine state is loaded and the VM may run.
+    Started,
+    /// Destination: please send these pages first.
+    PageRequest(PageRun),
+    /// Destination: every page is present.
+    AllReceived,
+    /// Either side: the migration failed for this reason.
+    Error(String),
+}
+
+impl PeerMessage {
+    /// Appends this message as one frame. For `Pages` only the header is written.
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        match self {
+            PeerMessage::Hello {
+                version,
+                capabilities,
+                session_id,
+            } => frame::encode(buf, kind::HELLO, |w| {
+                w.raw(&MAGIC);
+                w.u16(*version);
+                w.u64(*capabilities);
+                w.u64(*session_id);
+            }),
+            PeerMessage::Layout { blocks } => {
+                frame::encode(buf, kind::LAYOUT, |w| encode_blocks(w, blocks))
+            }
+            PeerMessage::LayoutAccepted => frame::encode(buf, kind::LAYOUT_ACCEPTED, |_| {}),
+            PeerMessage::Pages(run) => run.encode_pages_header(buf),
+            PeerMessage::ZeroPages(run) => frame::encode(buf, kind::ZERO_PAGES, |w| run.encode(w)),
+            PeerMessage::RoundEnd { round } => {
+                frame::encode(buf, kind::ROUND_END, |w| w.u32(*round))
+            }
+            PeerMessage::Discard { block, ranges } => frame::encode(buf, kind::DISCARD, |w| {
+                w.u32(*block);
+                w.u32(ranges.len() as u32);
+                for (first, count) in ranges {
+                    w.u64(*first);
+                    w.u32(*count);
+                }
+            }),
+            PeerMessage::MachineState(b) => frame::encode(buf, kind::MACHINE_STATE, |w| w.bytes(b)),
+            PeerMessage::AllSent => frame::encode(buf, kind::ALL_SENT, |_| {}),
+            PeerMessage::Started => frame::encode(buf, kind::STARTED, |_| {}),
+            PeerMessage::PageRequest(run) => {
+                frame::encode(buf, kind::PAGE_REQUEST, |w| run.encode(w))
+            }
+            PeerMessage::AllReceived => frame::encode(buf, kind::ALL_RECEIVED, |_| {}),
+            PeerMessage::Error(m) => frame::encode(buf, kind::ERROR, |w| {
+                let mut end = m.len().min(MAX_ERROR_LEN);
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                w.str(&m[..end])
+            }),
+        }
+    }
+
+    /// Decodes a frame body of `kind`. For `PAGES` the body must be the run header followed by
+    /// exactly the announced page data, which is not copied into the value.
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let msg = match kind {
+            kind::HELLO => {
+                if r.take(4, "magic")? != MAGIC {
+                    return Err(DecodeError::invalid("magic", "not a umem peer"));
+                }
+                PeerMessage::Hello {
+                    version: r.u16("version")?,
+                    capabilities: r.u64("capabilities")?,
+                    session_id: r.u64("session_id")?,
+                }
+            }
+            kind::LAYOUT => PeerMessage::Layout {
+                blocks: decode_blocks(&mut r)?,
+            },
+            kind::LAYOUT_ACCEPTED => PeerMessage::LayoutAccepted,
+            kind::PAGES => {
+                let run = PageRun::decode(&mut r)?;
+                let data = r.take(r.remaining(), "page data")?;
+                if data.len() != run.data_len() {
+                    return Err(DecodeError::invalid(
+                        "page data",
+                        format!("{} bytes for {} pages", data.len(), run.count),
+                    ));
+                }
+                PeerMessage::Pages(run)
+            }
+            kind::ZERO_PAGES => PeerMessage::ZeroPages(PageRun::decode(&mut r)?),
+            kind::ROUND_END => PeerMessage::RoundEnd {
+                round: r.u32("round")?,
+            },
+            kind::DISCARD => {
+                let block = r.u32("discard block")?;
+                let n = r.count("discard ranges", 12)?;
+                if n > MAX_DISCARD_RANGES {
+                    return Err(DecodeError::invalid(
+                        "discard ranges",
+                        format!("{n} exceeds {MAX_DISCARD_RANGES}"),
+                    ));
+                }
+                let mut ranges = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ranges.push((r.u64("discard first")?, r.u32("discard count")?));
+                }
+                PeerMessage::Discard { block, ranges }
+            }
+            kind::MACHINE_STATE => PeerMessage::MachineState(r.bytes("machine state")?.to_vec()),
+            kind::ALL_SENT => PeerMessage::AllSent,
+            kind::STARTED => PeerMessage::Started,
+            kind::PAGE_REQUEST => PeerMessage::PageRequest(PageRun::decode(&mut r)?),
+            kind::ALL_RECEIVED => PeerMessage::AllReceived,
+            kind::ERROR => PeerMessage::Error(r.str("error text")?.to_owned()),
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(m: PeerMessage) {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        if let PeerMessage::Pages(run) = &m {
+            buf.resize(buf.len() + run.data_len(), 0xab);
+        }
+        let (p, body, rest) = frame::split(&buf).unwrap().unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(PeerMessage::decode(p.kind, body).unwrap(), m);
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let run = PageRun {
+            block: 1,
+            first: 77,
+            count: 3,
+        };
+        for m in [
+            PeerMessage::Hello {
+                version: VERSION,
+                capabilities: CAP_POSTCOPY,
+                session_id: 99,
+            },
+            PeerMessage::Layout {
+                blocks: vec![BlockDesc {
+                    name: "ram-low".into(),
+                    guest_addr: 0,
+                    size: 1 << 30,
+                }],
+            },
+            PeerMessage::LayoutAccepted,
+            PeerMessage::Pages(run),
+            PeerMessage::ZeroPages(run),
+            PeerMessage::RoundEnd { round: 4 },
+            PeerMessage::Discard {
+                block: 0,
+                ranges: vec![(1, 2), (10, 20)],
+            },
+            PeerMessage::MachineState(vec![1, 2, 3]),
+            PeerMessage::AllSent,
+            PeerMessage::Started,
+            PeerMessage::PageRequest(run),
+            PeerMessage::AllReceived,
+            PeerMessage::Error("layout mismatch".into()),
+        ] {
+            round_trip(m);
+        }
+    }
+
+    #[test]
+    fn pages_header_checks_length() {
+        let run = PageRun {
+            block: 0,
+            first: 0,
+            count: 2,
+        };
+        let mut buf = Vec::new();
+        run.encode_pages_header(&mut buf);
+        let prefix = FramePrefix::parse(buf[..PREFIX_LEN].try_into().unwrap()).unwrap();
+        let hdr: [u8; RUN_HEADER_LEN] = buf[PREFIX_LEN..].try_into().unwrap();
+        assert_eq!(PageRun::decode_pages_header(prefix, &hdr).unwrap(), run);
+        let short = FramePrefix {
+            len: prefix.len - 1,
+            ..prefix
+        };
+        assert!(PageRun::decode_pages_header(short, &hdr).is_err());
+    }
+
+    #[test]
+    fn zero_and_oversized_runs_are_refused() {
+        for count in [0, MAX_RUN_PAGES + 1] {
+            let mut buf = Vec::new();
+            frame::encode(&mut buf, kind::PAGE_REQUEST, |w| {
+                w.u32(0);
+                w.u64(0);
+                w.u32(count);
+            });
+            let (p, body, _) = frame::split(&buf).unwrap().unwrap();
+            assert!(PeerMessage::decode(p.kind, body).is_err());
+        }
+    }
+
+    #[test]
+    fn wrong_magic_is_refused() {
+        let mut buf = Vec::new();
+        frame::encode(&mut buf, kind::HELLO, |w| {
+            w.raw(b"QEVM");
+            w.u16(1);
+            w.u64(0);
+            w.u64(0);
+        });
+        let (p, body, _) = frame::split(&buf).unwrap().unwrap();
+        let e = PeerMessage::decode(p.kind, body).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+}

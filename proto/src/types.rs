@@ -1,0 +1,291 @@
+//! Plain data carried inside messages.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{DecodeError, Reader, Writer};
+
+/// Size of a guest page; the only page size umem migrates.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Longest RAM block name accepted.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Most RAM blocks one VM may have.
+pub const MAX_BLOCKS: usize = 64;
+
+/// One named RAM block as both hosts see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDesc {
+    /// Stable name ("ram-low", "ram-high"): blocks are matched by name, never by position.
+    pub name: String,
+    /// Guest physical address of the first byte.
+    pub guest_addr: u64,
+    /// Length in bytes, a multiple of [`PAGE_SIZE`].
+    pub size: u64,
+}
+
+impl BlockDesc {
+    /// Number of pages in the block.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.str(&self.name);
+        w.u64(self.guest_addr);
+        w.u64(self.size);
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let name = r.str("block name")?;
+        if name.is_empty() || name.len() > MAX_NAME_LEN {
+            return Err(DecodeError::invalid(
+                "block name",
+                format!("length {} not in 1..={MAX_NAME_LEN}", name.len()),
+            ));
+        }
+        let guest_addr = r.u64("block guest_addr")?;
+        let size = r.u64("block size")?;
+        if size == 0 || size % PAGE_SIZE != 0 || guest_addr % PAGE_SIZE != 0 {
+            return Err(DecodeError::invalid(
+                "block size",
+                format!("block {name}: address {guest_addr:#x} and size {size:#x} must be non-zero page multiples"),
+            ));
+        }
+        if guest_addr.checked_add(size).is_none() {
+            return Err(DecodeError::invalid(
+                "block size",
+                "block wraps the address space",
+            ));
+        }
+        Ok(BlockDesc {
+            name: name.to_owned(),
+            guest_addr,
+            size,
+        })
+    }
+}
+
+pub(crate) fn encode_blocks(w: &mut Writer, blocks: &[BlockDesc]) {
+    w.u32(blocks.len() as u32);
+    for b in blocks {
+        b.encode(w);
+    }
+}
+
+pub(crate) fn decode_blocks(r: &mut Reader) -> Result<Vec<BlockDesc>, DecodeError> {
+    let n = r.count("block count", 18)?;
+    if n == 0 || n > MAX_BLOCKS {
+        return Err(DecodeError::invalid(
+            "block count",
+            format!("{n} not in 1..={MAX_BLOCKS}"),
+        ));
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(BlockDesc::decode(r)?);
+    }
+    Ok(v)
+}
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Rounds of dirty pages while the guest runs, then a short stop for the rest.
+    #[default]
+    Precopy,
+    /// Switch over at once; pages follow on demand and in the background.
+    Postcopy,
+    /// Precopy rounds, then postcopy.
+    Hybrid,
+}
+
+impl MigrationMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            MigrationMode::Precopy => 0,
+            MigrationMode::Postcopy => 1,
+            MigrationMode::Hybrid => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => MigrationMode::Precopy,
+            1 => MigrationMode::Postcopy,
+            2 => MigrationMode::Hybrid,
+            _ => return Err(DecodeError::invalid("mode", format!("unknown mode {v}"))),
+        })
+    }
+}
+
+/// Tunables of one migration, settable before and during it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MigrationParams {
+    /// Precopy, postcopy or hybrid.
+    pub mode: MigrationMode,
+    /// Background bandwidth limit in bytes per second; 0 means unlimited.
+    pub bandwidth_limit: u64,
+    /// Largest acceptable stop time in milliseconds; precopy switches over once the remaining
+    /// dirty memory fits in it at the measured bandwidth.
+    pub downtime_limit_ms: u32,
+    /// Most precopy rounds before switching over regardless.
+    pub max_rounds: u32,
+    /// Hybrid: rounds of precopy before switching to postcopy.
+    pub postcopy_after_rounds: u32,
+    /// Postcopy: send only requested pages, no background push.
+    pub no_background: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        MigrationParams {
+            mode: MigrationMode::Precopy,
+            bandwidth_limit: 0,
+            downtime_limit_ms: 300,
+            max_rounds: 30,
+            postcopy_after_rounds: 2,
+            no_background: false,
+        }
+    }
+}
+
+impl MigrationParams {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.u8(self.mode.to_u8());
+        w.u64(self.bandwidth_limit);
+        w.u32(self.downtime_limit_ms);
+        w.u32(self.max_rounds);
+        w.u32(self.postcopy_after_rounds);
+        w.bool(self.no_background);
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(MigrationParams {
+            mode: MigrationMode::from_u8(r.u8("mode")?)?,
+            bandwidth_limit: r.u64("bandwidth_limit")?,
+            downtime_limit_ms: r.u32("downtime_limit_ms")?,
+            max_rounds: r.u32("max_rounds")?,
+            postcopy_after_rounds: r.u32("postcopy_after_rounds")?,
+            no_background: r.bool("no_background")?,
+        })
+    }
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// No migration has run.
+    #[default]
+    None,
+    /// Connecting, handshake, layout check.
+    Setup,
+    /// Rounds of pages while the guest runs on the source.
+    Precopy,
+    /// Guest stopped on the source; the last pages and the machine state are moving.
+    Switchover,
+    /// Guest runs on the destination; missing pages are fetched on demand.
+    Postcopy,
+    /// Every page and the machine state arrived; the destination runs on its own.
+    Completed,
+    /// The migration failed; the source guest keeps running.
+    Failed,
+    /// Cancelled by request; the source guest keeps running.
+    Cancelled,
+}
+
+impl Phase {
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        const ALL: [Phase; 8] = [
+            Phase::None,
+            Phase::Setup,
+            Phase::Precopy,
+            Phase::Switchover,
+            Phase::Postcopy,
+            Phase::Completed,
+            Phase::Failed,
+            Phase::Cancelled,
+        ];
+        ALL.get(v as usize)
+            .copied()
+            .ok_or_else(|| DecodeError::invalid("phase", format!("unknown phase {v}")))
+    }
+}
+
+/// Counters of one migration; fresh for every migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MigrationStats {
+    /// Current phase.
+    pub phase: Phase,
+    /// Precopy rounds done.
+    pub rounds: u32,
+    /// Pages of RAM in the VM.
+    pub total_pages: u64,
+    /// Pages sent with their contents.
+    pub pages_sent: u64,
+    /// Pages sent as a zero record.
+    pub zero_pages: u64,
+    /// Pages skipped because they were holes in the memfd (never touched).
+    pub holes_skipped: u64,
+    /// Bytes written to the migration stream.
+    pub bytes_sent: u64,
+    /// Pages still to send (dirty or not yet sent).
+    pub remaining_pages: u64,
+    /// Last measured throughput, bytes per second.
+    pub throughput_bps: u64,
+    /// Last measured dirty rate, pages per second.
+    pub dirty_rate_pps: u64,
+    /// Downtime expected for the remaining pages, microseconds.
+    pub expected_downtime_us: u64,
+    /// Measured downtime (source stop to destination ready), microseconds.
+    pub downtime_us: u64,
+    /// Time since the migration started, microseconds.
+    pub total_us: u64,
+}
+
+impl MigrationStats {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.u8(self.phase.to_u8());
+        w.u32(self.rounds);
+        for v in [
+            self.total_pages,
+            self.pages_sent,
+            self.zero_pages,
+            self.holes_skipped,
+            self.bytes_sent,
+            self.remaining_pages,
+            self.throughput_bps,
+            self.dirty_rate_pps,
+            self.expected_downtime_us,
+            self.downtime_us,
+            self.total_us,
+        ] {
+            w.u64(v);
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(MigrationStats {
+            phase: Phase::from_u8(r.u8("phase")?)?,
+            rounds: r.u32("rounds")?,
+            total_pages: r.u64("total_pages")?,
+            pages_sent: r.u64("pages_sent")?,
+            zero_pages: r.u64("zero_pages")?,
+            holes_skipped: r.u64("holes_skipped")?,
+            bytes_sent: r.u64("bytes_sent")?,
+            remaining_pages: r.u64("remaining_pages")?,
+            throughput_bps: r.u64("throughput_bps")?,
+            dirty_rate_pps: r.u64("dirty_rate_pps")?,
+            expected_downtime_us: r.u64("expected_downtime_us")?,
+            downtime_us: r.u64("downtime_us")?,
+            total_us: r.u64("total_us")?,
+        })
+    }
+}

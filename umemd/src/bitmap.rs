@@ -1,0 +1,195 @@
+//! Per-block dirty page bitmaps as the source umemd receives them from its VMM.
+
+use proto::local::LocalBlock;
+
+/// One bit per page for every block of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    blocks: Vec<(u64, Vec<u64>)>, // (pages, words)
+}
+
+impl DirtyBitmap {
+    /// An empty bitmap shaped like `blocks`.
+    pub fn new(blocks: &[LocalBlock]) -> Self {
+        DirtyBitmap {
+            blocks: blocks
+                .iter()
+                .map(|b| {
+                    let pages = b.desc.pages();
+                    (pages, vec![0; pages.div_ceil(64) as usize])
+                })
+                .collect(),
+        }
+    }
+
+    /// ORs in `words` describing pages from `first_page` of `block`, refusing anything outside
+    /// the block (bits past its last page included).
+    pub fn or_words(&mut self, block: u32, first_page: u64, words: &[u64]) -> Result<(), String> {
+        let n = self.blocks.len();
+        let (pages, bits) = self
+            .blocks
+            .get_mut(block as usize)
+            .ok_or_else(|| format!("bitmap for block index {block}, the VM has {n} blocks"))?;
+        if first_page % 64 != 0 {
+            return Err(format!(
+                "bitmap starts at page {first_page}, not a multiple of 64"
+            ));
+        }
+        let start = (first_page / 64) as usize;
+        if start
+            .checked_add(words.len())
+            .is_none_or(|end| end > bits.len())
+        {
+            return Err(format!(
+                "bitmap of {} words at page {first_page} exceeds block {block} ({pages} pages)",
+                words.len()
+            ));
+        }
+        for (i, w) in words.iter().enumerate() {
+            bits[start + i] |= w;
+        }
+        if *pages % 64 != 0 {
+            if let Some(last) = bits.last_mut() {
+                if *last >> (*pages % 64) != 0 {
+                    return Err(format!("bitmap marks pages past the end of block {block}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds every page of `other`.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for ((_, a), (_, b)) in self.blocks.iter_mut().zip(&other.blocks) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= y;
+            }
+        }
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.blocks
+            .iter()
+            .flat_map(|(_, w)| w.iter())
+            .map(|w| w.count_ones() as u64)
+            .sum()
+    }
+
+    /// Runs of consecutive dirty pages as `(block, first page, count)`, at most `max` pages each.
+    pub fn runs(&self, max: u64) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.blocks
+            .iter()
+            .enumerate()
+            .flat_map(move |(b, (pages, words))| {
+                Runs {
+                    words,
+                    pages: *pages,
+                    pos: 0,
+                    max,
+                }
+                .map(move |(f, c)| (b as u32, f, c))
+            })
+    }
+}
+
+struct Runs<'a> {
+    words: &'a [u64],
+    pages: u64,
+    pos: u64,
+    max: u64,
+}
+
+impl Runs<'_> {
+    fn bit(&self, p: u64) -> bool {
+        self.words[(p / 64) as usize] >> (p % 64) & 1 == 1
+    }
+
+    /// First set bit at or after `p`, skipping whole zero words.
+    fn next_set(&self, mut p: u64) -> Option<u64> {
+        while p < self.pages {
+            let w = self.words[(p / 64) as usize] >> (p % 64);
+            if w == 0 {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            let q = p + w.trailing_zeros() as u64;
+            return (q < self.pages).then_some(q);
+        }
+        None
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u64, u64);
+    fn next(&mut self) -> Option<(u64, u64)> {
+        let start = self.next_set(self.pos)?;
+        let mut end = start + 1;
+        while end < self.pages && end - start < self.max {
+            let w = self.words[(end / 64) as usize];
+            if end % 64 == 0 && w == u64::MAX && end + 64 - start <= self.max {
+                end += 64;
+                continue;
+            }
+            if !self.bit(end) {
+                break;
+            }
+            end += 1;
+        }
+        self.pos = end;
+        Some((start, end - start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::BlockDesc;
+
+    fn blocks(pages: &[u64]) -> Vec<LocalBlock> {
+        pages
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| LocalBlock {
+                desc: BlockDesc {
+                    name: format!("b{i}"),
+                    guest_addr: (i as u64) << 32,
+                    size: p * 4096,
+                },
+                memfd_offset: 0,
+                host_addr: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_split_at_gaps_blocks_and_max() {
+        let mut bm = DirtyBitmap::new(&blocks(&[200, 100]));
+        bm.or_words(0, 0, &[0b1110, u64::MAX, 1]).unwrap();
+        bm.or_words(1, 64, &[1 << 35]).unwrap();
+        let runs: Vec<_> = bm.runs(50).collect();
+        assert_eq!(runs, vec![(0, 1, 3), (0, 64, 50), (0, 114, 15), (1, 99, 1)]);
+        assert_eq!(bm.count(), 3 + 65 + 1);
+    }
+
+    #[test]
+    fn out_of_range_bitmaps_are_refused() {
+        let mut bm = DirtyBitmap::new(&blocks(&[100]));
+        assert!(bm.or_words(1, 0, &[1]).is_err());
+        assert!(bm.or_words(0, 3, &[1]).is_err());
+        assert!(bm.or_words(0, 64, &[0, 0]).is_err());
+        assert!(bm.or_words(0, 64, &[1 << 40]).is_err(), "bit for page 104");
+        assert!(bm.or_words(0, 64, &[1 << 35]).is_ok());
+    }
+
+    #[test]
+    fn merge_unions() {
+        let b = blocks(&[64]);
+        let mut x = DirtyBitmap::new(&b);
+        let mut y = DirtyBitmap::new(&b);
+        x.or_words(0, 0, &[1]).unwrap();
+        y.or_words(0, 0, &[2]).unwrap();
+        x.merge(&y);
+        assert_eq!(x.runs(256).collect::<Vec<_>>(), vec![(0, 0, 2)]);
+    }
+}

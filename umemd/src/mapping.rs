@@ -1,0 +1,301 @@
+//! umemd's own view of a VM's guest RAM: the memfd the VMM handed over, mapped `MAP_SHARED`,
+//! plus the layout that says which part of it is which block.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::unistd::{lseek, Whence};
+use proto::local::LocalBlock;
+use proto::PAGE_SIZE;
+
+/// Errors of mapping a VMM's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// The fd is not a usable memfd.
+    #[error("guest RAM fd: {0}")]
+    BadFd(String),
+    /// The layout does not fit the memfd.
+    #[error("RAM block {name}: {reason}")]
+    BadBlock {
+        /// Block name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `mmap` failed.
+    #[error("mapping guest RAM: {0}")]
+    Map(nix::Error),
+}
+
+/// A `MAP_SHARED` mapping of a whole guest-RAM memfd.
+#[derive(Debug)]
+pub struct GuestMapping {
+    file: File,
+    ptr: NonNull<u8>,
+    len: usize,
+    blocks: Vec<LocalBlock>,
+}
+
+// SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the session
+// that owns it (one writer thread, readers only of pages it has finished writing).
+unsafe impl Send for GuestMapping {}
+// SAFETY: as above; `&GuestMapping` hands out only raw views whose use is coordinated.
+unsafe impl Sync for GuestMapping {}
+
+impl GuestMapping {
+    /// Maps `fd`, checking that it is a regular file (a memfd) that holds every block.
+    pub fn new(fd: OwnedFd, blocks: Vec<LocalBlock>, writable: bool) -> Result<Self, MappingError> {
+        let file = File::from(fd);
+        let meta = file
+            .metadata()
+            .map_err(|e| MappingError::BadFd(format!("fstat: {e}")))?;
+        if !meta.file_type().is_file() {
+            return Err(MappingError::BadFd(
+                "not a memfd or regular file (wrong fd passed?)".into(),
+            ));
+        }
+        let len = meta.len() as usize;
+        if len == 0 {
+            return Err(MappingError::BadFd("the memfd is empty".into()));
+        }
+        for b in &blocks {
+            let end = b.memfd_offset.checked_add(b.desc.size);
+            if b.memfd_offset % PAGE_SIZE != 0 || end.is_none_or(|e| e > len as u64) {
+                return Err(MappingError::BadBlock {
+                    name: b.desc.name.clone(),
+                    reason: format!(
+                        "offset {:#x} size {:#x} outside the {len:#x}-byte memfd",
+                        b.memfd_offset, b.desc.size
+                    ),
+                });
+            }
+        }
+        let prot = if writable {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        let size = std::num::NonZeroUsize::new(len)
+            .ok_or_else(|| MappingError::BadFd("the memfd is empty".into()))?;
+        // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
+        let ptr = unsafe {
+            mmap(
+                None,
+                size,
+                prot,
+                MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
+                file.as_fd(),
+                0,
+            )
+        }
+        .map_err(MappingError::Map)?;
+        Ok(GuestMapping {
+            file,
+            ptr: ptr.cast(),
+            len,
+            blocks,
+        })
+    }
+
+    /// The layout.
+    pub fn blocks(&self) -> &[LocalBlock] {
+        &self.blocks
+    }
+
+    /// The memfd.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Total pages over all blocks.
+    pub fn total_pages(&self) -> u64 {
+        self.blocks.iter().map(|b| b.desc.pages()).sum()
+    }
+
+    /// Byte offset in the memfd of `page` of `block`, after checking that `count` pages from
+    /// there lie inside the block.
+    pub fn offset_of(&self, block: u32, page: u64, count: u64) -> Result<u64, String> {
+        let b = self.blocks.get(block as usize).ok_or_else(|| {
+            format!(
+                "block index {block} out of range ({} blocks)",
+                self.blocks.len()
+            )
+        })?;
+        match page.checked_add(count) {
+            Some(end) if end <= b.desc.pages() => Ok(b.memfd_offset + page * PAGE_SIZE),
+            _ => Err(format!(
+                "pages {page}..+{count} outside block {} of {} pages",
+                b.desc.name,
+                b.desc.pages()
+            )),
+        }
+    }
+
+    /// The bytes at memfd offset `off`, `len` long (checked by the caller with `offset_of`).
+    ///
+    /// # Safety
+    /// The range must be in bounds, and nothing may write it concurrently in a way the caller
+    /// cannot tolerate (the guest may, which only makes the read torn, never unsound for `u8`).
+    pub unsafe fn slice(&self, off: u64, len: usize) -> &[u8] {
+        debug_assert!(off as usize + len <= self.len);
+        std::slice::from_raw_parts(self.ptr.as_ptr().add(off as usize), len)
+    }
+
+    /// Mutable bytes at memfd offset `off`.
+    ///
+    /// # Safety
+    /// As for [`GuestMapping::slice`], and the caller must be the only writer of the range.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, off: u64, len: usize) -> &mut [u8] {
+        debug_assert!(off as usize + len <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off as usize), len)
+    }
+
+    /// Splits `[start, end)` of the memfd into `(offset, len, has_data)` segments: holes (never
+    /// written pages) cost nothing to skip.
+    pub fn segments(&self, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let fd = self.file.as_fd();
+        let mut out = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => (d as u64).min(end),
+                Err(_) => end, // ENXIO: nothing but hole to the end of the file
+            };
+            if data > pos {
+                out.push((pos, data - pos, false));
+            }
+            if data >= end {
+                break;
+            }
+            let hole = match lseek(fd, data as i64, Whence::SeekHole) {
+                Ok(h) => (h as u64).min(end),
+                Err(_) => end,
+            };
+            out.push((data, hole - data, true));
+            pos = hole;
+        }
+        out
+    }
+
+    /// Drops `[off, off+len)` from the memfd: it reads as zeros and is a hole again.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), String> {
+        nix::fcntl::fallocate(
+            self.file.as_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
+        .map_err(|e| format!("punching a hole at {off:#x}+{len:#x}: {e}"))
+    }
+}
+
+impl Drop for GuestMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping created in `new`, unmapped only here.
+        let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// True if every byte of `page` is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: reinterpreting initialised bytes as u64 is valid for any bit pattern.
+    let (head, mid, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && mid.chunks(8).all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    fn memfd(len: u64) -> File {
+        let f = memfd::MemfdOptions::default()
+            .create("t")
+            .unwrap()
+            .into_file();
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn block(name: &str, off: u64, size: u64) -> LocalBlock {
+        LocalBlock {
+            desc: proto::BlockDesc {
+                name: name.into(),
+                guest_addr: off,
+                size,
+            },
+            memfd_offset: off,
+            host_addr: 0,
+        }
+    }
+
+    #[test]
+    fn holes_and_data_are_told_apart() {
+        let mut f = memfd(64 * 4096);
+        f.seek(SeekFrom::Start(8 * 4096)).unwrap();
+        f.write_all(&[1u8; 4096 * 2]).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 64 * 4096)], false).unwrap();
+        let segs = m.segments(0, 64 * 4096);
+        assert_eq!(
+            segs,
+            vec![
+                (0, 8 * 4096, false),
+                (8 * 4096, 2 * 4096, true),
+                (10 * 4096, 54 * 4096, false)
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_beyond_the_memfd_is_refused() {
+        let f = memfd(4096);
+        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 8192)], false).unwrap_err();
+        assert!(e.to_string().contains("ram"), "{e}");
+    }
+
+    #[test]
+    fn non_file_fd_is_refused() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let e = GuestMapping::new(a.into(), vec![block("ram", 0, 4096)], false).unwrap_err();
+        assert!(e.to_string().contains("wrong fd"), "{e}");
+    }
+
+    #[test]
+    fn offsets_are_bounds_checked() {
+        let f = memfd(16 * 4096);
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 16 * 4096)], true).unwrap();
+        assert_eq!(m.offset_of(0, 15, 1), Ok(15 * 4096));
+        assert!(m.offset_of(0, 15, 2).is_err());
+        assert!(m.offset_of(1, 0, 1).is_err());
+        assert!(m.offset_of(0, u64::MAX, 2).is_err());
+    }
+
+    #[test]
+    fn punch_hole_zeroes() {
+        let f = memfd(4 * 4096);
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 4 * 4096)], true).unwrap();
+        // SAFETY: in bounds, single-threaded test.
+        unsafe { m.slice_mut(4096, 4096) }.fill(7);
+        assert!(!is_zero(unsafe { m.slice(4096, 4096) }));
+        m.punch_hole(4096, 4096).unwrap();
+        assert!(is_zero(unsafe { m.slice(4096, 4096) }));
+        assert_eq!(m.segments(0, 4 * 4096), vec![(0, 4 * 4096, false)]);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut p = vec![0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        p[4095] = 0;
+        p[0] = 1;
+        assert!(!is_zero(&p));
+    }
+}

@@ -1,0 +1,197 @@
+//! One VMM connection = one migration session. The first frame says which role umemd plays
+//! (`Outgoing`: source, `Incoming`: destination) and carries the VMM's file descriptors.
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use log::{error, info, warn};
+use proto::frame;
+use proto::local::LocalMessage;
+use sendfd::RecvWithFd;
+
+use crate::link::send_local;
+use crate::{dest, source};
+
+/// Most file descriptors a VMM may pass (memfd and userfaultfd).
+const MAX_FDS: usize = 2;
+
+/// Reads the opening frame and its fds.
+fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut raw: [RawFd; MAX_FDS + 2] = [-1; MAX_FDS + 2];
+    let (mut n, nfds) = conn
+        .recv_with_fd(&mut buf, &mut raw)
+        .map_err(|e| format!("reading the opening message: {e}"))?;
+    let fds: Vec<OwnedFd> = raw[..nfds]
+        .iter()
+        // SAFETY: these descriptors were just received with SCM_RIGHTS; nothing else owns them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    loop {
+        match frame::split(&buf[..n]) {
+            Ok(Some((p, body, rest))) => {
+                if !rest.is_empty() {
+                    return Err("data after the opening message before any reply".into());
+                }
+                let msg = LocalMessage::decode(p.kind, body)
+                    .map_err(|e| format!("malformed opening message: {e}"))?;
+                return Ok((msg, fds));
+            }
+            Ok(None) => {
+                if n == buf.len() {
+                    buf.resize(buf.len() * 2, 0);
+                }
+                let m = (&*conn)
+                    .read(&mut buf[n..])
+                    .map_err(|e| format!("reading the opening message: {e}"))?;
+                if m == 0 {
+                    return Err("VMM closed the connection before its opening message".into());
+                }
+                n += m;
+            }
+            Err(e) => return Err(format!("opening message: {e}")),
+        }
+    }
+}
+
+fn refuse(conn: &mut UnixStream, message: String) {
+    warn!("refusing a VMM connection: {message}");
+    let _ = send_local(
+        conn,
+        &LocalMessage::Failed {
+            message,
+            stats: Default::default(),
+        },
+    );
+}
+
+/// Serves one VMM connection to its end. Never panics on input; errors go back to the VMM.
+pub fn run(mut conn: UnixStream) {
+    let (msg, mut fds) = match read_opening(&conn) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut conn, e),
+    };
+    match msg {
+        LocalMessage::Outgoing {
+            vm,
+            uri,
+            params,
+            blocks,
+        } => {
+            if fds.len() != 1 {
+                return refuse(
+                    &mut conn,
+                    format!(
+                        "Outgoing needs exactly 1 fd (the guest RAM memfd), got {}",
+                        fds.len()
+                    ),
+                );
+            }
+            let memfd = fds.remove(0);
+            info!("{vm}: outgoing migration to {uri} ({:?})", params.mode);
+            match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks) {
+                Ok(s) => s.run(),
+                Err((mut c, e)) => refuse(&mut c, e),
+            }
+        }
+        LocalMessage::Incoming {
+            vm,
+            uri,
+            blocks,
+            has_uffd,
+        } => {
+            let want = 1 + has_uffd as usize;
+            if fds.len() != want {
+                return refuse(
+                    &mut conn,
+                    format!("Incoming needs {want} fd(s), got {}", fds.len()),
+                );
+            }
+            if has_uffd {
+                return refuse(
+                    &mut conn,
+                    "postcopy destinations are not supported yet".into(),
+                );
+            }
+            let memfd = fds.remove(0);
+            info!("{vm}: incoming migration on {uri}");
+            match dest::Dest::new(conn, vm.clone(), &uri, memfd, blocks) {
+                Ok(d) => d.run(),
+                Err((mut c, e)) => {
+                    error!("{vm}: {e}");
+                    refuse(&mut c, e)
+                }
+            }
+        }
+        other => refuse(
+            &mut conn,
+            format!("expected Outgoing or Incoming as the first message, got {other:?}"),
+        ),
+    }
+}
+
+/// Parses `tcp:HOST:PORT` into a socket address string.
+pub fn tcp_addr(uri: &str) -> Result<&str, String> {
+    let rest = uri
+        .strip_prefix("tcp:")
+        .ok_or_else(|| format!("unsupported uri \"{uri}\" (expected tcp:HOST:PORT)"))?;
+    if rest
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("malformed uri \"{uri}\" (expected tcp:HOST:PORT)"));
+    }
+    Ok(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sendfd::SendWithFd;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn uris() {
+        assert_eq!(tcp_addr("tcp:127.0.0.1:4444"), Ok("127.0.0.1:4444"));
+        assert_eq!(tcp_addr("tcp:[::1]:4444"), Ok("[::1]:4444"));
+        assert!(tcp_addr("unix:/x").is_err());
+        assert!(tcp_addr("tcp:host").is_err());
+        assert!(tcp_addr("tcp::80").is_err());
+    }
+
+    #[test]
+    fn opening_frame_and_fd_arrive_together() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = Vec::new();
+        LocalMessage::Cancel.encode(&mut buf);
+        let f = std::fs::File::open("/dev/null").unwrap();
+        a.send_with_fd(&buf, &[f.as_raw_fd()]).unwrap();
+        let (msg, fds) = read_opening(&b).unwrap();
+        assert_eq!(msg, LocalMessage::Cancel);
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn garbage_opening_is_refused_with_a_reason() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut a, &[3, 0, 0, 0, 0x41, 1, 2, 3]).unwrap();
+        let e = read_opening(&b).unwrap_err();
+        assert!(e.contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn wrong_first_message_gets_failed_reply() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut buf = Vec::new();
+        LocalMessage::Cancel.encode(&mut buf);
+        std::io::Write::write_all(&mut a, &buf).unwrap();
+        run(b);
+        let mut body = Vec::new();
+        let p = frame::read(&mut a, &mut body).unwrap();
+        match LocalMessage::decode(p.kind, &body).unwrap() {
+            LocalMessage::Failed { message, .. } => assert!(message.contains("expected Outgoing")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The control socket: JSON lines over a Unix socket, one request and one reply per line,
+//! shaped like QMP (`{"execute": ..., "arguments": {...}}` → `{"return": ...}` or
+//! `{"error": {"class": ..., "desc": ...}}`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use proto::MigrationParams;
+use serde_json::{json, Value};
+
+use crate::machine::Machine;
+use crate::migration;
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Binds the control socket at `path`, replacing a stale socket file.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves control connections until the process exits.
+pub fn serve(listener: UnixListener, machine: Arc<Machine>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(c) => {
+                let m = machine.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || handle_client(c, m));
+            }
+            Err(e) => warn!("control socket accept: {e}"),
+        }
+    }
+}
+
+fn handle_client(conn: UnixStream, m: Arc<Machine>) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match std::io::Read::take(&mut reader, MAX_LINE as u64).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') && line.len() >= MAX_LINE {
+            let _ = writeln!(out, "{}", error_reply("request line too long"));
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        debug!("control: {}", line.trim());
+        let (reply, quit) = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => execute(&m, &req),
+            Err(e) => (error_reply(&format!("malformed JSON: {e}")), false),
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+        if quit {
+            let _ = out.flush();
+            std::process::exit(0);
+        }
+    }
+}
+
+fn error_reply(desc: &str) -> Value {
+    json!({"error": {"class": "GenericError", "desc": desc}})
+}
+
+fn ok(v: Value) -> Value {
+    json!({ "return": v })
+}
+
+/// Runs one request; returns the reply and whether the process should exit after sending it.
+pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
+    let Some(cmd) = req.get("execute").and_then(Value::as_str) else {
+        return (
+            error_reply("request needs a string field \"execute\""),
+            false,
+        );
+    };
+    let args = req.get("arguments").cloned().unwrap_or(json!({}));
+    if !args.is_object() {
+        return (error_reply("\"arguments\" must be an object"), false);
+    }
+    let r = match cmd {
+        "query-status" => {
+            let status = m.status();
+            Ok(json!({
+                "status": status,
+                "running": status == crate::machine::Status::Running,
+                "vcpus": m.vm.vcpu_count(),
+                "fault": m.vm.vcpu_control().fault(),
+            }))
+        }
+        "stop" => m.stop().map(|_| json!({})),
+        "cont" => m.cont().map(|_| json!({})),
+        "quit" => return (ok(json!({})), true),
+        "migrate" => migrate(m, &args),
+        "migrate-cancel" => migration::cancel(m)
+            .map(|_| json!({}))
+            .map_err(|e| e.to_string()),
+        "migrate-set-parameters" => {
+            let current = m.state().params;
+            merge_params(current, &args).and_then(|p| {
+                migration::set_params(m, p)
+                    .map(|_| json!({}))
+                    .map_err(|e| e.to_string())
+            })
+        }
+        "query-migrate-parameters" => {
+            serde_json::to_value(m.state().params).map_err(|e| e.to_string())
+        }
+        "query-migrate" => {
+            let s = m.state();
+            serde_json::to_value(&s.migration).map_err(|e| e.to_string())
+        }
+        "query-ram-digest" => {
+            let blocks: Vec<Value> =
+                m.vm.ram()
+                    .digests()
+                    .into_iter()
+                    .map(|(name, sha256)| json!({"name": name, "sha256": sha256}))
+                    .collect();
+            Ok(json!({ "blocks": blocks }))
+        }
+        other => Err(format!("unknown command \"{other}\"")),
+    };
+    match r {
+        Ok(v) => (ok(v), false),
+        Err(e) => (error_reply(&e), false),
+    }
+}
+
+/// Applies the fields present in `args` on top of `base`, refusing unknown fields.
+fn merge_params(base: MigrationParams, args: &Value) -> Result<MigrationParams, String> {
+    let mut v = serde_json::to_value(base).map_err(|e| e.to_string())?;
+    let (Some(obj), Some(a)) = (v.as_object_mut(), args.as_object()) else {
+        return Err("parameters must be an object".into());
+    };
+    for (k, val) in a {
+        if k == "uri" {
+            continue;
+        }
+        if !obj.contains_key(k) {
+            return Err(format!("unknown migration parameter \"{k}\""));
+        }
+        obj.insert(k.clone(), val.clone());
+    }
+    serde_json::from_value(v).map_err(|e| format!("bad migration parameter: {e}"))
+}
+
+fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
+    let uri = args
+        .get("uri")
+        .and_then(Value::as_str)
+        .ok_or("migrate needs a string argument \"uri\"")?
+        .to_string();
+    if !uri.starts_with("tcp:") {
+        return Err(format!(
+            "unsupported migration uri \"{uri}\" (expected tcp:HOST:PORT)"
+        ));
+    }
+    let current = m.state().params;
+    let params = merge_params(current, args)?;
+    m.state().params = params;
+    migration::start_outgoing(m, uri)
+        .map(|_| json!({}))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_merge_and_refuse_unknown() {
+        let p = merge_params(
+            MigrationParams::default(),
+            &json!({"downtime_limit_ms": 20, "mode": "hybrid"}),
+        )
+        .unwrap();
+        assert_eq!(p.downtime_limit_ms, 20);
+        assert_eq!(p.mode, proto::MigrationMode::Hybrid);
+        assert!(merge_params(p, &json!({"bogus": 1})).is_err());
+        assert!(merge_params(p, &json!({"max_rounds": "x"})).is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! The running machine as the control API sees it: the VM, its run status and its migration.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use proto::{MigrationParams, MigrationStats, Phase};
+use serde::Serialize;
+
+use crate::vm::Vm;
+
+/// Run status, in the spirit of QMP's `query-status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// vCPUs run.
+    Running,
+    /// Stopped by request.
+    Paused,
+    /// Waiting for an incoming migration.
+    Inmigrate,
+    /// Stopped for the switchover of an outgoing migration.
+    FinishMigrate,
+    /// Migrated away; this copy no longer runs.
+    Postmigrate,
+    /// The incoming migration failed; the VM never ran.
+    MigrateFailed,
+    /// A vCPU hit an unrecoverable exit.
+    InternalError,
+}
+
+/// What the control API reports about the current or last migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationInfo {
+    /// Phase.
+    pub phase: Phase,
+    /// Latest statistics from umemd.
+    pub stats: MigrationStats,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Destination: where umemd listens.
+    pub listen_uri: Option<String>,
+    /// Source: where it is going.
+    pub uri: Option<String>,
+}
+
+/// Mutable state shared by the control API and the migration thread.
+#[derive(Debug)]
+pub struct MachineState {
+    /// Run status.
+    pub status: Status,
+    /// Migration progress.
+    pub migration: MigrationInfo,
+    /// Tunables for the next (or running) migration.
+    pub params: MigrationParams,
+    /// Sends to umemd on the running migration's connection.
+    pub umemd_conn: Option<std::os::unix::net::UnixStream>,
+    /// Whether the guest ran when the outgoing migration began (to resume it on failure).
+    pub was_running: bool,
+}
+
+/// A VM under control.
+#[derive(Debug)]
+pub struct Machine {
+    /// The VM.
+    pub vm: Vm,
+    /// VM name (for umemd logs).
+    pub name: String,
+    /// Path of umemd's socket.
+    pub umemd_socket: std::path::PathBuf,
+    state: Mutex<MachineState>,
+}
+
+impl Machine {
+    /// Wraps a VM in `status`.
+    pub fn new(
+        vm: Vm,
+        name: String,
+        umemd_socket: std::path::PathBuf,
+        status: Status,
+    ) -> Arc<Self> {
+        Arc::new(Machine {
+            vm,
+            name,
+            umemd_socket,
+            state: Mutex::new(MachineState {
+                status,
+                migration: MigrationInfo::default(),
+                params: MigrationParams::default(),
+                umemd_conn: None,
+                was_running: false,
+            }),
+        })
+    }
+
+    /// Locks the shared state.
+    pub fn state(&self) -> MutexGuard<'_, MachineState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current status, with vCPU faults taking precedence.
+    pub fn status(&self) -> Status {
+        if self.vm.vcpu_control().fault().is_some() {
+            return Status::InternalError;
+        }
+        self.state().status
+    }
+
+    /// Stops the guest.
+    pub fn stop(&self) -> Result<(), String> {
+        let mut s = self.state();
+        match s.status {
+            Status::Running | Status::Paused => {
+                self.vm.pause();
+                s.status = Status::Paused;
+                Ok(())
+            }
+            other => Err(format!("cannot stop a VM in status {other:?}")),
+        }
+    }
+
+    /// Resumes the guest.
+    pub fn cont(&self) -> Result<(), String> {
+        let mut s = self.state();
+        match s.status {
+            Status::Running | Status::Paused => {
+                s.status = Status::Running;
+                self.vm.resume();
+                Ok(())
+            }
+            other => Err(format!(
+                "cannot continue a VM in status {}",
+                serde_json::to_string(&other).unwrap_or_default()
+            )),
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! `vmm` command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use log::{error, info};
+use vmm::devices::SerialOut;
+use vmm::machine::{Machine, Status};
+use vmm::memory::GuestRam;
+use vmm::vm::Vm;
+use vmm::{control, guests, loader, migration, parse_size};
+
+/// A small KVM VMM for umem: memfd guest RAM, multiboot guests, migration through umemd.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Guest RAM size (e.g. 512M, 1G, 5G; above 3G a second block starts at 4 GiB).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Built-in guest to boot (see --list-guests).
+    #[arg(long, conflicts_with = "kernel")]
+    guest: Option<String>,
+    /// Multiboot ELF kernel to boot.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line (guest parameters such as "pages=4096").
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Fill all guest RAM with pseudo-random bytes from this seed before loading the kernel.
+    #[arg(long)]
+    prefill: Option<u64>,
+    /// Control socket path (JSON lines).
+    #[arg(long, required_unless_present = "list_guests", default_value = "")]
+    control: PathBuf,
+    /// Where guest serial output goes: a file path, "stdout" or "none".
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+    /// umemd's socket.
+    #[arg(long, default_value = "/run/umem/umemd.sock")]
+    umemd: PathBuf,
+    /// Receive the VM from a migration listening here (tcp:HOST:PORT; port 0 picks one).
+    #[arg(long)]
+    incoming: Option<String>,
+    /// Do not start the vCPUs (at boot, or after an incoming migration) until "cont".
+    #[arg(long, short = 'S')]
+    paused: bool,
+    /// VM name for logs.
+    #[arg(long, default_value = "vm")]
+    name: String,
+    /// List the built-in guests and exit.
+    #[arg(long)]
+    list_guests: bool,
+}
+
+fn serial_out(spec: &str) -> std::io::Result<SerialOut> {
+    Ok(match spec {
+        "stdout" => Box::new(std::io::stdout()),
+        "none" => Box::new(std::io::sink()),
+        path => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+    })
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.list_guests {
+        for (name, _) in guests::BUILTIN {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    if args.vcpus == 0 || args.vcpus > 64 {
+        return Err(format!("--vcpus {} must be in 1..=64", args.vcpus));
+    }
+    let image: Option<Vec<u8>> = match (&args.guest, &args.kernel) {
+        (Some(g), _) => Some(
+            guests::builtin(g)
+                .ok_or_else(|| format!("no built-in guest \"{g}\" (try --list-guests)"))?
+                .to_vec(),
+        ),
+        (None, Some(k)) => {
+            Some(std::fs::read(k).map_err(|e| format!("reading kernel {}: {e}", k.display()))?)
+        }
+        (None, None) => None,
+    };
+    if image.is_none() && args.incoming.is_none() {
+        return Err("give --guest, --kernel or --incoming".into());
+    }
+    let ram = GuestRam::new(args.mem).map_err(|e| e.to_string())?;
+    if args.incoming.is_none() {
+        if let Some(seed) = args.prefill {
+            ram.prefill(seed);
+        }
+    }
+    let ram = Arc::new(ram);
+    let out =
+        serial_out(&args.serial).map_err(|e| format!("serial output {}: {e}", args.serial))?;
+    let vm = Vm::new(ram.clone(), args.vcpus, out).map_err(|e| e.to_string())?;
+    let listener = control::bind(&args.control)
+        .map_err(|e| format!("control socket {}: {e}", args.control.display()))?;
+
+    let status = if args.incoming.is_some() {
+        Status::Inmigrate
+    } else if args.paused {
+        Status::Paused
+    } else {
+        Status::Running
+    };
+    if args.incoming.is_none() {
+        if let Some(img) = &image {
+            let boot = loader::load(&ram, img, &args.cmdline).map_err(|e| e.to_string())?;
+            vm.setup_multiboot_entry(boot).map_err(|e| e.to_string())?;
+        }
+    }
+    let machine = Machine::new(vm, args.name.clone(), args.umemd.clone(), status);
+    if let Some(uri) = args.incoming.clone() {
+        migration::start_incoming(&machine, uri, !args.paused).map_err(|e| e.to_string())?;
+    } else if status == Status::Running {
+        machine.vm.resume();
+    }
+    info!(
+        "{}: {} MiB, {} vCPUs, control socket {}",
+        args.name,
+        args.mem >> 20,
+        args.vcpus,
+        args.control.display()
+    );
+    control::serve(listener, machine);
+    Ok(())
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = run(Args::parse()) {
+        error!("{e}");
+        eprintln!("vmm: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,293 @@
+//! Guest RAM: one memfd holding every RAM block, mapped `MAP_SHARED` so that umemd can be
+//! handed the very same memory by file descriptor.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use proto::local::LocalBlock;
+use proto::{BlockDesc, PAGE_SIZE};
+use sha2::{Digest, Sha256};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+/// Guest physical address where the 32-bit PCI hole starts; RAM above it moves past 4 GiB.
+pub const LOW_RAM_END: u64 = 3 << 30;
+/// Guest physical address where high RAM starts.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+
+/// Errors of guest RAM handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is not usable.
+    #[error("guest RAM size {0:#x} must be a non-zero multiple of 2 MiB")]
+    BadSize(u64),
+    /// memfd creation or sizing failed.
+    #[error("creating the guest RAM memfd: {0}")]
+    Memfd(String),
+    /// Mapping failed.
+    #[error("mapping guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    /// A guest range is outside RAM.
+    #[error("guest range {addr:#x}+{len:#x} is outside guest RAM")]
+    OutOfRange {
+        /// Start of the range.
+        addr: u64,
+        /// Length of the range.
+        len: u64,
+    },
+}
+
+/// One named RAM block and where it lives.
+#[derive(Debug, Clone)]
+pub struct RamBlock {
+    /// Name, guest address, size.
+    pub desc: BlockDesc,
+    /// Offset in the memfd.
+    pub memfd_offset: u64,
+}
+
+/// All guest RAM of a VM.
+#[derive(Debug)]
+pub struct GuestRam {
+    memfd: File,
+    blocks: Vec<RamBlock>,
+    mem: GuestMemoryMmap,
+}
+
+/// Splits `size` bytes of RAM into named blocks: below the PCI hole, then above 4 GiB.
+pub fn layout(size: u64) -> Result<Vec<RamBlock>, MemoryError> {
+    if size == 0 || size % (2 << 20) != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    let low = size.min(LOW_RAM_END);
+    let mut blocks = vec![RamBlock {
+        desc: BlockDesc {
+            name: "ram-low".into(),
+            guest_addr: 0,
+            size: low,
+        },
+        memfd_offset: 0,
+    }];
+    if size > low {
+        blocks.push(RamBlock {
+            desc: BlockDesc {
+                name: "ram-high".into(),
+                guest_addr: HIGH_RAM_START,
+                size: size - low,
+            },
+            memfd_offset: low,
+        });
+    }
+    Ok(blocks)
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of sparse memfd-backed guest RAM.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let blocks = layout(size)?;
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .create("guest-ram")
+            .map_err(|e| MemoryError::Memfd(e.to_string()))?
+            .into_file();
+        memfd
+            .set_len(size)
+            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+        let ranges = blocks
+            .iter()
+            .map(|b| {
+                let fo = memfd
+                    .try_clone()
+                    .map(|f| FileOffset::new(f, b.memfd_offset))
+                    .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+                Ok((
+                    GuestAddress(b.desc.guest_addr),
+                    b.desc.size as usize,
+                    Some(fo),
+                ))
+            })
+            .collect::<Result<Vec<_>, MemoryError>>()?;
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges)?;
+        Ok(GuestRam { memfd, blocks, mem })
+    }
+
+    /// The memfd holding every block.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// The blocks, in guest address order.
+    pub fn blocks(&self) -> &[RamBlock] {
+        &self.blocks
+    }
+
+    /// The vm-memory view, for reads and writes by guest address.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.blocks.iter().map(|b| b.desc.size).sum()
+    }
+
+    /// Host address and length of block `i`'s mapping.
+    pub fn host_range(&self, i: usize) -> (*mut u8, usize) {
+        let b = &self.blocks[i];
+        // Blocks were created from these very ranges, so the lookup cannot fail.
+        let region = self
+            .mem
+            .find_region(GuestAddress(b.desc.guest_addr))
+            .expect("block has a region");
+        (region.as_ptr(), region.len() as usize)
+    }
+
+    /// The block layout as umemd needs it.
+    pub fn local_blocks(&self) -> Vec<LocalBlock> {
+        (0..self.blocks.len())
+            .map(|i| LocalBlock {
+                desc: self.blocks[i].desc.clone(),
+                memfd_offset: self.blocks[i].memfd_offset,
+                host_addr: self.host_range(i).0 as u64,
+            })
+            .collect()
+    }
+
+    /// Bytes of block `i` (the shared mapping).
+    pub fn block_bytes(&self, i: usize) -> &[u8] {
+        let (ptr, len) = self.host_range(i);
+        // SAFETY: the mapping lives as long as `self.mem`; guest writes may race with this
+        // read, which is why callers read only while the vCPUs are stopped or accept a torn view.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
+    }
+
+    /// Fills every block with deterministic pseudo-random bytes from `seed`, in parallel.
+    pub fn prefill(&self, seed: u64) {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let (ptr, len) = self.host_range(i);
+            let chunk = (len / threads).next_multiple_of(PAGE_SIZE as usize);
+            let base = ptr as usize;
+            let block_seed = seed ^ b.desc.guest_addr;
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let start = (t * chunk).min(len);
+                    let end = ((t + 1) * chunk).min(len);
+                    s.spawn(move || {
+                        // SAFETY: each thread gets a disjoint sub-range of a live mapping.
+                        let words = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (base + start) as *mut u64,
+                                (end - start) / 8,
+                            )
+                        };
+                        fill_pseudo_random(words, block_seed, start as u64 / 8);
+                    });
+                }
+            });
+        }
+    }
+
+    /// SHA-256 of each block, hex-encoded, computed in parallel.
+    pub fn digests(&self) -> Vec<(String, String)> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..self.blocks.len())
+                .map(|i| {
+                    let bytes = self.block_bytes(i);
+                    s.spawn(move || hex(&Sha256::digest(bytes)))
+                })
+                .collect();
+            self.blocks
+                .iter()
+                .zip(handles)
+                .map(|(b, h)| (b.desc.name.clone(), h.join().unwrap_or_default()))
+                .collect()
+        })
+    }
+
+    /// Checks that `[addr, addr+len)` lies in one block.
+    pub fn check_range(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        let ok = self
+            .blocks
+            .iter()
+            .any(|b| addr >= b.desc.guest_addr && addr + len <= b.desc.guest_addr + b.desc.size);
+        if ok && GuestAddress(addr).checked_add(len).is_some() {
+            Ok(())
+        } else {
+            Err(MemoryError::OutOfRange { addr, len })
+        }
+    }
+
+    /// Borrowed fd, for passing to umemd.
+    pub fn memfd_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+}
+
+/// Fills `words` from a counter-based generator, so any sub-range can be produced on its own.
+pub fn fill_pseudo_random(words: &mut [u64], seed: u64, first_index: u64) {
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = splitmix64(seed.wrapping_add(first_index + i as u64));
+    }
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_block() {
+        let l = layout(64 << 20).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].desc.size, 64 << 20);
+    }
+
+    #[test]
+    fn large_guest_splits_around_the_pci_hole() {
+        let l = layout(5 << 30).unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].desc.size, 3 << 30);
+        assert_eq!(l[1].desc.guest_addr, 4 << 30);
+        assert_eq!(l[1].desc.size, 2 << 30);
+        assert_eq!(l[1].memfd_offset, 3 << 30);
+    }
+
+    #[test]
+    fn odd_sizes_are_refused() {
+        assert!(layout(0).is_err());
+        assert!(layout(4097).is_err());
+    }
+
+    #[test]
+    fn prefill_is_deterministic_and_digests_see_it() {
+        let a = GuestRam::new(4 << 20).unwrap();
+        let b = GuestRam::new(4 << 20).unwrap();
+        a.prefill(7);
+        b.prefill(7);
+        assert_eq!(a.digests(), b.digests());
+        b.prefill(8);
+        assert_ne!(a.digests(), b.digests());
+        assert!(a.block_bytes(0).iter().any(|&x| x != 0));
+    }
+
+    #[test]
+    fn range_check() {
+        let r = GuestRam::new(4 << 20).unwrap();
+        assert!(r.check_range(0, 4096).is_ok());
+        assert!(r.check_range((4 << 20) - 8, 16).is_err());
+    }
+}
