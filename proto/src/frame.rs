@@ -72,9 +72,11 @@ pub fn read<R: Read>(r: &mut R, body: &mut Vec<u8>) -> Result<FramePrefix, Frame
     Ok(prefix)
 }
 
-/// Splits the first whole frame off `data`: its prefix, its body, and the bytes after it.
-/// `Ok(None)` means more bytes are needed.
-pub fn split(data: &[u8]) -> Result<Option<(FramePrefix, &[u8], &[u8])>, FrameError> {
+/// A whole frame found at the start of a buffer: its prefix, its body, and the bytes after it.
+pub type Split<'a> = (FramePrefix, &'a [u8], &'a [u8]);
+
+/// Splits the first whole frame off `data`. `Ok(None)` means more bytes are needed.
+pub fn split(data: &[u8]) -> Result<Option<Split<'_>>, FrameError> {
     let Some(p) = data.first_chunk::<PREFIX_LEN>() else {
         return Ok(None);
     };

@@ -30,7 +30,7 @@ impl DirtyBitmap {
             .blocks
             .get_mut(block as usize)
             .ok_or_else(|| format!("bitmap for block index {block}, the VM has {n} blocks"))?;
-        if first_page % 64 != 0 {
+        if !first_page.is_multiple_of(64) {
             return Err(format!(
                 "bitmap starts at page {first_page}, not a multiple of 64"
             ));
@@ -45,15 +45,16 @@ impl DirtyBitmap {
                 words.len()
             ));
         }
-        for (i, w) in words.iter().enumerate() {
-            bits[start + i] |= w;
-        }
-        if *pages % 64 != 0 {
-            if let Some(last) = bits.last_mut() {
+        // Check before applying, so a refused bitmap leaves no bits behind.
+        if *pages % 64 != 0 && start + words.len() == bits.len() {
+            if let Some(last) = words.last() {
                 if *last >> (*pages % 64) != 0 {
                     return Err(format!("bitmap marks pages past the end of block {block}"));
                 }
             }
+        }
+        for (i, w) in words.iter().enumerate() {
+            bits[start + i] |= w;
         }
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use proto::local::{LocalBlock, LocalMessage};
-use proto::peer::{PageRun, PeerMessage, CAP_POSTCOPY, MAX_RUN_PAGES, VERSION};
+use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES, VERSION};
 use proto::{MigrationParams, MigrationStats, Phase, PAGE_SIZE};
 
 use crate::bitmap::DirtyBitmap;
@@ -217,7 +217,7 @@ impl Source {
         let session_id = session_id();
         let hello = PeerMessage::Hello {
             version: VERSION,
-            capabilities: CAP_POSTCOPY & 0,
+            capabilities: 0,
             session_id,
         };
         send_peer(&mut peer.stream, &hello).map_err(|e| format!("destination connection: {e}"))?;

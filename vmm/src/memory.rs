@@ -57,7 +57,7 @@ pub struct GuestRam {
 
 /// Splits `size` bytes of RAM into named blocks: below the PCI hole, then above 4 GiB.
 pub fn layout(size: u64) -> Result<Vec<RamBlock>, MemoryError> {
-    if size == 0 || size % (2 << 20) != 0 {
+    if size == 0 || !size.is_multiple_of(2 << 20) {
         return Err(MemoryError::BadSize(size));
     }
     let low = size.min(LOW_RAM_END);

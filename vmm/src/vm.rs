@@ -294,7 +294,7 @@ impl Vm {
                 self.vcpus.len()
             )));
         }
-        if self.has_irqchip != !s.irqchips.is_empty() {
+        if self.has_irqchip == s.irqchips.is_empty() {
             return Err(VmError::StateMismatch(
                 "in-kernel irqchip present on one side only".into(),
             ));

@@ -131,7 +131,7 @@ fn progress_line(m: &Value) -> String {
     let total = s["total_pages"].as_u64().unwrap_or(0);
     let remaining = s["remaining_pages"].as_u64().unwrap_or(0);
     let done = total.saturating_sub(remaining);
-    let pct = if total > 0 { done * 100 / total } else { 0 };
+    let pct = (done * 100).checked_div(total).unwrap_or(0);
     format!(
         "{:<11} {:>3}%  round {:>2}  sent {:>6} MiB  {:>6} MB/s  zero {:>8}  holes {:>8}",
         m["phase"].as_str().unwrap_or("?"),
