@@ -18,5 +18,7 @@ pub mod types;
 pub mod wire;
 
 pub use frame::{FrameError, FramePrefix, MAX_FRAME, PREFIX_LEN};
-pub use types::{BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PAGE_SIZE};
+pub use types::{
+    BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PostcopyStats, PAGE_SIZE,
+};
 pub use wire::DecodeError;

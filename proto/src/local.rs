@@ -5,7 +5,7 @@
 //! beside that first frame with `SCM_RIGHTS`.
 
 use crate::frame;
-use crate::types::{BlockDesc, MigrationParams, MigrationStats, MAX_BLOCKS};
+use crate::types::{BlockDesc, MigrationParams, MigrationStats, PostcopyStats, MAX_BLOCKS, MAX_VCPUS};
 use crate::wire::{DecodeError, Reader, Writer};
 
 /// Most bitmap words in one `DirtyBitmap` frame (covers 4 GiB of guest RAM).
@@ -23,11 +23,14 @@ pub mod kind {
     pub const SET_PARAMS: u8 = 0x47;
     pub const CANCEL: u8 = 0x48;
     pub const START_POSTCOPY: u8 = 0x49;
+    pub const VCPU_THREADS: u8 = 0x4a;
     pub const LISTENING: u8 = 0x61;
     pub const HARVEST: u8 = 0x62;
     pub const PROGRESS: u8 = 0x63;
     pub const COMPLETED: u8 = 0x65;
     pub const FAILED: u8 = 0x66;
+    pub const POSTCOPY_BEGIN: u8 = 0x67;
+    pub const POSTCOPY_PROGRESS: u8 = 0x68;
 }
 
 /// A RAM block as the VMM that owns it sees it.
@@ -118,6 +121,14 @@ pub enum LocalMessage {
     Cancel,
     /// VMM: switch a running precopy to postcopy now.
     StartPostcopy,
+    /// VMM (destination): the host thread ids of its vCPUs, by vCPU index, so that blocked time
+    /// can be told per vCPU.
+    VcpuThreads(Vec<u32>),
+    /// umemd (destination): the machine state that follows starts a postcopy phase: the VM runs
+    /// while pages still arrive, so the VMM keeps its userfaultfd registered until `Completed`.
+    PostcopyBegin,
+    /// umemd: postcopy statistics so far.
+    PostcopyProgress(PostcopyStats),
     /// umemd (destination): listening on this address.
     Listening {
         /// `tcp:HOST:PORT` actually bound.
@@ -190,6 +201,16 @@ impl LocalMessage {
             LocalMessage::SetParams(p) => frame::encode(buf, kind::SET_PARAMS, |w| p.encode(w)),
             LocalMessage::Cancel => frame::encode(buf, kind::CANCEL, |_| {}),
             LocalMessage::StartPostcopy => frame::encode(buf, kind::START_POSTCOPY, |_| {}),
+            LocalMessage::VcpuThreads(tids) => frame::encode(buf, kind::VCPU_THREADS, |w| {
+                w.u32(tids.len() as u32);
+                for t in tids {
+                    w.u32(*t);
+                }
+            }),
+            LocalMessage::PostcopyBegin => frame::encode(buf, kind::POSTCOPY_BEGIN, |_| {}),
+            LocalMessage::PostcopyProgress(s) => {
+                frame::encode(buf, kind::POSTCOPY_PROGRESS, |w| s.encode(w))
+            }
             LocalMessage::Listening { uri } => frame::encode(buf, kind::LISTENING, |w| w.str(uri)),
             LocalMessage::Harvest { stop } => frame::encode(buf, kind::HARVEST, |w| w.bool(*stop)),
             LocalMessage::Progress(s) => frame::encode(buf, kind::PROGRESS, |w| s.encode(w)),
@@ -245,6 +266,24 @@ impl LocalMessage {
             kind::SET_PARAMS => LocalMessage::SetParams(MigrationParams::decode(&mut r)?),
             kind::CANCEL => LocalMessage::Cancel,
             kind::START_POSTCOPY => LocalMessage::StartPostcopy,
+            kind::VCPU_THREADS => {
+                let n = r.count("vcpu thread count", 4)?;
+                if n > MAX_VCPUS {
+                    return Err(DecodeError::invalid(
+                        "vcpu thread count",
+                        format!("{n} exceeds {MAX_VCPUS}"),
+                    ));
+                }
+                LocalMessage::VcpuThreads(
+                    (0..n)
+                        .map(|_| r.u32("vcpu thread id"))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+            kind::POSTCOPY_BEGIN => LocalMessage::PostcopyBegin,
+            kind::POSTCOPY_PROGRESS => {
+                LocalMessage::PostcopyProgress(PostcopyStats::decode(&mut r)?)
+            }
             kind::LISTENING => LocalMessage::Listening {
                 uri: r.str("uri")?.to_owned(),
             },
@@ -314,6 +353,14 @@ mod tests {
             LocalMessage::SetParams(params),
             LocalMessage::Cancel,
             LocalMessage::StartPostcopy,
+            LocalMessage::VcpuThreads(vec![100, 101]),
+            LocalMessage::PostcopyBegin,
+            LocalMessage::PostcopyProgress(PostcopyStats {
+                faults: 3,
+                latency_hist: [1; crate::types::LATENCY_BUCKETS],
+                vcpu_blocked_us: vec![5, 6],
+                ..Default::default()
+            }),
             LocalMessage::Listening {
                 uri: "tcp:127.0.0.1:5555".into(),
             },

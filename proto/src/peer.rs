@@ -42,6 +42,9 @@ pub mod kind {
     pub const PAGE_REQUEST: u8 = 0x0b;
     pub const ALL_RECEIVED: u8 = 0x0c;
     pub const ERROR: u8 = 0x0d;
+    pub const SWITCHOVER: u8 = 0x0e;
+    pub const HOLES: u8 = 0x0f;
+    pub const URGENT_CHANNEL: u8 = 0x10;
 }
 
 /// A run of contiguous pages of one block.
@@ -169,6 +172,28 @@ pub enum PeerMessage {
     AllReceived,
     /// Either side: the migration failed for this reason.
     Error(String),
+    /// Source: the VM is stopped; the machine state follows. With `postcopy`, the destination
+    /// runs the VM as soon as the state is loaded and missing pages follow on demand; without,
+    /// every page has been sent.
+    Switchover {
+        /// Pages still follow after the state.
+        postcopy: bool,
+    },
+    /// Source: pages that are holes in the source's memory. They read as zero and are never sent.
+    Holes {
+        /// Block index.
+        block: u32,
+        /// First page.
+        first: u64,
+        /// Number of pages, at least 1.
+        count: u64,
+    },
+    /// Source: opens the second connection of a session, which carries only requested pages so
+    /// that they never queue behind background pages.
+    UrgentChannel {
+        /// The `session_id` of the session's `Hello`.
+        session_id: u64,
+    },
 }
 
 impl PeerMessage {
@@ -209,6 +234,21 @@ impl PeerMessage {
                 frame::encode(buf, kind::PAGE_REQUEST, |w| run.encode(w))
             }
             PeerMessage::AllReceived => frame::encode(buf, kind::ALL_RECEIVED, |_| {}),
+            PeerMessage::Switchover { postcopy } => {
+                frame::encode(buf, kind::SWITCHOVER, |w| w.bool(*postcopy))
+            }
+            PeerMessage::Holes {
+                block,
+                first,
+                count,
+            } => frame::encode(buf, kind::HOLES, |w| {
+                w.u32(*block);
+                w.u64(*first);
+                w.u64(*count);
+            }),
+            PeerMessage::UrgentChannel { session_id } => {
+                frame::encode(buf, kind::URGENT_CHANNEL, |w| w.u64(*session_id))
+            }
             PeerMessage::Error(m) => frame::encode(buf, kind::ERROR, |w| {
                 let mut end = m.len().min(MAX_ERROR_LEN);
                 while !m.is_char_boundary(end) {
@@ -273,7 +313,38 @@ impl PeerMessage {
             kind::STARTED => PeerMessage::Started,
             kind::PAGE_REQUEST => PeerMessage::PageRequest(PageRun::decode(&mut r)?),
             kind::ALL_RECEIVED => PeerMessage::AllReceived,
-            kind::ERROR => PeerMessage::Error(r.str("error text")?.to_owned()),
+            kind::ERROR => {
+                let text = r.str("error text")?;
+                if text.len() > MAX_ERROR_LEN {
+                    return Err(DecodeError::invalid(
+                        "error text",
+                        format!("{} bytes exceeds {MAX_ERROR_LEN}", text.len()),
+                    ));
+                }
+                PeerMessage::Error(text.to_owned())
+            }
+            kind::SWITCHOVER => PeerMessage::Switchover {
+                postcopy: r.bool("postcopy")?,
+            },
+            kind::HOLES => {
+                let block = r.u32("holes block")?;
+                let first = r.u64("holes first page")?;
+                let count = r.u64("holes page count")?;
+                if count == 0 || first.checked_add(count).is_none() {
+                    return Err(DecodeError::invalid(
+                        "holes page count",
+                        format!("{count} pages from {first} is empty or wraps"),
+                    ));
+                }
+                PeerMessage::Holes {
+                    block,
+                    first,
+                    count,
+                }
+            }
+            kind::URGENT_CHANNEL => PeerMessage::UrgentChannel {
+                session_id: r.u64("session_id")?,
+            },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.finish()?;
@@ -330,6 +401,13 @@ mod tests {
             PeerMessage::PageRequest(run),
             PeerMessage::AllReceived,
             PeerMessage::Error("layout mismatch".into()),
+            PeerMessage::Switchover { postcopy: true },
+            PeerMessage::Holes {
+                block: 1,
+                first: 5,
+                count: 1 << 30,
+            },
+            PeerMessage::UrgentChannel { session_id: 7 },
         ] {
             round_trip(m);
         }
@@ -362,6 +440,20 @@ mod tests {
                 w.u32(0);
                 w.u64(0);
                 w.u32(count);
+            });
+            let (p, body, _) = frame::split(&buf).unwrap().unwrap();
+            assert!(PeerMessage::decode(p.kind, body).is_err());
+        }
+    }
+
+    #[test]
+    fn empty_or_wrapping_holes_are_refused() {
+        for (first, count) in [(0, 0), (u64::MAX, 2)] {
+            let mut buf = Vec::new();
+            frame::encode(&mut buf, kind::HOLES, |w| {
+                w.u32(0);
+                w.u64(first);
+                w.u64(count);
             });
             let (p, body, _) = frame::split(&buf).unwrap().unwrap();
             assert!(PeerMessage::decode(p.kind, body).is_err());

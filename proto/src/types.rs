@@ -289,3 +289,95 @@ impl MigrationStats {
         })
     }
 }
+
+/// Buckets of the fault-service latency histogram: bucket `i` counts latencies in
+/// `[2^i, 2^(i+1))` microseconds (bucket 0 also holds 0), the last one everything above.
+pub const LATENCY_BUCKETS: usize = 24;
+
+/// Most vCPUs whose blocked time is reported.
+pub const MAX_VCPUS: usize = 256;
+
+/// Counters of the postcopy phase of one migration; fresh for every migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PostcopyStats {
+    /// Pages requested on demand (destination: requests sent; source: requests served).
+    pub pages_requested: u64,
+    /// Pages that arrived or left on the urgent channel.
+    pub pages_urgent: u64,
+    /// Pages pushed in the background.
+    pub pages_pushed: u64,
+    /// Faults read from the userfaultfd.
+    pub faults: u64,
+    /// Pages not yet present (destination) or not yet sent (source).
+    pub remaining_pages: u64,
+    /// Fault-service latency histogram, see [`LATENCY_BUCKETS`].
+    pub latency_hist: [u64; LATENCY_BUCKETS],
+    /// Median fault-service latency, microseconds.
+    pub latency_p50_us: u64,
+    /// 99th percentile fault-service latency, microseconds.
+    pub latency_p99_us: u64,
+    /// Longest fault-service latency, microseconds.
+    pub latency_max_us: u64,
+    /// Time during which every vCPU waited for a page, microseconds.
+    pub vm_blocked_us: u64,
+    /// Time each vCPU waited for pages, microseconds, by vCPU index.
+    pub vcpu_blocked_us: Vec<u64>,
+}
+
+impl PostcopyStats {
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        for v in [
+            self.pages_requested,
+            self.pages_urgent,
+            self.pages_pushed,
+            self.faults,
+            self.remaining_pages,
+        ] {
+            w.u64(v);
+        }
+        for v in self.latency_hist {
+            w.u64(v);
+        }
+        for v in [
+            self.latency_p50_us,
+            self.latency_p99_us,
+            self.latency_max_us,
+            self.vm_blocked_us,
+        ] {
+            w.u64(v);
+        }
+        w.u32(self.vcpu_blocked_us.len() as u32);
+        for v in &self.vcpu_blocked_us {
+            w.u64(*v);
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let mut s = PostcopyStats {
+            pages_requested: r.u64("pages_requested")?,
+            pages_urgent: r.u64("pages_urgent")?,
+            pages_pushed: r.u64("pages_pushed")?,
+            faults: r.u64("faults")?,
+            remaining_pages: r.u64("remaining_pages")?,
+            ..Default::default()
+        };
+        for b in s.latency_hist.iter_mut() {
+            *b = r.u64("latency_hist")?;
+        }
+        s.latency_p50_us = r.u64("latency_p50_us")?;
+        s.latency_p99_us = r.u64("latency_p99_us")?;
+        s.latency_max_us = r.u64("latency_max_us")?;
+        s.vm_blocked_us = r.u64("vm_blocked_us")?;
+        let n = r.count("vcpu count", 8)?;
+        if n > MAX_VCPUS {
+            return Err(DecodeError::invalid(
+                "vcpu count",
+                format!("{n} exceeds {MAX_VCPUS}"),
+            ));
+        }
+        s.vcpu_blocked_us = (0..n)
+            .map(|_| r.u64("vcpu_blocked_us"))
+            .collect::<Result<_, _>>()?;
+        Ok(s)
+    }
+}

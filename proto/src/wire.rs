@@ -82,7 +82,11 @@ impl<'a> Writer<'a> {
     /// Appends a `u16` length and the UTF-8 bytes.
     pub fn str(&mut self, v: &str) {
         let b = v.as_bytes();
-        let n = b.len().min(u16::MAX as usize);
+        // Cut on a character boundary so the shortened text is still UTF-8.
+        let mut n = b.len().min(u16::MAX as usize);
+        while !v.is_char_boundary(n) {
+            n -= 1;
+        }
         self.u16(n as u16);
         self.out().extend_from_slice(&b[..n]);
     }

@@ -113,7 +113,7 @@ const PHASES: [Phase; 8] = [
     Phase::Cancelled,
 ];
 
-const PEER_KINDS: [u8; 13] = [
+const PEER_KINDS: [u8; 16] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -127,9 +127,12 @@ const PEER_KINDS: [u8; 13] = [
     peer::kind::PAGE_REQUEST,
     peer::kind::ALL_RECEIVED,
     peer::kind::ERROR,
+    peer::kind::SWITCHOVER,
+    peer::kind::HOLES,
+    peer::kind::URGENT_CHANNEL,
 ];
 
-const LOCAL_KINDS: [u8; 14] = [
+const LOCAL_KINDS: [u8; 17] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -144,6 +147,9 @@ const LOCAL_KINDS: [u8; 14] = [
     local::kind::PROGRESS,
     local::kind::COMPLETED,
     local::kind::FAILED,
+    local::kind::VCPU_THREADS,
+    local::kind::POSTCOPY_BEGIN,
+    local::kind::POSTCOPY_PROGRESS,
 ];
 
 /// The longest prefix of `chars` that fits in `max` bytes of UTF-8.
@@ -372,6 +378,15 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
         page_run().prop_map(PeerMessage::PageRequest),
         Just(PeerMessage::AllReceived),
         text(0, MAX_ERROR_LEN).prop_map(PeerMessage::Error),
+        any::<bool>().prop_map(|postcopy| PeerMessage::Switchover { postcopy }),
+        (any::<u32>(), any::<u64>(), 1..=u64::MAX).prop_map(|(block, first, count)| {
+            PeerMessage::Holes {
+                block,
+                first: first.min(u64::MAX - count),
+                count,
+            }
+        }),
+        any::<u64>().prop_map(|session_id| PeerMessage::UrgentChannel { session_id }),
     ]
     .boxed()
 }
@@ -425,6 +440,29 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
         stats().prop_map(LocalMessage::Completed),
         (text(0, MAX_STR), stats())
             .prop_map(|(message, stats)| LocalMessage::Failed { message, stats }),
+        vec(any::<u32>(), 0..=proto::types::MAX_VCPUS).prop_map(LocalMessage::VcpuThreads),
+        Just(LocalMessage::PostcopyBegin),
+        (
+            vec(any::<u64>(), 9 + proto::types::LATENCY_BUCKETS),
+            vec(any::<u64>(), 0..=proto::types::MAX_VCPUS)
+        )
+            .prop_map(|(v, vcpu_blocked_us)| {
+                let mut latency_hist = [0; proto::types::LATENCY_BUCKETS];
+                latency_hist.copy_from_slice(&v[9..]);
+                LocalMessage::PostcopyProgress(proto::PostcopyStats {
+                    pages_requested: v[0],
+                    pages_urgent: v[1],
+                    pages_pushed: v[2],
+                    faults: v[3],
+                    remaining_pages: v[4],
+                    latency_hist,
+                    latency_p50_us: v[5],
+                    latency_p99_us: v[6],
+                    latency_max_us: v[7],
+                    vm_blocked_us: v[8],
+                    vcpu_blocked_us,
+                })
+            }),
     ]
     .boxed()
 }
@@ -471,6 +509,9 @@ fn peer_kind(m: &PeerMessage) -> u8 {
         PeerMessage::PageRequest(_) => PAGE_REQUEST,
         PeerMessage::AllReceived => ALL_RECEIVED,
         PeerMessage::Error(_) => ERROR,
+        PeerMessage::Switchover { .. } => SWITCHOVER,
+        PeerMessage::Holes { .. } => HOLES,
+        PeerMessage::UrgentChannel { .. } => URGENT_CHANNEL,
     }
 }
 
@@ -491,6 +532,9 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::Progress(_) => PROGRESS,
         LocalMessage::Completed(_) => COMPLETED,
         LocalMessage::Failed { .. } => FAILED,
+        LocalMessage::VcpuThreads(_) => VCPU_THREADS,
+        LocalMessage::PostcopyBegin => POSTCOPY_BEGIN,
+        LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,
     }
 }
 
@@ -1167,12 +1211,11 @@ fn largest_valid_frames_round_trip() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known bugs, pinned as ignored tests: run `cargo test -p umem-proto -- --ignored` once fixed.
+// Fixed bugs, kept as regression tests.
 
-/// `PeerMessage::decode` accepts error texts up to `u16::MAX` bytes, but `encode` cuts them to
-/// `MAX_ERROR_LEN`: a decoded `Error` longer than that does not survive a re-encoding.
+/// `PeerMessage::decode` once accepted error texts up to `u16::MAX` bytes while `encode` cut
+/// them to `MAX_ERROR_LEN`, so a decoded `Error` did not survive a re-encoding.
 #[test]
-#[ignore = "bug: PeerMessage::decode accepts Error text longer than MAX_ERROR_LEN"]
 fn decoded_error_text_survives_reencoding() {
     let text = "e".repeat(MAX_ERROR_LEN + 1);
     let b = fields(|w| w.str(&text));
@@ -1186,10 +1229,9 @@ fn decoded_error_text_survives_reencoding() {
     }
 }
 
-/// `Writer::str` cuts strings longer than `u16::MAX` bytes at a byte count, possibly inside a
-/// character: the frame then fails to decode ("not UTF-8") instead of carrying a shortened text.
+/// `Writer::str` once cut strings longer than `u16::MAX` bytes inside a character, so the frame
+/// failed to decode ("not UTF-8") instead of carrying a shortened text.
 #[test]
-#[ignore = "bug: Writer::str cuts long strings inside a UTF-8 character"]
 fn overlong_local_strings_still_decode() {
     let uri = filled(MAX_STR + 1, 'é');
     let m = LocalMessage::Listening { uri: uri.clone() };
