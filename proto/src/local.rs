@@ -5,7 +5,9 @@
 //! beside that first frame with `SCM_RIGHTS`.
 
 use crate::frame;
-use crate::types::{BlockDesc, MigrationParams, MigrationStats, PostcopyStats, MAX_BLOCKS, MAX_VCPUS};
+use crate::types::{
+    BlockDesc, MigrationParams, MigrationStats, PostcopyStats, MAX_BLOCKS, MAX_VCPUS,
+};
 use crate::wire::{DecodeError, Reader, Writer};
 
 /// Most bitmap words in one `DirtyBitmap` frame (covers 4 GiB of guest RAM).

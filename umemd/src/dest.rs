@@ -1,28 +1,61 @@
 //! Destination role: listens where the VMM asked, checks the source's RAM layout against the
-//! VMM's, writes arriving pages straight into the memfd (no vCPU runs yet), and hands the
-//! machine state to the VMM.
+//! VMM's, writes precopy pages straight into the memfd (no vCPU runs yet), hands the machine
+//! state to the VMM and, for postcopy, resolves the running VM's page faults through the
+//! [`FaultHandler`] until every page is present.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::local::{LocalBlock, LocalMessage};
-use proto::peer::{kind, PageRun, PeerMessage, RUN_HEADER_LEN, VERSION};
-use proto::{BlockDesc, MigrationStats, Phase, PAGE_SIZE};
+use proto::peer::{
+    kind, PageRun, PeerMessage, CAP_POSTCOPY, MAX_RUN_PAGES, RUN_HEADER_LEN, VERSION,
+};
+use proto::{BlockDesc, MigrationStats, Phase, PostcopyStats, PAGE_SIZE};
 
+use crate::fault::FaultHandler;
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
+use crate::pages::{PageState, PageTable};
 use crate::session::tcp_addr;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// How long the VMM may take to let go of its userfaultfd once told every page is here.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The write side of the migration stream, shared with the fault thread's requests.
+type PeerWriter = Arc<Mutex<TcpStream>>;
+
+fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), String> {
+    let mut buf = Vec::new();
+    msg.encode(&mut buf);
+    w.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .write_all(&buf)
+        .map_err(|e| format!("source connection: {e}"))
+}
+
+/// Postcopy machinery of an incoming migration whose VMM passed a userfaultfd.
+struct Postcopy {
+    fault: Arc<FaultHandler>,
+    /// Pages that came on the urgent channel and in the background.
+    urgent: Arc<AtomicU64>,
+    pushed: u64,
+    /// Failures of the fault and urgent-channel threads.
+    errors: Option<Receiver<String>>,
+    threads: Vec<JoinHandle<()>>,
+}
 
 /// An incoming migration.
 pub struct Dest {
@@ -30,10 +63,18 @@ pub struct Dest {
     vmm_rx: Receiver<Delivery<LocalMessage>>,
     vm: String,
     listener: TcpListener,
-    mem: GuestMapping,
+    mem: Arc<GuestMapping>,
+    pages: Arc<PageTable>,
+    postcopy: Option<Postcopy>,
+    /// The source announced a postcopy switchover.
+    switching_to_postcopy: bool,
+    /// The VM runs: pages may be placed only with `UFFDIO_COPY` from now on.
+    running: bool,
+    vcpu_tids: Vec<u32>,
     stats: MigrationStats,
     started: Instant,
     last_progress: Instant,
+    buf: Vec<u8>,
 }
 
 impl Dest {
@@ -43,6 +84,7 @@ impl Dest {
         vm: String,
         uri: &str,
         memfd: OwnedFd,
+        uffd: Option<OwnedFd>,
         blocks: Vec<LocalBlock>,
     ) -> Result<Self, (UnixStream, String)> {
         let setup = || -> Result<(GuestMapping, TcpListener, UnixStream), String> {
@@ -55,20 +97,37 @@ impl Dest {
             Ok((mem, listener, reader))
         };
         match setup() {
-            Ok((mem, listener, reader)) => Ok(Dest {
-                stats: MigrationStats {
-                    phase: Phase::Setup,
-                    total_pages: mem.total_pages(),
-                    ..Default::default()
-                },
-                vmm_rx: link::local_reader(reader),
-                vmm,
-                vm,
-                listener,
-                mem,
-                started: Instant::now(),
-                last_progress: Instant::now(),
-            }),
+            Ok((mem, listener, reader)) => {
+                let pages = Arc::new(PageTable::new(mem.blocks()));
+                let postcopy = uffd.map(|fd| Postcopy {
+                    fault: Arc::new(FaultHandler::new(fd, mem.blocks().to_vec(), pages.clone())),
+                    urgent: Arc::new(AtomicU64::new(0)),
+                    pushed: 0,
+                    errors: None,
+                    threads: Vec::new(),
+                });
+                Ok(Dest {
+                    stats: MigrationStats {
+                        phase: Phase::Setup,
+                        total_pages: mem.total_pages(),
+                        remaining_pages: mem.total_pages(),
+                        ..Default::default()
+                    },
+                    vmm_rx: link::local_reader(reader),
+                    vmm,
+                    vm,
+                    listener,
+                    mem: Arc::new(mem),
+                    pages,
+                    postcopy,
+                    switching_to_postcopy: false,
+                    running: false,
+                    vcpu_tids: Vec::new(),
+                    started: Instant::now(),
+                    last_progress: Instant::now(),
+                    buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
+                })
+            }
             Err(e) => Err((vmm, e)),
         }
     }
@@ -81,6 +140,7 @@ impl Dest {
         match result {
             Ok(()) => {
                 self.stats.phase = Phase::Completed;
+                self.stats.remaining_pages = 0;
                 info!(
                     "{}: incoming migration completed: {} pages, {} zero pages in {} ms",
                     self.vm,
@@ -88,12 +148,27 @@ impl Dest {
                     self.stats.zero_pages,
                     self.stats.total_us / 1000
                 );
+                if self.running {
+                    let s = self.postcopy_stats();
+                    let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+                }
                 let _ = send_local(&mut self.vmm, &LocalMessage::Completed(self.stats));
+                if self.running {
+                    // Pages that read as zero are placed on touch until the VMM has dropped
+                    // its userfaultfd; it closes the connection once it has.
+                    let deadline = Instant::now() + RELEASE_TIMEOUT;
+                    while Instant::now() < deadline {
+                        match self.vmm_rx.recv_timeout(Duration::from_millis(50)) {
+                            Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+                            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
             }
             Err(message) => {
                 warn!("{}: incoming migration failed: {message}", self.vm);
-                if let Some(p) = peer.as_mut() {
-                    let _ = send_peer(p, &PeerMessage::Error(message.clone()));
+                if let Some(p) = peer.as_ref() {
+                    let _ = write_peer(p, &PeerMessage::Error(message.clone()));
                 }
                 self.stats.phase = Phase::Failed;
                 let _ = send_local(
@@ -105,9 +180,21 @@ impl Dest {
                 );
             }
         }
+        if let Some(pc) = self.postcopy.take() {
+            pc.fault.stop();
+            if let Some(p) = peer.as_ref() {
+                let _ = p
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .shutdown(std::net::Shutdown::Both);
+            }
+            for t in pc.threads {
+                let _ = t.join();
+            }
+        }
     }
 
-    fn receive(&mut self, peer_slot: &mut Option<TcpStream>) -> Result<(), String> {
+    fn receive(&mut self, writer_slot: &mut Option<PeerWriter>) -> Result<(), String> {
         let local = self.listener.local_addr().map_err(|e| e.to_string())?;
         send_local(
             &mut self.vmm,
@@ -116,52 +203,115 @@ impl Dest {
             },
         )
         .map_err(|e| format!("VMM connection: {e}"))?;
-        let peer = peer_slot.insert(self.accept()?);
-        self.handshake(peer)?;
+        let mut peer = self.accept()?;
+        let session_id = self.handshake(&mut peer)?;
+        let writer: PeerWriter = Arc::new(Mutex::new(
+            peer.try_clone()
+                .map_err(|e| format!("source connection: {e}"))?,
+        ));
+        *writer_slot = Some(writer.clone());
+        if self.postcopy.is_some() {
+            self.accept_urgent(session_id)?;
+        }
         self.stats.phase = Phase::Precopy;
         self.progress(true);
         let mut prefix = [0u8; PREFIX_LEN];
         let mut body = Vec::new();
         loop {
             self.poll_vmm()?;
-            read_exact(peer, &mut prefix)?;
+            if self.running {
+                self.check_threads()?;
+                if self.pages.unresolved() == 0 {
+                    write_peer(&writer, &PeerMessage::AllReceived)?;
+                    return Ok(());
+                }
+                // Keep reporting while the stream is quiet (no-background postcopy).
+                let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
+                if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+                    self.progress(false);
+                    continue;
+                }
+            }
+            read_exact(&mut peer, &mut prefix)?;
             let p = FramePrefix::parse(&prefix).map_err(|e| format!("source stream: {e}"))?;
             if p.kind == kind::PAGES {
-                self.receive_pages(peer, p)?;
+                self.receive_pages(&mut peer, p)?;
+                self.progress(false);
                 continue;
             }
             body.resize(p.len as usize, 0);
-            read_exact(peer, &mut body)?;
+            read_exact(&mut peer, &mut body)?;
             let msg =
                 PeerMessage::decode(p.kind, &body).map_err(|e| format!("source stream: {e}"))?;
             match msg {
                 PeerMessage::ZeroPages(run) => {
-                    let off = self.checked_offset(run)?;
-                    self.mem.punch_hole(off, run.count as u64 * PAGE_SIZE)?;
+                    self.zero(run.block, run.first, run.count as u64)?;
                     self.stats.zero_pages += run.count as u64;
                 }
+                PeerMessage::Holes {
+                    block,
+                    first,
+                    count,
+                } => {
+                    self.zero(block, first, count)?;
+                    self.stats.holes_skipped += count;
+                }
                 PeerMessage::Discard { block, ranges } => {
+                    if self.running {
+                        return Err("the source discarded pages after the VM started".into());
+                    }
                     for (first, count) in ranges {
                         let off = self
                             .mem
                             .offset_of(block, first, count as u64)
                             .map_err(|e| format!("source discarded {e}"))?;
                         self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
+                        for p in first..first + count as u64 {
+                            self.pages.set(block, p, PageState::Missing);
+                        }
                     }
                 }
                 PeerMessage::RoundEnd { round } => {
                     self.stats.rounds = round;
                     self.progress(true);
                 }
+                PeerMessage::Switchover { postcopy } => {
+                    if postcopy && self.postcopy.is_none() {
+                        return Err(
+                            "the source switched to postcopy, but this VMM passed no userfaultfd"
+                                .into(),
+                        );
+                    }
+                    self.switching_to_postcopy = postcopy;
+                    self.stats.phase = Phase::Switchover;
+                }
                 PeerMessage::MachineState(state) => {
                     self.stats.phase = Phase::Switchover;
-                    self.load_state(peer, state)?;
+                    if self.switching_to_postcopy {
+                        self.start_fault_thread(writer.clone())?;
+                        send_local(&mut self.vmm, &LocalMessage::PostcopyBegin)
+                            .map_err(|e| format!("VMM connection: {e}"))?;
+                    }
+                    self.load_state(state)?;
+                    write_peer(&writer, &PeerMessage::Started)?;
+                    if self.switching_to_postcopy {
+                        self.running = true;
+                        self.stats.phase = Phase::Postcopy;
+                        info!(
+                            "{}: postcopy: the VM runs; {} pages to come",
+                            self.vm,
+                            self.pages.unresolved()
+                        );
+                        self.progress(true);
+                    }
                 }
                 PeerMessage::AllSent => {
-                    if self.stats.phase != Phase::Switchover {
+                    if self.stats.phase != Phase::Switchover && !self.running {
                         return Err("source finished without sending the machine state".into());
                     }
-                    return Ok(());
+                    if !self.running {
+                        return Ok(());
+                    }
                 }
                 PeerMessage::Error(m) => return Err(format!("source failed: {m}")),
                 other => return Err(format!("unexpected message from the source: {other:?}")),
@@ -170,49 +320,189 @@ impl Dest {
         }
     }
 
-    fn checked_offset(&self, run: PageRun) -> Result<u64, String> {
+    fn checked_offset(&self, block: u32, first: u64, count: u64) -> Result<u64, String> {
         self.mem
-            .offset_of(run.block, run.first, run.count as u64)
+            .offset_of(block, first, count)
             .map_err(|e| format!("source sent {e}"))
     }
 
-    /// Reads a run's data straight into guest RAM through umemd's mapping. No vCPU of the
-    /// destination runs before the machine state is loaded, so nothing else touches these pages.
+    /// Pages that read as zero: before the VM runs they become holes; afterwards they are
+    /// placed only if a vCPU touches them.
+    fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), String> {
+        let off = self.checked_offset(block, first, count)?;
+        if self.running {
+            if let Some(pc) = &self.postcopy {
+                pc.fault
+                    .zero(block, first, count)
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(());
+        }
+        self.mem.punch_hole(off, count * PAGE_SIZE)?;
+        for p in first..first + count {
+            self.pages.set(block, p, PageState::Zero);
+        }
+        Ok(())
+    }
+
+    /// Reads a run's data: before the VM runs straight into guest RAM through umemd's mapping
+    /// (nothing else touches it then); afterwards into a buffer, placed with `UFFDIO_COPY`.
     fn receive_pages(&mut self, peer: &mut TcpStream, p: FramePrefix) -> Result<(), String> {
         let mut hdr = [0u8; RUN_HEADER_LEN];
         read_exact(peer, &mut hdr)?;
         let run =
             PageRun::decode_pages_header(p, &hdr).map_err(|e| format!("source stream: {e}"))?;
-        let off = self.checked_offset(run)?;
-        // SAFETY: `checked_offset` bounds the run to a block inside the mapping, and this thread
-        // is the only writer of guest RAM until the VM starts.
-        let dst = unsafe { self.mem.slice_mut(off, run.data_len()) };
-        read_exact(peer, dst)?;
+        let off = self.checked_offset(run.block, run.first, run.count as u64)?;
+        let len = run.data_len();
+        if self.running {
+            let Some(pc) = self.postcopy.as_mut() else {
+                return Err("pages after the switchover without a userfaultfd".into());
+            };
+            read_exact(peer, &mut self.buf[..len])?;
+            pc.fault
+                .place(run.block, run.first, &self.buf[..len])
+                .map_err(|e| e.to_string())?;
+            pc.pushed += run.count as u64;
+        } else {
+            // SAFETY: `checked_offset` bounds the run to a block inside the mapping, and this
+            // thread is the only writer of guest RAM until the VM starts.
+            let dst = unsafe { self.mem.slice_mut(off, len) };
+            read_exact(peer, dst)?;
+            for p in run.first..run.first + run.count as u64 {
+                self.pages.set(run.block, p, PageState::Present);
+            }
+        }
         self.stats.pages_sent += run.count as u64;
-        self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + run.data_len()) as u64;
+        self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + len) as u64;
         Ok(())
     }
 
-    fn load_state(&mut self, peer: &mut TcpStream, state: Vec<u8>) -> Result<(), String> {
+    /// Starts reading faults before any vCPU can run: loading the state may touch RAM.
+    fn start_fault_thread(&mut self, writer: PeerWriter) -> Result<(), String> {
+        let Some(pc) = self.postcopy.as_mut() else {
+            return Err("no userfaultfd".into());
+        };
+        pc.fault.set_vcpu_threads(&self.vcpu_tids);
+        let (tx, rx) = mpsc::channel();
+        if let Some(old) = pc.errors.replace(rx) {
+            // Keep the urgent channel's reports: forward them into the new channel.
+            let tx2 = tx.clone();
+            std::thread::spawn(move || {
+                while let Ok(e) = old.recv() {
+                    if tx2.send(e).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let fault = pc.fault.clone();
+        let t = std::thread::Builder::new()
+            .name("faults".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                let r = fault.serve(|runs| {
+                    buf.clear();
+                    for r in runs {
+                        PeerMessage::PageRequest(*r).encode(&mut buf);
+                    }
+                    writer
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write_all(&buf)
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = r {
+                    let _ = tx.send(e.to_string());
+                }
+            })
+            .map_err(|e| format!("starting the fault thread: {e}"))?;
+        pc.threads.push(t);
+        Ok(())
+    }
+
+    /// Accepts the source's second connection, which carries only requested pages.
+    fn accept_urgent(&mut self, session_id: u64) -> Result<(), String> {
+        let mut s = self.accept()?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        let p = proto::frame::read(&mut s, &mut body)
+            .map_err(|e| format!("urgent channel handshake: {e}"))?;
+        match PeerMessage::decode(p.kind, &body) {
+            Ok(PeerMessage::UrgentChannel { session_id: id }) if id == session_id => {}
+            Ok(other) => {
+                return Err(format!(
+                    "expected the urgent channel of session {session_id:#x}, got {other:?}"
+                ))
+            }
+            Err(e) => return Err(format!("urgent channel handshake: {e}")),
+        }
+        s.set_read_timeout(None).map_err(|e| e.to_string())?;
+        let Some(pc) = self.postcopy.as_mut() else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel();
+        pc.errors = Some(rx);
+        let receiver = UrgentReceiver {
+            fault: pc.fault.clone(),
+            mem: self.mem.clone(),
+            pages: pc.urgent.clone(),
+            stream: s,
+        };
+        let t = std::thread::Builder::new()
+            .name("urgent-pages".into())
+            .spawn(move || {
+                if let Err(e) = receiver.run() {
+                    let _ = tx.send(e);
+                }
+            })
+            .map_err(|e| format!("starting the urgent channel thread: {e}"))?;
+        pc.threads.push(t);
+        Ok(())
+    }
+
+    fn check_threads(&mut self) -> Result<(), String> {
+        if let Some(rx) = self.postcopy.as_ref().and_then(|p| p.errors.as_ref()) {
+            if let Ok(e) = rx.try_recv() {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_state(&mut self, state: Vec<u8>) -> Result<(), String> {
         send_local(&mut self.vmm, &LocalMessage::MachineState(state))
             .map_err(|e| format!("VMM connection: {e}"))?;
-        match self.vmm_rx.recv_timeout(LOAD_TIMEOUT) {
-            Ok(Ok(LocalMessage::StateLoaded)) => {}
-            Ok(Ok(LocalMessage::Failed { message, .. })) => {
-                return Err(format!("VMM could not load the machine state: {message}"))
+        let deadline = Instant::now() + LOAD_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vmm_rx.recv_timeout(left) {
+                Ok(Ok(LocalMessage::StateLoaded)) => return Ok(()),
+                Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
+                Ok(Ok(LocalMessage::Failed { message, .. })) => {
+                    return Err(format!("VMM could not load the machine state: {message}"))
+                }
+                Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),
+                Ok(Err(e)) => return Err(format!("VMM connection: {e}")),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err("VMM did not load the state in time".into())
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("VMM connection lost".into()),
             }
-            Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),
-            Ok(Err(e)) => return Err(format!("VMM connection: {e}")),
-            Err(RecvTimeoutError::Timeout) => {
-                return Err("VMM did not load the state in time".into())
-            }
-            Err(RecvTimeoutError::Disconnected) => return Err("VMM connection lost".into()),
         }
-        send_peer(peer, &PeerMessage::Started).map_err(|e| format!("source connection: {e}"))
+    }
+
+    fn set_vcpu_threads(&mut self, tids: Vec<u32>) {
+        if let Some(pc) = &self.postcopy {
+            pc.fault.set_vcpu_threads(&tids);
+        }
+        self.vcpu_tids = tids;
     }
 
     /// Waits for the source, giving up if the VMM goes away meanwhile.
     fn accept(&mut self) -> Result<TcpStream, String> {
+        let deadline =
+            (self.stats.phase != Phase::Setup).then(|| Instant::now() + HANDSHAKE_TIMEOUT);
         loop {
             self.poll_vmm()?;
             match self.listener.accept() {
@@ -223,6 +513,9 @@ impl Dest {
                     return Ok(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() > d) {
+                        return Err("the source did not open its second connection".into());
+                    }
                     let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
                     let _ = poll(&mut fds, PollTimeout::from(100u16));
                 }
@@ -231,14 +524,19 @@ impl Dest {
         }
     }
 
-    fn handshake(&mut self, peer: &mut TcpStream) -> Result<(), String> {
+    /// Checks the source's hello and layout; returns the session id.
+    fn handshake(&mut self, peer: &mut TcpStream) -> Result<u64, String> {
         peer.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let mut body = Vec::new();
         let p =
             proto::frame::read(peer, &mut body).map_err(|e| format!("source handshake: {e}"))?;
-        match PeerMessage::decode(p.kind, &body) {
-            Ok(PeerMessage::Hello { version, .. }) if version == VERSION => {}
+        let session_id = match PeerMessage::decode(p.kind, &body) {
+            Ok(PeerMessage::Hello {
+                version,
+                session_id,
+                ..
+            }) if version == VERSION => session_id,
             Ok(PeerMessage::Hello { version, .. }) => {
                 return Err(format!(
                     "source speaks protocol version {version}, this umemd {VERSION}"
@@ -246,13 +544,17 @@ impl Dest {
             }
             Ok(other) => return Err(format!("expected Hello from the source, got {other:?}")),
             Err(e) => return Err(format!("source handshake: {e}")),
-        }
+        };
         send_peer(
             peer,
             &PeerMessage::Hello {
                 version: VERSION,
-                capabilities: 0,
-                session_id: 0,
+                capabilities: if self.postcopy.is_some() {
+                    CAP_POSTCOPY
+                } else {
+                    0
+                },
+                session_id,
             },
         )
         .map_err(|e| format!("source connection: {e}"))?;
@@ -267,25 +569,110 @@ impl Dest {
         check_layout(&blocks, &mine)?;
         send_peer(peer, &PeerMessage::LayoutAccepted)
             .map_err(|e| format!("source connection: {e}"))?;
-        peer.set_read_timeout(None).map_err(|e| e.to_string())
+        peer.set_read_timeout(None).map_err(|e| e.to_string())?;
+        Ok(session_id)
     }
 
     fn poll_vmm(&mut self) -> Result<(), String> {
-        match self.vmm_rx.try_recv() {
-            Ok(Ok(LocalMessage::Cancel)) => Err("migration cancelled on the destination".into()),
-            Ok(Ok(other)) => Err(format!("unexpected message from the VMM: {other:?}")),
-            Ok(Err(e)) => Err(format!("destination VMM connection: {e}")),
-            Err(TryRecvError::Empty) => Ok(()),
-            Err(TryRecvError::Disconnected) => Err("destination VMM connection lost".into()),
+        loop {
+            match self.vmm_rx.try_recv() {
+                Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
+                Ok(Ok(LocalMessage::Cancel)) if !self.running => {
+                    return Err("migration cancelled on the destination".into())
+                }
+                Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),
+                Ok(Err(e)) => return Err(format!("destination VMM connection: {e}")),
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => {
+                    return Err("destination VMM connection lost".into())
+                }
+            }
         }
+    }
+
+    fn postcopy_stats(&self) -> PostcopyStats {
+        let mut s = PostcopyStats::default();
+        if let Some(pc) = &self.postcopy {
+            pc.fault.stats(&mut s);
+            s.pages_urgent = pc.urgent.load(Ordering::Relaxed);
+            s.pages_pushed = pc.pushed;
+        }
+        s
     }
 
     fn progress(&mut self, force: bool) {
         if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
             self.last_progress = Instant::now();
             self.stats.total_us = self.started.elapsed().as_micros() as u64;
+            self.stats.remaining_pages = self.pages.unresolved();
+            if self.running {
+                let s = self.postcopy_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+            }
             let _ = send_local(&mut self.vmm, &LocalMessage::Progress(self.stats));
         }
+    }
+}
+
+/// Reads the urgent channel: requested pages, placed as they come.
+struct UrgentReceiver {
+    fault: Arc<FaultHandler>,
+    mem: Arc<GuestMapping>,
+    pages: Arc<AtomicU64>,
+    stream: TcpStream,
+}
+
+impl UrgentReceiver {
+    fn run(mut self) -> Result<(), String> {
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut buf = vec![0u8; MAX_RUN_PAGES as usize * PAGE_SIZE as usize];
+        let mut body = Vec::new();
+        loop {
+            match self.stream.read_exact(&mut prefix) {
+                Ok(()) => {}
+                // The source closes it when the migration ends, successfully or not; the main
+                // stream tells which.
+                Err(_) => return Ok(()),
+            }
+            let p = FramePrefix::parse(&prefix).map_err(|e| format!("urgent channel: {e}"))?;
+            if p.kind == kind::PAGES {
+                let mut hdr = [0u8; RUN_HEADER_LEN];
+                read_exact(&mut self.stream, &mut hdr)?;
+                let run = PageRun::decode_pages_header(p, &hdr)
+                    .map_err(|e| format!("urgent channel: {e}"))?;
+                self.check(run.block, run.first, run.count as u64)?;
+                let len = run.data_len();
+                read_exact(&mut self.stream, &mut buf[..len])?;
+                self.fault
+                    .place(run.block, run.first, &buf[..len])
+                    .map_err(|e| e.to_string())?;
+                self.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                continue;
+            }
+            body.resize(p.len as usize, 0);
+            read_exact(&mut self.stream, &mut body)?;
+            match PeerMessage::decode(p.kind, &body).map_err(|e| format!("urgent channel: {e}"))? {
+                PeerMessage::ZeroPages(run) => {
+                    self.check(run.block, run.first, run.count as u64)?;
+                    self.fault
+                        .zero(run.block, run.first, run.count as u64)
+                        .map_err(|e| e.to_string())?;
+                    self.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                }
+                other => {
+                    return Err(format!(
+                        "unexpected message on the urgent channel: {other:?}"
+                    ))
+                }
+            }
+        }
+    }
+
+    fn check(&self, block: u32, first: u64, count: u64) -> Result<(), String> {
+        self.mem
+            .offset_of(block, first, count)
+            .map(|_| ())
+            .map_err(|e| format!("source sent {e}"))
     }
 }
 

@@ -9,7 +9,10 @@
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;
+pub mod fault;
 pub mod link;
 pub mod mapping;
+pub mod pages;
+pub mod sender;
 pub mod session;
 pub mod source;

@@ -108,15 +108,13 @@ pub fn run(mut conn: UnixStream) {
                     format!("Incoming needs {want} fd(s), got {}", fds.len()),
                 );
             }
-            if has_uffd {
-                return refuse(
-                    &mut conn,
-                    "postcopy destinations are not supported yet".into(),
-                );
-            }
             let memfd = fds.remove(0);
-            info!("{vm}: incoming migration on {uri}");
-            match dest::Dest::new(conn, vm.clone(), &uri, memfd, blocks) {
+            let uffd = fds.pop();
+            info!(
+                "{vm}: incoming migration on {uri}{}",
+                if has_uffd { " (postcopy capable)" } else { "" }
+            );
+            match dest::Dest::new(conn, vm.clone(), &uri, memfd, uffd, blocks) {
                 Ok(d) => d.run(),
                 Err((mut c, e)) => {
                     error!("{vm}: {e}");

@@ -1,21 +1,25 @@
 //! Source role: reads the VM's pages through umemd's own mapping of the memfd and streams them
-//! to the destination umemd, round after round, then stops the VM and sends the rest with the
-//! machine state.
+//! to the destination umemd: precopy rounds while the guest runs, then the switchover, then (for
+//! postcopy) requested pages on the urgent channel and every other page in the background.
 
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use proto::local::{LocalBlock, LocalMessage};
-use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES, VERSION};
-use proto::{MigrationParams, MigrationStats, Phase, PAGE_SIZE};
+use proto::peer::{PeerMessage, CAP_POSTCOPY, MAX_DISCARD_RANGES, MAX_RUN_PAGES, VERSION};
+use proto::{MigrationMode, MigrationParams, MigrationStats, Phase, PostcopyStats, PAGE_SIZE};
 
 use crate::bitmap::DirtyBitmap;
 use crate::link::{self, send_local, send_peer, Delivery};
-use crate::mapping::{is_zero, GuestMapping};
+use crate::mapping::GuestMapping;
+use crate::pages::SentMap;
+use crate::sender::{Counters, Holes, PageSender};
 use crate::session::tcp_addr;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,15 +28,34 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// How long the destination may take to load the state and report that it runs.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to confirm every page once all were sent.
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pages per background chunk: one bitmap word, 256 KiB, large enough for cheap placement.
+const CHUNK_PAGES: u64 = 64;
+
+/// Postcopy counters shared by the background sender and the request server.
+#[derive(Debug, Default)]
+struct PostcopyCounters {
+    requested: AtomicU64,
+    urgent: AtomicU64,
+    pushed: AtomicU64,
+    /// Page after the last requested one, as `block << 48 | page`; `u64::MAX` before any.
+    hint: AtomicU64,
+}
 
 /// An outgoing migration.
 pub struct Source {
     vmm: UnixStream,
     vmm_rx: Receiver<Delivery<LocalMessage>>,
+    /// The VMM may exit once the VM moved; from then on it gets no more reports.
+    vmm_gone: bool,
     vm: String,
     uri: String,
     params: MigrationParams,
-    mem: GuestMapping,
+    mem: Arc<GuestMapping>,
+    sent: Arc<SentMap>,
+    counters: Arc<Counters>,
+    pc: Arc<PostcopyCounters>,
     stats: MigrationStats,
     started: Instant,
     last_progress: Instant,
@@ -41,13 +64,21 @@ pub struct Source {
     send_bytes: u64,
     /// Duration of the last round's streaming.
     round_elapsed: Duration,
-    out: Vec<u8>,
+    sender: PageSender,
+    /// The destination can run postcopy (its VMM passed a userfaultfd).
+    dest_postcopy: bool,
+    /// `migrate-start-postcopy` was asked for.
+    start_postcopy: bool,
+    /// The migration went through a postcopy phase.
+    postcopy_ran: bool,
 }
 
-/// The migration stream towards the destination.
+/// The migration streams towards the destination.
 struct Peer {
     stream: TcpStream,
     rx: Receiver<Delivery<PeerMessage>>,
+    /// Second connection for requested pages (postcopy-capable destinations only).
+    urgent: Option<TcpStream>,
 }
 
 impl Source {
@@ -74,20 +105,31 @@ impl Source {
             remaining_pages: mem.total_pages(),
             ..Default::default()
         };
+        let pc = PostcopyCounters {
+            hint: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        };
         Ok(Source {
             vmm_rx: link::local_reader(reader),
             vmm,
+            vmm_gone: false,
             vm,
             uri,
             params,
-            mem,
+            sent: Arc::new(SentMap::new(mem.blocks())),
+            mem: Arc::new(mem),
+            counters: Arc::new(Counters::default()),
+            pc: Arc::new(pc),
             stats,
             started: Instant::now(),
             last_progress: Instant::now(),
             send_time: Duration::ZERO,
             send_bytes: 0,
             round_elapsed: Duration::ZERO,
-            out: Vec::with_capacity(64 * 1024),
+            sender: PageSender::default(),
+            dest_postcopy: false,
+            start_postcopy: false,
+            postcopy_ran: false,
         })
     }
 
@@ -95,13 +137,13 @@ impl Source {
     pub fn run(mut self) {
         let mut peer = None;
         let result = self.migrate(&mut peer);
-        self.stats.total_us = self.started.elapsed().as_micros() as u64;
+        self.update_stats();
         match result {
             Ok(()) => {
                 self.stats.phase = Phase::Completed;
                 self.stats.remaining_pages = 0;
                 info!(
-                    "{}: migration to {} completed: {} pages, {} zero, {} holes skipped, {} MB in {} ms, downtime {} us",
+                    "{}: migration to {} completed: {} pages, {} zero, {} holes, {} MB in {} ms, downtime {} us",
                     self.vm,
                     self.uri,
                     self.stats.pages_sent,
@@ -111,37 +153,63 @@ impl Source {
                     self.stats.total_us / 1000,
                     self.stats.downtime_us
                 );
-                let _ = send_local(&mut self.vmm, &LocalMessage::Completed(self.stats));
+                if self.postcopy_ran {
+                    self.report(&LocalMessage::PostcopyProgress(self.postcopy_stats()));
+                }
+                self.report(&LocalMessage::Completed(self.stats));
             }
             Err(message) => {
                 warn!("{}: migration to {} failed: {message}", self.vm, self.uri);
                 if let Some(p) = peer.as_mut() {
                     let _ = send_peer(&mut p.stream, &PeerMessage::Error(message.clone()));
+                    let _ = p.stream.shutdown(Shutdown::Both);
+                    if let Some(u) = &p.urgent {
+                        let _ = u.shutdown(Shutdown::Both);
+                    }
                 }
                 self.stats.phase = Phase::Failed;
-                let _ = send_local(
-                    &mut self.vmm,
-                    &LocalMessage::Failed {
-                        message,
-                        stats: self.stats,
-                    },
-                );
+                self.report(&LocalMessage::Failed {
+                    message,
+                    stats: self.stats,
+                });
             }
+        }
+    }
+
+    fn report(&mut self, msg: &LocalMessage) {
+        if !self.vmm_gone && send_local(&mut self.vmm, msg).is_err() {
+            self.vmm_gone = true;
         }
     }
 
     fn migrate(&mut self, peer_slot: &mut Option<Peer>) -> Result<(), String> {
         let peer = peer_slot.insert(self.connect()?);
-        self.handshake(peer)?;
+        let session_id = session_id();
+        self.handshake(peer, session_id)?;
+        if self.params.mode != MigrationMode::Precopy && !self.dest_postcopy {
+            return Err(
+                "the destination cannot run postcopy (its VMM passed no userfaultfd)".into(),
+            );
+        }
+        if self.dest_postcopy {
+            let mut urgent = self.open_stream()?;
+            send_peer(&mut urgent, &PeerMessage::UrgentChannel { session_id })
+                .map_err(|e| format!("destination urgent channel: {e}"))?;
+            peer.urgent = Some(urgent);
+        }
+
+        // The first harvest covers every page; holes in the memfd cost nothing.
+        let mut dirty = self.harvest(false)?.0;
+        if self.params.mode == MigrationMode::Postcopy {
+            return self.postcopy(peer, dirty);
+        }
         self.stats.phase = Phase::Precopy;
         self.progress(true);
-
-        // Round 1 covers every page; holes in the memfd cost nothing.
-        let mut dirty = self.harvest(false)?.0;
         let mut round = 0;
+        let mut last_pending = u64::MAX;
         loop {
             round += 1;
-            self.send_pages(peer, &dirty, round == 1, true)?;
+            self.send_pages(peer, &dirty, round == 1)?;
             send_peer(&mut peer.stream, &PeerMessage::RoundEnd { round })
                 .map_err(|e| self.peer_error(peer, e))?;
             self.stats.rounds = round;
@@ -155,13 +223,34 @@ impl Source {
             self.progress(true);
             let fits =
                 self.stats.expected_downtime_us <= self.params.downtime_limit_ms as u64 * 1000;
-            if fits || round >= self.params.max_rounds.max(1) {
+            if fits {
                 info!(
                     "{}: switchover after {round} rounds: {pending} dirty pages, expected downtime {} us at {} MB/s",
                     self.vm,
                     self.stats.expected_downtime_us,
                     bw >> 20
                 );
+                break;
+            }
+            let hybrid = self.params.mode == MigrationMode::Hybrid;
+            // Not converging: a round did not shrink what is left to send.
+            let stuck = round >= 2 && pending >= last_pending;
+            last_pending = pending;
+            if self.start_postcopy
+                || (hybrid && (round >= self.params.postcopy_after_rounds.max(1) || stuck))
+            {
+                info!(
+                    "{}: switching to postcopy after {round} rounds ({pending} dirty pages{})",
+                    self.vm,
+                    if stuck { ", not converging" } else { "" }
+                );
+                return self.postcopy(peer, dirty);
+            }
+            if round >= self.params.max_rounds.max(1) {
+                if hybrid {
+                    return self.postcopy(peer, dirty);
+                }
+                info!("{}: switchover after the round limit ({round})", self.vm);
                 break;
             }
         }
@@ -172,10 +261,14 @@ impl Source {
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
         let state = state.ok_or("the VMM sent no machine state at switchover")?;
-        self.send_pages(peer, &dirty, false, false)?;
-        send_peer(&mut peer.stream, &PeerMessage::MachineState(state))
-            .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
-            .map_err(|e| self.peer_error(peer, e))?;
+        self.send_pages(peer, &dirty, false)?;
+        send_peer(
+            &mut peer.stream,
+            &PeerMessage::Switchover { postcopy: false },
+        )
+        .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::MachineState(state)))
+        .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
+        .map_err(|e| self.peer_error(peer, e))?;
         match peer.rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(PeerMessage::Started)) => {}
             Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
@@ -187,7 +280,204 @@ impl Source {
         Ok(())
     }
 
-    fn connect(&mut self) -> Result<Peer, String> {
+    /// Stops the VM, tells the destination which pages it holds are stale, sends the machine
+    /// state, and then serves requested pages and pushes the rest until the destination has
+    /// every page. `dirty` holds the pages dirtied since they were last sent.
+    fn postcopy(&mut self, peer: &mut Peer, mut dirty: DirtyBitmap) -> Result<(), String> {
+        self.stats.phase = Phase::Switchover;
+        self.progress(true);
+        let stopped_at = Instant::now();
+        let (last, state) = self.harvest(true)?;
+        dirty.merge(&last);
+        let state = state.ok_or("the VMM sent no machine state at switchover")?;
+
+        // Everything dirtied since it was sent is dropped on the destination, to fault again.
+        let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
+        for (block, first, count) in dirty.runs(u32::MAX as u64) {
+            if self.sent.unsend(block, first, count) > 0 {
+                discard[block as usize].push((first, count as u32));
+            }
+        }
+        for (block, ranges) in discard.into_iter().enumerate() {
+            for chunk in ranges.chunks(MAX_DISCARD_RANGES) {
+                self.sender.push(&PeerMessage::Discard {
+                    block: block as u32,
+                    ranges: chunk.to_vec(),
+                });
+            }
+        }
+        self.sender
+            .push(&PeerMessage::Switchover { postcopy: true });
+        self.sender.push(&PeerMessage::MachineState(state));
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
+            .map_err(|e| self.peer_error(peer, e))?;
+
+        // Requests may come as soon as the destination's vCPUs run, even before `Started`.
+        let (ctl_tx, ctl_rx) = mpsc::channel();
+        let from_dest = std::mem::replace(&mut peer.rx, ctl_rx);
+        let urgent = match &peer.urgent {
+            Some(u) => u.try_clone(),
+            None => peer.stream.try_clone(),
+        }
+        .map_err(|e| format!("urgent channel: {e}"))?;
+        let server = RequestServer {
+            mem: self.mem.clone(),
+            sent: self.sent.clone(),
+            counters: self.counters.clone(),
+            pc: self.pc.clone(),
+            stream: urgent,
+            sender: PageSender::default(),
+        };
+        std::thread::Builder::new()
+            .name("page-requests".into())
+            .spawn(move || server.run(from_dest, ctl_tx))
+            .map_err(|e| format!("starting the request server: {e}"))?;
+
+        match peer.rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(PeerMessage::Started)) => {}
+            Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
+            Ok(Ok(other)) => return Err(format!("unexpected message from destination: {other:?}")),
+            Ok(Err(e)) => return Err(format!("destination connection: {e}")),
+            Err(_) => return Err("destination did not start the VM in time".into()),
+        }
+        self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
+        self.stats.phase = Phase::Postcopy;
+        self.postcopy_ran = true;
+        info!(
+            "{}: postcopy: the VM runs on the destination after {} us; {} pages to go",
+            self.vm,
+            self.stats.downtime_us,
+            self.sent.remaining()
+        );
+        self.progress(true);
+        self.background(peer)
+    }
+
+    /// Pushes every page not yet sent, continuing near the last requested page, until the
+    /// destination confirms that it holds them all.
+    fn background(&mut self, peer: &mut Peer) -> Result<(), String> {
+        let mut block = 0u32;
+        let mut page = 0u64;
+        let mut last_hint = u64::MAX;
+        let mut all_sent_at: Option<Instant> = None;
+        let t0 = Instant::now();
+        let bytes0 = Counters::get(&self.counters.bytes);
+        loop {
+            match peer.rx.try_recv() {
+                Ok(Ok(PeerMessage::AllReceived)) => return Ok(()),
+                Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
+                Ok(Ok(other)) => {
+                    return Err(format!("unexpected message from destination: {other:?}"))
+                }
+                Ok(Err(e)) => return Err(format!("destination connection: {e}")),
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Err("destination connection lost".into()),
+            }
+            self.poll_vmm()?;
+            self.progress(false);
+
+            if self.sent.remaining() == 0 {
+                match all_sent_at {
+                    None => {
+                        self.sender.push(&PeerMessage::AllSent);
+                        self.sender
+                            .flush(&mut peer.stream, &self.counters)
+                            .map_err(|e| self.peer_error(peer, e))?;
+                        all_sent_at = Some(Instant::now());
+                    }
+                    Some(t) if t.elapsed() > COMPLETE_TIMEOUT => {
+                        return Err("the destination never confirmed every page".into())
+                    }
+                    Some(_) => {}
+                }
+                if self.wait_dest(peer)? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.params.no_background {
+                if self.wait_dest(peer)? {
+                    return Ok(());
+                }
+                continue;
+            }
+
+            let hint = self.pc.hint.load(Ordering::Acquire);
+            if hint != last_hint {
+                last_hint = hint;
+                block = (hint >> 48) as u32;
+                page = hint & ((1 << 48) - 1);
+            }
+            let Some((b, p)) = self.next_unsent(block, page) else {
+                continue;
+            };
+            let end = (p - p % CHUNK_PAGES + CHUNK_PAGES).min(self.sent.block_pages(b));
+            for (first, count) in self.sent.claim(b, p, end - p) {
+                let off = self
+                    .mem
+                    .offset_of(b, first, count)
+                    .map_err(|e| e.to_string())?;
+                self.sender
+                    .send(
+                        &mut peer.stream,
+                        &self.mem,
+                        b,
+                        first,
+                        count,
+                        off,
+                        Holes::Announce,
+                        &self.counters,
+                    )
+                    .map_err(|e| self.peer_error(peer, e))?;
+                self.pc.pushed.fetch_add(count, Ordering::Relaxed);
+            }
+            block = b;
+            page = end;
+            if self.params.bandwidth_limit > 0 {
+                let sent = Counters::get(&self.counters.bytes) - bytes0;
+                let due = Duration::from_secs_f64(sent as f64 / self.params.bandwidth_limit as f64);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    self.sender
+                        .flush(&mut peer.stream, &self.counters)
+                        .map_err(|e| self.peer_error(peer, e))?;
+                    std::thread::sleep(wait.min(Duration::from_millis(50)));
+                }
+            }
+        }
+    }
+
+    /// Flushes, then waits briefly for a message from the destination; true once it has
+    /// every page.
+    fn wait_dest(&mut self, peer: &mut Peer) -> Result<bool, String> {
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
+            .map_err(|e| self.peer_error(peer, e))?;
+        match peer.rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Ok(PeerMessage::AllReceived)) => Ok(true),
+            Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
+            Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
+            Ok(Err(e)) => Err(format!("destination connection: {e}")),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => Err("destination connection lost".into()),
+        }
+    }
+
+    /// The first unsent page at or after `(block, page)`, wrapping around the blocks.
+    fn next_unsent(&self, block: u32, page: u64) -> Option<(u32, u64)> {
+        let n = self.sent.block_count() as u32;
+        let block = if block < n { block } else { 0 };
+        for i in 0..=n {
+            let b = (block + i) % n;
+            let from = if i == 0 { page } else { 0 };
+            if let Some(p) = self.sent.next_unsent(b, from) {
+                return Some((b, p));
+            }
+        }
+        None
+    }
+
+    fn open_stream(&self) -> Result<TcpStream, String> {
         let addr = tcp_addr(&self.uri)?;
         let addrs: Vec<_> = addr
             .to_socket_addrs()
@@ -201,11 +491,7 @@ impl Source {
                     stream
                         .set_write_timeout(Some(WRITE_TIMEOUT))
                         .map_err(|e| e.to_string())?;
-                    let reader = stream.try_clone().map_err(|e| e.to_string())?;
-                    return Ok(Peer {
-                        stream,
-                        rx: link::peer_reader(reader),
-                    });
+                    return Ok(stream);
                 }
                 Err(e) => last = format!("connecting to destination {a}: {e}"),
             }
@@ -213,16 +499,29 @@ impl Source {
         Err(last)
     }
 
-    fn handshake(&mut self, peer: &mut Peer) -> Result<(), String> {
-        let session_id = session_id();
+    fn connect(&mut self) -> Result<Peer, String> {
+        let stream = self.open_stream()?;
+        let reader = stream.try_clone().map_err(|e| e.to_string())?;
+        Ok(Peer {
+            stream,
+            rx: link::peer_reader(reader),
+            urgent: None,
+        })
+    }
+
+    fn handshake(&mut self, peer: &mut Peer, session_id: u64) -> Result<(), String> {
         let hello = PeerMessage::Hello {
             version: VERSION,
-            capabilities: 0,
+            capabilities: CAP_POSTCOPY,
             session_id,
         };
         send_peer(&mut peer.stream, &hello).map_err(|e| format!("destination connection: {e}"))?;
         match self.peer_wait(peer)? {
-            PeerMessage::Hello { version, .. } if version == VERSION => {}
+            PeerMessage::Hello {
+                version,
+                capabilities,
+                ..
+            } if version == VERSION => self.dest_postcopy = capabilities & CAP_POSTCOPY != 0,
             PeerMessage::Hello { version, .. } => {
                 return Err(format!(
                     "destination speaks protocol version {version}, this umemd {VERSION}"
@@ -254,27 +553,58 @@ impl Source {
         }
     }
 
-    /// Handles control messages from the VMM that may arrive at any time.
+    /// Handles control messages from the VMM that may arrive at any time. Once the VM runs on
+    /// the destination, the source VMM may exit: that ends only the reports.
     fn poll_vmm(&mut self) -> Result<(), String> {
         loop {
-            match self.vmm_rx.try_recv() {
-                Ok(Ok(m)) => self.control(m)?,
-                Ok(Err(e)) => return Err(format!("VMM connection: {e}")),
+            let lost = match self.vmm_rx.try_recv() {
+                Ok(Ok(m)) => {
+                    self.control(m)?;
+                    continue;
+                }
+                Ok(Err(e)) => format!("VMM connection: {e}"),
                 Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => return Err("VMM connection lost".into()),
+                Err(TryRecvError::Disconnected) => "VMM connection lost".to_string(),
+            };
+            if self.stats.phase == Phase::Postcopy {
+                if !self.vmm_gone {
+                    info!("{}: the source VMM left; umemd serves its pages", self.vm);
+                }
+                self.vmm_gone = true;
+                self.vmm_rx = mpsc::channel().1;
+                return Ok(());
             }
+            return Err(lost);
         }
     }
 
     fn control(&mut self, m: LocalMessage) -> Result<(), String> {
         match m {
+            LocalMessage::Cancel if self.stats.phase == Phase::Postcopy => {
+                warn!(
+                    "{}: cancel refused: the VM already runs on the destination",
+                    self.vm
+                );
+                Ok(())
+            }
             LocalMessage::Cancel => Err("migration cancelled".into()),
             LocalMessage::SetParams(p) => {
                 info!("{}: new parameters {p:?}", self.vm);
                 self.params = p;
                 Ok(())
             }
-            LocalMessage::StartPostcopy => Err("postcopy is not supported yet".into()),
+            LocalMessage::StartPostcopy if self.dest_postcopy => {
+                info!("{}: postcopy requested", self.vm);
+                self.start_postcopy = true;
+                Ok(())
+            }
+            LocalMessage::StartPostcopy => {
+                warn!(
+                    "{}: postcopy requested, but the destination cannot run it",
+                    self.vm
+                );
+                Ok(())
+            }
             other => Err(format!("unexpected message from the VMM: {other:?}")),
         }
     }
@@ -317,43 +647,48 @@ impl Source {
         }
     }
 
-    /// Streams every page set in `dirty`. `first_round` skips memfd holes (the destination's
-    /// memfd is fresh); `limited` applies the bandwidth limit.
+    /// Streams every page set in `dirty` (a precopy round, or the last pages at a precopy
+    /// switchover). In the first round holes in the memfd are skipped, or announced to a
+    /// postcopy-capable destination. The bandwidth limit applies while the guest runs.
     fn send_pages(
         &mut self,
         peer: &mut Peer,
         dirty: &DirtyBitmap,
         first_round: bool,
-        limited: bool,
     ) -> Result<(), String> {
+        let limited = self.stats.phase == Phase::Precopy;
+        let holes = match (first_round, self.dest_postcopy) {
+            (true, false) => Holes::Skip,
+            (true, true) => Holes::Announce,
+            (false, _) => Holes::AsZero,
+        };
         let t0 = Instant::now();
-        let bytes0 = self.stats.bytes_sent;
+        let bytes0 = Counters::get(&self.counters.bytes);
         for (block, first, count) in dirty.runs(MAX_RUN_PAGES as u64) {
             let off = self
                 .mem
                 .offset_of(block, first, count)
                 .map_err(|e| format!("dirty bitmap: {e}"))?;
-            let segments = if first_round {
-                self.mem.segments(off, off + count * PAGE_SIZE)
-            } else {
-                vec![(off, count * PAGE_SIZE, true)]
-            };
-            for (seg_off, seg_len, data) in segments {
-                let seg_first = first + (seg_off - off) / PAGE_SIZE;
-                let seg_pages = seg_len / PAGE_SIZE;
-                if data {
-                    self.send_segment(peer, block, seg_first, seg_pages, seg_off)?;
-                } else {
-                    self.stats.holes_skipped += seg_pages;
-                }
-                self.stats.remaining_pages = self.stats.remaining_pages.saturating_sub(seg_pages);
-            }
+            self.sender
+                .send(
+                    &mut peer.stream,
+                    &self.mem,
+                    block,
+                    first,
+                    count,
+                    off,
+                    holes,
+                    &self.counters,
+                )
+                .map_err(|e| self.peer_error(peer, e))?;
+            self.sent.claim(block, first, count);
+            self.stats.remaining_pages = self.stats.remaining_pages.saturating_sub(count);
             self.poll_vmm()?;
             if let Ok(Ok(PeerMessage::Error(m)) | Err(m)) = peer.rx.try_recv() {
                 return Err(format!("destination failed: {m}"));
             }
             if limited && self.params.bandwidth_limit > 0 {
-                let sent = self.stats.bytes_sent - bytes0;
+                let sent = Counters::get(&self.counters.bytes) - bytes0;
                 let due = Duration::from_secs_f64(sent as f64 / self.params.bandwidth_limit as f64);
                 if let Some(wait) = due.checked_sub(t0.elapsed()) {
                     std::thread::sleep(wait);
@@ -361,70 +696,13 @@ impl Source {
             }
             self.progress(false);
         }
-        self.flush(peer)?;
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
+            .map_err(|e| self.peer_error(peer, e))?;
         self.round_elapsed = t0.elapsed();
         self.send_time += self.round_elapsed;
-        self.send_bytes += self.stats.bytes_sent - bytes0;
+        self.send_bytes += Counters::get(&self.counters.bytes) - bytes0;
         self.stats.throughput_bps = self.bandwidth();
-        Ok(())
-    }
-
-    /// Sends `pages` populated pages starting at memfd offset `off`: runs of non-zero pages with
-    /// their data straight from the mapping, runs of zero pages as short records.
-    fn send_segment(
-        &mut self,
-        peer: &mut Peer,
-        block: u32,
-        first: u64,
-        pages: u64,
-        off: u64,
-    ) -> Result<(), String> {
-        let mut i = 0;
-        while i < pages {
-            // SAFETY: `offset_of` checked the whole run against the block and the mapping.
-            let zero = is_zero(unsafe { self.mem.slice(off + i * PAGE_SIZE, PAGE_SIZE as usize) });
-            let mut j = i + 1;
-            while j < pages {
-                // SAFETY: as above, `j < pages` stays inside the checked run.
-                let z = is_zero(unsafe { self.mem.slice(off + j * PAGE_SIZE, PAGE_SIZE as usize) });
-                if z != zero {
-                    break;
-                }
-                j += 1;
-            }
-            let run = PageRun {
-                block,
-                first: first + i,
-                count: (j - i) as u32,
-            };
-            if zero {
-                PeerMessage::ZeroPages(run).encode(&mut self.out);
-                self.stats.zero_pages += run.count as u64;
-            } else {
-                run.encode_pages_header(&mut self.out);
-                // SAFETY: as above.
-                let data = unsafe { self.mem.slice(off + i * PAGE_SIZE, run.data_len()) };
-                link::write_all_vectored(&mut peer.stream, &self.out, data)
-                    .map_err(|e| self.peer_error(peer, e))?;
-                self.stats.bytes_sent += (self.out.len() + data.len()) as u64;
-                self.stats.pages_sent += run.count as u64;
-                self.out.clear();
-            }
-            i = j;
-        }
-        if self.out.len() > 32 * 1024 {
-            self.flush(peer)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, peer: &mut Peer) -> Result<(), String> {
-        if !self.out.is_empty() {
-            std::io::Write::write_all(&mut peer.stream, &self.out)
-                .map_err(|e| self.peer_error(peer, e))?;
-            self.stats.bytes_sent += self.out.len() as u64;
-            self.out.clear();
-        }
         Ok(())
     }
 
@@ -440,12 +718,108 @@ impl Source {
         rate(self.send_bytes, self.send_time)
     }
 
+    fn update_stats(&mut self) {
+        let c = &self.counters;
+        self.stats.pages_sent = Counters::get(&c.pages);
+        self.stats.zero_pages = Counters::get(&c.zero_pages);
+        self.stats.holes_skipped = Counters::get(&c.holes);
+        self.stats.bytes_sent = Counters::get(&c.bytes);
+        self.stats.total_us = self.started.elapsed().as_micros() as u64;
+        if self.stats.phase == Phase::Postcopy {
+            self.stats.remaining_pages = self.sent.remaining();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-6);
+            self.stats.throughput_bps = (self.stats.bytes_sent as f64 / secs) as u64;
+        }
+    }
+
+    fn postcopy_stats(&self) -> PostcopyStats {
+        PostcopyStats {
+            pages_requested: self.pc.requested.load(Ordering::Relaxed),
+            pages_urgent: self.pc.urgent.load(Ordering::Relaxed),
+            pages_pushed: self.pc.pushed.load(Ordering::Relaxed),
+            remaining_pages: self.sent.remaining(),
+            ..Default::default()
+        }
+    }
+
     fn progress(&mut self, force: bool) {
         if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
             self.last_progress = Instant::now();
-            self.stats.total_us = self.started.elapsed().as_micros() as u64;
-            let _ = send_local(&mut self.vmm, &LocalMessage::Progress(self.stats));
+            self.update_stats();
+            if self.stats.phase == Phase::Postcopy {
+                self.report(&LocalMessage::PostcopyProgress(self.postcopy_stats()));
+            }
+            self.report(&LocalMessage::Progress(self.stats));
         }
+    }
+}
+
+/// Serves the destination's page requests on the urgent channel, so that a requested page
+/// never waits behind background pages; forwards every other message to the main thread.
+struct RequestServer {
+    mem: Arc<GuestMapping>,
+    sent: Arc<SentMap>,
+    counters: Arc<Counters>,
+    pc: Arc<PostcopyCounters>,
+    stream: TcpStream,
+    sender: PageSender,
+}
+
+impl RequestServer {
+    fn run(
+        mut self,
+        from_dest: Receiver<Delivery<PeerMessage>>,
+        to_main: Sender<Delivery<PeerMessage>>,
+    ) {
+        loop {
+            let msg = match from_dest.recv() {
+                Ok(Ok(PeerMessage::PageRequest(run))) => match self.serve(run) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                },
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            let end = msg.is_err();
+            if to_main.send(msg).is_err() || end {
+                return;
+            }
+        }
+    }
+
+    fn serve(&mut self, run: proto::peer::PageRun) -> Result<(), String> {
+        let count = run.count as u64;
+        self.mem
+            .offset_of(run.block, run.first, count)
+            .map_err(|e| format!("destination requested {e}"))?;
+        self.pc.requested.fetch_add(count, Ordering::Relaxed);
+        for (first, n) in self.sent.claim(run.block, run.first, count) {
+            let off = self
+                .mem
+                .offset_of(run.block, first, n)
+                .map_err(|e| e.to_string())?;
+            self.sender
+                .send(
+                    &mut self.stream,
+                    &self.mem,
+                    run.block,
+                    first,
+                    n,
+                    off,
+                    Holes::AsZero,
+                    &self.counters,
+                )
+                .map_err(|e| format!("urgent channel: {e}"))?;
+            self.pc.urgent.fetch_add(n, Ordering::Relaxed);
+        }
+        self.sender
+            .flush(&mut self.stream, &self.counters)
+            .map_err(|e| format!("urgent channel: {e}"))?;
+        self.pc.hint.store(
+            (run.block as u64) << 48 | (run.first + count),
+            Ordering::Release,
+        );
+        Ok(())
     }
 }
 

@@ -126,15 +126,10 @@ pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
             let s = m.state();
             serde_json::to_value(&s.migration).map_err(|e| e.to_string())
         }
-        "query-ram-digest" => {
-            let blocks: Vec<Value> =
-                m.vm.ram()
-                    .digests()
-                    .into_iter()
-                    .map(|(name, sha256)| json!({"name": name, "sha256": sha256}))
-                    .collect();
-            Ok(json!({ "blocks": blocks }))
-        }
+        "migrate-start-postcopy" => migration::start_postcopy(m)
+            .map(|_| json!({}))
+            .map_err(|e| e.to_string()),
+        "query-ram-digest" => ram_digest(m, &args),
         other => Err(format!("unknown command \"{other}\"")),
     };
     match r {
@@ -159,6 +154,30 @@ fn merge_params(base: MigrationParams, args: &Value) -> Result<MigrationParams, 
         obj.insert(k.clone(), val.clone());
     }
     serde_json::from_value(v).map_err(|e| format!("bad migration parameter: {e}"))
+}
+
+/// SHA-256 per RAM block; `exclude` (`[[address, length], ...]`) leaves guest ranges out.
+fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
+    let mut exclude = Vec::new();
+    if let Some(list) = args.get("exclude") {
+        let bad = || "\"exclude\" must be a list of [address, length] pairs".to_string();
+        for pair in list.as_array().ok_or_else(bad)? {
+            match pair.as_array().map(|p| (p.len(), p)) {
+                Some((2, p)) => exclude.push((
+                    p[0].as_u64().ok_or_else(bad)?,
+                    p[1].as_u64().ok_or_else(bad)?,
+                )),
+                _ => return Err(bad()),
+            }
+        }
+    }
+    let blocks: Vec<Value> =
+        m.vm.ram()
+            .digests_excluding(&exclude)
+            .into_iter()
+            .map(|(name, sha256)| json!({"name": name, "sha256": sha256}))
+            .collect();
+    Ok(json!({ "blocks": blocks }))
 }
 
 fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {

@@ -13,6 +13,7 @@ pub mod machine;
 pub mod memory;
 pub mod migration;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

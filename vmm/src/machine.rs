@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use proto::{MigrationParams, MigrationStats, Phase};
+use proto::{MigrationParams, MigrationStats, Phase, PostcopyStats};
 use serde::Serialize;
 
 use crate::vm::Vm;
@@ -25,6 +25,9 @@ pub enum Status {
     MigrateFailed,
     /// A vCPU hit an unrecoverable exit.
     InternalError,
+    /// The VM ran on this host in postcopy and lost its page server: the vCPUs are stopped and
+    /// the memory is kept, missing pages still missing (never read as zeros).
+    PostcopyPaused,
 }
 
 /// What the control API reports about the current or last migration.
@@ -34,6 +37,8 @@ pub struct MigrationInfo {
     pub phase: Phase,
     /// Latest statistics from umemd.
     pub stats: MigrationStats,
+    /// Latest postcopy statistics from umemd, once postcopy has begun.
+    pub postcopy: Option<PostcopyStats>,
     /// Why it failed, if it did.
     pub error: Option<String>,
     /// Destination: where umemd listens.
@@ -55,6 +60,8 @@ pub struct MachineState {
     pub umemd_conn: Option<std::os::unix::net::UnixStream>,
     /// Whether the guest ran when the outgoing migration began (to resume it on failure).
     pub was_running: bool,
+    /// Destination: the userfaultfd over guest RAM, held until every page is present.
+    pub uffd: Option<crate::uffd::RamUffd>,
 }
 
 /// A VM under control.
@@ -87,6 +94,7 @@ impl Machine {
                 params: MigrationParams::default(),
                 umemd_conn: None,
                 was_running: false,
+                uffd: None,
             }),
         })
     }
@@ -98,10 +106,11 @@ impl Machine {
 
     /// Current status, with vCPU faults taking precedence.
     pub fn status(&self) -> Status {
-        if self.vm.vcpu_control().fault().is_some() {
+        let status = self.state().status;
+        if status != Status::PostcopyPaused && self.vm.vcpu_control().fault().is_some() {
             return Status::InternalError;
         }
-        self.state().status
+        status
     }
 
     /// Stops the guest.

@@ -191,11 +191,25 @@ impl GuestRam {
 
     /// SHA-256 of each block, hex-encoded, computed in parallel.
     pub fn digests(&self) -> Vec<(String, String)> {
+        self.digests_excluding(&[])
+    }
+
+    /// SHA-256 of each block with the bytes of the guest ranges `exclude` (`(address, length)`)
+    /// left out, so that memory a guest rewrote can be told from memory that must be unchanged.
+    pub fn digests_excluding(&self, exclude: &[(u64, u64)]) -> Vec<(String, String)> {
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.blocks.len())
                 .map(|i| {
                     let bytes = self.block_bytes(i);
-                    s.spawn(move || hex(&Sha256::digest(bytes)))
+                    let start = self.blocks[i].desc.guest_addr;
+                    let kept = kept_ranges(start, bytes.len() as u64, exclude);
+                    s.spawn(move || {
+                        let mut h = Sha256::new();
+                        for (from, to) in kept {
+                            h.update(&bytes[from as usize..to as usize]);
+                        }
+                        hex(&h.finalize())
+                    })
                 })
                 .collect();
             self.blocks
@@ -225,6 +239,32 @@ impl GuestRam {
     }
 }
 
+/// The byte ranges (offsets into a block at guest address `start` of `len` bytes) that none of
+/// `exclude` covers, in order.
+fn kept_ranges(start: u64, len: u64, exclude: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut cut: Vec<(u64, u64)> = exclude
+        .iter()
+        .filter_map(|&(a, l)| {
+            let from = a.max(start);
+            let to = a.saturating_add(l).min(start + len);
+            (from < to).then_some((from - start, to - start))
+        })
+        .collect();
+    cut.sort_unstable();
+    let mut kept = Vec::new();
+    let mut pos = 0;
+    for (from, to) in cut {
+        if from > pos {
+            kept.push((pos, from));
+        }
+        pos = pos.max(to);
+    }
+    if pos < len {
+        kept.push((pos, len));
+    }
+    kept
+}
+
 /// Fills `words` from a counter-based generator, so any sub-range can be produced on its own.
 pub fn fill_pseudo_random(words: &mut [u64], seed: u64, first_index: u64) {
     for (i, w) in words.iter_mut().enumerate() {
@@ -248,6 +288,7 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn small_guest_has_one_block() {
@@ -282,6 +323,25 @@ mod tests {
         b.prefill(8);
         assert_ne!(a.digests(), b.digests());
         assert!(a.block_bytes(0).iter().any(|&x| x != 0));
+    }
+
+    #[test]
+    fn excluded_ranges_are_left_out() {
+        assert_eq!(kept_ranges(0, 100, &[]), vec![(0, 100)]);
+        assert_eq!(
+            kept_ranges(1000, 100, &[(1010, 10), (1005, 10), (1090, 50), (0, 5)]),
+            vec![(0, 5), (20, 90)]
+        );
+        let a = GuestRam::new(4 << 20).unwrap();
+        let b = GuestRam::new(4 << 20).unwrap();
+        a.prefill(1);
+        b.prefill(1);
+        b.guest_memory()
+            .write_obj(0xdead_u32, GuestAddress(0x2000))
+            .unwrap();
+        assert_ne!(a.digests(), b.digests());
+        let ex = [(0x2000, 4096)];
+        assert_eq!(a.digests_excluding(&ex), b.digests_excluding(&ex));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use sendfd::SendWithFd;
 
 use crate::machine::{Machine, Status};
 use crate::state::MachineState;
+use crate::uffd::{RamUffd, UffdError};
 
 /// Errors of the VMM-to-umemd connection.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,9 @@ pub enum MigrationError {
     /// A request made no sense in the current state.
     #[error("{0}")]
     Refused(String),
+    /// The userfaultfd could not be set up.
+    #[error("{0}")]
+    Uffd(#[from] UffdError),
 }
 
 fn send(conn: &mut UnixStream, msg: &LocalMessage) -> Result<(), MigrationError> {
@@ -163,7 +167,12 @@ fn outgoing_loop(m: &Machine, mut conn: UnixStream) -> Result<(), MigrationError
                 let mut s = m.state();
                 s.migration.phase = stats.phase;
                 s.migration.stats = stats;
+                if stats.phase == Phase::Postcopy {
+                    // The VM runs on the destination now; this copy must never run again.
+                    s.status = Status::Postmigrate;
+                }
             }
+            LocalMessage::PostcopyProgress(p) => m.state().migration.postcopy = Some(p),
             LocalMessage::Completed(stats) => {
                 let mut s = m.state();
                 s.migration.phase = Phase::Completed;
@@ -249,6 +258,15 @@ pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     Ok(())
 }
 
+/// Asks umemd to switch the running precopy migration to postcopy.
+pub fn start_postcopy(m: &Machine) -> Result<(), MigrationError> {
+    let mut s = m.state();
+    let Some(conn) = s.umemd_conn.as_mut() else {
+        return Err(MigrationError::Refused("no migration is running".into()));
+    };
+    send(conn, &LocalMessage::StartPostcopy)
+}
+
 /// Updates the tunables, and the running migration's too.
 pub fn set_params(m: &Machine, p: MigrationParams) -> Result<(), MigrationError> {
     let mut s = m.state();
@@ -267,14 +285,24 @@ pub fn start_incoming(
     autostart: bool,
 ) -> Result<(), MigrationError> {
     let conn = connect(m)?;
+    // Registered before any state can be loaded: loading may touch guest RAM.
+    let uffd = RamUffd::new(m.vm.ram())?;
     let msg = LocalMessage::Incoming {
         vm: m.name.clone(),
         uri,
         blocks: m.vm.ram().local_blocks(),
-        has_uffd: false,
+        has_uffd: true,
     };
-    send_with_fds(&conn, &msg, &[m.vm.ram().memfd().as_raw_fd()])?;
-    m.state().migration.phase = Phase::Setup;
+    send_with_fds(&conn, &msg, &[m.vm.ram().memfd().as_raw_fd(), uffd.fd()])?;
+    send(
+        &mut conn.try_clone()?,
+        &LocalMessage::VcpuThreads(m.vm.vcpu_control().thread_ids()),
+    )?;
+    {
+        let mut s = m.state();
+        s.migration.phase = Phase::Setup;
+        s.uffd = Some(uffd);
+    }
     let m2 = m.clone();
     std::thread::Builder::new()
         .name("incoming".into())
@@ -282,7 +310,12 @@ pub fn start_incoming(
             if let Err(e) = incoming_loop(&m2, conn, autostart) {
                 error!("incoming migration failed: {e}");
                 let mut s = m2.state();
-                if s.status == Status::Inmigrate {
+                if s.migration.phase == Phase::Postcopy {
+                    // Pages are still missing: stop rather than run on with holes. The
+                    // userfaultfd stays registered, so no missing page reads as zeros.
+                    m2.vm.fail(format!("postcopy: {e}"));
+                    s.status = Status::PostcopyPaused;
+                } else if s.status == Status::Inmigrate {
                     s.status = Status::MigrateFailed;
                 }
                 s.migration.phase = Phase::Failed;
@@ -294,8 +327,11 @@ pub fn start_incoming(
 
 fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(), MigrationError> {
     let mut body = Vec::new();
+    let mut postcopy = false;
     loop {
         match recv(&mut conn, &mut body)? {
+            LocalMessage::PostcopyBegin => postcopy = true,
+            LocalMessage::PostcopyProgress(p) => m.state().migration.postcopy = Some(p),
             LocalMessage::Listening { uri } => {
                 info!("waiting for the migration on {uri}");
                 m.state().migration.listen_uri = Some(uri);
@@ -320,6 +356,12 @@ fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(
                     return Err(e);
                 }
                 let mut s = m.state();
+                if postcopy {
+                    s.migration.phase = Phase::Postcopy;
+                } else if let Some(u) = s.uffd.take() {
+                    // Every page is here already: the VM runs as an ordinary VM.
+                    u.release();
+                }
                 if autostart {
                     s.status = Status::Running;
                     m.vm.resume();
@@ -331,6 +373,9 @@ fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(
             }
             LocalMessage::Completed(stats) => {
                 let mut s = m.state();
+                if let Some(u) = s.uffd.take() {
+                    u.release();
+                }
                 s.migration.phase = Phase::Completed;
                 s.migration.stats = stats;
                 info!("incoming migration completed");

@@ -29,6 +29,8 @@ struct Shared {
     parked: usize,
     /// Set when a vCPU hit an unrecoverable exit; the VM stays paused.
     fault: Option<String>,
+    /// Host thread id of each vCPU thread, 0 until it has started.
+    tids: Vec<u32>,
 }
 
 /// Controls the run state of all vCPU threads of a VM.
@@ -46,6 +48,20 @@ impl VcpuControl {
     /// The fault that stopped the VM, if any.
     pub fn fault(&self) -> Option<String> {
         self.lock().fault.clone()
+    }
+
+    /// Host thread ids of the vCPU threads, by vCPU index, once all have started.
+    pub fn thread_ids(&self) -> Vec<u32> {
+        let mut s = self.lock();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while s.tids.contains(&0) && std::time::Instant::now() < deadline {
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.tids.clone()
     }
 }
 
@@ -88,6 +104,7 @@ impl Vcpus {
                 desired: Desired::Pause,
                 parked: 0,
                 fault: None,
+                tids: vec![0; fds.len()],
             }),
             cv: Condvar::new(),
         });
@@ -146,6 +163,27 @@ impl Vcpus {
         self.stop(Desired::Pause);
     }
 
+    /// Stops the VM for good with `reason`, without waiting: a vCPU may be blocked on a page
+    /// that will never come, and it parks once the kick or the page reaches it.
+    pub fn fail(&self, reason: String) {
+        {
+            let mut s = self.control.lock();
+            s.fault.get_or_insert(reason);
+            s.desired = Desired::Pause;
+            self.control.cv.notify_all();
+        }
+        self.kick();
+    }
+
+    fn kick(&self) {
+        for v in &self.vcpus {
+            if let Some(t) = &v.thread {
+                use std::os::unix::thread::JoinHandleExt;
+                let _ = nix::sys::pthread::pthread_kill(t.as_pthread_t(), KICK_SIGNAL);
+            }
+        }
+    }
+
     fn stop(&self, d: Desired) {
         let n = self.vcpus.iter().filter(|v| v.thread.is_some()).count();
         let mut s = self.control.lock();
@@ -154,12 +192,7 @@ impl Vcpus {
         while s.parked < n {
             drop(s);
             // A kick that lands just before a thread enters KVM_RUN is lost, so repeat it.
-            for v in &self.vcpus {
-                if let Some(t) = &v.thread {
-                    use std::os::unix::thread::JoinHandleExt;
-                    let _ = nix::sys::pthread::pthread_kill(t.as_pthread_t(), KICK_SIGNAL);
-                }
-            }
+            self.kick();
             s = self.control.lock();
             s = self
                 .control
@@ -196,6 +229,9 @@ fn vcpu_loop(
 ) {
     let mut s = control.lock();
     s.parked += 1;
+    if let Some(t) = s.tids.get_mut(id as usize) {
+        *t = nix::unistd::gettid().as_raw() as u32;
+    }
     control.cv.notify_all();
     loop {
         while !(s.desired == Desired::Run && runnable && s.fault.is_none()) {

@@ -190,6 +190,11 @@ impl Vm {
         self.vcpus.pause();
     }
 
+    /// Stops the vCPUs for good with `reason`, without waiting for them to park.
+    pub fn fail(&self, reason: String) {
+        self.vcpus.fail(reason);
+    }
+
     /// True while the vCPUs are meant to run.
     pub fn running(&self) -> bool {
         self.vcpus.running()

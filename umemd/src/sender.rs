@@ -1,0 +1,170 @@
+//! Turns a range of guest pages into migration-stream frames: holes in the memfd become one
+//! short record (or nothing), runs of zero pages a `ZeroPages` record, everything else `Pages`
+//! frames whose data goes to the socket straight from umemd's mapping.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
+use proto::PAGE_SIZE;
+
+use crate::link;
+use crate::mapping::{is_zero, GuestMapping};
+
+/// Byte and page counters of the sending side, shared by the threads that send.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Pages sent with their contents.
+    pub pages: AtomicU64,
+    /// Pages sent as zero records.
+    pub zero_pages: AtomicU64,
+    /// Pages that were holes in the memfd.
+    pub holes: AtomicU64,
+    /// Bytes written to the streams.
+    pub bytes: AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// What to do with pages that are holes in the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holes {
+    /// Nothing: the destination's memory is fresh and reads as zero there too (first precopy
+    /// round).
+    Skip,
+    /// A `Holes` record, so a postcopy destination knows they need not be fetched.
+    Announce,
+    /// Their pages are dirty and must be sent like any other (later precopy rounds): zero.
+    AsZero,
+}
+
+/// Writes page frames to one stream, batching small records.
+#[derive(Debug, Default)]
+pub struct PageSender {
+    out: Vec<u8>,
+}
+
+impl PageSender {
+    /// Sends pages `[first, first+count)` of `block`, which the caller checked against the
+    /// layout, from memfd offset `off`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        stream: &mut TcpStream,
+        mem: &GuestMapping,
+        block: u32,
+        first: u64,
+        count: u64,
+        off: u64,
+        holes: Holes,
+        c: &Counters,
+    ) -> std::io::Result<()> {
+        for (seg_off, seg_len, data) in mem.segments(off, off + count * PAGE_SIZE) {
+            let seg_first = first + (seg_off - off) / PAGE_SIZE;
+            let seg_pages = seg_len / PAGE_SIZE;
+            if data {
+                self.send_data(stream, mem, block, seg_first, seg_pages, seg_off, c)?;
+                continue;
+            }
+            Counters::add(&c.holes, seg_pages);
+            match holes {
+                Holes::Skip => {}
+                Holes::Announce => PeerMessage::Holes {
+                    block,
+                    first: seg_first,
+                    count: seg_pages,
+                }
+                .encode(&mut self.out),
+                Holes::AsZero => {
+                    let mut p = seg_first;
+                    while p < seg_first + seg_pages {
+                        let n = (seg_first + seg_pages - p).min(MAX_RUN_PAGES as u64);
+                        PeerMessage::ZeroPages(PageRun {
+                            block,
+                            first: p,
+                            count: n as u32,
+                        })
+                        .encode(&mut self.out);
+                        Counters::add(&c.zero_pages, n);
+                        p += n;
+                    }
+                }
+            }
+        }
+        if self.out.len() > 32 * 1024 {
+            self.flush(stream, c)?;
+        }
+        Ok(())
+    }
+
+    /// Populated pages: runs of non-zero pages with their data, runs of zero pages as records.
+    #[allow(clippy::too_many_arguments)]
+    fn send_data(
+        &mut self,
+        stream: &mut TcpStream,
+        mem: &GuestMapping,
+        block: u32,
+        first: u64,
+        pages: u64,
+        off: u64,
+        c: &Counters,
+    ) -> std::io::Result<()> {
+        let page = |i: u64| {
+            // SAFETY: the caller checked the whole run against the block and the mapping, and
+            // `i < pages` stays inside it; a guest write racing with this read only tears it.
+            unsafe { mem.slice(off + i * PAGE_SIZE, PAGE_SIZE as usize) }
+        };
+        let mut i = 0;
+        while i < pages {
+            let zero = is_zero(page(i));
+            let mut j = i + 1;
+            while j < pages && j - i < MAX_RUN_PAGES as u64 && is_zero(page(j)) == zero {
+                j += 1;
+            }
+            let run = PageRun {
+                block,
+                first: first + i,
+                count: (j - i) as u32,
+            };
+            if zero {
+                PeerMessage::ZeroPages(run).encode(&mut self.out);
+                Counters::add(&c.zero_pages, run.count as u64);
+            } else {
+                run.encode_pages_header(&mut self.out);
+                // SAFETY: as above, the run lies inside the checked range.
+                let data = unsafe { mem.slice(off + i * PAGE_SIZE, run.data_len()) };
+                link::write_all_vectored(stream, &self.out, data)?;
+                Counters::add(&c.bytes, (self.out.len() + data.len()) as u64);
+                Counters::add(&c.pages, run.count as u64);
+                self.out.clear();
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Queues one small message.
+    pub fn push(&mut self, msg: &PeerMessage) {
+        msg.encode(&mut self.out);
+    }
+
+    /// Writes whatever is batched.
+    pub fn flush(&mut self, stream: &mut TcpStream, c: &Counters) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            stream.write_all(&self.out)?;
+            Counters::add(&c.bytes, self.out.len() as u64);
+            self.out.clear();
+        }
+        Ok(())
+    }
+}
