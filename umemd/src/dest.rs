@@ -288,6 +288,15 @@ impl Dest {
                 PeerMessage::MachineState(state) => {
                     self.stats.phase = Phase::Switchover;
                     if self.switching_to_postcopy {
+                        // A short receive queue keeps requested pages from waiting long
+                        // behind background pages the source had already queued.
+                        if let Err(e) = nix::sys::socket::setsockopt(
+                            &peer,
+                            nix::sys::socket::sockopt::RcvBuf,
+                            &crate::source::POSTCOPY_SNDBUF,
+                        ) {
+                            warn!("{}: shrinking the receive buffer: {e}", self.vm);
+                        }
                         self.start_fault_thread(writer.clone())?;
                         send_local(&mut self.vmm, &LocalMessage::PostcopyBegin)
                             .map_err(|e| format!("VMM connection: {e}"))?;

@@ -32,6 +32,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pages per background chunk: one bitmap word, 256 KiB, large enough for cheap placement.
 const CHUNK_PAGES: u64 = 64;
+/// Send buffer of the main stream once postcopy runs. A requested page that the background had
+/// already claimed waits behind what is queued there, so the queue is kept short; loopback
+/// still streams at full speed with it.
+pub const POSTCOPY_SNDBUF: usize = 512 << 10;
 
 /// Postcopy counters shared by the background sender and the request server.
 #[derive(Debug, Default)]
@@ -344,6 +348,13 @@ impl Source {
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         self.stats.phase = Phase::Postcopy;
         self.postcopy_ran = true;
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &peer.stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &POSTCOPY_SNDBUF,
+        ) {
+            warn!("{}: shrinking the send buffer: {e}", self.vm);
+        }
         info!(
             "{}: postcopy: the VM runs on the destination after {} us; {} pages to go",
             self.vm,

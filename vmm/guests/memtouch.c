@@ -11,14 +11,18 @@
 
 int main(const struct mb_info *mbi)
 {
-    u32 base = 0x1000000, pages = 4096, passes = 0, pause = 0;
+    u32 base = 0x1000000, pages = 4096, passes = 0, pause = 0, random = 0;
     const struct arg args[] = {
         { "base", &base },
         { "pages", &pages },
         { "passes", &passes },
         { "pause", &pause },
+        { "random", &random },
     };
-    parse_cmdline(mbi, args, 4);
+    parse_cmdline(mbi, args, 5);
+    /* A random order needs a power-of-two page count (the permutation is i*odd+p mod 2^n). */
+    if (pages & (pages - 1))
+        random = 0;
 
     puts("memtouch base=0x");
     put_hex(base);
@@ -35,8 +39,25 @@ int main(const struct mb_info *mbi)
         const u32 old_key = STAMP_MAGIC ^ prev ^ STAMP_XOR;
         const u32 new_key = STAMP_MAGIC ^ p ^ STAMP_XOR;
         volatile u32 *w = (volatile u32 *)base;
+        const u32 stride = (p * 0x9E3779B9u) | 1, mask = n - 1;
         /* RAM starts with arbitrary contents, so pass 1 only writes. */
-        if (p > 1) {
+        if (random) {
+            for (u32 k = 0; k < n; k++) {
+                u32 i = (k * stride + p) & mask;
+                w = (volatile u32 *)(base + i * (PAGE_WORDS * 4));
+                if (p > 1) {
+                    u32 diff = w[0] ^ STAMP_MAGIC;
+                    diff |= w[1] ^ i;
+                    diff |= w[2] ^ prev;
+                    diff |= w[3] ^ old_key ^ i;
+                    bad += diff != 0;
+                }
+                w[0] = STAMP_MAGIC;
+                w[1] = i;
+                w[2] = p;
+                w[3] = new_key ^ i;
+            }
+        } else if (p > 1) {
             for (u32 i = 0; i < n; i++, w += PAGE_WORDS) {
                 u32 diff = w[0] ^ STAMP_MAGIC;
                 diff |= w[1] ^ i;

@@ -58,7 +58,13 @@ fn send(conn: &mut UnixStream, msg: &LocalMessage) -> Result<(), MigrationError>
 }
 
 fn recv(conn: &mut UnixStream, body: &mut Vec<u8>) -> Result<LocalMessage, MigrationError> {
-    let p = frame::read(conn, body)?;
+    let p = frame::read(conn, body).map_err(|e| {
+        if e.is_eof() {
+            MigrationError::Refused("umemd closed the connection (did it exit?)".into())
+        } else {
+            e.into()
+        }
+    })?;
     LocalMessage::decode(p.kind, body).map_err(|e| MigrationError::Frame(e.into()))
 }
 
