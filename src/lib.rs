@@ -250,7 +250,10 @@ fn dump_logs(dir: &Path) {
     for p in paths {
         if p.extension().is_some_and(|e| e == "log") {
             eprintln!("----- {} (last 30 lines)", p.display());
-            eprintln!("{}", tail(&std::fs::read_to_string(&p).unwrap_or_default(), 30));
+            eprintln!(
+                "{}",
+                tail(&std::fs::read_to_string(&p).unwrap_or_default(), 30)
+            );
         }
     }
 }
@@ -279,7 +282,10 @@ impl Proc {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or("info".into()));
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("info".into()),
+            );
         // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
         // which is async-signal-safe; it touches no memory of the parent.
         unsafe {
@@ -618,7 +624,10 @@ impl Vmm {
                 .unwrap_or("error without a description")
                 .to_string())
         } else {
-            panic!("vmm {}: reply to {req} has neither return nor error: {reply}", self.name)
+            panic!(
+                "vmm {}: reply to {req} has neither return nor error: {reply}",
+                self.name
+            )
         }
     }
 
@@ -679,7 +688,11 @@ impl Vmm {
 
     /// `migrate` to `uri` with extra parameters (an object, or null).
     pub fn migrate(&self, uri: &str, params: Value) -> Result<Value, String> {
-        let mut args = if params.is_object() { params } else { json!({}) };
+        let mut args = if params.is_object() {
+            params
+        } else {
+            json!({})
+        };
         args["uri"] = json!(uri);
         self.ctl("migrate", args)
     }
@@ -715,7 +728,12 @@ impl Vmm {
     }
 
     /// Waits for a complete serial line for which `f` is true and returns it.
-    pub fn wait_serial(&mut self, timeout: Duration, what: &str, f: impl Fn(&str) -> bool) -> String {
+    pub fn wait_serial(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        f: impl Fn(&str) -> bool,
+    ) -> String {
         let name = self.name.clone();
         let r = try_wait_until(timeout, || {
             let s = self.serial();
@@ -750,9 +768,7 @@ impl Vmm {
     /// Waits until memtouch prints a pass numbered at least `n`, and returns it.
     pub fn wait_pass(&mut self, timeout: Duration, n: u64) -> Pass {
         let name = self.name.clone();
-        let r = try_wait_until(timeout, || {
-            self.passes().into_iter().find(|p| p.pass >= n)
-        });
+        let r = try_wait_until(timeout, || self.passes().into_iter().find(|p| p.pass >= n));
         r.unwrap_or_else(|| {
             panic!(
                 "{name}: timed out after {timeout:?} waiting for memtouch pass {n}; status {:?}; last output:\n{}",

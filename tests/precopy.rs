@@ -25,11 +25,19 @@ fn assert_completed(who: &str, o: &MigrationOutcome) {
         "{who}: migration did not complete: {}",
         o.raw
     );
-    assert!(o.error.is_none(), "{who}: completed with an error: {}", o.raw);
+    assert!(
+        o.error.is_none(),
+        "{who}: completed with an error: {}",
+        o.raw
+    );
 }
 
 fn assert_failed_with(who: &str, o: &MigrationOutcome, any_of: &[&str]) -> String {
-    assert_eq!(o.phase, "failed", "{who}: expected a failed migration: {}", o.raw);
+    assert_eq!(
+        o.phase, "failed",
+        "{who}: expected a failed migration: {}",
+        o.raw
+    );
     let e = o
         .error
         .clone()
@@ -45,7 +53,11 @@ fn assert_failed_with(who: &str, o: &MigrationOutcome, any_of: &[&str]) -> Strin
 /// The source must keep running its guest after a failed migration: status "running", more
 /// memtouch passes, none bad.
 fn assert_source_keeps_running(src: &mut Vmm) {
-    assert_eq!(src.status(), "running", "source status after a failed migration");
+    assert_eq!(
+        src.status(),
+        "running",
+        "source status after a failed migration"
+    );
     let last = src.last_pass().map_or(0, |p| p.pass);
     src.wait_pass(secs(60), last + 3);
     let passes = src.passes();
@@ -98,7 +110,11 @@ fn precopy_memtouch_1g_prefilled_two_vcpus() {
     assert_eq!(dst.serial(), "", "the paused destination printed something");
     let sd = src.digest();
     assert_eq!(sd.len(), 1, "1 GiB is one RAM block: {sd:?}");
-    assert_eq!(sd, dst.digest(), "RAM differs between source and destination");
+    assert_eq!(
+        sd,
+        dst.digest(),
+        "RAM differs between source and destination"
+    );
 
     // Everything was populated (prefill), so every page crossed once, as data or zero record.
     let total = o.stat("total_pages");
@@ -106,7 +122,12 @@ fn precopy_memtouch_1g_prefilled_two_vcpus() {
     let (sent, zero) = (o.stat("pages_sent"), o.stat("zero_pages"));
     assert!(sent > 0, "{}", o.stats);
     assert!(sent + zero >= total, "not every page was sent: {}", o.stats);
-    assert_eq!(o.stat("holes_skipped"), 0, "prefilled RAM has no holes: {}", o.stats);
+    assert_eq!(
+        o.stat("holes_skipped"),
+        0,
+        "prefilled RAM has no holes: {}",
+        o.stats
+    );
     assert!(
         o.stat("bytes_sent") >= (total - zero) * PAGE,
         "bytes_sent below the populated non-zero bytes: {}",
@@ -128,7 +149,10 @@ fn precopy_memtouch_1g_prefilled_two_vcpus() {
             .map(|_| ())
     });
     let dst_passes = dst.passes();
-    assert!(!dst_passes.is_empty(), "destination printed no complete pass line");
+    assert!(
+        !dst_passes.is_empty(),
+        "destination printed no complete pass line"
+    );
     assert!(
         dst_passes[0].pass > src_last && dst_passes[0].pass <= src_last + 2,
         "destination restarted instead of continuing: source ended at pass {src_last}, destination began at {:?}",
@@ -180,13 +204,20 @@ fn precopy_digest_guest_matches_unmigrated_run() {
     let expected = reference.wait_serial_prefix(secs(180), "digest=");
     let got = dst.wait_serial_prefix(secs(180), "digest=");
     assert_eq!(got, expected, "migrated run computed a different digest");
-    assert_eq!(dst.status(), "running", "destination without -S runs by itself");
+    assert_eq!(
+        dst.status(),
+        "running",
+        "destination without -S runs by itself"
+    );
 
     // The guest's output stream, split across both hosts, has every round exactly once.
     let all = src.serial() + &dst.serial();
     for r in 1..=32 {
         let n = all.lines().filter(|l| *l == format!("round={r}")).count();
-        assert_eq!(n, 1, "round={r} appears {n} times in the combined output:\n{all}");
+        assert_eq!(
+            n, 1,
+            "round={r} appears {n} times in the combined output:\n{all}"
+        );
     }
     assert!(dst.serial().contains("round=32"));
 }
@@ -243,7 +274,11 @@ fn precopy_above_4g_sparse() {
     wait_until(secs(30), "destination to report completion", || {
         (dst.query_migrate()["phase"] == "completed").then_some(())
     });
-    assert_eq!(sd, dst.digest(), "RAM differs between source and destination");
+    assert_eq!(
+        sd,
+        dst.digest(),
+        "RAM differs between source and destination"
+    );
 
     let src_last = src.last_pass().expect("source passes").pass;
     dst.ctl("cont", json!({})).expect("cont");
@@ -278,7 +313,10 @@ fn precopy_layout_mismatch_fails_and_source_keeps_running() {
         (dst.query_migrate()["phase"] == "failed").then_some(())
     });
     assert_eq!(dst.status(), "migrate-failed");
-    let derr = dst.query_migrate()["error"].as_str().unwrap_or("").to_lowercase();
+    let derr = dst.query_migrate()["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
     assert!(derr.contains("layout"), "destination error: {derr:?}");
     assert_eq!(dst.serial(), "");
     assert!(su.is_serving() && du.is_serving(), "a umemd died");
@@ -365,7 +403,13 @@ fn kill_destination_mid_precopy(victim: &str) {
     let e = assert_failed_with(
         "source",
         &o,
-        &["destination", "connection", "reset", "broken pipe", "closed"],
+        &[
+            "destination",
+            "connection",
+            "reset",
+            "broken pipe",
+            "closed",
+        ],
     );
     eprintln!("source error after killing the destination {victim}: {e}");
     assert!(
