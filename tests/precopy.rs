@@ -523,7 +523,6 @@ fn rss_shmem(pid: u32) -> u64 {
 /// a memfd as zeros without allocating, or `SEEK_DATA`/`SEEK_HOLE`): today the digest reads
 /// through the shared mapping and every read fault on a hole allocates a shmem page.
 #[test]
-#[ignore = "vmm bug: query-ram-digest populates every page of a sparse guest's memfd"]
 fn ram_digest_keeps_sparse_guest_sparse() {
     if !require_kvm("ram_digest_keeps_sparse_guest_sparse") {
         return;

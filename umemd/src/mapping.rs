@@ -29,6 +29,15 @@ pub enum MappingError {
     Map(nix::Error),
 }
 
+/// Extents of the memfd found by earlier `lseek` calls: `[from, to)` of data and of hole.
+/// Data stays data on a source memfd; a hole can fill while the guest runs, so a cache lives
+/// for one pass over memory at most (a page written meanwhile is dirty and sent later).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SegmentCache {
+    data: (u64, u64),
+    hole: (u64, u64),
+}
+
 /// A `MAP_SHARED` mapping of a whole guest-RAM memfd.
 #[derive(Debug)]
 pub struct GuestMapping {
@@ -59,6 +68,14 @@ impl GuestMapping {
         let len = meta.len() as usize;
         if len == 0 {
             return Err(MappingError::BadFd("the memfd is empty".into()));
+        }
+        // A memfd that can shrink would turn umemd's reads of it into SIGBUS.
+        let seals = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(|e| MappingError::BadFd(format!("not a sealable memfd: {e}")))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(MappingError::BadFd(
+                "the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into(),
+            ));
         }
         for b in &blocks {
             let end = b.memfd_offset.checked_add(b.desc.size);
@@ -156,26 +173,44 @@ impl GuestMapping {
     /// Splits `[start, end)` of the memfd into `(offset, len, has_data)` segments: holes (never
     /// written pages) cost nothing to skip.
     pub fn segments(&self, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        self.segments_cached(start, end, &mut SegmentCache::default())
+    }
+
+    /// As [`GuestMapping::segments`], remembering the extents found in `cache`. `SEEK_HOLE`
+    /// scans to the next hole, which in populated RAM is the end of the memfd: without the
+    /// cache a walk over RAM in runs would cost time quadratic in its size.
+    pub fn segments_cached(
+        &self,
+        start: u64,
+        end: u64,
+        cache: &mut SegmentCache,
+    ) -> Vec<(u64, u64, bool)> {
         let fd = self.file.as_fd();
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = start;
         while pos < end {
-            let data = match lseek(fd, pos as i64, Whence::SeekData) {
-                Ok(d) => (d as u64).min(end),
-                Err(_) => end, // ENXIO: nothing but hole to the end of the file
+            let (to, data) = if (cache.data.0..cache.data.1).contains(&pos) {
+                (cache.data.1.min(end), true)
+            } else if (cache.hole.0..cache.hole.1).contains(&pos) {
+                (cache.hole.1.min(end), false)
+            } else {
+                // ENXIO: nothing but hole to the end of the file.
+                let d =
+                    lseek(fd, pos as i64, Whence::SeekData).map_or(self.len as u64, |d| d as u64);
+                if d > pos {
+                    cache.hole = (pos, d);
+                } else {
+                    let h = lseek(fd, pos as i64, Whence::SeekHole)
+                        .map_or(self.len as u64, |h| h as u64);
+                    cache.data = (pos, h.max(pos + PAGE_SIZE));
+                }
+                continue;
             };
-            if data > pos {
-                out.push((pos, data - pos, false));
+            match out.last_mut() {
+                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += to - pos,
+                _ => out.push((pos, to - pos, data)),
             }
-            if data >= end {
-                break;
-            }
-            let hole = match lseek(fd, data as i64, Whence::SeekHole) {
-                Ok(h) => (h as u64).min(end),
-                Err(_) => end,
-            };
-            out.push((data, hole - data, true));
-            pos = hole;
+            pos = to;
         }
         out
     }
@@ -216,11 +251,23 @@ mod tests {
 
     fn memfd(len: u64) -> File {
         let f = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("t")
+            .unwrap();
+        f.as_file().set_len(len).unwrap();
+        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
+        f.into_file()
+    }
+
+    #[test]
+    fn unsealed_memfd_is_refused() {
+        let f = memfd::MemfdOptions::default()
             .create("t")
             .unwrap()
             .into_file();
-        f.set_len(len).unwrap();
-        f
+        f.set_len(4096).unwrap();
+        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 4096)], false).unwrap_err();
+        assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
     }
 
     fn block(name: &str, off: u64, size: u64) -> LocalBlock {
@@ -249,6 +296,24 @@ mod tests {
                 (8 * 4096, 2 * 4096, true),
                 (10 * 4096, 54 * 4096, false)
             ]
+        );
+        // Piecewise with a cache: the same answer, run by run.
+        let mut cache = SegmentCache::default();
+        let mut pieces = Vec::new();
+        for run in 0..16 {
+            pieces.extend(m.segments_cached(run * 4 * 4096, (run + 1) * 4 * 4096, &mut cache));
+        }
+        assert_eq!(
+            pieces,
+            vec![
+                (0, 4 * 4096, false),
+                (4 * 4096, 4 * 4096, false),
+                (8 * 4096, 2 * 4096, true),
+                (10 * 4096, 2 * 4096, false),
+            ]
+            .into_iter()
+            .chain((3..16).map(|r| (r * 4 * 4096, 4 * 4096, false)))
+            .collect::<Vec<_>>()
         );
     }
 

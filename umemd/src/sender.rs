@@ -10,7 +10,7 @@ use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
 use proto::PAGE_SIZE;
 
 use crate::link;
-use crate::mapping::{is_zero, GuestMapping};
+use crate::mapping::{is_zero, GuestMapping, SegmentCache};
 
 /// Byte and page counters of the sending side, shared by the threads that send.
 #[derive(Debug, Default)]
@@ -52,9 +52,16 @@ pub enum Holes {
 #[derive(Debug, Default)]
 pub struct PageSender {
     out: Vec<u8>,
+    extents: SegmentCache,
 }
 
 impl PageSender {
+    /// Forgets the memfd extents seen so far: call before each pass over memory while the guest
+    /// may still fill holes.
+    pub fn new_pass(&mut self) {
+        self.extents = SegmentCache::default();
+    }
+
     /// Sends pages `[first, first+count)` of `block`, which the caller checked against the
     /// layout, from memfd offset `off`.
     #[allow(clippy::too_many_arguments)]
@@ -69,7 +76,9 @@ impl PageSender {
         holes: Holes,
         c: &Counters,
     ) -> std::io::Result<()> {
-        for (seg_off, seg_len, data) in mem.segments(off, off + count * PAGE_SIZE) {
+        for (seg_off, seg_len, data) in
+            mem.segments_cached(off, off + count * PAGE_SIZE, &mut self.extents)
+        {
             let seg_first = first + (seg_off - off) / PAGE_SIZE;
             let seg_pages = seg_len / PAGE_SIZE;
             if data {

@@ -295,6 +295,8 @@ impl Source {
         dirty.merge(&last);
         let state = state.ok_or("the VMM sent no machine state at switchover")?;
 
+        // The VM is stopped: the memfd no longer changes, so its extents stay known.
+        self.sender.new_pass();
         // Everything dirtied since it was sent is dropped on the destination, to fault again.
         let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
         for (block, first, count) in dirty.runs(u32::MAX as u64) {
@@ -675,6 +677,7 @@ impl Source {
         };
         let t0 = Instant::now();
         let bytes0 = Counters::get(&self.counters.bytes);
+        self.sender.new_pass();
         for (block, first, count) in dirty.runs(MAX_RUN_PAGES as u64) {
             let off = self
                 .mem

@@ -173,7 +173,7 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
     }
     let blocks: Vec<Value> =
         m.vm.ram()
-            .digests_excluding(&exclude)
+            .digests_excluding(&exclude, m.state().uffd.is_none())
             .into_iter()
             .map(|(name, sha256)| json!({"name": name, "sha256": sha256}))
             .collect();

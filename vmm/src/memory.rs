@@ -88,12 +88,23 @@ impl GuestRam {
         let blocks = layout(size)?;
         let memfd = memfd::MemfdOptions::default()
             .close_on_exec(true)
+            .allow_sealing(true)
             .create("guest-ram")
-            .map_err(|e| MemoryError::Memfd(e.to_string()))?
-            .into_file();
+            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
         memfd
+            .as_file()
             .set_len(size)
             .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+        // Sealed so that nobody holding the fd (umemd maps it too) can be made to fault with
+        // SIGBUS by a truncation behind its back; umemd refuses unsealed RAM.
+        memfd
+            .add_seals(&[
+                memfd::FileSeal::SealShrink,
+                memfd::FileSeal::SealGrow,
+                memfd::FileSeal::SealSeal,
+            ])
+            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+        let memfd = memfd.into_file();
         let ranges = blocks
             .iter()
             .map(|b| {
@@ -191,22 +202,51 @@ impl GuestRam {
 
     /// SHA-256 of each block, hex-encoded, computed in parallel.
     pub fn digests(&self) -> Vec<(String, String)> {
-        self.digests_excluding(&[])
+        self.digests_excluding(&[], true)
     }
 
     /// SHA-256 of each block with the bytes of the guest ranges `exclude` (`(address, length)`)
     /// left out, so that memory a guest rewrote can be told from memory that must be unchanged.
-    pub fn digests_excluding(&self, exclude: &[(u64, u64)]) -> Vec<(String, String)> {
+    ///
+    /// With `skip_holes`, pages that are holes in the memfd are hashed as the zeros they read
+    /// as, without touching them (a read through the mapping would allocate them). Without it,
+    /// every byte is read through the mapping, which is what a VMM must do while a userfaultfd
+    /// still covers RAM: there a hole is a page yet to arrive, and the read waits for it.
+    pub fn digests_excluding(
+        &self,
+        exclude: &[(u64, u64)],
+        skip_holes: bool,
+    ) -> Vec<(String, String)> {
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.blocks.len())
                 .map(|i| {
                     let bytes = self.block_bytes(i);
                     let start = self.blocks[i].desc.guest_addr;
+                    let fd_off = self.blocks[i].memfd_offset;
                     let kept = kept_ranges(start, bytes.len() as u64, exclude);
+                    let memfd = self.memfd.as_fd();
                     s.spawn(move || {
                         let mut h = Sha256::new();
                         for (from, to) in kept {
-                            h.update(&bytes[from as usize..to as usize]);
+                            let segs = if skip_holes {
+                                data_segments(memfd, fd_off + from, fd_off + to)
+                            } else {
+                                vec![(fd_off + from, fd_off + to, true)]
+                            };
+                            for (a, b, data) in segs {
+                                let (a, b) = ((a - fd_off) as usize, (b - fd_off) as usize);
+                                if data {
+                                    h.update(&bytes[a..b]);
+                                } else {
+                                    let mut left = b - a;
+                                    while left > 0 {
+                                        let n = left.min(ZEROS.len());
+                                        h.update(&ZEROS[..n]);
+                                        left -= n;
+                                    }
+                                }
+                            }
                         }
                         hex(&h.finalize())
                     })
@@ -237,6 +277,27 @@ impl GuestRam {
     pub fn memfd_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.memfd.as_fd()
     }
+}
+
+/// Splits memfd offsets `[start, end)` into `(from, to, has_data)` pieces with `lseek`.
+fn data_segments(fd: std::os::fd::BorrowedFd<'_>, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+    use nix::unistd::{lseek, Whence};
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // ENXIO: hole up to the end of the file.
+        let d = lseek(fd, pos as i64, Whence::SeekData).map_or(end, |d| (d as u64).min(end));
+        if d > pos {
+            out.push((pos, d, false));
+            pos = d;
+            continue;
+        }
+        let h = lseek(fd, pos as i64, Whence::SeekHole).map_or(end, |h| (h as u64).min(end));
+        let h = h.max(pos + 1).min(end);
+        out.push((pos, h, true));
+        pos = h;
+    }
+    out
 }
 
 /// The byte ranges (offsets into a block at guest address `start` of `len` bytes) that none of
@@ -341,7 +402,20 @@ mod tests {
             .unwrap();
         assert_ne!(a.digests(), b.digests());
         let ex = [(0x2000, 4096)];
-        assert_eq!(a.digests_excluding(&ex), b.digests_excluding(&ex));
+        assert_eq!(
+            a.digests_excluding(&ex, true),
+            b.digests_excluding(&ex, false)
+        );
+        // Holes hash as zeros, and hashing them leaves them holes.
+        let sparse = GuestRam::new(4 << 20).unwrap();
+        sparse
+            .guest_memory()
+            .write_obj(7u64, GuestAddress(0x3000))
+            .unwrap();
+        let skipped = sparse.digests_excluding(&[], true);
+        let fd = sparse.memfd_fd();
+        assert_eq!(data_segments(fd, 0, 4 << 20).len(), 3, "still sparse");
+        assert_eq!(skipped, sparse.digests_excluding(&[], false));
     }
 
     #[test]
