@@ -110,12 +110,14 @@ pub fn bin_dir() -> &'static Path {
             return PathBuf::from(d);
         }
         let exe = std::env::current_exe().expect("current_exe");
-        // target/<profile>/deps/<test>-<hash>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executable is not in target/<profile>/deps")
-            .to_path_buf();
+        // target/<profile>/deps/<test>-<hash>, or target/<profile>/<bin> for a binary.
+        let parent = exe.parent().expect("executable has a directory");
+        let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+            parent.parent().expect("target/<profile>/deps has a parent")
+        } else {
+            parent
+        }
+        .to_path_buf();
         if !std::env::var("UMEM_E2E_NO_BUILD").is_ok_and(|v| v == "1") {
             build_binaries(&dir);
         }

@@ -286,6 +286,7 @@ impl Dest {
                     self.stats.phase = Phase::Switchover;
                 }
                 PeerMessage::MachineState(state) => {
+                    let t = Instant::now();
                     self.stats.phase = Phase::Switchover;
                     if self.switching_to_postcopy {
                         // A short receive queue keeps requested pages from waiting long
@@ -303,6 +304,11 @@ impl Dest {
                     }
                     self.load_state(state)?;
                     write_peer(&writer, &PeerMessage::Started)?;
+                    info!(
+                        "{}: machine state loaded in {} us",
+                        self.vm,
+                        t.elapsed().as_micros()
+                    );
                     if self.switching_to_postcopy {
                         self.running = true;
                         self.stats.phase = Phase::Postcopy;

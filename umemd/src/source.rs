@@ -294,6 +294,7 @@ impl Source {
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
         let state = state.ok_or("the VMM sent no machine state at switchover")?;
+        let harvested = stopped_at.elapsed();
 
         // The VM is stopped: the memfd no longer changes, so its extents stay known.
         self.sender.new_pass();
@@ -348,6 +349,12 @@ impl Source {
             Err(_) => return Err("destination did not start the VM in time".into()),
         }
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
+        info!(
+            "{}: switchover: stop, dirty log and state took {} us, the destination ran after {} us",
+            self.vm,
+            harvested.as_micros(),
+            self.stats.downtime_us
+        );
         self.stats.phase = Phase::Postcopy;
         self.postcopy_ran = true;
         if let Err(e) = nix::sys::socket::setsockopt(
