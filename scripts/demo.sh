@@ -30,7 +30,7 @@
 set -uo pipefail
 
 usage() {
-    sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^$/p' "$0" | sed -e '/^$/d' -e 's/^# \{0,1\}//'
     cat <<'EOF'
 
 Options:
@@ -100,6 +100,8 @@ DIGEST_ROUNDS=${UMEM_DEMO_DIGEST_ROUNDS:-64}
 # ---------------------------------------------------------------------------------------------
 # Result bookkeeping: whatever happens, one JSON line goes to stdout.
 
+# The result goes to the original stdout even if a signal arrives while it is redirected.
+exec 3>&1
 ERROR=
 RAM_BYTES=null
 TRANSFERRED=null
@@ -115,7 +117,7 @@ emit() {
     local result=${ERROR:-ok}
     RESULT="$result" MODE="$MODE" GUEST="$GUEST" RAM_BYTES="$RAM_BYTES" TRANSFERRED="$TRANSFERRED" \
     TOTAL_MS="$TOTAL_MS" DOWNTIME="$DOWNTIME_MS_OUT" BAD="$BAD_PAGES" MATCH="$DIGEST_MATCH" \
-    python3 - <<'EOF'
+    python3 - >&3 <<'EOF'
 import json, os
 def num(k):
     v = os.environ[k]
@@ -150,6 +152,7 @@ fail() {
 
 T=
 PIDS=()
+CHILD=
 
 show_logs() {
     [ -n "$T" ] && [ -d "$T" ] || return 0
@@ -165,6 +168,10 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     local pid i
+    if [ -n "$CHILD" ]; then
+        kill -TERM "$CHILD" 2>/dev/null
+        wait "$CHILD" 2>/dev/null
+    fi
     # Newest first: VMMs before the umemds that serve them.
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         pid=${PIDS[i]}
@@ -205,6 +212,17 @@ start() {
 
 alive() { kill -0 "$1" 2>/dev/null; }
 
+# run CMD...: runs a long command in the background and waits for it, so that a signal reaches
+# the traps at once instead of after the command (bash defers traps during foreground commands).
+run() {
+    "$@" &
+    CHILD=$!
+    local rc=0
+    wait "$CHILD" || rc=$?
+    CHILD=
+    return "$rc"
+}
+
 # wait_socket PATH PID WHAT: waits until PATH is a socket, failing early if PID exits.
 wait_socket() {
     local path=$1 pid=$2 what=$3 deadline=$((SECONDS + TIMEOUT))
@@ -233,7 +251,7 @@ command -v python3 >/dev/null || { ERROR="python3 is required"; exit 1; }
 
 if [ "$BUILD" = 1 ]; then
     say "building (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --bins -q) >&2 || fail "cargo build --release failed"
+    run cargo build --manifest-path "$ROOT/Cargo.toml" --release --bins -q >&2 || fail "cargo build --release failed"
 fi
 for b in vmm umemd umem-ctl; do
     [ -x "$BIN/$b" ] || fail "$BIN/$b is missing (run cargo build --release)"
@@ -303,7 +321,7 @@ ctl -s "$T/vs.sock" migrate "uri=$URI" "mode=$MODE" "downtime_limit_ms=$DOWNTIME
     "${EXTRA_PARAMS[@]}" >/dev/null || fail "migrate command refused"
 
 # Progress lines go to stderr; the final human summary is not needed.
-"$BIN/umem-ctl" --timeout "$TIMEOUT" -s "$T/vs.sock" wait-migrate >/dev/null
+run "$BIN/umem-ctl" --timeout "$TIMEOUT" -s "$T/vs.sock" wait-migrate >/dev/null
 FINAL=$(ctl -s "$T/vs.sock" --json query-migrate) || fail "query-migrate failed on the source"
 PHASE=$(json 'j["phase"]' <<<"$FINAL")
 STATS_OK=1
@@ -318,7 +336,7 @@ fi
 say "migration completed: $TRANSFERRED bytes in $TOTAL_MS ms, downtime $DOWNTIME_MS_OUT ms"
 
 # The destination finishes its side too (it reports completed once every page is present).
-"$BIN/umem-ctl" --json --timeout "$TIMEOUT" -s "$T/vd.sock" wait-migrate >"$T/dst-final.json" \
+run "$BIN/umem-ctl" --json --timeout "$TIMEOUT" -s "$T/vd.sock" wait-migrate >"$T/dst-final.json" \
     || fail "destination migration did not complete: $(cat "$T/dst-final.json")"
 
 SRC_LAST_PASS=$(last_pass "$T/src.serial")
