@@ -25,7 +25,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    info!("umemd listening on {}", args.socket.display());
+    match listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.to_owned()))
+    {
+        Some(p) => info!("umemd listening on {}", p.display()),
+        None => info!("umemd listening on the socket it was given"),
+    }
     if let Err(e) = umemd::daemon::serve(listener) {
         error!("event loop: {e}");
         std::process::exit(1);

@@ -715,6 +715,11 @@ impl Source {
                     std::thread::sleep(wait);
                 }
             }
+            // Throughput so far, including this round, so progress shows it while it runs.
+            self.stats.throughput_bps = rate(
+                self.send_bytes + Counters::get(&self.counters.bytes) - bytes0,
+                self.send_time + t0.elapsed(),
+            );
             self.progress(false);
         }
         self.sender

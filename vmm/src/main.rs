@@ -34,8 +34,8 @@ struct Args {
     #[arg(long)]
     prefill: Option<u64>,
     /// Control socket path (JSON lines).
-    #[arg(long, required_unless_present = "list_guests", default_value = "")]
-    control: PathBuf,
+    #[arg(long, required_unless_present = "list_guests")]
+    control: Option<PathBuf>,
     /// Where guest serial output goes: a file path, "stdout" or "none".
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -103,8 +103,9 @@ fn run(args: Args) -> Result<(), String> {
     let out =
         serial_out(&args.serial).map_err(|e| format!("serial output {}: {e}", args.serial))?;
     let vm = Vm::new(ram.clone(), args.vcpus, out).map_err(|e| e.to_string())?;
-    let listener = control::bind(&args.control)
-        .map_err(|e| format!("control socket {}: {e}", args.control.display()))?;
+    let control_path = args.control.clone().ok_or("--control is required")?;
+    let listener = control::bind(&control_path)
+        .map_err(|e| format!("control socket {}: {e}", control_path.display()))?;
 
     let status = if args.incoming.is_some() {
         Status::Inmigrate
@@ -130,7 +131,7 @@ fn run(args: Args) -> Result<(), String> {
         args.name,
         args.mem >> 20,
         args.vcpus,
-        args.control.display()
+        control_path.display()
     );
     control::serve(listener, machine);
     Ok(())
