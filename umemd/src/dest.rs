@@ -310,6 +310,9 @@ impl Dest {
                         t.elapsed().as_micros()
                     );
                     if self.switching_to_postcopy {
+                        // This thread places background pages from now on; the fault and
+                        // urgent-channel threads keep the normal priority.
+                        crate::source::lower_priority();
                         self.running = true;
                         self.stats.phase = Phase::Postcopy;
                         info!(

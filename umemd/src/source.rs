@@ -35,7 +35,7 @@ const CHUNK_PAGES: u64 = 64;
 /// Send buffer of the main stream once postcopy runs. A requested page that the background had
 /// already claimed waits behind what is queued there, so the queue is kept short; loopback
 /// still streams at full speed with it.
-pub const POSTCOPY_SNDBUF: usize = 512 << 10;
+pub const POSTCOPY_SNDBUF: usize = 256 << 10;
 
 /// Postcopy counters shared by the background sender and the request server.
 #[derive(Debug, Default)]
@@ -371,6 +371,9 @@ impl Source {
             self.sent.remaining()
         );
         self.progress(true);
+        // Background pages yield the CPU to requested ones: on a busy host the threads that
+        // serve faults must not wait for a time slice behind the bulk copy.
+        lower_priority();
         self.background(peer)
     }
 
@@ -846,6 +849,18 @@ impl RequestServer {
             Ordering::Release,
         );
         Ok(())
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10); best effort.
+pub fn lower_priority() {
+    // SAFETY: setpriority on the calling thread (tid) changes only its nice value.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+    if r != 0 {
+        log::debug!(
+            "lowering the background thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
