@@ -332,7 +332,7 @@ impl FaultHandler {
             let events = self
                 .uffd
                 .read_events(&mut buf)
-                .map_err(|e| FaultError::Read(e.to_string()))?;
+                .map_err(|e| FaultError::Read(format!("{e:?}")))?;
             let now = Instant::now();
             runs.clear();
             for ev in events {
@@ -460,6 +460,144 @@ impl FaultHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
+    use std::sync::mpsc;
+
+    const PAGES: u64 = 64;
+
+    /// A shared memfd mapping registered with a real userfaultfd, as a destination VMM makes
+    /// it; `None` where userfaultfd is not allowed.
+    fn registered_ram() -> Option<(std::fs::File, *mut u8, FaultHandler)> {
+        let len = (PAGES * PAGE_SIZE) as usize;
+        let f = memfd::MemfdOptions::default()
+            .create("t")
+            .unwrap()
+            .into_file();
+        f.set_len(len as u64).unwrap();
+        let uffd = match userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+        {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("SKIP fault handler test: userfaultfd unavailable: {e}");
+                return None;
+            }
+        };
+        // SAFETY: a fresh shared mapping of our own memfd, unmapped never (the test is short).
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                f.as_fd(),
+                0,
+            )
+        }
+        .unwrap()
+        .as_ptr() as *mut u8;
+        uffd.register(ptr.cast(), len).unwrap();
+        let blocks = vec![LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: len as u64,
+            },
+            memfd_offset: 0,
+            host_addr: ptr as u64,
+        }];
+        let pages = Arc::new(PageTable::new(&blocks));
+        // The crate's `into_raw_fd` still closes the fd when the Uffd drops: forget it instead.
+        let raw = uffd.as_raw_fd();
+        std::mem::forget(uffd);
+        // SAFETY: `raw` is the forgotten Uffd's open fd; nothing else owns it now.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Some((f, ptr, FaultHandler::new(fd, blocks, pages)))
+    }
+
+    /// Reads the first word of `page` in another thread (it blocks until the page is there).
+    fn touch(ptr: *mut u8, page: u64) -> std::thread::JoinHandle<u64> {
+        let addr = ptr as usize + (page * PAGE_SIZE) as usize;
+        std::thread::spawn(move || {
+            // SAFETY: inside the test's live mapping; the read blocks until resolved.
+            unsafe { std::ptr::read_volatile(addr as *const u64) }
+        })
+    }
+
+    #[test]
+    fn faults_are_requested_once_and_resolved_by_placed_runs() {
+        let Some((file, ptr, fh)) = registered_ram() else {
+            return;
+        };
+        let fh = Arc::new(fh);
+        let (tx, rx) = mpsc::channel();
+        let server = {
+            let fh = fh.clone();
+            std::thread::spawn(move || {
+                fh.serve(|runs| tx.send(runs.to_vec()).map_err(|e| e.to_string()))
+            })
+        };
+        let wait = Duration::from_secs(10);
+
+        // A read of a missing page becomes one request, and waits for the page.
+        let reader = touch(ptr, 5);
+        let Ok(runs) = rx.recv_timeout(wait) else {
+            panic!(
+                "no request; the fault reader ended with {:?}",
+                server.join()
+            );
+        };
+        assert_eq!(
+            runs,
+            vec![PageRun {
+                block: 0,
+                first: 5,
+                count: 1
+            }]
+        );
+        assert_eq!(fh.pages().get(0, 5), PageState::Requested);
+        // A run around it is placed with one copy, and wakes the reader.
+        let data = vec![0xabu8; 4 * PAGE_SIZE as usize];
+        assert_eq!(fh.place(0, 4, &data).unwrap(), 4);
+        assert_eq!(reader.join().unwrap(), 0xabab_abab_abab_abab);
+        assert_eq!(fh.pages().get(0, 7), PageState::Present);
+
+        // A page that is present already (here written through another path) is stepped over
+        // (EEXIST) while the rest of the run is placed.
+        file.write_all_at(&[0x11; 4096], 10 * PAGE_SIZE).unwrap();
+        let data = vec![0x22u8; 3 * PAGE_SIZE as usize];
+        assert_eq!(fh.place(0, 9, &data).unwrap(), 3);
+        let mut b = [0u8; 1];
+        for (page, want) in [(9, 0x22), (10, 0x11), (11, 0x22)] {
+            file.read_exact_at(&mut b, page * PAGE_SIZE).unwrap();
+            assert_eq!(b[0], want, "page {page}");
+        }
+        // Arriving twice is harmless.
+        assert_eq!(fh.place(0, 4, &vec![0xcd; 4096]).unwrap(), 0);
+
+        // Pages announced as zero are placed locally when touched: no request.
+        fh.zero(0, 20, 4).unwrap();
+        assert_eq!(fh.pages().unresolved(), PAGES - 7 - 4);
+        assert_eq!(touch(ptr, 21).join().unwrap(), 0);
+        assert!(rx.try_recv().is_err(), "no request for a zero page");
+        // A requested page that then turns out to be zero is placed at once.
+        let reader = touch(ptr, 30);
+        rx.recv_timeout(wait).expect("a request");
+        fh.zero(0, 30, 1).unwrap();
+        assert_eq!(reader.join().unwrap(), 0);
+
+        let mut s = PostcopyStats::default();
+        fh.stats(&mut s);
+        assert!(s.faults >= 3, "{s:?}");
+        assert_eq!(s.pages_requested, 2);
+        assert_eq!(s.latency_hist.iter().sum::<u64>(), 3);
+        fh.stop();
+        server.join().unwrap().unwrap();
+    }
 
     #[test]
     fn latency_buckets_and_percentiles() {

@@ -110,6 +110,11 @@ pub fn run(mut conn: UnixStream) {
             }
             let memfd = fds.remove(0);
             let uffd = fds.pop();
+            if let Some(fd) = &uffd {
+                if let Err(e) = check_userfaultfd(fd) {
+                    return refuse(&mut conn, e);
+                }
+            }
             info!(
                 "{vm}: incoming migration on {uri}{}",
                 if has_uffd { " (postcopy capable)" } else { "" }
@@ -126,6 +131,22 @@ pub fn run(mut conn: UnixStream) {
             &mut conn,
             format!("expected Outgoing or Incoming as the first message, got {other:?}"),
         ),
+    }
+}
+
+/// The second fd of an `Incoming` must be a userfaultfd: anything else would make every fault
+/// handling call fail later, with a less helpful error.
+fn check_userfaultfd(fd: &OwnedFd) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| format!("inspecting the userfaultfd: {e}"))?;
+    if link.to_string_lossy() == "anon_inode:[userfaultfd]" {
+        Ok(())
+    } else {
+        Err(format!(
+            "the second fd of Incoming must be a userfaultfd, got {}",
+            link.display()
+        ))
     }
 }
 
@@ -168,6 +189,13 @@ mod tests {
         let (msg, fds) = read_opening(&b).unwrap();
         assert_eq!(msg, LocalMessage::Cancel);
         assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn a_file_posing_as_userfaultfd_is_refused() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let e = check_userfaultfd(&OwnedFd::from(f)).unwrap_err();
+        assert!(e.contains("must be a userfaultfd"), "{e}");
     }
 
     #[test]
