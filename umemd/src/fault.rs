@@ -19,8 +19,9 @@ use userfaultfd::{Event, EventBuffer, Uffd};
 
 use crate::pages::{PageState, PageTable};
 
-/// Most latency samples kept for percentiles (a sample is 4 bytes).
-const MAX_SAMPLES: usize = 1 << 22;
+/// Most latency samples kept for percentiles (a sample is 4 bytes); beyond it, a uniform
+/// sample of all faults is kept (reservoir sampling).
+const MAX_SAMPLES: usize = 1 << 18;
 /// How long `serve` waits for a fault before it looks at its stop flag again.
 const POLL_MS: u16 = 50;
 /// Retries of an `UFFDIO_COPY` that the kernel answered with `EAGAIN` (the VMM's mappings were
@@ -53,6 +54,7 @@ pub enum FaultError {
 struct Latency {
     hist: [u64; LATENCY_BUCKETS],
     samples: Vec<u32>,
+    recorded: u64,
     max_us: u64,
     /// Per vCPU: blocked time so far and, while blocked, since when.
     vcpu_blocked: Vec<(Duration, Option<Instant>)>,
@@ -69,8 +71,16 @@ impl Latency {
             .min(LATENCY_BUCKETS - 1);
         self.hist[bucket] += 1;
         self.max_us = self.max_us.max(us);
+        self.recorded += 1;
         if self.samples.len() < MAX_SAMPLES {
             self.samples.push(us as u32);
+        } else {
+            // Keep sample i with probability MAX_SAMPLES / i (a cheap deterministic hash of i
+            // stands in for a random number).
+            let r = (self.recorded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16) % self.recorded;
+            if let Some(slot) = self.samples.get_mut(r as usize) {
+                *slot = us as u32;
+            }
         }
     }
 
@@ -99,12 +109,13 @@ impl Latency {
         }
     }
 
-    fn percentile(sorted: &[u32], p: f64) -> u64 {
-        if sorted.is_empty() {
+    /// The `p` quantile of `samples` (reordered in the process), nearest rank.
+    fn percentile(samples: &mut [u32], p: f64) -> u64 {
+        if samples.is_empty() {
             return 0;
         }
-        let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-        sorted[i] as u64
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        *samples.select_nth_unstable(i).1 as u64
     }
 }
 
@@ -436,7 +447,7 @@ impl FaultHandler {
         let lat = lock(&self.latency);
         s.latency_hist = lat.hist;
         s.latency_max_us = lat.max_us;
-        let mut sorted = lat.samples.clone();
+        let mut samples = lat.samples.clone();
         let now = Instant::now();
         s.vcpu_blocked_us = lat
             .vcpu_blocked
@@ -451,9 +462,8 @@ impl FaultHandler {
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         s.vm_blocked_us = (lat.vm_blocked + all).as_micros() as u64;
         drop(lat);
-        sorted.sort_unstable();
-        s.latency_p50_us = Latency::percentile(&sorted, 0.50);
-        s.latency_p99_us = Latency::percentile(&sorted, 0.99);
+        s.latency_p50_us = Latency::percentile(&mut samples, 0.50);
+        s.latency_p99_us = Latency::percentile(&mut samples, 0.99);
     }
 }
 
@@ -610,9 +620,8 @@ mod tests {
         assert_eq!(l.hist[9], 1, "900 us");
         assert_eq!(l.hist[12], 1, "5000 us");
         let mut s = l.samples.clone();
-        s.sort_unstable();
-        assert_eq!(Latency::percentile(&s, 0.5), 2);
-        assert_eq!(Latency::percentile(&s, 0.99), 5000);
+        assert_eq!(Latency::percentile(&mut s, 0.5), 2);
+        assert_eq!(Latency::percentile(&mut s, 0.99), 5000);
         assert_eq!(l.max_us, 5000);
     }
 
