@@ -382,10 +382,12 @@ impl Dest {
                 .map_err(|e| e.to_string())?;
             pc.pushed += run.count as u64;
         } else {
-            // SAFETY: `checked_offset` bounds the run to a block inside the mapping, and this
-            // thread is the only writer of guest RAM until the VM starts.
-            let dst = unsafe { self.mem.slice_mut(off, len) };
-            read_exact(peer, dst)?;
+            // Written with pwrite rather than through the mapping: a whole-page write into the
+            // memfd allocates the page without zeroing it first and without a page fault per
+            // page. No vCPU runs yet, so nothing else writes guest RAM now.
+            read_exact(peer, &mut self.buf[..len])?;
+            std::os::unix::fs::FileExt::write_all_at(self.mem.file(), &self.buf[..len], off)
+                .map_err(|e| format!("writing pages into guest RAM: {e}"))?;
             for p in run.first..run.first + run.count as u64 {
                 self.pages.set(run.block, p, PageState::Present);
             }
