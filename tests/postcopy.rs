@@ -528,12 +528,11 @@ fn postcopy_survives_source_vmm_exit_after_switchover() {
     assert_eq!(dst.status(), "running");
 }
 
-#[test]
-fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
-    if !require_kvm("postcopy_destination_umemd_killed_pauses_without_zero_pages") {
-        return;
-    }
-    let t = TestEnv::new("postcopy-kill-dst-umemd");
+/// Runs a no-background postcopy (so pages are surely missing) and kills the umemd of
+/// `victim` ("destination" or "source") once the guest runs on the destination. The
+/// destination must pause without losing or zeroing a page; the source must never resume.
+fn umemd_killed_mid_postcopy(victim: &str) {
+    let t = TestEnv::new(&format!("postcopy-kill-{victim}-umemd"));
     let mut su = t.umemd("umemd-src");
     let mut du = t.umemd("umemd-dst");
     let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "256M", 1, "pages=1024 pause=1000");
@@ -550,7 +549,10 @@ fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
     let v = dst.query_migrate();
     assert!(pc(&v, "remaining_pages") > 0, "{v}");
 
-    du.proc.kill();
+    match victim {
+        "destination" => du.proc.kill(),
+        _ => su.proc.kill(),
+    }
     wait_until(secs(60), "destination to pause", || {
         dst.proc.assert_alive();
         (dst.status() == "postcopy-paused").then_some(())
@@ -561,31 +563,49 @@ fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
         st["fault"].as_str().is_some_and(|f| !f.is_empty()),
         "postcopy-paused without a reason: {st}"
     );
-    eprintln!("destination after losing its umemd: {st}");
+    eprintln!("destination after losing the {victim} umemd: {st}");
     assert!(
         dst.ctl("cont", json!({})).is_err(),
         "cont resumed a VM whose pages are missing"
     );
 
-    // The guest makes no more progress, and never saw a bad page.
+    // The source's migration failed, but the VM ran on the destination: the source must not
+    // run it again.
+    let o = src.wait_migration(secs(120));
+    assert_eq!(o.phase, "failed", "source: {}", o.raw);
+    assert_eq!(
+        src.status(),
+        "postmigrate",
+        "the source resumed a VM that moved"
+    );
+    assert!(
+        src.ctl("cont", json!({})).is_err(),
+        "cont resumed the source copy of a VM that ran on the destination"
+    );
+
+    // The guest makes no more progress on either side, and never saw a bad page.
     std::thread::sleep(secs(1));
-    let before = dst.serial();
+    let before = (src.serial(), dst.serial());
     std::thread::sleep(secs(3));
-    let after = dst.serial();
-    assert_eq!(before, after, "the guest ran on after postcopy paused");
+    assert_eq!(
+        before,
+        (src.serial(), dst.serial()),
+        "the guest ran on after postcopy paused"
+    );
     let all = combined_passes(&src, &dst);
     assert_consecutive("source+destination", &all);
     assert_no_bad("source+destination", &all);
 
     // A page that never arrived is still missing, not zero: reading it waits (or, where the
-    // kernel gives up, fails), and whatever it returns is the source's bytes.
+    // kernel refuses a remote fault on a userfaultfd range, fails), and whatever it returns is
+    // the source's bytes.
     let off = 128 << 20;
     let expected = read_process_memory(src.proc.pid(), src.ram_host_addr(off), 4096, secs(10))
         .expect("reading the stopped source's memory timed out")
         .expect("reading the source's memory");
     assert!(expected.iter().any(|&b| b != 0), "prefill left zeros");
     match read_process_memory(dst.proc.pid(), dst.ram_host_addr(off), 4096, secs(5)) {
-        None => eprintln!("reading a missing page of the paused destination blocks, as it should"),
+        None => eprintln!("reading a missing page of the paused destination blocks"),
         Some(Ok(bytes)) => {
             assert!(
                 bytes.iter().any(|&b| b != 0),
@@ -597,7 +617,26 @@ fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
     }
     dst.proc.assert_alive();
     assert_eq!(dst.status(), "postcopy-paused");
-    assert!(su.is_serving(), "source umemd died");
+    match victim {
+        "destination" => assert!(su.is_serving(), "source umemd died"),
+        _ => assert!(du.is_serving(), "destination umemd died"),
+    }
+}
+
+#[test]
+fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
+    if !require_kvm("postcopy_destination_umemd_killed_pauses_without_zero_pages") {
+        return;
+    }
+    umemd_killed_mid_postcopy("destination");
+}
+
+#[test]
+fn postcopy_source_umemd_killed_pauses_without_zero_pages() {
+    if !require_kvm("postcopy_source_umemd_killed_pauses_without_zero_pages") {
+        return;
+    }
+    umemd_killed_mid_postcopy("source");
 }
 
 #[test]
