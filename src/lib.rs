@@ -671,6 +671,83 @@ impl Vmm {
             .collect()
     }
 
+    /// `query-ram-digest` with the guest ranges `exclude` (`(address, length)`) left out.
+    pub fn digest_excluding(&self, exclude: &[(u64, u64)]) -> Vec<(String, String)> {
+        let list: Vec<Value> = exclude.iter().map(|&(a, l)| json!([a, l])).collect();
+        let v = self
+            .ctl("query-ram-digest", json!({ "exclude": list }))
+            .expect("query-ram-digest with exclusions");
+        v["blocks"]
+            .as_array()
+            .expect("blocks array")
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap_or_default().to_string(),
+                    b["sha256"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// `query-migrate`'s `phase` ("setup", "precopy", ..., "completed", "failed").
+    pub fn phase(&self) -> String {
+        self.query_migrate()["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits until `query-migrate`'s phase is one of `phases` and returns the whole reply.
+    pub fn wait_phase(&mut self, timeout: Duration, phases: &[&str]) -> Value {
+        let name = self.name.clone();
+        wait_until(
+            timeout,
+            &format!("{name}: migration phase {phases:?}"),
+            || {
+                self.proc.assert_alive();
+                let v = self.query_migrate();
+                phases.iter().any(|p| v["phase"] == *p).then_some(v)
+            },
+        )
+    }
+
+    /// The mappings of guest RAM (the memfd `guest-ram`) in the process, from
+    /// `/proc/<pid>/maps`, in address order.
+    pub fn ram_mappings(&self) -> Vec<RamMapping> {
+        let maps =
+            std::fs::read_to_string(format!("/proc/{}/maps", self.proc.pid())).unwrap_or_default();
+        maps.lines()
+            .filter(|l| l.contains("/memfd:guest-ram"))
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let (start, end) = it.next()?.split_once('-')?;
+                let _perms = it.next()?;
+                let offset = it.next()?;
+                Some(RamMapping {
+                    start: u64::from_str_radix(start, 16).ok()?,
+                    end: u64::from_str_radix(end, 16).ok()?,
+                    memfd_offset: u64::from_str_radix(offset, 16).ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The address in the process of the byte at memfd offset `offset` (guest address, for
+    /// RAM below the PCI hole).
+    pub fn ram_host_addr(&self, offset: u64) -> u64 {
+        let maps = self.ram_mappings();
+        maps.iter()
+            .find(|m| offset >= m.memfd_offset && offset - m.memfd_offset < m.end - m.start)
+            .map(|m| m.start + (offset - m.memfd_offset))
+            .unwrap_or_else(|| {
+                panic!(
+                    "vmm {}: no guest-ram mapping covers memfd offset {offset:#x}: {maps:?}",
+                    self.name
+                )
+            })
+    }
+
     /// `query-migrate`.
     pub fn query_migrate(&self) -> Value {
         self.ctl("query-migrate", Value::Null)
@@ -799,6 +876,42 @@ pub fn assert_consecutive(who: &str, passes: &[Pass]) {
             w[1].pass
         );
     }
+}
+
+/// One mapping of guest RAM in a VMM process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamMapping {
+    /// First address.
+    pub start: u64,
+    /// Address after the last byte.
+    pub end: u64,
+    /// Offset in the memfd of the first byte.
+    pub memfd_offset: u64,
+}
+
+/// Reads `len` bytes at `addr` of process `pid` through `/proc/<pid>/mem`, in a thread of its
+/// own. Returns `None` when the read has not finished after `timeout` (the thread is left
+/// behind, blocked, and its result is dropped whenever it ends).
+pub fn read_process_memory(
+    pid: u32,
+    addr: u64,
+    len: usize,
+    timeout: Duration,
+) -> Option<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("read-mem-{pid}"))
+        .spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let r = std::fs::File::open(format!("/proc/{pid}/mem")).and_then(|f| {
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, addr)?;
+                Ok(buf)
+            });
+            let _ = tx.send(r);
+        })
+        .expect("starting a reader thread");
+    rx.recv_timeout(timeout).ok()
 }
 
 /// A TCP port on 127.0.0.1 that nothing listens on (bound and released again).
