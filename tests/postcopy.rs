@@ -694,7 +694,6 @@ fn start_postcopy_switches_a_precopy_that_cannot_converge() {
 /// migration that moved all of RAM. `UrgentReceiver::run` in `umemd/src/dest.rs` adds them only
 /// to the postcopy `pages_urgent` counter.
 #[test]
-#[ignore = "bug: destination stats leave out pages received on the urgent channel"]
 fn postcopy_destination_stats_count_urgent_pages() {
     if !require_kvm("postcopy_destination_stats_count_urgent_pages") {
         return;

@@ -49,8 +49,8 @@ fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), String> {
 /// Postcopy machinery of an incoming migration whose VMM passed a userfaultfd.
 struct Postcopy {
     fault: Arc<FaultHandler>,
-    /// Pages that came on the urgent channel and in the background.
-    urgent: Arc<AtomicU64>,
+    /// What came on the urgent channel.
+    urgent: Arc<UrgentCounters>,
     pushed: u64,
     /// Failures of the fault and urgent-channel threads.
     errors: Option<Receiver<String>>,
@@ -101,7 +101,7 @@ impl Dest {
                 let pages = Arc::new(PageTable::new(mem.blocks()));
                 let postcopy = uffd.map(|fd| Postcopy {
                     fault: Arc::new(FaultHandler::new(fd, mem.blocks().to_vec(), pages.clone())),
-                    urgent: Arc::new(AtomicU64::new(0)),
+                    urgent: Arc::new(UrgentCounters::default()),
                     pushed: 0,
                     errors: None,
                     threads: Vec::new(),
@@ -152,7 +152,8 @@ impl Dest {
                     let s = self.postcopy_stats();
                     let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
                 }
-                let _ = send_local(&mut self.vmm, &LocalMessage::Completed(self.stats));
+                let s = self.reported_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::Completed(s));
                 if self.running {
                     // Pages that read as zero are placed on touch until the VMM has dropped
                     // its userfaultfd; it closes the connection once it has.
@@ -171,13 +172,8 @@ impl Dest {
                     let _ = write_peer(p, &PeerMessage::Error(message.clone()));
                 }
                 self.stats.phase = Phase::Failed;
-                let _ = send_local(
-                    &mut self.vmm,
-                    &LocalMessage::Failed {
-                        message,
-                        stats: self.stats,
-                    },
-                );
+                let stats = self.reported_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::Failed { message, stats });
             }
         }
         if let Some(pc) = self.postcopy.take() {
@@ -241,6 +237,7 @@ impl Dest {
             }
             body.resize(p.len as usize, 0);
             read_exact(&mut peer, &mut body)?;
+            self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
             let msg =
                 PeerMessage::decode(p.kind, &body).map_err(|e| format!("source stream: {e}"))?;
             match msg {
@@ -349,10 +346,11 @@ impl Dest {
     fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), String> {
         let off = self.checked_offset(block, first, count)?;
         if self.running {
-            if let Some(pc) = &self.postcopy {
+            if let Some(pc) = self.postcopy.as_mut() {
                 pc.fault
                     .zero(block, first, count)
                     .map_err(|e| e.to_string())?;
+                pc.pushed += count;
             }
             return Ok(());
         }
@@ -466,7 +464,7 @@ impl Dest {
         let receiver = UrgentReceiver {
             fault: pc.fault.clone(),
             mem: self.mem.clone(),
-            pages: pc.urgent.clone(),
+            counters: pc.urgent.clone(),
             stream: s,
         };
         let t = std::thread::Builder::new()
@@ -614,7 +612,8 @@ impl Dest {
         let mut s = PostcopyStats::default();
         if let Some(pc) = &self.postcopy {
             pc.fault.stats(&mut s);
-            s.pages_urgent = pc.urgent.load(Ordering::Relaxed);
+            s.pages_urgent = pc.urgent.pages.load(Ordering::Relaxed)
+                + pc.urgent.zero_pages.load(Ordering::Relaxed);
             s.pages_pushed = pc.pushed;
         }
         s
@@ -629,16 +628,37 @@ impl Dest {
                 let s = self.postcopy_stats();
                 let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
             }
-            let _ = send_local(&mut self.vmm, &LocalMessage::Progress(self.stats));
+            let s = self.reported_stats();
+            let _ = send_local(&mut self.vmm, &LocalMessage::Progress(s));
         }
     }
+
+    /// The main stream's counts plus what came on the urgent channel.
+    fn reported_stats(&self) -> MigrationStats {
+        let mut s = self.stats;
+        if let Some(pc) = &self.postcopy {
+            let u = &pc.urgent;
+            s.pages_sent += u.pages.load(Ordering::Relaxed);
+            s.zero_pages += u.zero_pages.load(Ordering::Relaxed);
+            s.bytes_sent += u.bytes.load(Ordering::Relaxed);
+        }
+        s
+    }
+}
+
+/// Counters of the urgent channel, read by the main thread for the statistics.
+#[derive(Debug, Default)]
+struct UrgentCounters {
+    pages: AtomicU64,
+    zero_pages: AtomicU64,
+    bytes: AtomicU64,
 }
 
 /// Reads the urgent channel: requested pages, placed as they come.
 struct UrgentReceiver {
     fault: Arc<FaultHandler>,
     mem: Arc<GuestMapping>,
-    pages: Arc<AtomicU64>,
+    counters: Arc<UrgentCounters>,
     stream: TcpStream,
 }
 
@@ -666,7 +686,10 @@ impl UrgentReceiver {
                 self.fault
                     .place(run.block, run.first, &buf[..len])
                     .map_err(|e| e.to_string())?;
-                self.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                let c = &self.counters;
+                c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                c.bytes
+                    .fetch_add((PREFIX_LEN + RUN_HEADER_LEN + len) as u64, Ordering::Relaxed);
                 continue;
             }
             body.resize(p.len as usize, 0);
@@ -677,7 +700,10 @@ impl UrgentReceiver {
                     self.fault
                         .zero(run.block, run.first, run.count as u64)
                         .map_err(|e| e.to_string())?;
-                    self.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                    let c = &self.counters;
+                    c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                    c.bytes
+                        .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
                 }
                 other => {
                     return Err(format!(
