@@ -191,7 +191,8 @@ pub enum Phase {
     Postcopy,
     /// Every page and the machine state arrived; the destination runs on its own.
     Completed,
-    /// The migration failed; the source guest keeps running.
+    /// The migration failed. Before the switchover the source guest keeps running; after a
+    /// postcopy switchover it stays stopped (the destination may have run it).
     Failed,
     /// Cancelled by request; the source guest keeps running.
     Cancelled,

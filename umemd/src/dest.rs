@@ -200,6 +200,8 @@ impl Dest {
         )
         .map_err(|e| format!("VMM connection: {e}"))?;
         let mut peer = self.accept()?;
+        // The migration's time counts from the source's arrival, as on the source.
+        self.started = Instant::now();
         let session_id = self.handshake(&mut peer)?;
         let writer: PeerWriter = Arc::new(Mutex::new(
             peer.try_clone()
@@ -688,8 +690,10 @@ impl UrgentReceiver {
                     .map_err(|e| e.to_string())?;
                 let c = &self.counters;
                 c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
-                c.bytes
-                    .fetch_add((PREFIX_LEN + RUN_HEADER_LEN + len) as u64, Ordering::Relaxed);
+                c.bytes.fetch_add(
+                    (PREFIX_LEN + RUN_HEADER_LEN + len) as u64,
+                    Ordering::Relaxed,
+                );
                 continue;
             }
             body.resize(p.len as usize, 0);

@@ -171,9 +171,12 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
             }
         }
     }
+    // Not under the state lock: while a userfaultfd covers RAM the hash waits for pages, and
+    // the migration thread needs the lock to finish.
+    let skip_holes = m.state().uffd.is_none();
     let blocks: Vec<Value> =
         m.vm.ram()
-            .digests_excluding(&exclude, m.state().uffd.is_none())
+            .digests_excluding(&exclude, skip_holes)
             .into_iter()
             .map(|(name, sha256)| json!({"name": name, "sha256": sha256}))
             .collect();

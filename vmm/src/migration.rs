@@ -256,6 +256,11 @@ fn finish_outgoing(m: &Machine, result: Result<(), MigrationError>) {
 /// Asks umemd to cancel the running outgoing migration.
 pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     let mut s = m.state();
+    if s.migration.phase == Phase::Postcopy {
+        return Err(MigrationError::Refused(
+            "the VM already runs on the destination (postcopy); it cannot be cancelled".into(),
+        ));
+    }
     let Some(conn) = s.umemd_conn.as_mut() else {
         return Err(MigrationError::Refused("no migration is running".into()));
     };
