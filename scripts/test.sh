@@ -36,5 +36,5 @@ fi
 step "cargo build --release --workspace --bins"
 cargo build --release --workspace --bins
 
-step "cargo test --release --workspace -- --test-threads=1 $*"
-cargo test --release --workspace -- --test-threads=1 "$@"
+step "cargo test --release --workspace --no-fail-fast -- --test-threads=1 $*"
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 "$@"

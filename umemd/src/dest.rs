@@ -202,12 +202,13 @@ impl Dest {
         let mut peer = self.accept()?;
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
-        let session_id = self.handshake(&mut peer)?;
+        // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
         let writer: PeerWriter = Arc::new(Mutex::new(
             peer.try_clone()
                 .map_err(|e| format!("source connection: {e}"))?,
         ));
         *writer_slot = Some(writer.clone());
+        let session_id = self.handshake(&mut peer)?;
         if self.postcopy.is_some() {
             self.accept_urgent(session_id)?;
         }
