@@ -34,7 +34,7 @@ struct Args {
     #[arg(long)]
     prefill: Option<u64>,
     /// Control socket path (JSON lines).
-    #[arg(long, required_unless_present = "list_guests")]
+    #[arg(long, required_unless_present_any = ["list_guests", "export_guest"])]
     control: Option<PathBuf>,
     /// Where guest serial output goes: a file path, "stdout" or "none".
     #[arg(long, default_value = "stdout")]
@@ -54,6 +54,10 @@ struct Args {
     /// List the built-in guests and exit.
     #[arg(long)]
     list_guests: bool,
+    /// Write the --guest image (a multiboot ELF) to this file and exit, e.g. to boot the very
+    /// same guest under `qemu-system-x86_64 -kernel`.
+    #[arg(long, requires = "guest")]
+    export_guest: Option<PathBuf>,
 }
 
 fn serial_out(spec: &str) -> std::io::Result<SerialOut> {
@@ -75,6 +79,11 @@ fn run(args: Args) -> Result<(), String> {
             println!("{name}");
         }
         return Ok(());
+    }
+    if let (Some(path), Some(g)) = (&args.export_guest, &args.guest) {
+        let image = guests::builtin(g)
+            .ok_or_else(|| format!("no built-in guest \"{g}\" (try --list-guests)"))?;
+        return std::fs::write(path, image).map_err(|e| format!("writing {}: {e}", path.display()));
     }
     if args.vcpus == 0 || args.vcpus > 64 {
         return Err(format!("--vcpus {} must be in 1..=64", args.vcpus));
