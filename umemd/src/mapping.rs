@@ -215,6 +215,40 @@ impl GuestMapping {
         out
     }
 
+    /// As [`GuestMapping::segments_cached`] for a memfd whose guest is stopped for good, asked
+    /// in any order (requested pages jump around): data is found page by page with `SEEK_DATA`,
+    /// which answers at once on data, and `SEEK_HOLE`, which scans on to the next hole (the end
+    /// of the memfd, when RAM is populated) every time it is asked, is never used.
+    pub fn segments_frozen(
+        &self,
+        start: u64,
+        end: u64,
+        cache: &mut SegmentCache,
+    ) -> Vec<(u64, u64, bool)> {
+        let fd = self.file.as_fd();
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let (to, data) = if (cache.hole.0..cache.hole.1).contains(&pos) {
+                (cache.hole.1.min(end), false)
+            } else {
+                let d =
+                    lseek(fd, pos as i64, Whence::SeekData).map_or(self.len as u64, |d| d as u64);
+                if d > pos {
+                    cache.hole = (pos, d);
+                    continue;
+                }
+                ((pos + PAGE_SIZE).min(end), true)
+            };
+            match out.last_mut() {
+                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += to - pos,
+                _ => out.push((pos, to - pos, data)),
+            }
+            pos = to;
+        }
+        out
+    }
+
     /// Drops `[off, off+len)` from the memfd: it reads as zeros and is a hole again.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), String> {
         nix::fcntl::fallocate(
@@ -296,6 +330,17 @@ mod tests {
                 (8 * 4096, 2 * 4096, true),
                 (10 * 4096, 54 * 4096, false)
             ]
+        );
+        // Frozen, in any order: the same answer.
+        let mut cache = SegmentCache::default();
+        assert_eq!(
+            m.segments_frozen(9 * 4096, 12 * 4096, &mut cache),
+            vec![(9 * 4096, 4096, true), (10 * 4096, 2 * 4096, false)]
+        );
+        assert_eq!(m.segments_frozen(0, 64 * 4096, &mut cache), segs);
+        assert_eq!(
+            m.segments_frozen(0, 4096, &mut cache),
+            vec![(0, 4096, false)]
         );
         // Piecewise with a cache: the same answer, run by run.
         let mut cache = SegmentCache::default();

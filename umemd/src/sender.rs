@@ -53,12 +53,20 @@ pub enum Holes {
 pub struct PageSender {
     out: Vec<u8>,
     extents: SegmentCache,
+    /// The guest is stopped for good: its memfd no longer changes.
+    frozen: bool,
 }
 
 impl PageSender {
     /// Forgets the memfd extents seen so far: call before each pass over memory while the guest
     /// may still fill holes.
     pub fn new_pass(&mut self) {
+        self.extents = SegmentCache::default();
+    }
+
+    /// The guest is stopped for good: from now on pages may be asked for in any order.
+    pub fn freeze(&mut self) {
+        self.frozen = true;
         self.extents = SegmentCache::default();
     }
 
@@ -76,9 +84,13 @@ impl PageSender {
         holes: Holes,
         c: &Counters,
     ) -> std::io::Result<()> {
-        for (seg_off, seg_len, data) in
-            mem.segments_cached(off, off + count * PAGE_SIZE, &mut self.extents)
-        {
+        let end = off + count * PAGE_SIZE;
+        let segments = if self.frozen {
+            mem.segments_frozen(off, end, &mut self.extents)
+        } else {
+            mem.segments_cached(off, end, &mut self.extents)
+        };
+        for (seg_off, seg_len, data) in segments {
             let seg_first = first + (seg_off - off) / PAGE_SIZE;
             let seg_pages = seg_len / PAGE_SIZE;
             if data {

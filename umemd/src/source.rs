@@ -296,8 +296,8 @@ impl Source {
         let state = state.ok_or("the VMM sent no machine state at switchover")?;
         let harvested = stopped_at.elapsed();
 
-        // The VM is stopped: the memfd no longer changes, so its extents stay known.
-        self.sender.new_pass();
+        // The VM is stopped: the memfd no longer changes, and pages go in any order.
+        self.sender.freeze();
         // Everything dirtied since it was sent is dropped on the destination, to fault again.
         let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
         for (block, first, count) in dirty.runs(u32::MAX as u64) {
@@ -328,13 +328,15 @@ impl Source {
             None => peer.stream.try_clone(),
         }
         .map_err(|e| format!("urgent channel: {e}"))?;
+        let mut sender = PageSender::default();
+        sender.freeze();
         let server = RequestServer {
             mem: self.mem.clone(),
             sent: self.sent.clone(),
             counters: self.counters.clone(),
             pc: self.pc.clone(),
             stream: urgent,
-            sender: PageSender::default(),
+            sender,
         };
         std::thread::Builder::new()
             .name("page-requests".into())
