@@ -145,23 +145,7 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::BlockDesc;
-
-    fn blocks(pages: &[u64]) -> Vec<LocalBlock> {
-        pages
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| LocalBlock {
-                desc: BlockDesc {
-                    name: format!("b{i}"),
-                    guest_addr: (i as u64) << 32,
-                    size: p * 4096,
-                },
-                memfd_offset: 0,
-                host_addr: 0,
-            })
-            .collect()
-    }
+    use crate::pages::tests::blocks;
 
     #[test]
     fn runs_split_at_gaps_blocks_and_max() {

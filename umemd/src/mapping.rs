@@ -206,10 +206,7 @@ impl GuestMapping {
                 }
                 continue;
             };
-            match out.last_mut() {
-                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += to - pos,
-                _ => out.push((pos, to - pos, data)),
-            }
+            push_segment(&mut out, pos, to, data);
             pos = to;
         }
         out
@@ -240,10 +237,7 @@ impl GuestMapping {
                 }
                 ((pos + PAGE_SIZE).min(end), true)
             };
-            match out.last_mut() {
-                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += to - pos,
-                _ => out.push((pos, to - pos, data)),
-            }
+            push_segment(&mut out, pos, to, data);
             pos = to;
         }
         out
@@ -266,6 +260,14 @@ impl Drop for GuestMapping {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are exactly the mapping created in `new`, unmapped only here.
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Appends `[from, to)` to `out`, merging it into the last segment of the same kind.
+fn push_segment(out: &mut Vec<(u64, u64, bool)>, from: u64, to: u64, data: bool) {
+    match out.last_mut() {
+        Some(last) if last.2 == data && last.0 + last.1 == from => last.1 += to - from,
+        _ => out.push((from, to - from, data)),
     }
 }
 

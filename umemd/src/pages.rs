@@ -176,21 +176,11 @@ impl SentMap {
     pub fn claim(&self, block: u32, first: u64, count: u64) -> Vec<(u64, u64)> {
         let words = &self.blocks[block as usize].1;
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        let end = first + count;
-        let mut p = first;
-        while p < end {
-            let bit = p % 64;
-            let n = (64 - bit).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let prev = words[(p / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+        for (word, mask, base) in word_masks(first, count) {
+            let prev = words[word].fetch_or(mask, Ordering::AcqRel);
             let mut new = mask & !prev;
             self.sent
                 .fetch_add(new.count_ones() as u64, Ordering::AcqRel);
-            let base = p - bit;
             while new != 0 {
                 let s = new.trailing_zeros() as u64;
                 let len = (!(new >> s)).trailing_zeros() as u64;
@@ -205,7 +195,6 @@ impl SentMap {
                     !((1u64 << (s + len)) - 1)
                 };
             }
-            p += n;
         }
         runs
     }
@@ -214,19 +203,9 @@ impl SentMap {
     pub fn unsend(&self, block: u32, first: u64, count: u64) -> u64 {
         let words = &self.blocks[block as usize].1;
         let mut cleared = 0;
-        let end = first + count;
-        let mut p = first;
-        while p < end {
-            let bit = p % 64;
-            let n = (64 - bit).min(end - p);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            let prev = words[(p / 64) as usize].fetch_and(!mask, Ordering::AcqRel);
+        for (word, mask, _) in word_masks(first, count) {
+            let prev = words[word].fetch_and(!mask, Ordering::AcqRel);
             cleared += (prev & mask).count_ones() as u64;
-            p += n;
         }
         self.sent.fetch_sub(cleared, Ordering::AcqRel);
         cleared
@@ -249,12 +228,35 @@ impl SentMap {
     }
 }
 
+/// The bitmap words that pages `[first, first+count)` touch: `(word index, bits of the range in
+/// it, page of its bit 0)`.
+fn word_masks(first: u64, count: u64) -> impl Iterator<Item = (usize, u64, u64)> {
+    let end = first + count;
+    let mut p = first;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let bit = p % 64;
+        let n = (64 - bit).min(end - p);
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << bit
+        };
+        let item = ((p / 64) as usize, mask, p - bit);
+        p += n;
+        Some(item)
+    })
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proto::BlockDesc;
 
-    fn blocks(pages: &[u64]) -> Vec<LocalBlock> {
+    /// Blocks of `pages[i]` pages each, for tests.
+    pub(crate) fn blocks(pages: &[u64]) -> Vec<LocalBlock> {
         pages
             .iter()
             .enumerate()

@@ -273,13 +273,7 @@ impl Source {
         .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::MachineState(state)))
         .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
         .map_err(|e| self.peer_error(peer, e))?;
-        match peer.rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(PeerMessage::Started)) => {}
-            Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
-            Ok(Ok(other)) => return Err(format!("unexpected message from destination: {other:?}")),
-            Ok(Err(e)) => return Err(format!("destination connection: {e}")),
-            Err(_) => return Err("destination did not start the VM in time".into()),
-        }
+        wait_started(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         Ok(())
     }
@@ -343,13 +337,7 @@ impl Source {
             .spawn(move || server.run(from_dest, ctl_tx))
             .map_err(|e| format!("starting the request server: {e}"))?;
 
-        match peer.rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(PeerMessage::Started)) => {}
-            Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
-            Ok(Ok(other)) => return Err(format!("unexpected message from destination: {other:?}")),
-            Ok(Err(e)) => return Err(format!("destination connection: {e}")),
-            Err(_) => return Err("destination did not start the VM in time".into()),
-        }
+        wait_started(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         info!(
             "{}: switchover: stop, dirty log and state took {} us, the destination ran after {} us",
@@ -851,6 +839,17 @@ impl RequestServer {
             Ordering::Release,
         );
         Ok(())
+    }
+}
+
+/// Waits for the destination to say that the VM runs there.
+fn wait_started(peer: &Peer) -> Result<(), String> {
+    match peer.rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(PeerMessage::Started)) => Ok(()),
+        Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
+        Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
+        Ok(Err(e)) => Err(format!("destination connection: {e}")),
+        Err(_) => Err("destination did not start the VM in time".into()),
     }
 }
 

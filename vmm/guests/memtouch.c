@@ -38,44 +38,23 @@ int main(const struct mb_info *mbi)
         const u32 prev = p - 1;
         const u32 old_key = STAMP_MAGIC ^ prev ^ STAMP_XOR;
         const u32 new_key = STAMP_MAGIC ^ p ^ STAMP_XOR;
-        volatile u32 *w = (volatile u32 *)base;
         const u32 stride = (p * 0x9E3779B9u) | 1, mask = n - 1;
         /* RAM starts with arbitrary contents, so pass 1 only writes. */
-        if (random) {
-            for (u32 k = 0; k < n; k++) {
-                u32 i = (k * stride + p) & mask;
-                w = (volatile u32 *)(base + i * (PAGE_WORDS * 4));
-                if (p > 1) {
-                    u32 diff = w[0] ^ STAMP_MAGIC;
-                    diff |= w[1] ^ i;
-                    diff |= w[2] ^ prev;
-                    diff |= w[3] ^ old_key ^ i;
-                    bad += diff != 0;
-                }
-                w[0] = STAMP_MAGIC;
-                w[1] = i;
-                w[2] = p;
-                w[3] = new_key ^ i;
-            }
-        } else if (p > 1) {
-            for (u32 i = 0; i < n; i++, w += PAGE_WORDS) {
+        const int check = p > 1;
+        for (u32 k = 0; k < n; k++) {
+            u32 i = random ? (k * stride + p) & mask : k;
+            volatile u32 *w = (volatile u32 *)(base + i * (PAGE_WORDS * 4));
+            if (check) {
                 u32 diff = w[0] ^ STAMP_MAGIC;
                 diff |= w[1] ^ i;
                 diff |= w[2] ^ prev;
                 diff |= w[3] ^ old_key ^ i;
                 bad += diff != 0;
-                w[0] = STAMP_MAGIC;
-                w[1] = i;
-                w[2] = p;
-                w[3] = new_key ^ i;
             }
-        } else {
-            for (u32 i = 0; i < n; i++, w += PAGE_WORDS) {
-                w[0] = STAMP_MAGIC;
-                w[1] = i;
-                w[2] = p;
-                w[3] = new_key ^ i;
-            }
+            w[0] = STAMP_MAGIC;
+            w[1] = i;
+            w[2] = p;
+            w[3] = new_key ^ i;
         }
         total_bad += bad;
 
