@@ -5,6 +5,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 
 use proto::frame;
 use proto::local::LocalMessage;
@@ -46,8 +47,17 @@ pub fn write_all_vectored<W: Write>(w: &mut W, mut a: &[u8], mut b: &[u8]) -> io
 /// What a reader thread delivers: a message, or why the connection ended.
 pub type Delivery<M> = Result<M, String>;
 
-fn spawn_reader<R, M, F>(name: &str, mut conn: R, decode: F, tx: Sender<Delivery<M>>)
-where
+/// Handles some messages in the reader thread itself instead of passing them on: `Ok(None)`
+/// means handled, `Ok(Some(m))` passes `m` on, `Err` ends the connection with that reason.
+pub type Intercept<M> = Arc<Mutex<Option<Box<dyn FnMut(M) -> Result<Option<M>, String> + Send>>>>;
+
+fn spawn_reader<R, M, F>(
+    name: &str,
+    mut conn: R,
+    decode: F,
+    intercept: Intercept<M>,
+    tx: Sender<Delivery<M>>,
+) where
     R: Read + Send + 'static,
     M: Send + 'static,
     F: Fn(u8, &[u8]) -> Result<M, proto::DecodeError> + Send + 'static,
@@ -62,6 +72,17 @@ where
                     Err(e) if e.is_eof() => Err("connection closed".to_string()),
                     Err(e) => Err(e.to_string()),
                 };
+                let item = match item {
+                    Ok(m) => match intercept.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        Some(f) => match f(m) {
+                            Ok(None) => continue,
+                            Ok(Some(m)) => Ok(m),
+                            Err(e) => Err(e),
+                        },
+                        None => Ok(m),
+                    },
+                    Err(e) => Err(e),
+                };
                 let stop = item.is_err();
                 if tx.send(item).is_err() || stop {
                     return;
@@ -73,12 +94,22 @@ where
 /// Reads local messages from the VMM in a thread.
 pub fn local_reader(conn: UnixStream) -> Receiver<Delivery<LocalMessage>> {
     let (tx, rx) = mpsc::channel();
-    spawn_reader("vmm-reader", conn, LocalMessage::decode, tx);
+    spawn_reader(
+        "vmm-reader",
+        conn,
+        LocalMessage::decode,
+        Arc::new(Mutex::new(None)),
+        tx,
+    );
     rx
 }
 
 /// Reads peer messages in a thread; `Pages` frames are refused (the source never receives any).
-pub fn peer_reader(conn: TcpStream) -> Receiver<Delivery<PeerMessage>> {
+/// Messages that `intercept` handles never reach the channel.
+pub fn peer_reader(
+    conn: TcpStream,
+    intercept: Intercept<PeerMessage>,
+) -> Receiver<Delivery<PeerMessage>> {
     let (tx, rx) = mpsc::channel();
     spawn_reader(
         "peer-reader",
@@ -87,6 +118,7 @@ pub fn peer_reader(conn: TcpStream) -> Receiver<Delivery<PeerMessage>> {
             proto::peer::kind::PAGES => Err(proto::DecodeError::UnknownKind(k)),
             _ => PeerMessage::decode(k, b),
         },
+        intercept,
         tx,
     );
     rx

@@ -6,7 +6,7 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,6 +81,8 @@ pub struct Source {
 struct Peer {
     stream: TcpStream,
     rx: Receiver<Delivery<PeerMessage>>,
+    /// Where page requests are served in postcopy: in the thread that reads them.
+    intercept: link::Intercept<PeerMessage>,
     /// Second connection for requested pages (postcopy-capable destinations only).
     urgent: Option<TcpStream>,
 }
@@ -314,9 +316,6 @@ impl Source {
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
 
-        // Requests may come as soon as the destination's vCPUs run, even before `Started`.
-        let (ctl_tx, ctl_rx) = mpsc::channel();
-        let from_dest = std::mem::replace(&mut peer.rx, ctl_rx);
         let urgent = match &peer.urgent {
             Some(u) => u.try_clone(),
             None => peer.stream.try_clone(),
@@ -324,7 +323,7 @@ impl Source {
         .map_err(|e| format!("urgent channel: {e}"))?;
         let mut sender = PageSender::default();
         sender.freeze();
-        let server = RequestServer {
+        let mut server = RequestServer {
             mem: self.mem.clone(),
             sent: self.sent.clone(),
             counters: self.counters.clone(),
@@ -332,10 +331,16 @@ impl Source {
             stream: urgent,
             sender,
         };
-        std::thread::Builder::new()
-            .name("page-requests".into())
-            .spawn(move || server.run(from_dest, ctl_tx))
-            .map_err(|e| format!("starting the request server: {e}"))?;
+        // Requests are served by the thread that reads them, with no hand-over to another
+        // thread; they may come as soon as the destination's vCPUs run, even before `Started`.
+        *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move |m| match m {
+                PeerMessage::PageRequest(run) => server.serve(run).map(|()| None),
+                other => Ok(Some(other)),
+            }));
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
+            .map_err(|e| self.peer_error(peer, e))?;
 
         wait_started(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
@@ -515,9 +520,11 @@ impl Source {
     fn connect(&mut self) -> Result<Peer, String> {
         let stream = self.open_stream()?;
         let reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let intercept: link::Intercept<PeerMessage> = Arc::new(std::sync::Mutex::new(None));
         Ok(Peer {
             stream,
-            rx: link::peer_reader(reader),
+            rx: link::peer_reader(reader, intercept.clone()),
+            intercept,
             urgent: None,
         })
     }
@@ -774,7 +781,7 @@ impl Source {
 }
 
 /// Serves the destination's page requests on the urgent channel, so that a requested page
-/// never waits behind background pages; forwards every other message to the main thread.
+/// never waits behind background pages.
 struct RequestServer {
     mem: Arc<GuestMapping>,
     sent: Arc<SentMap>,
@@ -785,27 +792,6 @@ struct RequestServer {
 }
 
 impl RequestServer {
-    fn run(
-        mut self,
-        from_dest: Receiver<Delivery<PeerMessage>>,
-        to_main: Sender<Delivery<PeerMessage>>,
-    ) {
-        loop {
-            let msg = match from_dest.recv() {
-                Ok(Ok(PeerMessage::PageRequest(run))) => match self.serve(run) {
-                    Ok(()) => continue,
-                    Err(e) => Err(e),
-                },
-                Ok(m) => m,
-                Err(_) => return,
-            };
-            let end = msg.is_err();
-            if to_main.send(msg).is_err() || end {
-                return;
-            }
-        }
-    }
-
     fn serve(&mut self, run: proto::peer::PageRun) -> Result<(), String> {
         let count = run.count as u64;
         self.mem
