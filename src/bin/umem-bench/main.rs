@@ -7,6 +7,11 @@
 //! cargo run --release --bin umem-bench -- postcopy  # scenarios whose name contains "postcopy"
 //! ```
 //!
+//! The `qemu-*` scenarios are the baseline: QEMU's own migration of the same guest (the ELF
+//! `vmm --export-guest` writes), in the same run, next to the umem scenario of the same name
+//! without the prefix (see `qemu.rs`). Without `qemu-system-x86_64` (or `UMEM_BENCH_QEMU`) they
+//! print as skipped.
+//!
 //! Each scenario prints one JSON line on stdout; a table follows at the end. Guests use one
 //! vCPU: the guest CPU is emulated here, and every busy vCPU takes a core away from umemd.
 
@@ -15,8 +20,20 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use umem::{require_kvm, secs, TestEnv};
 
+mod qemu;
+
+/// Who migrates the VM.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// `vmm` and two umemds.
+    Umem,
+    /// Two `qemu-system-x86_64` processes, for comparison (see `qemu.rs`).
+    Qemu,
+}
+
 /// One migration to measure.
-struct Scenario {
+pub struct Scenario {
+    engine: Engine,
     name: &'static str,
     mode: &'static str,
     mem: &'static str,
@@ -30,6 +47,7 @@ struct Scenario {
 
 const SCENARIOS: &[fn() -> Scenario] = &[
     || Scenario {
+        engine: Engine::Umem,
         name: "precopy-1g-prefilled-idle",
         mode: "precopy",
         mem: "1G",
@@ -39,6 +57,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({"downtime_limit_ms": 50}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "precopy-4g-sparse-idle",
         mode: "precopy",
         mem: "4G",
@@ -48,6 +67,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({"downtime_limit_ms": 50}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-1g-prefilled-random-touch",
         mode: "postcopy",
         mem: "1G",
@@ -57,6 +77,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-4g-prefilled-random-touch",
         mode: "postcopy",
         mem: "4G",
@@ -66,6 +87,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-4g-sparse-idle",
         mode: "postcopy",
         mem: "4G",
@@ -75,6 +97,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-1g-prefilled-random-touch-no-background",
         mode: "postcopy",
         mem: "1G",
@@ -84,6 +107,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         extra: json!({"no_background": true, "stop_after_s": 5}),
     },
     || Scenario {
+        engine: Engine::Umem,
         name: "hybrid-1g-prefilled-random-touch",
         mode: "hybrid",
         mem: "1G",
@@ -92,7 +116,71 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         ready: "memtouch base",
         extra: json!({"downtime_limit_ms": 5}),
     },
+    // The same guest for umem and QEMU: QEMU cannot prefill RAM, so the guest itself writes
+    // every page from 16 MiB to the end of its 1 GiB (one pass, then it halts), and the
+    // migration starts once it is done.
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-guest-written",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: GUEST_WRITTEN_1G,
+        ready: "memtouch done",
+        extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Qemu,
+        name: "qemu-postcopy-1g-guest-written",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: GUEST_WRITTEN_1G,
+        ready: "memtouch done",
+        extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
+        name: "precopy-1g-guest-written",
+        mode: "precopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: GUEST_WRITTEN_1G,
+        ready: "memtouch done",
+        extra: json!({"downtime_limit_ms": 50}),
+    },
+    || Scenario {
+        engine: Engine::Qemu,
+        name: "qemu-precopy-1g-guest-written",
+        mode: "precopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: GUEST_WRITTEN_1G,
+        ready: "memtouch done",
+        extra: json!({"downtime_limit_ms": 50}),
+    },
 ];
+
+/// memtouch writing every page of a 1 GiB VM above its 16 MiB base (258048 pages), once.
+const GUEST_WRITTEN_1G: &str = "pages=258048 passes=1";
+
+/// Calls `f` every `interval` until it returns `Some`, or returns `None` after `timeout`.
+pub fn poll<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(interval);
+    }
+}
 
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
@@ -132,12 +220,22 @@ fn run(s: &Scenario) -> Value {
             (v, t0.elapsed())
         }
         None => {
-            let o = dst.wait_migration(secs(600));
+            // Polled every 5 ms (not the harness's 50 ms), as the QEMU runs are.
+            let v = poll(secs(600), Duration::from_millis(5), || {
+                dst.proc.assert_alive();
+                let v = dst.query_migrate();
+                matches!(
+                    v["phase"].as_str(),
+                    Some("completed" | "failed" | "cancelled")
+                )
+                .then_some(v)
+            })
+            .unwrap_or_else(|| panic!("{}: migration not over after 600 s", s.name));
             let wall = t0.elapsed();
-            assert_eq!(o.phase, "completed", "{}: {}", s.name, o.raw);
+            assert_eq!(v["phase"], "completed", "{}: {}", s.name, v);
             let so = src.wait_migration(secs(60));
             assert_eq!(so.phase, "completed", "{}: {}", s.name, so.raw);
-            let mut v = o.raw.clone();
+            let mut v = v;
             v["source"] = so.raw;
             (v, wall)
         }
@@ -160,6 +258,7 @@ fn run(s: &Scenario) -> Value {
         .sum::<u64>();
     json!({
         "scenario": s.name,
+        "engine": "umem",
         "mode": s.mode,
         "ram": s.mem,
         "bytes_sent": bytes,
@@ -178,6 +277,7 @@ fn run(s: &Scenario) -> Value {
         "pages_requested": pc["pages_requested"],
         "pages_urgent": pc["pages_urgent"],
         "vcpu_blocked_ms": pc["vcpu_blocked_us"].as_array().map(|a| a.iter().map(|v| ms(v.as_u64().unwrap_or(0))).collect::<Vec<_>>()),
+        "dst_status": dst.status(),
         "guest_bad_pages": bad,
     })
 }
@@ -194,26 +294,66 @@ fn main() {
             continue;
         }
         eprintln!("umem-bench: {} ...", s.name);
-        let r = run(&s);
+        let r = match s.engine {
+            Engine::Umem => run(&s),
+            // The baseline never fails the bench: its row says why it is missing.
+            Engine::Qemu => match qemu::find_qemu().map(|q| qemu::run(&s, &q)) {
+                Ok(Ok(r)) => r,
+                Err(why) => {
+                    eprintln!("umem-bench: {}: skipped: {why}", s.name);
+                    json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "skipped": why})
+                }
+                Ok(Err(e)) => {
+                    eprintln!("umem-bench: {}: failed: {e}", s.name);
+                    json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "error": e})
+                }
+            },
+        };
         println!("{r}");
         rows.push(r);
     }
     let f = |v: &Value, k: &str| match &v[k] {
-        Value::Number(n) => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+        Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+        Value::Number(n) => n.to_string(),
         Value::Null => "-".into(),
         other => other.to_string(),
     };
+    let mib = |v: &Value| match v["bytes_sent"].as_u64() {
+        Some(b) => format!("{:.1}", b as f64 / (1u64 << 20) as f64),
+        None => "-".into(),
+    };
     println!();
     println!(
-        "{:<50} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
-        "scenario", "GB/s", "total ms", "down ms", "faults", "p50 us", "p99 us", "max us", "bad"
+        "{:<50} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+        "scenario",
+        "MiB sent",
+        "GB/s",
+        "total ms",
+        "wall ms",
+        "down ms",
+        "faults",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "bad"
     );
     for r in &rows {
+        let name = r["scenario"].as_str().unwrap_or("");
+        if let Some(why) = r["skipped"].as_str() {
+            println!("{name:<50} skipped: {why}");
+            continue;
+        }
+        if let Some(e) = r["error"].as_str() {
+            println!("{name:<50} failed: {e}");
+            continue;
+        }
         println!(
-            "{:<50} {:>9} {:>10} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
-            r["scenario"].as_str().unwrap_or(""),
+            "{:<50} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+            name,
+            mib(r),
             f(r, "throughput_gbps"),
             f(r, "total_ms"),
+            f(r, "wall_ms"),
             f(r, "downtime_ms"),
             f(r, "faults"),
             f(r, "fault_p50_us"),
