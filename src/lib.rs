@@ -31,6 +31,8 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod pair;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -658,17 +660,7 @@ impl Vmm {
         let v = self
             .ctl("query-ram-digest", Value::Null)
             .expect("query-ram-digest");
-        v["blocks"]
-            .as_array()
-            .expect("blocks array")
-            .iter()
-            .map(|b| {
-                (
-                    b["name"].as_str().unwrap_or_default().to_string(),
-                    b["sha256"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect()
+        digest_blocks(&v)
     }
 
     /// `query-ram-digest` with the guest ranges `exclude` (`(address, length)`) left out.
@@ -677,17 +669,7 @@ impl Vmm {
         let v = self
             .ctl("query-ram-digest", json!({ "exclude": list }))
             .expect("query-ram-digest with exclusions");
-        v["blocks"]
-            .as_array()
-            .expect("blocks array")
-            .iter()
-            .map(|b| {
-                (
-                    b["name"].as_str().unwrap_or_default().to_string(),
-                    b["sha256"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect()
+        digest_blocks(&v)
     }
 
     /// `query-migrate`'s `phase` ("setup", "precopy", ..., "completed", "failed").
@@ -856,6 +838,21 @@ impl Vmm {
             )
         })
     }
+}
+
+/// The `(block name, sha256)` pairs of a `query-ram-digest` reply.
+fn digest_blocks(reply: &Value) -> Vec<(String, String)> {
+    reply["blocks"]
+        .as_array()
+        .expect("blocks array")
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap_or_default().to_string(),
+                b["sha256"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// Asserts that every memtouch pass in `passes` found no bad page.

@@ -5,42 +5,16 @@
 //! Fault latency on a loaded machine is far from its goal, so no test asserts timing.
 
 use serde_json::{json, Value};
-use umem::{
-    assert_consecutive, assert_no_bad, parse_passes, read_process_memory, require_kvm, secs,
-    wait_until, MigrationOutcome, Pass, TestEnv, Vmm,
+use umem::pair::{
+    assert_completed, assert_digest_guest_moved_mid_run, assert_digest_matches_reference,
+    assert_every_round_once, assert_guest_continues, assert_guest_runs_on,
+    assert_same_ram_outside_working_set, combined_passes, memtouch_exclude, MigrationSetup, Pair,
+    DIGEST_CMDLINE, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
 };
-
-const PAGE: u64 = 4096;
-
-/// Where memtouch's working set begins (its default `base`).
-const MEMTOUCH_BASE: u64 = 0x100_0000;
-
-/// memtouch with a short pause between passes: a few passes per second here.
-const MEMTOUCH: &str = "pages=4096 pause=1000";
-
-/// Guest ranges a running memtouch guest may still write: its image, bss and stack (first
-/// 2 MiB) and its working set of `pages` pages. Everything else keeps the source's bytes.
-fn memtouch_exclude(pages: u64) -> Vec<(u64, u64)> {
-    vec![(0, 2 << 20), (MEMTOUCH_BASE, pages * PAGE)]
-}
-
-/// The source's serial output followed by the destination's: the guest's whole output stream.
-fn combined_passes(src: &Vmm, dst: &Vmm) -> Vec<Pass> {
-    parse_passes(&(src.serial() + &dst.serial()))
-}
-
-fn assert_completed(who: &str, o: &MigrationOutcome) {
-    assert_eq!(
-        o.phase, "completed",
-        "{who}: migration did not complete: {}",
-        o.raw
-    );
-    assert!(
-        o.error.is_none(),
-        "{who}: completed with an error: {}",
-        o.raw
-    );
-}
+use umem::{
+    assert_consecutive, assert_no_bad, read_process_memory, require_kvm, secs, wait_until,
+    MigrationOutcome, TestEnv, Vmm,
+};
 
 /// A numeric field of a `query-migrate` reply's `postcopy` object; panics when there is none.
 fn pc(reply: &Value, key: &str) -> u64 {
@@ -111,62 +85,23 @@ fn assert_dest_postcopy_stats(v: &Value, vcpus: usize) {
     );
 }
 
-/// After the migration: the destination runs the guest on from where the source stopped it,
-/// without a bad page and without a gap or a repeat in the pass numbers.
-fn assert_guest_continues(src: &Vmm, dst: &mut Vmm, more: u64) {
-    let src_last = src.last_pass().expect("source printed passes").pass;
-    assert_eq!(dst.status(), "running", "destination status");
-    wait_until(secs(120), "destination passes", || {
-        combined_passes(src, dst)
-            .last()
-            .filter(|p| p.pass >= src_last + more)
-            .map(|_| ())
-    });
-    let dst_passes = dst.passes();
-    assert!(
-        !dst_passes.is_empty(),
-        "destination printed no complete pass line"
-    );
-    assert!(
-        dst_passes[0].pass > src_last && dst_passes[0].pass <= src_last + 2,
-        "destination restarted instead of continuing: source ended at pass {src_last}, destination began at {:?}",
-        dst_passes[0]
-    );
-    let all = combined_passes(src, dst);
-    assert_eq!(all[0].pass, 1);
-    assert_consecutive("source+destination", &all);
-    assert_no_bad("source+destination", &all);
-    // The source really is stopped.
-    assert_eq!(src.last_pass().map(|p| p.pass), Some(src_last));
-    assert_eq!(src.status(), "postmigrate");
+/// A prefilled memtouch source and a destination that runs as soon as it has the guest,
+/// listening already.
+fn memtouch_pair(t: &TestEnv, mem: &str, vcpus: u32, cmdline: &str) -> Pair {
+    let mut pair = MigrationSetup::memtouch(t, mem, cmdline)
+        .vcpus(vcpus)
+        .prefilled()
+        .start();
+    assert_eq!(pair.dst.status(), "inmigrate");
+    let _ = pair.dst.listen_uri();
+    pair
 }
 
-/// A memtouch source and a (running, not `-S`) destination.
-fn memtouch_pair(
-    t: &TestEnv,
-    su: &umem::Umemd,
-    du: &umem::Umemd,
-    mem: &str,
-    vcpus: u32,
-    cmdline: &str,
-) -> (Vmm, Vmm) {
-    let src = t
-        .vmm("src", su)
-        .mem(mem)
-        .vcpus(vcpus)
-        .guest("memtouch")
-        .cmdline(cmdline)
-        .prefill(1)
-        .start();
-    let mut dst = t
-        .vmm("dst", du)
-        .mem(mem)
-        .vcpus(vcpus)
-        .incoming_any()
-        .start();
-    assert_eq!(dst.status(), "inmigrate");
-    let _ = dst.listen_uri();
-    (src, dst)
+/// Starts a postcopy that moves only the pages the destination asks for, and waits until the
+/// destination runs the guest.
+fn start_postcopy_without_background(pair: &mut Pair) {
+    pair.start_migration(json!({"mode": "postcopy", "no_background": true}));
+    pair.dst.wait_phase(secs(120), &["postcopy"]);
 }
 
 #[test]
@@ -175,23 +110,18 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         return;
     }
     let t = TestEnv::new("postcopy-1g");
-    let mut su = t.umemd("umemd-src");
-    let mut du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "1G", 2, MEMTOUCH);
-    src.wait_pass(secs(60), 3);
+    let mut pair = memtouch_pair(&t, "1G", 2, MEMTOUCH_CMDLINE);
+    pair.src.wait_pass(secs(60), 3);
 
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"mode": "postcopy"}))
-        .expect("migrate");
-    let o = src.wait_migration(secs(300));
+    let o = pair.migrate_and_wait(json!({"mode": "postcopy"}), secs(300));
     assert_completed("source", &o);
-    let dv = wait_dest_completed(&mut dst, secs(60));
-    assert_eq!(src.status(), "postmigrate");
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
+    assert_eq!(pair.src.status(), "postmigrate");
 
     // Pure postcopy: no precopy round, every page crossed exactly once after the switchover,
     // either requested or pushed.
     let total = o.stat("total_pages");
-    assert_eq!(total, (1 << 30) / PAGE);
+    assert_eq!(total, (1 << 30) / PAGE_SIZE);
     assert_eq!(
         o.stat("rounds"),
         0,
@@ -218,7 +148,7 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         o.raw
     );
     assert!(
-        o.stat("bytes_sent") >= o.stat("pages_sent") * PAGE,
+        o.stat("bytes_sent") >= o.stat("pages_sent") * PAGE_SIZE,
         "{}",
         o.raw
     );
@@ -233,23 +163,17 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         "the destination did not receive every page exactly once: {dv}"
     );
 
-    assert_guest_continues(&src, &mut dst, 5);
+    assert_guest_continues(&pair.src, &mut pair.dst, 5, secs(120));
 
     // Outside what the guest still writes, the destination holds the source's final bytes.
-    let ex = memtouch_exclude(4096);
-    let sd = src.digest_excluding(&ex);
+    let sd = assert_same_ram_outside_working_set(&pair.src, &pair.dst, MEMTOUCH_PAGES);
     assert_eq!(sd.len(), 1, "1 GiB is one RAM block: {sd:?}");
-    assert_eq!(
-        sd,
-        dst.digest_excluding(&ex),
-        "RAM differs between source and destination"
-    );
     assert_ne!(
         sd,
-        src.digest(),
+        pair.src.digest(),
         "the exclusions changed nothing: the digest ignores them"
     );
-    assert!(su.is_serving() && du.is_serving(), "a umemd died");
+    assert!(pair.umemds_serving(), "a umemd died");
 }
 
 #[test]
@@ -257,29 +181,14 @@ fn postcopy_digest_guest_matches_unmigrated_run() {
     if !require_kvm("postcopy_digest_guest_matches_unmigrated_run") {
         return;
     }
-    const CMD: &str = "pages=256 rounds=32";
     let t = TestEnv::new("postcopy-digest");
-    let su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let mut reference = t
-        .vmm("reference", &su)
-        .mem("64M")
-        .guest("digest")
-        .cmdline(CMD)
-        .start();
-    let mut src = t
-        .vmm("src", &su)
-        .mem("64M")
-        .guest("digest")
-        .cmdline(CMD)
-        .start();
-    let mut dst = t.vmm("dst", &du).mem("64M").incoming_any().start();
+    let setup = MigrationSetup::new(&t, "64M", "digest", DIGEST_CMDLINE);
+    let mut pair = setup.start();
+    let mut reference = setup.guest_vm("reference", &pair.src_umemd);
 
-    src.wait_serial(secs(120), "round=3", |l| l == "round=3");
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"mode": "postcopy"}))
-        .expect("migrate");
-    let o = src.wait_migration(secs(240));
+    pair.src
+        .wait_serial(secs(120), "round=3", |l| l == "round=3");
+    let o = pair.migrate_and_wait(json!({"mode": "postcopy"}), secs(240));
     assert_completed("source", &o);
     assert!(
         o.raw["postcopy"].is_object(),
@@ -287,46 +196,44 @@ fn postcopy_digest_guest_matches_unmigrated_run() {
         o.raw
     );
     assert_eq!(o.stat("rounds"), 0, "{}", o.raw);
-    assert_eq!(src.status(), "postmigrate");
-    assert!(
-        !src.serial().contains("digest="),
-        "the guest finished on the source before switchover; the test did not migrate mid-run"
-    );
-    let dv = wait_dest_completed(&mut dst, secs(60));
+    assert_eq!(pair.src.status(), "postmigrate");
+    assert_digest_guest_moved_mid_run(&pair.src);
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
     assert_dest_postcopy_stats(&dv, 1);
 
-    let expected = reference.wait_serial_prefix(secs(180), "digest=");
-    let got = dst.wait_serial_prefix(secs(180), "digest=");
-    assert_eq!(got, expected, "migrated run computed a different digest");
-
-    let all = src.serial() + &dst.serial();
-    for r in 1..=32 {
-        let n = all.lines().filter(|l| *l == format!("round={r}")).count();
-        assert_eq!(
-            n, 1,
-            "round={r} appears {n} times in the combined output:\n{all}"
-        );
-    }
+    assert_digest_matches_reference(&mut reference, &mut pair.dst);
+    assert_every_round_once(&pair.src, &pair.dst);
 }
 
 /// A guest that rewrites its 64 MiB working set as fast as it can: about 1 GiB/s of dirtying
 /// where guest code is emulated.
 const FAST_DIRTIER: &str = "pages=16384 pause=0";
+/// The working set of [`FAST_DIRTIER`], in pages.
+const FAST_DIRTIER_PAGES: u64 = 16384;
 const FAST_DIRTIER_MEM: &str = "96M";
 /// Background bandwidth well below the fast dirtier's dirty rate (even on a loaded machine),
 /// so precopy cannot converge: each round leaves the whole working set dirty again.
 const SLOW_LINK: u64 = 16_000_000;
 
+/// A [`FAST_DIRTIER`] source that has made two passes, and its destination.
+fn fast_dirtier_pair(t: &TestEnv) -> Pair {
+    let mut pair = memtouch_pair(t, FAST_DIRTIER_MEM, 1, FAST_DIRTIER);
+    pair.src.wait_pass(secs(60), 2);
+    pair
+}
+
+/// After the migration of a [`FAST_DIRTIER`]: the guest continues on the destination, whose
+/// RAM outside the working set is the source's.
+fn assert_fast_dirtier_continues(pair: &mut Pair) {
+    assert_guest_continues(&pair.src, &mut pair.dst, 3, secs(120));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, FAST_DIRTIER_PAGES);
+}
+
 /// A hybrid migration of [`FAST_DIRTIER`] over [`SLOW_LINK`].
 fn hybrid_fast_dirtier(name: &str, postcopy_after_rounds: u32) -> MigrationOutcome {
     let t = TestEnv::new(name);
-    let su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, FAST_DIRTIER_MEM, 1, FAST_DIRTIER);
-    src.wait_pass(secs(60), 2);
-    let uri = dst.listen_uri();
-    src.migrate(
-        &uri,
+    let mut pair = fast_dirtier_pair(&t);
+    let o = pair.migrate_and_wait(
         json!({
             "mode": "hybrid",
             "downtime_limit_ms": 1,
@@ -334,9 +241,8 @@ fn hybrid_fast_dirtier(name: &str, postcopy_after_rounds: u32) -> MigrationOutco
             "max_rounds": 30,
             "bandwidth_limit": SLOW_LINK,
         }),
-    )
-    .expect("migrate");
-    let o = src.wait_migration(secs(300));
+        secs(300),
+    );
     assert_completed("source", &o);
     eprintln!("{name}: source {}", o.raw);
     assert!(
@@ -357,17 +263,11 @@ fn hybrid_fast_dirtier(name: &str, postcopy_after_rounds: u32) -> MigrationOutco
         "{}",
         o.raw
     );
-    let dv = wait_dest_completed(&mut dst, secs(60));
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
     assert_eq!(dv["stats"]["rounds"], o.raw["stats"]["rounds"], "{dv}");
     assert!(dv["postcopy"].is_object(), "destination: {dv}");
     assert_eq!(pc(&dv, "remaining_pages"), 0, "{dv}");
-    assert_guest_continues(&src, &mut dst, 3);
-    let ex = memtouch_exclude(16384);
-    assert_eq!(
-        src.digest_excluding(&ex),
-        dst.digest_excluding(&ex),
-        "RAM differs between source and destination"
-    );
+    assert_fast_dirtier_continues(&mut pair);
     o
 }
 
@@ -395,52 +295,52 @@ fn hybrid_switches_to_postcopy_after_the_configured_rounds() {
     assert_eq!(o.stat("rounds"), 2, "{}", o.raw);
 }
 
+/// memtouch with a working set of [`SMALL_PAGES`] pages.
+const SMALL_MEMTOUCH: &str = "pages=1024 pause=1000";
+/// The working set of [`SMALL_MEMTOUCH`], in pages.
+const SMALL_PAGES: u64 = 1024;
+
 #[test]
 fn postcopy_no_background_sends_only_requested_pages() {
     if !require_kvm("postcopy_no_background_sends_only_requested_pages") {
         return;
     }
-    const PAGES: u64 = 1024;
     let t = TestEnv::new("postcopy-no-background");
-    let su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "32M", 1, "pages=1024 pause=1000");
-    let total = (32 << 20) / PAGE;
-    src.wait_pass(secs(60), 3);
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"mode": "postcopy", "no_background": true}))
-        .expect("migrate");
-    dst.wait_phase(secs(120), &["postcopy"]);
+    let mut pair = memtouch_pair(&t, "32M", 1, SMALL_MEMTOUCH);
+    let total = (32 << 20) / PAGE_SIZE;
+    pair.src.wait_pass(secs(60), 3);
+    start_postcopy_without_background(&mut pair);
     let src_last = wait_until(secs(60), "source to stop", || {
-        (src.status() == "postmigrate").then(|| src.last_pass().map_or(0, |p| p.pass))
+        (pair.src.status() == "postmigrate").then(|| pair.src.last_pass().map_or(0, |p| p.pass))
     });
-    dst.wait_pass(secs(120), src_last + 3);
+    pair.dst.wait_pass(secs(120), src_last + 3);
 
     // Only the working set (and the guest's image and stack) was fetched; nothing else moves.
     std::thread::sleep(secs(1));
-    for (who, vm) in [("source", &src), ("destination", &dst)] {
+    for (who, vm) in [("source", &pair.src), ("destination", &pair.dst)] {
         let v = vm.query_migrate();
         assert_eq!(v["phase"], "postcopy", "{who}: {v}");
         assert_eq!(pc(&v, "pages_pushed"), 0, "{who} pushed pages: {v}");
     }
-    let v = dst.query_migrate();
+    let v = pair.dst.query_migrate();
     let fetched = total - pc(&v, "remaining_pages");
     assert!(
-        (PAGES..PAGES + 1024).contains(&fetched),
-        "destination holds {fetched} pages; expected the working set ({PAGES}) plus a few: {v}"
+        (SMALL_PAGES..SMALL_PAGES + 1024).contains(&fetched),
+        "destination holds {fetched} pages; expected the working set ({SMALL_PAGES}) plus a few: {v}"
     );
-    let sv = src.query_migrate();
+    let sv = pair.src.query_migrate();
     assert!(
-        sv["stats"]["bytes_sent"].as_u64().unwrap_or(0) < (PAGES + 1024) * PAGE * 11 / 10,
+        sv["stats"]["bytes_sent"].as_u64().unwrap_or(0)
+            < (SMALL_PAGES + 1024) * PAGE_SIZE * 11 / 10,
         "the source sent more than the requested pages: {sv}"
     );
 
     // The VMM's own reads of guest RAM fault too and are served: reading all of it fetches
     // every remaining page and so ends the migration.
-    let _ = dst.digest();
-    let o = src.wait_migration(secs(120));
+    let _ = pair.dst.digest();
+    let o = pair.src.wait_migration(secs(120));
     assert_completed("source", &o);
-    let dv = wait_dest_completed(&mut dst, secs(60));
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
     eprintln!("source {}\ndestination {dv}", o.raw);
     assert_eq!(pc(&o.raw, "pages_pushed"), 0, "{}", o.raw);
     assert_eq!(pc(&dv, "pages_pushed"), 0, "{dv}");
@@ -460,9 +360,9 @@ fn postcopy_no_background_sends_only_requested_pages() {
     // Page data plus small per-request framing, and nothing twice.
     let bytes = o.stat("bytes_sent");
     assert!(
-        bytes >= total * PAGE && bytes < total * PAGE * 21 / 20,
+        bytes >= total * PAGE_SIZE && bytes < total * PAGE_SIZE * 21 / 20,
         "source sent {bytes} bytes for {} bytes of RAM: {}",
-        total * PAGE,
+        total * PAGE_SIZE,
         o.raw
     );
     assert_dest_postcopy_stats(&dv, 1);
@@ -471,13 +371,8 @@ fn postcopy_no_background_sends_only_requested_pages() {
         "every page read by the digest faulted: {dv}"
     );
 
-    assert_guest_continues(&src, &mut dst, 3);
-    let ex = memtouch_exclude(PAGES);
-    assert_eq!(
-        src.digest_excluding(&ex),
-        dst.digest_excluding(&ex),
-        "RAM differs between source and destination"
-    );
+    assert_guest_continues(&pair.src, &mut pair.dst, 3, secs(120));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
 }
 
 #[test]
@@ -486,46 +381,38 @@ fn postcopy_survives_source_vmm_exit_after_switchover() {
         return;
     }
     let t = TestEnv::new("postcopy-src-vmm-exit");
-    let mut su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "1G", 2, MEMTOUCH);
-    src.wait_pass(secs(60), 3);
-    let uri = dst.listen_uri();
+    let mut pair = memtouch_pair(&t, "1G", 2, MEMTOUCH_CMDLINE);
+    pair.src.wait_pass(secs(60), 3);
     // 100 MB/s in the background: 1 GiB takes about 10 s, so pages are still missing when
     // the source VMM goes.
-    src.migrate(
-        &uri,
-        json!({"mode": "postcopy", "bandwidth_limit": 100_000_000}),
-    )
-    .expect("migrate");
+    pair.start_migration(json!({"mode": "postcopy", "bandwidth_limit": 100_000_000}));
     wait_until(secs(120), "source to hand the VM over", || {
-        (src.status() == "postmigrate").then_some(())
+        (pair.src.status() == "postmigrate").then_some(())
     });
-    let ex = memtouch_exclude(4096);
-    let sd = src.digest_excluding(&ex);
-    let src_passes = src.passes();
-    let v = dst.query_migrate();
+    let ex = memtouch_exclude(MEMTOUCH_PAGES);
+    let sd = pair.src.digest_excluding(&ex);
+    let v = pair.dst.query_migrate();
     assert_eq!(v["phase"], "postcopy", "destination: {v}");
     let missing = pc(&v, "remaining_pages");
     assert!(missing > 0, "nothing left to fetch: {v}");
-    src.proc.kill();
+    pair.src.proc.kill();
     eprintln!("source VMM killed with {missing} pages still missing on the destination");
 
-    let dv = wait_dest_completed(&mut dst, secs(180));
+    let dv = wait_dest_completed(&mut pair.dst, secs(180));
     assert_dest_postcopy_stats(&dv, 2);
-    assert!(su.is_serving(), "the source umemd died with its VMM");
+    assert!(
+        pair.src_umemd.is_serving(),
+        "the source umemd died with its VMM"
+    );
     assert_eq!(
         sd,
-        dst.digest_excluding(&ex),
+        pair.dst.digest_excluding(&ex),
         "RAM differs between source and destination"
     );
 
-    let src_last = src_passes.last().expect("source passes").pass;
-    dst.wait_pass(secs(120), src_last + 3);
-    let all = parse_passes(&(src.serial() + &dst.serial()));
-    assert_consecutive("source+destination", &all);
-    assert_no_bad("source+destination", &all);
-    assert_eq!(dst.status(), "running");
+    // The source's serial output outlives it: the passes it printed before it stopped.
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(120));
+    assert_eq!(pair.dst.status(), "running");
 }
 
 /// Runs a no-background postcopy (so pages are surely missing) and kills the umemd of
@@ -533,18 +420,19 @@ fn postcopy_survives_source_vmm_exit_after_switchover() {
 /// destination must pause without losing or zeroing a page; the source must never resume.
 fn umemd_killed_mid_postcopy(victim: &str) {
     let t = TestEnv::new(&format!("postcopy-kill-{victim}-umemd"));
-    let mut su = t.umemd("umemd-src");
-    let mut du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "256M", 1, "pages=1024 pause=1000");
+    let Pair {
+        src_umemd: mut su,
+        dst_umemd: mut du,
+        mut src,
+        mut dst,
+    } = memtouch_pair(&t, "256M", 1, SMALL_MEMTOUCH);
     src.wait_pass(secs(60), 3);
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"mode": "postcopy", "no_background": true}))
-        .expect("migrate");
+    src.start_migration_to(&mut dst, json!({"mode": "postcopy", "no_background": true}));
     dst.wait_phase(secs(120), &["postcopy"]);
     wait_until(secs(60), "source to stop", || {
         (src.status() == "postmigrate").then_some(())
     });
-    let src_last = src.last_pass().expect("source passes").pass;
+    let src_last = src.last_pass_number();
     dst.wait_pass(secs(120), src_last + 2);
     let v = dst.query_migrate();
     assert!(pc(&v, "remaining_pages") > 0, "{v}");
@@ -645,30 +533,23 @@ fn start_postcopy_switches_a_precopy_that_cannot_converge() {
         return;
     }
     let t = TestEnv::new("postcopy-start");
-    let su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, FAST_DIRTIER_MEM, 1, FAST_DIRTIER);
-    src.wait_pass(secs(60), 2);
-    let uri = dst.listen_uri();
-    src.migrate(
-        &uri,
-        json!({
-            "mode": "precopy",
-            "downtime_limit_ms": 1,
-            "max_rounds": 100_000,
-            "bandwidth_limit": SLOW_LINK,
-        }),
-    )
-    .expect("migrate");
+    let mut pair = fast_dirtier_pair(&t);
+    pair.start_migration(json!({
+        "mode": "precopy",
+        "downtime_limit_ms": 1,
+        "max_rounds": 100_000,
+        "bandwidth_limit": SLOW_LINK,
+    }));
     let v = wait_until(secs(120), "two precopy rounds", || {
-        let v = src.query_migrate();
+        let v = pair.src.query_migrate();
         assert_ne!(v["phase"], "completed", "precopy converged after all: {v}");
         (v["phase"] == "precopy" && v["stats"]["rounds"].as_u64().unwrap_or(0) >= 2).then_some(v)
     });
     assert!(v["postcopy"].is_null(), "{v}");
-    src.ctl("migrate-start-postcopy", json!({}))
+    pair.src
+        .ctl("migrate-start-postcopy", json!({}))
         .expect("migrate-start-postcopy");
-    let o = src.wait_migration(secs(300));
+    let o = pair.src.wait_migration(secs(300));
     assert_completed("source", &o);
     eprintln!("source {}", o.raw);
     assert!(o.stat("rounds") >= 2, "{}", o.raw);
@@ -677,15 +558,9 @@ fn start_postcopy_switches_a_precopy_that_cannot_converge() {
         "the migration never went through postcopy: {}",
         o.raw
     );
-    let dv = wait_dest_completed(&mut dst, secs(60));
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
     assert!(dv["postcopy"].is_object(), "destination: {dv}");
-    assert_guest_continues(&src, &mut dst, 3);
-    let ex = memtouch_exclude(16384);
-    assert_eq!(
-        src.digest_excluding(&ex),
-        dst.digest_excluding(&ex),
-        "RAM differs between source and destination"
-    );
+    assert_fast_dirtier_continues(&mut pair);
 }
 
 /// The destination's `stats` count what arrived on the main stream only: pages and zero records
@@ -699,19 +574,14 @@ fn postcopy_destination_stats_count_urgent_pages() {
         return;
     }
     let t = TestEnv::new("postcopy-dest-stats");
-    let su = t.umemd("umemd-src");
-    let du = t.umemd("umemd-dst");
-    let (mut src, mut dst) = memtouch_pair(&t, &su, &du, "32M", 1, "pages=1024 pause=1000");
-    let total = (32 << 20) / PAGE;
-    src.wait_pass(secs(60), 2);
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"mode": "postcopy", "no_background": true}))
-        .expect("migrate");
-    dst.wait_phase(secs(120), &["postcopy"]);
-    let _ = dst.digest();
-    let o = src.wait_migration(secs(120));
+    let mut pair = memtouch_pair(&t, "32M", 1, SMALL_MEMTOUCH);
+    let total = (32 << 20) / PAGE_SIZE;
+    pair.src.wait_pass(secs(60), 2);
+    start_postcopy_without_background(&mut pair);
+    let _ = pair.dst.digest();
+    let o = pair.src.wait_migration(secs(120));
     assert_completed("source", &o);
-    let dv = wait_dest_completed(&mut dst, secs(60));
+    let dv = wait_dest_completed(&mut pair.dst, secs(60));
     let d = |k: &str| dv["stats"][k].as_u64().unwrap_or(0);
     assert_eq!(
         d("pages_sent") + d("zero_pages"),
@@ -720,5 +590,5 @@ fn postcopy_destination_stats_count_urgent_pages() {
         o.raw
     );
     assert_eq!(d("pages_sent") + d("zero_pages"), total, "{dv}");
-    assert!(d("bytes_sent") >= total * PAGE * 9 / 10, "{dv}");
+    assert!(d("bytes_sent") >= total * PAGE_SIZE * 9 / 10, "{dv}");
 }

@@ -12,10 +12,10 @@ use proto::local::{kind, LocalBlock, LocalMessage};
 use proto::{BlockDesc, MigrationParams};
 use sendfd::SendWithFd;
 use serde_json::json;
-use umem::{
-    assert_consecutive, assert_no_bad, parse_passes, require_kvm, secs, try_wait_until, wait_until,
-    TestEnv, Umemd,
+use umem::pair::{
+    assert_completed, assert_guest_runs_on, assert_same_ram, MigrationSetup, MEMTOUCH_CMDLINE,
 };
+use umem::{require_kvm, secs, try_wait_until, wait_until, TestEnv, Umemd};
 
 fn ram_low(size: u64) -> Vec<LocalBlock> {
     vec![LocalBlock {
@@ -194,31 +194,16 @@ fn umemd_survives_malformed_clients_then_migrates() {
     );
 
     // The same daemon now serves a real migration, in both roles at once.
-    let mut src = t
-        .vmm("src", &u)
-        .mem("256M")
-        .guest("memtouch")
-        .cmdline("pages=4096 pause=1000")
-        .start();
-    let mut dst = t
-        .vmm("dst", &u)
-        .mem("256M")
-        .incoming_any()
-        .paused(true)
-        .start();
+    let setup = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).paused_destination();
+    let mut src = setup.source(&u);
+    let mut dst = setup.destination("dst", &u);
     src.wait_pass(secs(60), 2);
-    let uri = dst.listen_uri();
-    src.migrate(&uri, json!({})).expect("migrate");
-    let o = src.wait_migration(secs(120));
-    assert_eq!(o.phase, "completed", "{}", o.raw);
+    let o = src.migrate_to(&mut dst, json!({}), secs(120));
+    assert_completed("source", &o);
     assert_eq!(src.status(), "postmigrate");
-    assert_eq!(src.digest(), dst.digest());
-    let last = src.last_pass().expect("passes").pass;
-    dst.ctl("cont", json!({})).expect("cont");
-    dst.wait_pass(secs(60), last + 2);
-    let all = parse_passes(&(src.serial() + &dst.serial()));
-    assert_consecutive("source+destination", &all);
-    assert_no_bad("source+destination", &all);
+    assert_same_ram(&src, &dst);
+    dst.resume();
+    assert_guest_runs_on(&src, &mut dst, 2, secs(60));
     u.proc.assert_alive();
 }
 
@@ -254,12 +239,7 @@ fn umemd_survives_destination_memfd_shrunk_after_handover() {
     };
     ram.set_len(0).expect("shrinking the memfd");
 
-    let mut src = t
-        .vmm("src", &su)
-        .mem("256M")
-        .guest("memtouch")
-        .cmdline("pages=4096 pause=1000")
-        .start();
+    let mut src = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).source(&su);
     src.wait_pass(secs(60), 2);
     src.migrate(&uri, json!({})).expect("migrate");
     let o = src.wait_migration(secs(120));
@@ -291,12 +271,9 @@ fn umemd_survives_source_memfd_shrunk_after_handover() {
     let t = TestEnv::new("umemd-shrunk-src-memfd");
     let mut su = t.umemd("umemd-src");
     let du = t.umemd("umemd-dst");
-    let mut dst = t
-        .vmm("dst", &du)
-        .mem("256M")
-        .incoming_any()
-        .paused(true)
-        .start();
+    let mut dst = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE)
+        .paused_destination()
+        .destination("dst", &du);
     let uri = dst.listen_uri();
 
     // A fake source VMM with a populated first page.
