@@ -357,10 +357,11 @@ impl Dest {
             }
             return Ok(());
         }
-        self.mem.punch_hole(off, count * PAGE_SIZE)?;
-        for p in first..first + count {
-            self.pages.set(block, p, PageState::Zero);
+        // Usually a hole already (fresh memory); only pages written earlier need dropping.
+        if self.mem.has_data(off, count * PAGE_SIZE) {
+            self.mem.punch_hole(off, count * PAGE_SIZE)?;
         }
+        self.pages.set_range(block, first, count, PageState::Zero);
         Ok(())
     }
 

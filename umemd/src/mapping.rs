@@ -243,6 +243,11 @@ impl GuestMapping {
         out
     }
 
+    /// True if any page of `[off, off+len)` holds data (is not a hole).
+    pub fn has_data(&self, off: u64, len: u64) -> bool {
+        lseek(self.file.as_fd(), off as i64, Whence::SeekData).is_ok_and(|d| (d as u64) < off + len)
+    }
+
     /// Drops `[off, off+len)` from the memfd: it reads as zeros and is a hole again.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), String> {
         nix::fcntl::fallocate(

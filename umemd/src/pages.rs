@@ -74,6 +74,21 @@ impl PageTable {
         prev
     }
 
+    /// Sets every page of `[first, first+count)` of `block` to `to`.
+    pub fn set_range(&self, block: u32, first: u64, count: u64, to: PageState) {
+        let mut resolved = 0i64;
+        for cell in &self.blocks[block as usize][first as usize..(first + count) as usize] {
+            let prev = PageState::from_u8(cell.swap(to as u8, Ordering::AcqRel));
+            resolved += prev.is_unresolved() as i64 - to.is_unresolved() as i64;
+        }
+        if resolved > 0 {
+            self.unresolved.fetch_sub(resolved as u64, Ordering::AcqRel);
+        } else {
+            self.unresolved
+                .fetch_add((-resolved) as u64, Ordering::AcqRel);
+        }
+    }
+
     /// Moves a page from `from` to `to` if it is in `from`; returns the state it was in.
     pub fn transition(&self, block: u32, page: u64, from: PageState, to: PageState) -> PageState {
         match self.cell(block, page).compare_exchange(

@@ -55,6 +55,9 @@ pub struct PageSender {
     extents: SegmentCache,
     /// The guest is stopped for good: its memfd no longer changes.
     frozen: bool,
+    /// Holes announced but not yet written, grown while the next hole continues them, so that
+    /// a sparse block costs one record rather than one per run.
+    pending_holes: Option<(u32, u64, u64)>,
 }
 
 impl PageSender {
@@ -100,12 +103,13 @@ impl PageSender {
             Counters::add(&c.holes, seg_pages);
             match holes {
                 Holes::Skip => {}
-                Holes::Announce => PeerMessage::Holes {
-                    block,
-                    first: seg_first,
-                    count: seg_pages,
-                }
-                .encode(&mut self.out),
+                Holes::Announce => match &mut self.pending_holes {
+                    Some((b, f, n)) if *b == block && *f + *n == seg_first => *n += seg_pages,
+                    _ => {
+                        self.write_pending_holes();
+                        self.pending_holes = Some((block, seg_first, seg_pages));
+                    }
+                },
                 Holes::AsZero => {
                     let mut p = seg_first;
                     while p < seg_first + seg_pages {
@@ -145,6 +149,7 @@ impl PageSender {
             // `i < pages` stays inside it; a guest write racing with this read only tears it.
             unsafe { mem.slice(off + i * PAGE_SIZE, PAGE_SIZE as usize) }
         };
+        self.write_pending_holes();
         let mut i = 0;
         while i < pages {
             let zero = is_zero(page(i));
@@ -176,11 +181,24 @@ impl PageSender {
 
     /// Queues one small message.
     pub fn push(&mut self, msg: &PeerMessage) {
+        self.write_pending_holes();
         msg.encode(&mut self.out);
+    }
+
+    fn write_pending_holes(&mut self) {
+        if let Some((block, first, count)) = self.pending_holes.take() {
+            PeerMessage::Holes {
+                block,
+                first,
+                count,
+            }
+            .encode(&mut self.out);
+        }
     }
 
     /// Writes whatever is batched.
     pub fn flush(&mut self, stream: &mut TcpStream, c: &Counters) -> std::io::Result<()> {
+        self.write_pending_holes();
         if !self.out.is_empty() {
             stream.write_all(&self.out)?;
             Counters::add(&c.bytes, self.out.len() as u64);

@@ -267,6 +267,7 @@ impl Source {
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
         let state = state.ok_or("the VMM sent no machine state at switchover")?;
+        let harvested = stopped_at.elapsed();
         self.send_pages(peer, &dirty, false)?;
         send_peer(
             &mut peer.stream,
@@ -275,8 +276,16 @@ impl Source {
         .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::MachineState(state)))
         .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
         .map_err(|e| self.peer_error(peer, e))?;
+        let sent = stopped_at.elapsed();
         wait_started(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
+        info!(
+            "{}: switchover: stop, dirty log and state took {} us, the last pages and the state were sent after {} us, the destination ran after {} us",
+            self.vm,
+            harvested.as_micros(),
+            sent.as_micros(),
+            self.stats.downtime_us
+        );
         Ok(())
     }
 

@@ -152,6 +152,7 @@ fn outgoing_loop(m: &Machine, mut conn: UnixStream) -> Result<(), MigrationError
     loop {
         match recv(&mut conn, &mut body)? {
             LocalMessage::Harvest { stop } => {
+                let t0 = std::time::Instant::now();
                 if stop {
                     {
                         let mut s = m.state();
@@ -160,12 +161,20 @@ fn outgoing_loop(m: &Machine, mut conn: UnixStream) -> Result<(), MigrationError
                     }
                     m.vm.pause();
                 }
+                let paused = t0.elapsed();
                 send_dirty_bitmaps(m, &mut conn, first_harvest)?;
                 first_harvest = false;
                 send(&mut conn, &LocalMessage::BitmapEnd { stopped: stop })?;
+                let harvested = t0.elapsed();
                 if stop {
                     let state = m.vm.save_state()?.to_bytes()?;
-                    info!("switchover: machine state is {} bytes", state.len());
+                    info!(
+                        "switchover: vCPUs stopped in {} us, dirty log after {} us, machine state ({} bytes) after {} us",
+                        paused.as_micros(),
+                        harvested.as_micros(),
+                        state.len(),
+                        t0.elapsed().as_micros()
+                    );
                     send(&mut conn, &LocalMessage::MachineState(state))?;
                 }
             }
