@@ -592,3 +592,40 @@ fn postcopy_destination_stats_count_urgent_pages() {
     assert_eq!(d("pages_sent") + d("zero_pages"), total, "{dv}");
     assert!(d("bytes_sent") >= total * PAGE_SIZE * 9 / 10, "{dv}");
 }
+
+/// Within one host the migration stream may be a Unix socket (`--incoming unix:PATH`): a
+/// postcopy over it uses both of its connections (background and requested pages) and ends as
+/// over TCP, with the guest's memory intact.
+#[test]
+fn postcopy_over_a_unix_socket() {
+    if !require_kvm("postcopy_over_a_unix_socket") {
+        return;
+    }
+    let t = TestEnv::new("postcopy-unix");
+    let setup = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).prefilled();
+    let (su, du) = setup.start_umemds();
+    let mut src = setup.source(&su);
+    let path = t.dir().join("migration.sock");
+    let mut dst = t
+        .vmm("dst", &du)
+        .mem("256M")
+        .incoming(&format!("unix:{}", path.display()))
+        .start();
+    let uri = dst.listen_uri();
+    assert_eq!(uri, format!("unix:{}", path.display()));
+    src.wait_pass(secs(60), 2);
+    src.migrate(&uri, json!({"mode": "postcopy"}))
+        .expect("migrate over a unix socket");
+    let o = src.wait_migration(secs(120));
+    assert_completed("source", &o);
+    let dv = wait_dest_completed(&mut dst, secs(60));
+    assert_eq!(pc(&dv, "remaining_pages"), 0, "{dv}");
+    assert_guest_continues(&src, &mut dst, 3, secs(60));
+    assert_same_ram_outside_working_set(&src, &dst, MEMTOUCH_PAGES);
+    drop(dst);
+    drop(du);
+    assert!(
+        !path.exists(),
+        "the destination left its socket file behind"
+    );
+}

@@ -4,7 +4,6 @@
 //! [`FaultHandler`] until every page is present.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +25,7 @@ use crate::fault::FaultHandler;
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::pages::{PageState, PageTable};
-use crate::session::tcp_addr;
+use crate::stream::{PeerListener, PeerStream};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,7 +34,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The write side of the migration stream, shared with the fault thread's requests.
-type PeerWriter = Arc<Mutex<TcpStream>>;
+type PeerWriter = Arc<Mutex<PeerStream>>;
 
 fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), String> {
     let mut buf = Vec::new();
@@ -62,7 +61,7 @@ pub struct Dest {
     vmm: UnixStream,
     vmm_rx: Receiver<Delivery<LocalMessage>>,
     vm: String,
-    listener: TcpListener,
+    listener: PeerListener,
     mem: Arc<GuestMapping>,
     pages: Arc<PageTable>,
     postcopy: Option<Postcopy>,
@@ -87,12 +86,9 @@ impl Dest {
         uffd: Option<OwnedFd>,
         blocks: Vec<LocalBlock>,
     ) -> Result<Self, (UnixStream, String)> {
-        let setup = || -> Result<(GuestMapping, TcpListener, UnixStream), String> {
+        let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), String> {
             let mem = GuestMapping::new(memfd, blocks, true).map_err(|e| e.to_string())?;
-            let addr = tcp_addr(uri)?;
-            let listener =
-                TcpListener::bind(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
-            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let listener = PeerListener::bind(uri)?;
             let reader = vmm.try_clone().map_err(|e| e.to_string())?;
             Ok((mem, listener, reader))
         };
@@ -191,14 +187,9 @@ impl Dest {
     }
 
     fn receive(&mut self, writer_slot: &mut Option<PeerWriter>) -> Result<(), String> {
-        let local = self.listener.local_addr().map_err(|e| e.to_string())?;
-        send_local(
-            &mut self.vmm,
-            &LocalMessage::Listening {
-                uri: format!("tcp:{local}"),
-            },
-        )
-        .map_err(|e| format!("VMM connection: {e}"))?;
+        let uri = self.listener.uri()?;
+        send_local(&mut self.vmm, &LocalMessage::Listening { uri })
+            .map_err(|e| format!("VMM connection: {e}"))?;
         let mut peer = self.accept()?;
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
@@ -367,7 +358,7 @@ impl Dest {
 
     /// Reads a run's data: before the VM runs straight into guest RAM through umemd's mapping
     /// (nothing else touches it then); afterwards into a buffer, placed with `UFFDIO_COPY`.
-    fn receive_pages(&mut self, peer: &mut TcpStream, p: FramePrefix) -> Result<(), String> {
+    fn receive_pages(&mut self, peer: &mut PeerStream, p: FramePrefix) -> Result<(), String> {
         let mut hdr = [0u8; RUN_HEADER_LEN];
         read_exact(peer, &mut hdr)?;
         let run =
@@ -522,7 +513,7 @@ impl Dest {
     }
 
     /// Waits for the source, giving up if the VMM goes away meanwhile.
-    fn accept(&mut self) -> Result<TcpStream, String> {
+    fn accept(&mut self) -> Result<PeerStream, String> {
         let deadline =
             (self.stats.phase != Phase::Setup).then(|| Instant::now() + HANDSHAKE_TIMEOUT);
         loop {
@@ -530,8 +521,6 @@ impl Dest {
             match self.listener.accept() {
                 Ok((s, from)) => {
                     info!("{}: migration stream from {from}", self.vm);
-                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                    let _ = s.set_nodelay(true);
                     return Ok(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -547,7 +536,7 @@ impl Dest {
     }
 
     /// Checks the source's hello and layout; returns the session id.
-    fn handshake(&mut self, peer: &mut TcpStream) -> Result<u64, String> {
+    fn handshake(&mut self, peer: &mut PeerStream) -> Result<u64, String> {
         peer.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let mut body = Vec::new();
@@ -663,7 +652,7 @@ struct UrgentReceiver {
     fault: Arc<FaultHandler>,
     mem: Arc<GuestMapping>,
     counters: Arc<UrgentCounters>,
-    stream: TcpStream,
+    stream: PeerStream,
 }
 
 impl UrgentReceiver {
@@ -728,7 +717,7 @@ impl UrgentReceiver {
     }
 }
 
-fn read_exact(peer: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
+fn read_exact(peer: &mut PeerStream, buf: &mut [u8]) -> Result<(), String> {
     peer.read_exact(buf).map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => {
             "source closed the connection mid-migration".to_string()

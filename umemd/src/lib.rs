@@ -16,3 +16,4 @@ pub mod pages;
 pub mod sender;
 pub mod session;
 pub mod source;
+pub mod stream;

@@ -2,7 +2,6 @@
 //! channel of decoded messages so a session can wait on several sources at once.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -10,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use proto::frame;
 use proto::local::LocalMessage;
 use proto::peer::PeerMessage;
+
+use crate::stream::PeerStream;
 
 /// Writes one local message.
 pub fn send_local(conn: &mut UnixStream, msg: &LocalMessage) -> io::Result<()> {
@@ -19,7 +20,7 @@ pub fn send_local(conn: &mut UnixStream, msg: &LocalMessage) -> io::Result<()> {
 }
 
 /// Writes one peer message.
-pub fn send_peer(conn: &mut TcpStream, msg: &PeerMessage) -> io::Result<()> {
+pub fn send_peer(conn: &mut PeerStream, msg: &PeerMessage) -> io::Result<()> {
     let mut buf = Vec::new();
     msg.encode(&mut buf);
     conn.write_all(&buf)
@@ -107,7 +108,7 @@ pub fn local_reader(conn: UnixStream) -> Receiver<Delivery<LocalMessage>> {
 /// Reads peer messages in a thread; `Pages` frames are refused (the source never receives any).
 /// Messages that `intercept` handles never reach the channel.
 pub fn peer_reader(
-    conn: TcpStream,
+    conn: PeerStream,
     intercept: Intercept<PeerMessage>,
 ) -> Receiver<Delivery<PeerMessage>> {
     let (tx, rx) = mpsc::channel();

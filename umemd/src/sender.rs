@@ -3,7 +3,6 @@
 //! frames whose data goes to the socket straight from umemd's mapping.
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
@@ -11,6 +10,7 @@ use proto::PAGE_SIZE;
 
 use crate::link;
 use crate::mapping::{is_zero, GuestMapping, SegmentCache};
+use crate::stream::PeerStream;
 
 /// Byte and page counters of the sending side, shared by the threads that send.
 #[derive(Debug, Default)]
@@ -78,7 +78,7 @@ impl PageSender {
     #[allow(clippy::too_many_arguments)]
     pub fn send(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut PeerStream,
         mem: &GuestMapping,
         block: u32,
         first: u64,
@@ -136,7 +136,7 @@ impl PageSender {
     #[allow(clippy::too_many_arguments)]
     fn send_data(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut PeerStream,
         mem: &GuestMapping,
         block: u32,
         first: u64,
@@ -197,7 +197,7 @@ impl PageSender {
     }
 
     /// Writes whatever is batched.
-    pub fn flush(&mut self, stream: &mut TcpStream, c: &Counters) -> std::io::Result<()> {
+    pub fn flush(&mut self, stream: &mut PeerStream, c: &Counters) -> std::io::Result<()> {
         self.write_pending_holes();
         if !self.out.is_empty() {
             stream.write_all(&self.out)?;

@@ -150,34 +150,11 @@ fn check_userfaultfd(fd: &OwnedFd) -> Result<(), String> {
     }
 }
 
-/// Parses `tcp:HOST:PORT` into a socket address string.
-pub fn tcp_addr(uri: &str) -> Result<&str, String> {
-    let rest = uri
-        .strip_prefix("tcp:")
-        .ok_or_else(|| format!("unsupported uri \"{uri}\" (expected tcp:HOST:PORT)"))?;
-    if rest
-        .rsplit_once(':')
-        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
-    {
-        return Err(format!("malformed uri \"{uri}\" (expected tcp:HOST:PORT)"));
-    }
-    Ok(rest)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use sendfd::SendWithFd;
     use std::os::fd::AsRawFd;
-
-    #[test]
-    fn uris() {
-        assert_eq!(tcp_addr("tcp:127.0.0.1:4444"), Ok("127.0.0.1:4444"));
-        assert_eq!(tcp_addr("tcp:[::1]:4444"), Ok("[::1]:4444"));
-        assert!(tcp_addr("unix:/x").is_err());
-        assert!(tcp_addr("tcp:host").is_err());
-        assert!(tcp_addr("tcp::80").is_err());
-    }
 
     #[test]
     fn opening_frame_and_fd_arrive_together() {

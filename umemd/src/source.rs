@@ -2,7 +2,7 @@
 //! to the destination umemd: precopy rounds while the guest runs, then the switchover, then (for
 //! postcopy) requested pages on the urgent channel and every other page in the background.
 
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::pages::SentMap;
 use crate::sender::{Counters, Holes, PageSender};
-use crate::session::tcp_addr;
+use crate::stream::PeerStream;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,12 +79,12 @@ pub struct Source {
 
 /// The migration streams towards the destination.
 struct Peer {
-    stream: TcpStream,
+    stream: PeerStream,
     rx: Receiver<Delivery<PeerMessage>>,
     /// Where page requests are served in postcopy: in the thread that reads them.
     intercept: link::Intercept<PeerMessage>,
     /// Second connection for requested pages (postcopy-capable destinations only).
-    urgent: Option<TcpStream>,
+    urgent: Option<PeerStream>,
 }
 
 impl Source {
@@ -504,26 +504,12 @@ impl Source {
         None
     }
 
-    fn open_stream(&self) -> Result<TcpStream, String> {
-        let addr = tcp_addr(&self.uri)?;
-        let addrs: Vec<_> = addr
-            .to_socket_addrs()
-            .map_err(|e| format!("resolving {addr}: {e}"))?
-            .collect();
-        let mut last = format!("no address for {addr}");
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    stream
-                        .set_write_timeout(Some(WRITE_TIMEOUT))
-                        .map_err(|e| e.to_string())?;
-                    return Ok(stream);
-                }
-                Err(e) => last = format!("connecting to destination {a}: {e}"),
-            }
-        }
-        Err(last)
+    fn open_stream(&self) -> Result<PeerStream, String> {
+        let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        Ok(stream)
     }
 
     fn connect(&mut self) -> Result<Peer, String> {
@@ -796,7 +782,7 @@ struct RequestServer {
     sent: Arc<SentMap>,
     counters: Arc<Counters>,
     pc: Arc<PostcopyCounters>,
-    stream: TcpStream,
+    stream: PeerStream,
     sender: PageSender,
 }
 

@@ -189,9 +189,9 @@ fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
         .and_then(Value::as_str)
         .ok_or("migrate needs a string argument \"uri\"")?
         .to_string();
-    if !uri.starts_with("tcp:") {
+    if !uri.starts_with("tcp:") && !uri.starts_with("unix:") {
         return Err(format!(
-            "unsupported migration uri \"{uri}\" (expected tcp:HOST:PORT)"
+            "unsupported migration uri \"{uri}\" (expected tcp:HOST:PORT or unix:PATH)"
         ));
     }
     let current = m.state().params;

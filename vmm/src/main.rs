@@ -42,7 +42,8 @@ struct Args {
     /// umemd's socket.
     #[arg(long, default_value = "/run/umem/umemd.sock")]
     umemd: PathBuf,
-    /// Receive the VM from a migration listening here (tcp:HOST:PORT; port 0 picks one).
+    /// Receive the VM from a migration listening here: tcp:HOST:PORT (port 0 picks one) between
+    /// hosts, or unix:PATH within one host.
     #[arg(long)]
     incoming: Option<String>,
     /// Do not start the vCPUs (at boot, or after an incoming migration) until "cont".

@@ -1,0 +1,281 @@
+//! The migration stream's transport: TCP between hosts (`tcp:HOST:PORT`), or a Unix socket for
+//! a migration within one host (`unix:PATH`). Everything above it reads and writes bytes.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a migration stream goes, parsed from a URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `tcp:HOST:PORT`: the `HOST:PORT` part.
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `tcp:HOST:PORT` or `unix:PATH`.
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("malformed uri \"{uri}\" (expected unix:PATH)"));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(path)));
+        }
+        let rest = uri.strip_prefix("tcp:").ok_or_else(|| {
+            format!("unsupported uri \"{uri}\" (expected tcp:HOST:PORT or unix:PATH)")
+        })?;
+        if rest
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!("malformed uri \"{uri}\" (expected tcp:HOST:PORT)"));
+        }
+        Ok(Endpoint::Tcp(rest.to_string()))
+    }
+}
+
+/// One connection of a migration stream.
+#[derive(Debug)]
+pub enum PeerStream {
+    /// Between hosts.
+    Tcp(TcpStream),
+    /// Within a host.
+    Unix(UnixStream),
+}
+
+impl PeerStream {
+    /// Connects to `uri`, trying each address a host name resolves to.
+    pub fn connect(uri: &str, timeout: Duration) -> Result<Self, String> {
+        let stream = match Endpoint::parse(uri)? {
+            Endpoint::Unix(path) => UnixStream::connect(&path)
+                .map(PeerStream::Unix)
+                .map_err(|e| format!("connecting to destination {}: {e}", path.display()))?,
+            Endpoint::Tcp(addr) => {
+                let addrs: Vec<_> = addr
+                    .to_socket_addrs()
+                    .map_err(|e| format!("resolving {addr}: {e}"))?
+                    .collect();
+                let mut last = Err(format!("no address for {addr}"));
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, timeout) {
+                        Ok(s) => {
+                            last = Ok(PeerStream::Tcp(s));
+                            break;
+                        }
+                        Err(e) => last = Err(format!("connecting to destination {a}: {e}")),
+                    }
+                }
+                last?
+            }
+        };
+        stream.tune();
+        Ok(stream)
+    }
+
+    /// Small frames (requests, acknowledgements) must not wait for Nagle's algorithm.
+    fn tune(&self) {
+        if let PeerStream::Tcp(s) = self {
+            let _ = s.set_nodelay(true);
+        }
+    }
+
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            PeerStream::Tcp(s) => PeerStream::Tcp(s.try_clone()?),
+            PeerStream::Unix(s) => PeerStream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the connection down in one or both directions.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            PeerStream::Tcp(s) => s.shutdown(how),
+            PeerStream::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Bounds every read; `None` waits for ever.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            PeerStream::Tcp(s) => s.set_read_timeout(t),
+            PeerStream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Bounds every write; `None` waits for ever.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            PeerStream::Tcp(s) => s.set_write_timeout(t),
+            PeerStream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+}
+
+impl Read for PeerStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            PeerStream::Tcp(s) => s.read(buf),
+            PeerStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for PeerStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            PeerStream::Tcp(s) => s.write(buf),
+            PeerStream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            PeerStream::Tcp(s) => s.write_vectored(bufs),
+            PeerStream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for PeerStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            PeerStream::Tcp(s) => s.as_fd(),
+            PeerStream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Where a destination waits for its source.
+#[derive(Debug)]
+pub enum PeerListener {
+    /// A TCP port.
+    Tcp(TcpListener),
+    /// A Unix socket, removed again when the listener goes.
+    Unix(UnixListener, PathBuf),
+}
+
+impl PeerListener {
+    /// Binds `uri` (`tcp:HOST:0` picks a port), non-blocking.
+    pub fn bind(uri: &str) -> Result<Self, String> {
+        let l = match Endpoint::parse(uri)? {
+            Endpoint::Tcp(addr) => PeerListener::Tcp(
+                TcpListener::bind(&addr).map_err(|e| format!("listening on {addr}: {e}"))?,
+            ),
+            Endpoint::Unix(path) => PeerListener::Unix(
+                UnixListener::bind(&path)
+                    .map_err(|e| format!("listening on {}: {e}", path.display()))?,
+                path,
+            ),
+        };
+        match &l {
+            PeerListener::Tcp(t) => t.set_nonblocking(true),
+            PeerListener::Unix(u, _) => u.set_nonblocking(true),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(l)
+    }
+
+    /// The URI a source connects to.
+    pub fn uri(&self) -> Result<String, String> {
+        match self {
+            PeerListener::Tcp(t) => t
+                .local_addr()
+                .map(|a| format!("tcp:{a}"))
+                .map_err(|e| e.to_string()),
+            PeerListener::Unix(_, path) => Ok(format!("unix:{}", path.display())),
+        }
+    }
+
+    /// Accepts a connection (`WouldBlock` when none waits), made blocking, and a name for logs.
+    pub fn accept(&self) -> io::Result<(PeerStream, String)> {
+        let (s, from) = match self {
+            PeerListener::Tcp(t) => {
+                let (s, a) = t.accept()?;
+                s.set_nonblocking(false)?;
+                (PeerStream::Tcp(s), a.to_string())
+            }
+            PeerListener::Unix(u, path) => {
+                let (s, _) = u.accept()?;
+                s.set_nonblocking(false)?;
+                (PeerStream::Unix(s), path.display().to_string())
+            }
+        };
+        s.tune();
+        Ok((s, from))
+    }
+}
+
+impl AsFd for PeerListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            PeerListener::Tcp(t) => t.as_fd(),
+            PeerListener::Unix(u, _) => u.as_fd(),
+        }
+    }
+}
+
+impl Drop for PeerListener {
+    fn drop(&mut self) {
+        if let PeerListener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            Endpoint::parse("tcp:127.0.0.1:4444"),
+            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("tcp:[::1]:4444"),
+            Ok(Endpoint::Tcp("[::1]:4444".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("unix:/run/m.sock"),
+            Ok(Endpoint::Unix("/run/m.sock".into()))
+        );
+        for bad in [
+            "unix:",
+            "tcp:host",
+            "tcp::80",
+            "udp:1.2.3.4:5",
+            "tcp:h:99999",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unix_listener_connects_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("umem-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = format!("unix:{}", dir.join("m.sock").display());
+        let l = PeerListener::bind(&uri).unwrap();
+        assert_eq!(l.uri().unwrap(), uri);
+        let mut c = PeerStream::connect(&uri, Duration::from_secs(1)).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"page").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"page");
+        drop(l);
+        assert!(!dir.join("m.sock").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
