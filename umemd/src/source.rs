@@ -321,9 +321,10 @@ impl Source {
         self.sender
             .push(&PeerMessage::Switchover { postcopy: true });
         self.sender.push(&PeerMessage::MachineState(state));
-        self.sender
-            .flush(&mut peer.stream, &self.counters)
-            .map_err(|e| self.peer_error(peer, e))?;
+        // From here the destination may run the VM at any moment, even if its `Started` never
+        // reaches us: the source copy must never run again, whatever happens next.
+        self.stats.phase = Phase::Postcopy;
+        self.progress(true);
 
         let urgent = match &peer.urgent {
             Some(u) => u.try_clone(),
