@@ -188,7 +188,12 @@ fn postcopy_digest_guest_matches_unmigrated_run() {
 
     pair.src
         .wait_serial(secs(120), "round=3", |l| l == "round=3");
-    let o = pair.migrate_and_wait(json!({"mode": "postcopy"}), secs(240));
+    // The guest's RAM is small and mostly holes: unthrottled, the background could deliver
+    // every page before the guest touches one, and this test is about the fault path too.
+    let o = pair.migrate_and_wait(
+        json!({"mode": "postcopy", "bandwidth_limit": 1_000_000}),
+        secs(240),
+    );
     assert_completed("source", &o);
     assert!(
         o.raw["postcopy"].is_object(),
