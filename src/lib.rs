@@ -61,7 +61,17 @@ pub fn secs(secs: u64) -> Duration {
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or returns `None` once `timeout` has passed.
-pub fn try_wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn try_wait_until<T>(timeout: Duration, f: impl FnMut() -> Option<T>) -> Option<T> {
+    poll_every(timeout, Duration::from_millis(50), f)
+}
+
+/// Polls `f` every `interval` until it returns `Some`, or returns `None` once `timeout` has
+/// passed.
+pub fn poll_every<T>(
+    timeout: Duration,
+    interval: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -70,7 +80,7 @@ pub fn try_wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) ->
         if Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(interval);
     }
 }
 

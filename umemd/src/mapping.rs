@@ -185,6 +185,29 @@ impl GuestMapping {
         end: u64,
         cache: &mut SegmentCache,
     ) -> Vec<(u64, u64, bool)> {
+        self.find_segments(start, end, cache, false)
+    }
+
+    /// As [`GuestMapping::segments_cached`] for a memfd whose guest is stopped for good, asked
+    /// in any order (requested pages jump around): data is found page by page with `SEEK_DATA`,
+    /// which answers at once on data, and `SEEK_HOLE`, which scans on to the next hole (the end
+    /// of the memfd, when RAM is populated) every time it is asked, is never used.
+    pub fn segments_frozen(
+        &self,
+        start: u64,
+        end: u64,
+        cache: &mut SegmentCache,
+    ) -> Vec<(u64, u64, bool)> {
+        self.find_segments(start, end, cache, true)
+    }
+
+    fn find_segments(
+        &self,
+        start: u64,
+        end: u64,
+        cache: &mut SegmentCache,
+        page_by_page: bool,
+    ) -> Vec<(u64, u64, bool)> {
         let fd = self.file.as_fd();
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let mut pos = start;
@@ -199,43 +222,16 @@ impl GuestMapping {
                     lseek(fd, pos as i64, Whence::SeekData).map_or(self.len as u64, |d| d as u64);
                 if d > pos {
                     cache.hole = (pos, d);
+                    continue;
+                }
+                if page_by_page {
+                    ((pos + PAGE_SIZE).min(end), true)
                 } else {
                     let h = lseek(fd, pos as i64, Whence::SeekHole)
                         .map_or(self.len as u64, |h| h as u64);
                     cache.data = (pos, h.max(pos + PAGE_SIZE));
-                }
-                continue;
-            };
-            push_segment(&mut out, pos, to, data);
-            pos = to;
-        }
-        out
-    }
-
-    /// As [`GuestMapping::segments_cached`] for a memfd whose guest is stopped for good, asked
-    /// in any order (requested pages jump around): data is found page by page with `SEEK_DATA`,
-    /// which answers at once on data, and `SEEK_HOLE`, which scans on to the next hole (the end
-    /// of the memfd, when RAM is populated) every time it is asked, is never used.
-    pub fn segments_frozen(
-        &self,
-        start: u64,
-        end: u64,
-        cache: &mut SegmentCache,
-    ) -> Vec<(u64, u64, bool)> {
-        let fd = self.file.as_fd();
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut pos = start;
-        while pos < end {
-            let (to, data) = if (cache.hole.0..cache.hole.1).contains(&pos) {
-                (cache.hole.1.min(end), false)
-            } else {
-                let d =
-                    lseek(fd, pos as i64, Whence::SeekData).map_or(self.len as u64, |d| d as u64);
-                if d > pos {
-                    cache.hole = (pos, d);
                     continue;
                 }
-                ((pos + PAGE_SIZE).min(end), true)
             };
             push_segment(&mut out, pos, to, data);
             pos = to;

@@ -164,24 +164,6 @@ const SCENARIOS: &[fn() -> Scenario] = &[
 /// memtouch writing every page of a 1 GiB VM above its 16 MiB base (258048 pages), once.
 const GUEST_WRITTEN_1G: &str = "pages=258048 passes=1";
 
-/// Calls `f` every `interval` until it returns `Some`, or returns `None` after `timeout`.
-pub fn poll<T>(
-    timeout: Duration,
-    interval: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(interval);
-    }
-}
-
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -221,7 +203,7 @@ fn run(s: &Scenario) -> Value {
         }
         None => {
             // Polled every 5 ms (not the harness's 50 ms), as the QEMU runs are.
-            let v = poll(secs(600), Duration::from_millis(5), || {
+            let v = umem::poll_every(secs(600), Duration::from_millis(5), || {
                 dst.proc.assert_alive();
                 let v = dst.query_migrate();
                 matches!(
