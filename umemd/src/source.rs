@@ -97,7 +97,7 @@ impl Source {
         memfd: OwnedFd,
         blocks: Vec<LocalBlock>,
     ) -> Result<Self, (UnixStream, String)> {
-        let mem = match GuestMapping::new(memfd, blocks, false) {
+        let mem = match GuestMapping::new(memfd, blocks) {
             Ok(m) => m,
             Err(e) => return Err((vmm, e.to_string())),
         };
@@ -354,13 +354,6 @@ impl Source {
 
         wait_started(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
-        info!(
-            "{}: switchover: stop, dirty log and state took {} us, the destination ran after {} us",
-            self.vm,
-            harvested.as_micros(),
-            self.stats.downtime_us
-        );
-        self.stats.phase = Phase::Postcopy;
         self.postcopy_ran = true;
         if let Err(e) = nix::sys::socket::setsockopt(
             &peer.stream,
@@ -370,8 +363,9 @@ impl Source {
             warn!("{}: shrinking the send buffer: {e}", self.vm);
         }
         info!(
-            "{}: postcopy: the VM runs on the destination after {} us; {} pages to go",
+            "{}: postcopy: stop, dirty log and state took {} us, the VM ran on the destination after {} us; {} pages to go",
             self.vm,
+            harvested.as_micros(),
             self.stats.downtime_us,
             self.sent.remaining()
         );
@@ -392,15 +386,8 @@ impl Source {
         let t0 = Instant::now();
         let bytes0 = Counters::get(&self.counters.bytes);
         loop {
-            match peer.rx.try_recv() {
-                Ok(Ok(PeerMessage::AllReceived)) => return Ok(()),
-                Ok(Ok(PeerMessage::Error(m))) => return Err(format!("destination failed: {m}")),
-                Ok(Ok(other)) => {
-                    return Err(format!("unexpected message from destination: {other:?}"))
-                }
-                Ok(Err(e)) => return Err(format!("destination connection: {e}")),
-                Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return Err("destination connection lost".into()),
+            if dest_has_all(peer, Duration::ZERO)? {
+                return Ok(());
             }
             self.poll_vmm()?;
             self.progress(false);
@@ -462,15 +449,11 @@ impl Source {
             }
             block = b;
             page = end;
-            if self.params.bandwidth_limit > 0 {
-                let sent = Counters::get(&self.counters.bytes) - bytes0;
-                let due = Duration::from_secs_f64(sent as f64 / self.params.bandwidth_limit as f64);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    self.sender
-                        .flush(&mut peer.stream, &self.counters)
-                        .map_err(|e| self.peer_error(peer, e))?;
-                    std::thread::sleep(wait.min(Duration::from_millis(50)));
-                }
+            if let Some(wait) = self.over_bandwidth(t0, bytes0) {
+                self.sender
+                    .flush(&mut peer.stream, &self.counters)
+                    .map_err(|e| self.peer_error(peer, e))?;
+                std::thread::sleep(wait.min(Duration::from_millis(50)));
             }
         }
     }
@@ -481,14 +464,18 @@ impl Source {
         self.sender
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
-        match peer.rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Ok(PeerMessage::AllReceived)) => Ok(true),
-            Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
-            Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
-            Ok(Err(e)) => Err(format!("destination connection: {e}")),
-            Err(RecvTimeoutError::Timeout) => Ok(false),
-            Err(RecvTimeoutError::Disconnected) => Err("destination connection lost".into()),
+        dest_has_all(peer, Duration::from_millis(20))
+    }
+
+    /// How long to wait before sending more, when the bytes sent since `t0` (counted from
+    /// `bytes0`) exceed the bandwidth limit.
+    fn over_bandwidth(&self, t0: Instant, bytes0: u64) -> Option<Duration> {
+        if self.params.bandwidth_limit == 0 {
+            return None;
         }
+        let sent = Counters::get(&self.counters.bytes) - bytes0;
+        let due = Duration::from_secs_f64(sent as f64 / self.params.bandwidth_limit as f64);
+        due.checked_sub(t0.elapsed())
     }
 
     /// The first unsent page at or after `(block, page)`, wrapping around the blocks.
@@ -704,12 +691,8 @@ impl Source {
             if let Ok(Ok(PeerMessage::Error(m)) | Err(m)) = peer.rx.try_recv() {
                 return Err(format!("destination failed: {m}"));
             }
-            if limited && self.params.bandwidth_limit > 0 {
-                let sent = Counters::get(&self.counters.bytes) - bytes0;
-                let due = Duration::from_secs_f64(sent as f64 / self.params.bandwidth_limit as f64);
-                if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                    std::thread::sleep(wait);
-                }
+            if let Some(wait) = self.over_bandwidth(t0, bytes0).filter(|_| limited) {
+                std::thread::sleep(wait);
             }
             // Throughput so far, including this round, so progress shows it while it runs.
             self.stats.throughput_bps = rate(
@@ -821,6 +804,19 @@ impl RequestServer {
             Ordering::Release,
         );
         Ok(())
+    }
+}
+
+/// Waits up to `timeout` for a message from the destination in postcopy: true once it says it
+/// has every page; any other message ends the migration.
+fn dest_has_all(peer: &Peer, timeout: Duration) -> Result<bool, String> {
+    match peer.rx.recv_timeout(timeout) {
+        Ok(Ok(PeerMessage::AllReceived)) => Ok(true),
+        Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
+        Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
+        Ok(Err(e)) => Err(format!("destination connection: {e}")),
+        Err(RecvTimeoutError::Timeout) => Ok(false),
+        Err(RecvTimeoutError::Disconnected) => Err("destination connection lost".into()),
     }
 }
 
