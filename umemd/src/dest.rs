@@ -51,8 +51,9 @@ struct Postcopy {
     /// What came on the urgent channel.
     urgent: Arc<UrgentCounters>,
     pushed: u64,
-    /// Failures of the fault and urgent-channel threads.
-    errors: Option<Receiver<String>>,
+    /// Failures of the fault and urgent-channel threads, which each hold a sender.
+    errors: Receiver<String>,
+    report_error: mpsc::Sender<String>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -69,7 +70,6 @@ pub struct Dest {
     switching_to_postcopy: bool,
     /// The VM runs: pages may be placed only with `UFFDIO_COPY` from now on.
     running: bool,
-    vcpu_tids: Vec<u32>,
     stats: MigrationStats,
     started: Instant,
     last_progress: Instant,
@@ -87,7 +87,7 @@ impl Dest {
         blocks: Vec<LocalBlock>,
     ) -> Result<Self, (UnixStream, String)> {
         let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), String> {
-            let mem = GuestMapping::new(memfd, blocks, true).map_err(|e| e.to_string())?;
+            let mem = GuestMapping::new(memfd, blocks).map_err(|e| e.to_string())?;
             let listener = PeerListener::bind(uri)?;
             let reader = vmm.try_clone().map_err(|e| e.to_string())?;
             Ok((mem, listener, reader))
@@ -95,12 +95,20 @@ impl Dest {
         match setup() {
             Ok((mem, listener, reader)) => {
                 let pages = Arc::new(PageTable::new(mem.blocks()));
-                let postcopy = uffd.map(|fd| Postcopy {
-                    fault: Arc::new(FaultHandler::new(fd, mem.blocks().to_vec(), pages.clone())),
-                    urgent: Arc::new(UrgentCounters::default()),
-                    pushed: 0,
-                    errors: None,
-                    threads: Vec::new(),
+                let postcopy = uffd.map(|fd| {
+                    let (report_error, errors) = mpsc::channel();
+                    Postcopy {
+                        fault: Arc::new(FaultHandler::new(
+                            fd,
+                            mem.blocks().to_vec(),
+                            pages.clone(),
+                        )),
+                        urgent: Arc::new(UrgentCounters::default()),
+                        pushed: 0,
+                        errors,
+                        report_error,
+                        threads: Vec::new(),
+                    }
                 });
                 Ok(Dest {
                     stats: MigrationStats {
@@ -118,7 +126,6 @@ impl Dest {
                     postcopy,
                     switching_to_postcopy: false,
                     running: false,
-                    vcpu_tids: Vec::new(),
                     started: Instant::now(),
                     last_progress: Instant::now(),
                     buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
@@ -190,7 +197,7 @@ impl Dest {
         let uri = self.listener.uri()?;
         send_local(&mut self.vmm, &LocalMessage::Listening { uri })
             .map_err(|e| format!("VMM connection: {e}"))?;
-        let mut peer = self.accept()?;
+        let mut peer = self.accept(None)?;
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
         // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
@@ -257,9 +264,8 @@ impl Dest {
                             .offset_of(block, first, count as u64)
                             .map_err(|e| format!("source discarded {e}"))?;
                         self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
-                        for p in first..first + count as u64 {
-                            self.pages.set(block, p, PageState::Missing);
-                        }
+                        self.pages
+                            .set_range(block, first, count as u64, PageState::Missing);
                     }
                 }
                 PeerMessage::RoundEnd { round } => {
@@ -356,8 +362,8 @@ impl Dest {
         Ok(())
     }
 
-    /// Reads a run's data: before the VM runs straight into guest RAM through umemd's mapping
-    /// (nothing else touches it then); afterwards into a buffer, placed with `UFFDIO_COPY`.
+    /// Reads a run's data into a buffer, then writes it into guest RAM: with `pwrite` into the
+    /// memfd before the VM runs (nothing else touches it then), with `UFFDIO_COPY` afterwards.
     fn receive_pages(&mut self, peer: &mut PeerStream, p: FramePrefix) -> Result<(), String> {
         let mut hdr = [0u8; RUN_HEADER_LEN];
         read_exact(peer, &mut hdr)?;
@@ -381,9 +387,8 @@ impl Dest {
             read_exact(peer, &mut self.buf[..len])?;
             std::os::unix::fs::FileExt::write_all_at(self.mem.file(), &self.buf[..len], off)
                 .map_err(|e| format!("writing pages into guest RAM: {e}"))?;
-            for p in run.first..run.first + run.count as u64 {
-                self.pages.set(run.block, p, PageState::Present);
-            }
+            self.pages
+                .set_range(run.block, run.first, run.count as u64, PageState::Present);
         }
         self.stats.pages_sent += run.count as u64;
         self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + len) as u64;
@@ -395,19 +400,7 @@ impl Dest {
         let Some(pc) = self.postcopy.as_mut() else {
             return Err("no userfaultfd".into());
         };
-        pc.fault.set_vcpu_threads(&self.vcpu_tids);
-        let (tx, rx) = mpsc::channel();
-        if let Some(old) = pc.errors.replace(rx) {
-            // Keep the urgent channel's reports: forward them into the new channel.
-            let tx2 = tx.clone();
-            std::thread::spawn(move || {
-                while let Ok(e) = old.recv() {
-                    if tx2.send(e).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
+        let tx = pc.report_error.clone();
         let fault = pc.fault.clone();
         let t = std::thread::Builder::new()
             .name("faults".into())
@@ -435,7 +428,8 @@ impl Dest {
 
     /// Accepts the source's second connection, which carries only requested pages.
     fn accept_urgent(&mut self, session_id: u64) -> Result<(), String> {
-        let mut s = self.accept()?;
+        // The source opens it right after the handshake.
+        let mut s = self.accept(Some(Instant::now() + HANDSHAKE_TIMEOUT))?;
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let mut body = Vec::new();
@@ -454,8 +448,7 @@ impl Dest {
         let Some(pc) = self.postcopy.as_mut() else {
             return Ok(());
         };
-        let (tx, rx) = mpsc::channel();
-        pc.errors = Some(rx);
+        let tx = pc.report_error.clone();
         let receiver = UrgentReceiver {
             fault: pc.fault.clone(),
             mem: self.mem.clone(),
@@ -475,12 +468,10 @@ impl Dest {
     }
 
     fn check_threads(&mut self) -> Result<(), String> {
-        if let Some(rx) = self.postcopy.as_ref().and_then(|p| p.errors.as_ref()) {
-            if let Ok(e) = rx.try_recv() {
-                return Err(e);
-            }
+        match self.postcopy.as_ref().map(|p| p.errors.try_recv()) {
+            Some(Ok(e)) => Err(e),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn load_state(&mut self, state: Vec<u8>) -> Result<(), String> {
@@ -509,13 +500,11 @@ impl Dest {
         if let Some(pc) = &self.postcopy {
             pc.fault.set_vcpu_threads(&tids);
         }
-        self.vcpu_tids = tids;
     }
 
-    /// Waits for the source, giving up if the VMM goes away meanwhile.
-    fn accept(&mut self) -> Result<PeerStream, String> {
-        let deadline =
-            (self.stats.phase != Phase::Setup).then(|| Instant::now() + HANDSHAKE_TIMEOUT);
+    /// Waits for the source (until `deadline`, if any), giving up if the VMM goes away
+    /// meanwhile.
+    fn accept(&mut self, deadline: Option<Instant>) -> Result<PeerStream, String> {
         loop {
             self.poll_vmm()?;
             match self.listener.accept() {

@@ -47,15 +47,16 @@ pub struct GuestMapping {
     blocks: Vec<LocalBlock>,
 }
 
-// SAFETY: the mapping is plain shared memory; concurrent access is coordinated by the session
-// that owns it (one writer thread, readers only of pages it has finished writing).
+// SAFETY: the mapping is plain read-only shared memory; a write to the memfd by another path
+// (the guest, pwrite) can only tear what a reader sees, which `u8` reads tolerate.
 unsafe impl Send for GuestMapping {}
 // SAFETY: as above; `&GuestMapping` hands out only raw views whose use is coordinated.
 unsafe impl Sync for GuestMapping {}
 
 impl GuestMapping {
-    /// Maps `fd`, checking that it is a regular file (a memfd) that holds every block.
-    pub fn new(fd: OwnedFd, blocks: Vec<LocalBlock>, writable: bool) -> Result<Self, MappingError> {
+    /// Maps `fd` read-only, checking that it is a sealed memfd that holds every block. umemd
+    /// only reads guest RAM through it; pages are written with `pwrite` or `UFFDIO_COPY`.
+    pub fn new(fd: OwnedFd, blocks: Vec<LocalBlock>) -> Result<Self, MappingError> {
         let file = File::from(fd);
         let meta = file
             .metadata()
@@ -89,11 +90,6 @@ impl GuestMapping {
                 });
             }
         }
-        let prot = if writable {
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
-        } else {
-            ProtFlags::PROT_READ
-        };
         let size = std::num::NonZeroUsize::new(len)
             .ok_or_else(|| MappingError::BadFd("the memfd is empty".into()))?;
         // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
@@ -101,7 +97,7 @@ impl GuestMapping {
             mmap(
                 None,
                 size,
-                prot,
+                ProtFlags::PROT_READ,
                 MapFlags::MAP_SHARED | MapFlags::MAP_NORESERVE,
                 file.as_fd(),
                 0,
@@ -158,16 +154,6 @@ impl GuestMapping {
     pub unsafe fn slice(&self, off: u64, len: usize) -> &[u8] {
         debug_assert!(off as usize + len <= self.len);
         std::slice::from_raw_parts(self.ptr.as_ptr().add(off as usize), len)
-    }
-
-    /// Mutable bytes at memfd offset `off`.
-    ///
-    /// # Safety
-    /// As for [`GuestMapping::slice`], and the caller must be the only writer of the range.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice_mut(&self, off: u64, len: usize) -> &mut [u8] {
-        debug_assert!(off as usize + len <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off as usize), len)
     }
 
     /// Splits `[start, end)` of the memfd into `(offset, len, has_data)` segments: holes (never
@@ -303,7 +289,7 @@ mod tests {
             .unwrap()
             .into_file();
         f.set_len(4096).unwrap();
-        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 4096)], false).unwrap_err();
+        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 4096)]).unwrap_err();
         assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
     }
 
@@ -324,7 +310,7 @@ mod tests {
         let mut f = memfd(64 * 4096);
         f.seek(SeekFrom::Start(8 * 4096)).unwrap();
         f.write_all(&[1u8; 4096 * 2]).unwrap();
-        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 64 * 4096)], false).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 64 * 4096)]).unwrap();
         let segs = m.segments(0, 64 * 4096);
         assert_eq!(
             segs,
@@ -368,21 +354,21 @@ mod tests {
     #[test]
     fn layout_beyond_the_memfd_is_refused() {
         let f = memfd(4096);
-        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 8192)], false).unwrap_err();
+        let e = GuestMapping::new(f.into(), vec![block("ram", 0, 8192)]).unwrap_err();
         assert!(e.to_string().contains("ram"), "{e}");
     }
 
     #[test]
     fn non_file_fd_is_refused() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let e = GuestMapping::new(a.into(), vec![block("ram", 0, 4096)], false).unwrap_err();
+        let e = GuestMapping::new(a.into(), vec![block("ram", 0, 4096)]).unwrap_err();
         assert!(e.to_string().contains("wrong fd"), "{e}");
     }
 
     #[test]
     fn offsets_are_bounds_checked() {
         let f = memfd(16 * 4096);
-        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 16 * 4096)], true).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 16 * 4096)]).unwrap();
         assert_eq!(m.offset_of(0, 15, 1), Ok(15 * 4096));
         assert!(m.offset_of(0, 15, 2).is_err());
         assert!(m.offset_of(1, 0, 1).is_err());
@@ -392,9 +378,8 @@ mod tests {
     #[test]
     fn punch_hole_zeroes() {
         let f = memfd(4 * 4096);
-        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 4 * 4096)], true).unwrap();
-        // SAFETY: in bounds, single-threaded test.
-        unsafe { m.slice_mut(4096, 4096) }.fill(7);
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7; 4096], 4096).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 4 * 4096)]).unwrap();
         // SAFETY: in bounds, single-threaded test.
         assert!(!is_zero(unsafe { m.slice(4096, 4096) }));
         m.punch_hole(4096, 4096).unwrap();
