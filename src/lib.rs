@@ -32,6 +32,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod pair;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

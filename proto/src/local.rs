@@ -33,6 +33,8 @@ pub mod kind {
     pub const FAILED: u8 = 0x66;
     pub const POSTCOPY_BEGIN: u8 = 0x67;
     pub const POSTCOPY_PROGRESS: u8 = 0x68;
+    pub const COMMITTED: u8 = 0x69;
+    pub const RUN: u8 = 0x6a;
 }
 
 /// A RAM block as the VMM that owns it sees it.
@@ -131,6 +133,12 @@ pub enum LocalMessage {
     PostcopyBegin,
     /// umemd: postcopy statistics so far.
     PostcopyProgress(PostcopyStats),
+    /// umemd (source): the switchover is committed. The destination may run the VM from now
+    /// on, so this VMM must never resume it by itself, whatever happens to the migration.
+    Committed,
+    /// umemd (destination): the source committed; the VM may run (unless the VMM was told to
+    /// wait for `cont`). Until this arrives a loaded machine state must not run.
+    Run,
     /// umemd (destination): listening on this address.
     Listening {
         /// `tcp:HOST:PORT` actually bound.
@@ -210,6 +218,8 @@ impl LocalMessage {
                 }
             }),
             LocalMessage::PostcopyBegin => frame::encode(buf, kind::POSTCOPY_BEGIN, |_| {}),
+            LocalMessage::Committed => frame::encode(buf, kind::COMMITTED, |_| {}),
+            LocalMessage::Run => frame::encode(buf, kind::RUN, |_| {}),
             LocalMessage::PostcopyProgress(s) => {
                 frame::encode(buf, kind::POSTCOPY_PROGRESS, |w| s.encode(w))
             }
@@ -283,6 +293,8 @@ impl LocalMessage {
                 )
             }
             kind::POSTCOPY_BEGIN => LocalMessage::PostcopyBegin,
+            kind::COMMITTED => LocalMessage::Committed,
+            kind::RUN => LocalMessage::Run,
             kind::POSTCOPY_PROGRESS => {
                 LocalMessage::PostcopyProgress(PostcopyStats::decode(&mut r)?)
             }
@@ -357,6 +369,8 @@ mod tests {
             LocalMessage::StartPostcopy,
             LocalMessage::VcpuThreads(vec![100, 101]),
             LocalMessage::PostcopyBegin,
+            LocalMessage::Committed,
+            LocalMessage::Run,
             LocalMessage::PostcopyProgress(PostcopyStats {
                 faults: 3,
                 latency_hist: [1; crate::types::LATENCY_BUCKETS],

@@ -4,6 +4,12 @@
 //! with its own `Hello` or an `Error`. Then the source sends its [`PeerMessage::Layout`], which
 //! the destination checks against its VMM's before any page moves. Page runs name a block by its
 //! index in that layout: the name crosses the wire once per migration instead of once per run.
+//!
+//! The switchover is a commit, not a message: after the machine state the destination loads it
+//! and answers [`PeerMessage::Ready`] without running the VM; the source then commits (from then
+//! on it never resumes the VM by itself) and sends [`PeerMessage::Commit`]; only then does the
+//! destination run the VM and answer [`PeerMessage::Started`]. A message lost anywhere in that
+//! exchange leaves the VM stopped on both sides, never running on both.
 
 use crate::frame::{self, FramePrefix, PREFIX_LEN};
 use crate::types::{decode_blocks, encode_blocks, BlockDesc, PAGE_SIZE};
@@ -12,7 +18,7 @@ use crate::wire::{DecodeError, Reader, Writer};
 /// First bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"UMEM";
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Capability: the peer can run postcopy.
 pub const CAP_POSTCOPY: u64 = 1 << 0;
 /// Capability: the peer can resume an interrupted migration on a new connection.
@@ -45,6 +51,8 @@ pub mod kind {
     pub const SWITCHOVER: u8 = 0x0e;
     pub const HOLES: u8 = 0x0f;
     pub const URGENT_CHANNEL: u8 = 0x10;
+    pub const READY: u8 = 0x11;
+    pub const COMMIT: u8 = 0x12;
 }
 
 /// A run of contiguous pages of one block.
@@ -164,7 +172,12 @@ pub enum PeerMessage {
     MachineState(Vec<u8>),
     /// Source: every page and the machine state have been sent.
     AllSent,
-    /// Destination: the machine state is loaded and the VM may run.
+    /// Destination: the machine state is loaded; the VM runs once the source commits.
+    Ready,
+    /// Source: committed to the switchover. The source never resumes the VM by itself from now
+    /// on; the destination runs it.
+    Commit,
+    /// Destination: the VM runs.
     Started,
     /// Destination: please send these pages first.
     PageRequest(PageRun),
@@ -229,6 +242,8 @@ impl PeerMessage {
             }),
             PeerMessage::MachineState(b) => frame::encode(buf, kind::MACHINE_STATE, |w| w.bytes(b)),
             PeerMessage::AllSent => frame::encode(buf, kind::ALL_SENT, |_| {}),
+            PeerMessage::Ready => frame::encode(buf, kind::READY, |_| {}),
+            PeerMessage::Commit => frame::encode(buf, kind::COMMIT, |_| {}),
             PeerMessage::Started => frame::encode(buf, kind::STARTED, |_| {}),
             PeerMessage::PageRequest(run) => {
                 frame::encode(buf, kind::PAGE_REQUEST, |w| run.encode(w))
@@ -310,6 +325,8 @@ impl PeerMessage {
             }
             kind::MACHINE_STATE => PeerMessage::MachineState(r.bytes("machine state")?.to_vec()),
             kind::ALL_SENT => PeerMessage::AllSent,
+            kind::READY => PeerMessage::Ready,
+            kind::COMMIT => PeerMessage::Commit,
             kind::STARTED => PeerMessage::Started,
             kind::PAGE_REQUEST => PeerMessage::PageRequest(PageRun::decode(&mut r)?),
             kind::ALL_RECEIVED => PeerMessage::AllReceived,
@@ -397,6 +414,8 @@ mod tests {
             },
             PeerMessage::MachineState(vec![1, 2, 3]),
             PeerMessage::AllSent,
+            PeerMessage::Ready,
+            PeerMessage::Commit,
             PeerMessage::Started,
             PeerMessage::PageRequest(run),
             PeerMessage::AllReceived,

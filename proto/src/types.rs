@@ -191,14 +191,22 @@ pub enum Phase {
     Postcopy,
     /// Every page and the machine state arrived; the destination runs on its own.
     Completed,
-    /// The migration failed. Before the switchover the source guest keeps running; after a
-    /// postcopy switchover it stays stopped (the destination may have run it).
+    /// The migration failed. Before the switchover's commit the source guest keeps running;
+    /// after it the source stays stopped (the destination may run it).
     Failed,
     /// Cancelled by request; the source guest keeps running.
     Cancelled,
 }
 
 impl Phase {
+    /// A migration in this phase is still under way.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            Phase::Setup | Phase::Precopy | Phase::Switchover | Phase::Postcopy
+        )
+    }
+
     fn to_u8(self) -> u8 {
         self as u8
     }

@@ -113,7 +113,7 @@ const PHASES: [Phase; 8] = [
     Phase::Cancelled,
 ];
 
-const PEER_KINDS: [u8; 16] = [
+const PEER_KINDS: [u8; 18] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -130,9 +130,11 @@ const PEER_KINDS: [u8; 16] = [
     peer::kind::SWITCHOVER,
     peer::kind::HOLES,
     peer::kind::URGENT_CHANNEL,
+    peer::kind::READY,
+    peer::kind::COMMIT,
 ];
 
-const LOCAL_KINDS: [u8; 17] = [
+const LOCAL_KINDS: [u8; 19] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -150,6 +152,8 @@ const LOCAL_KINDS: [u8; 17] = [
     local::kind::VCPU_THREADS,
     local::kind::POSTCOPY_BEGIN,
     local::kind::POSTCOPY_PROGRESS,
+    local::kind::COMMITTED,
+    local::kind::RUN,
 ];
 
 /// The longest prefix of `chars` that fits in `max` bytes of UTF-8.
@@ -375,6 +379,8 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
         machine_state().prop_map(PeerMessage::MachineState),
         Just(PeerMessage::AllSent),
         Just(PeerMessage::Started),
+        Just(PeerMessage::Ready),
+        Just(PeerMessage::Commit),
         page_run().prop_map(PeerMessage::PageRequest),
         Just(PeerMessage::AllReceived),
         text(0, MAX_ERROR_LEN).prop_map(PeerMessage::Error),
@@ -442,6 +448,8 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
             .prop_map(|(message, stats)| LocalMessage::Failed { message, stats }),
         vec(any::<u32>(), 0..=proto::types::MAX_VCPUS).prop_map(LocalMessage::VcpuThreads),
         Just(LocalMessage::PostcopyBegin),
+        Just(LocalMessage::Committed),
+        Just(LocalMessage::Run),
         (
             vec(any::<u64>(), 9 + proto::types::LATENCY_BUCKETS),
             vec(any::<u64>(), 0..=proto::types::MAX_VCPUS)
@@ -506,6 +514,8 @@ fn peer_kind(m: &PeerMessage) -> u8 {
         PeerMessage::MachineState(_) => MACHINE_STATE,
         PeerMessage::AllSent => ALL_SENT,
         PeerMessage::Started => STARTED,
+        PeerMessage::Ready => READY,
+        PeerMessage::Commit => COMMIT,
         PeerMessage::PageRequest(_) => PAGE_REQUEST,
         PeerMessage::AllReceived => ALL_RECEIVED,
         PeerMessage::Error(_) => ERROR,
@@ -534,6 +544,8 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::Failed { .. } => FAILED,
         LocalMessage::VcpuThreads(_) => VCPU_THREADS,
         LocalMessage::PostcopyBegin => POSTCOPY_BEGIN,
+        LocalMessage::Committed => COMMITTED,
+        LocalMessage::Run => RUN,
         LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,
     }
 }

@@ -29,6 +29,9 @@ use crate::stream::{PeerListener, PeerStream};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a loaded machine state waits for the source's commit before the migration fails
+/// (without the VM having run here).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// How long the VMM may take to let go of its userfaultfd once told every page is here.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +71,8 @@ pub struct Dest {
     postcopy: Option<Postcopy>,
     /// The source announced a postcopy switchover.
     switching_to_postcopy: bool,
+    /// The VMM loaded the machine state; the VM runs once the source commits.
+    state_loaded: bool,
     /// The VM runs: pages may be placed only with `UFFDIO_COPY` from now on.
     running: bool,
     stats: MigrationStats,
@@ -125,6 +130,7 @@ impl Dest {
                     pages,
                     postcopy,
                     switching_to_postcopy: false,
+                    state_loaded: false,
                     running: false,
                     started: Instant::now(),
                     last_progress: Instant::now(),
@@ -272,6 +278,9 @@ impl Dest {
                     self.stats.rounds = round;
                     self.progress(true);
                 }
+                PeerMessage::Switchover { .. } if self.stats.phase != Phase::Precopy => {
+                    return Err("the source announced a second switchover".into());
+                }
                 PeerMessage::Switchover { postcopy } => {
                     if postcopy && self.postcopy.is_none() {
                         return Err(
@@ -282,9 +291,14 @@ impl Dest {
                     self.switching_to_postcopy = postcopy;
                     self.stats.phase = Phase::Switchover;
                 }
+                PeerMessage::MachineState(_) if self.state_loaded => {
+                    return Err("the source sent a second machine state".into());
+                }
+                PeerMessage::MachineState(_) if self.stats.phase != Phase::Switchover => {
+                    return Err("the source sent the machine state without a switchover".into());
+                }
                 PeerMessage::MachineState(state) => {
                     let t = Instant::now();
-                    self.stats.phase = Phase::Switchover;
                     if self.switching_to_postcopy {
                         // A short receive queue keeps requested pages from waiting long
                         // behind background pages the source had already queued.
@@ -300,32 +314,53 @@ impl Dest {
                             .map_err(|e| format!("VMM connection: {e}"))?;
                     }
                     self.load_state(state)?;
-                    write_peer(&writer, &PeerMessage::Started)?;
+                    self.state_loaded = true;
                     info!(
-                        "{}: machine state loaded in {} us",
+                        "{}: machine state loaded in {} us; waiting for the source to commit",
                         self.vm,
                         t.elapsed().as_micros()
                     );
-                    if self.switching_to_postcopy {
-                        // This thread places background pages from now on; the fault and
-                        // urgent-channel threads keep the normal priority.
-                        crate::source::lower_priority();
-                        self.running = true;
-                        self.stats.phase = Phase::Postcopy;
-                        info!(
-                            "{}: postcopy: the VM runs; {} pages to come",
-                            self.vm,
-                            self.pages.unresolved()
-                        );
-                        self.progress(true);
+                    // The VM must not run before the source has committed: it would run on
+                    // both hosts if the source never heard of this and resumed its copy.
+                    write_peer(&writer, &PeerMessage::Ready)?;
+                    peer.set_read_timeout(Some(COMMIT_TIMEOUT))
+                        .map_err(|e| format!("source connection: {e}"))?;
+                }
+                PeerMessage::Commit if !self.state_loaded || self.running => {
+                    return Err(format!(
+                        "the source committed {}",
+                        if self.running {
+                            "a second time"
+                        } else {
+                            "before the machine state was loaded"
+                        }
+                    ));
+                }
+                PeerMessage::Commit => {
+                    peer.set_read_timeout(None)
+                        .map_err(|e| format!("source connection: {e}"))?;
+                    send_local(&mut self.vmm, &LocalMessage::Run)
+                        .map_err(|e| format!("VMM connection: {e}"))?;
+                    write_peer(&writer, &PeerMessage::Started)?;
+                    info!("{}: the source committed; the VM runs here", self.vm);
+                    if !self.switching_to_postcopy {
+                        return Ok(());
                     }
+                    // This thread places background pages from now on; the fault and
+                    // urgent-channel threads keep the normal priority.
+                    crate::source::lower_priority();
+                    self.running = true;
+                    self.stats.phase = Phase::Postcopy;
+                    info!(
+                        "{}: postcopy: the VM runs; {} pages to come",
+                        self.vm,
+                        self.pages.unresolved()
+                    );
+                    self.progress(true);
                 }
                 PeerMessage::AllSent => {
-                    if self.stats.phase != Phase::Switchover && !self.running {
+                    if !self.state_loaded {
                         return Err("source finished without sending the machine state".into());
-                    }
-                    if !self.running {
-                        return Ok(());
                     }
                 }
                 PeerMessage::Error(m) => return Err(format!("source failed: {m}")),
@@ -333,6 +368,15 @@ impl Dest {
             }
             self.progress(false);
         }
+    }
+
+    /// Pages flow before the machine state (precopy) and after the commit (postcopy), never
+    /// in between: a loaded state waits for its commit with RAM as the source left it.
+    fn check_pages_allowed(&self) -> Result<(), String> {
+        if self.state_loaded && !self.running {
+            return Err("the source sent pages after the machine state".into());
+        }
+        Ok(())
     }
 
     fn checked_offset(&self, block: u32, first: u64, count: u64) -> Result<u64, String> {
@@ -344,6 +388,7 @@ impl Dest {
     /// Pages that read as zero: before the VM runs they become holes; afterwards they are
     /// placed only if a vCPU touches them.
     fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), String> {
+        self.check_pages_allowed()?;
         let off = self.checked_offset(block, first, count)?;
         if self.running {
             if let Some(pc) = self.postcopy.as_mut() {
@@ -369,6 +414,7 @@ impl Dest {
         read_exact(peer, &mut hdr)?;
         let run =
             PageRun::decode_pages_header(p, &hdr).map_err(|e| format!("source stream: {e}"))?;
+        self.check_pages_allowed()?;
         let off = self.checked_offset(run.block, run.first, run.count as u64)?;
         let len = run.data_len();
         if self.running {

@@ -1,9 +1,11 @@
 //! One VMM connection = one migration session. The first frame says which role umemd plays
 //! (`Outgoing`: source, `Incoming`: destination) and carries the VMM's file descriptors.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
 
 use log::{error, info, warn};
 use proto::frame;
@@ -15,6 +17,38 @@ use crate::{dest, source};
 
 /// Most file descriptors a VMM may pass (memfd and userfaultfd).
 const MAX_FDS: usize = 2;
+
+/// The guest-RAM memfds (by device and inode) that a session of this daemon holds. A VM's RAM
+/// is in at most one migration at a time: a second `Outgoing` of the same VM while one runs
+/// would send it to two destinations, and both could end up running it.
+static SESSIONS: Mutex<BTreeSet<(u64, u64)>> = Mutex::new(BTreeSet::new());
+
+/// A memfd's place in [`SESSIONS`], given back when the session ends.
+struct MemfdClaim((u64, u64));
+
+impl MemfdClaim {
+    fn new(memfd: &OwnedFd) -> Result<Self, String> {
+        let st = nix::sys::stat::fstat(memfd).map_err(|e| format!("fstat of the memfd: {e}"))?;
+        let key = (st.st_dev, st.st_ino);
+        let mut set = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(key) {
+            return Err(
+                "this VM's RAM is already in a migration on this host; one migration at a time"
+                    .into(),
+            );
+        }
+        Ok(MemfdClaim(key))
+    }
+}
+
+impl Drop for MemfdClaim {
+    fn drop(&mut self) {
+        SESSIONS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
+    }
+}
 
 /// Reads the opening frame and its fds.
 fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), String> {
@@ -89,6 +123,10 @@ pub fn run(mut conn: UnixStream) {
                 );
             }
             let memfd = fds.remove(0);
+            let _claim = match MemfdClaim::new(&memfd) {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut conn, e),
+            };
             info!("{vm}: outgoing migration to {uri} ({:?})", params.mode);
             match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks) {
                 Ok(s) => s.run(),
@@ -109,6 +147,10 @@ pub fn run(mut conn: UnixStream) {
                 );
             }
             let memfd = fds.remove(0);
+            let _claim = match MemfdClaim::new(&memfd) {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut conn, e),
+            };
             let uffd = fds.pop();
             if let Some(fd) = &uffd {
                 if let Err(e) = check_userfaultfd(fd) {
@@ -166,6 +208,34 @@ mod tests {
         let (msg, fds) = read_opening(&b).unwrap();
         assert_eq!(msg, LocalMessage::Cancel);
         assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn one_session_per_memfd() {
+        let a = OwnedFd::from(
+            memfd::MemfdOptions::new()
+                .create("ram")
+                .unwrap()
+                .into_file(),
+        );
+        let b = OwnedFd::from(
+            memfd::MemfdOptions::new()
+                .create("ram")
+                .unwrap()
+                .into_file(),
+        );
+        let first = MemfdClaim::new(&a).unwrap();
+        let e = MemfdClaim::new(&a.try_clone().unwrap()).err().unwrap();
+        assert!(e.contains("already in a migration"), "{e}");
+        // Another VM's RAM is independent.
+        let other = MemfdClaim::new(&b).unwrap();
+        drop(first);
+        let again = MemfdClaim::new(&a);
+        assert!(
+            again.is_ok(),
+            "the claim is given back when the session ends"
+        );
+        drop(other);
     }
 
     #[test]

@@ -75,6 +75,12 @@ pub struct Source {
     start_postcopy: bool,
     /// The migration went through a postcopy phase.
     postcopy_ran: bool,
+    /// The VMM handed over the final machine state: from then on the migration goes on even if
+    /// the source VMM exits, since umemd holds everything the destination needs.
+    state_taken: bool,
+    /// The switchover is committed: the destination may run the VM, so the source must never
+    /// resume it, and a cancel is refused.
+    committed: bool,
 }
 
 /// The migration streams towards the destination.
@@ -136,6 +142,8 @@ impl Source {
             dest_postcopy: false,
             start_postcopy: false,
             postcopy_ran: false,
+            state_taken: false,
+            committed: false,
         })
     }
 
@@ -277,7 +285,7 @@ impl Source {
         .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
         .map_err(|e| self.peer_error(peer, e))?;
         let sent = stopped_at.elapsed();
-        wait_started(peer)?;
+        self.commit(peer)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         info!(
             "{}: switchover: stop, dirty log and state took {} us, the last pages and the state were sent after {} us, the destination ran after {} us",
@@ -321,10 +329,6 @@ impl Source {
         self.sender
             .push(&PeerMessage::Switchover { postcopy: true });
         self.sender.push(&PeerMessage::MachineState(state));
-        // From here the destination may run the VM at any moment, even if its `Started` never
-        // reaches us: the source copy must never run again, whatever happens next.
-        self.stats.phase = Phase::Postcopy;
-        self.progress(true);
 
         let urgent = match &peer.urgent {
             Some(u) => u.try_clone(),
@@ -352,7 +356,8 @@ impl Source {
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
 
-        wait_started(peer)?;
+        self.commit(peer)?;
+        self.stats.phase = Phase::Postcopy;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         self.postcopy_ran = true;
         if let Err(e) = nix::sys::socket::setsockopt(
@@ -374,6 +379,63 @@ impl Source {
         // serve faults must not wait for a time slice behind the bulk copy.
         lower_priority();
         self.background(peer)
+    }
+
+    /// The switchover's commit: waits until the destination has loaded the machine state, then
+    /// tells the VMM that the VM has moved (it must never resume it by itself from now on),
+    /// then lets the destination run it, and waits until it says it does.
+    ///
+    /// A failure before the commit leaves the destination unable to run the VM, so the source
+    /// resumes it. A failure after it leaves the VM stopped here for good: the destination may
+    /// run it, and only an operator who knows it does not may resume this copy.
+    fn commit(&mut self, peer: &mut Peer) -> Result<(), String> {
+        match self.wait_peer(peer, START_TIMEOUT)? {
+            PeerMessage::Ready => {}
+            other => return Err(unexpected_reply("Ready", other)),
+        }
+        self.committed = true;
+        self.report(&LocalMessage::Committed);
+        info!(
+            "{}: switchover committed; the VM runs on the destination from now on",
+            self.vm
+        );
+        send_peer(&mut peer.stream, &PeerMessage::Commit).map_err(|e| {
+            format!(
+                "{}; the switchover was committed, so the VM may run on the destination",
+                self.peer_error(peer, e)
+            )
+        })?;
+        match self.wait_peer(peer, START_TIMEOUT) {
+            Ok(PeerMessage::Started) => Ok(()),
+            Ok(other) => Err(unexpected_reply("Started", other)),
+            Err(e) => Err(format!(
+                "{e}; the switchover was committed, so the VM may run on the destination"
+            )),
+        }
+    }
+
+    /// Waits up to `timeout` for the destination's next message, handling the VMM's control
+    /// messages meanwhile (a cancel before the commit still counts). An `Error` from the
+    /// destination is returned as a message, for the caller to word.
+    fn wait_peer(&mut self, peer: &Peer, timeout: Duration) -> Result<PeerMessage, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll_vmm()?;
+            match peer.rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) => return Err(format!("destination connection: {e}")),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the destination did not answer within {} s",
+                        timeout.as_secs()
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("destination connection lost".into())
+                }
+            }
+        }
     }
 
     /// Pushes every page not yet sent, continuing near the last requested page, until the
@@ -519,7 +581,7 @@ impl Source {
             session_id,
         };
         send_peer(&mut peer.stream, &hello).map_err(|e| format!("destination connection: {e}"))?;
-        match self.peer_wait(peer)? {
+        match self.wait_peer(peer, HANDSHAKE_TIMEOUT)? {
             PeerMessage::Hello {
                 version,
                 capabilities,
@@ -536,23 +598,11 @@ impl Source {
         let blocks = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
         send_peer(&mut peer.stream, &PeerMessage::Layout { blocks })
             .map_err(|e| format!("destination connection: {e}"))?;
-        match self.peer_wait(peer)? {
-            PeerMessage::LayoutAccepted => Ok(()),
-            PeerMessage::Error(m) => Err(format!("destination refused: {m}")),
-            other => Err(format!("unexpected layout reply: {other:?}")),
-        }
-    }
-
-    fn peer_wait(&mut self, peer: &Peer) -> Result<PeerMessage, String> {
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        loop {
-            self.poll_vmm()?;
-            match peer.rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) => return Err(format!("destination connection: {e}")),
-                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-                Err(_) => return Err("destination did not answer the handshake".into()),
-            }
+        match self.wait_peer(peer, HANDSHAKE_TIMEOUT) {
+            Ok(PeerMessage::LayoutAccepted) => Ok(()),
+            Ok(PeerMessage::Error(m)) => Err(format!("destination refused: {m}")),
+            Ok(other) => Err(format!("unexpected layout reply: {other:?}")),
+            Err(e) => Err(e),
         }
     }
 
@@ -569,9 +619,12 @@ impl Source {
                 Err(TryRecvError::Empty) => return Ok(()),
                 Err(TryRecvError::Disconnected) => "VMM connection lost".to_string(),
             };
-            if self.stats.phase == Phase::Postcopy {
+            if self.state_taken {
                 if !self.vmm_gone {
-                    info!("{}: the source VMM left; umemd serves its pages", self.vm);
+                    info!(
+                        "{}: the source VMM left after the switchover; umemd goes on",
+                        self.vm
+                    );
                 }
                 self.vmm_gone = true;
                 self.vmm_rx = mpsc::channel().1;
@@ -583,9 +636,9 @@ impl Source {
 
     fn control(&mut self, m: LocalMessage) -> Result<(), String> {
         match m {
-            LocalMessage::Cancel if self.stats.phase == Phase::Postcopy => {
+            LocalMessage::Cancel if self.committed => {
                 warn!(
-                    "{}: cancel refused: the VM already runs on the destination",
+                    "{}: cancel refused: the switchover is committed, the VM runs on the destination",
                     self.vm
                 );
                 Ok(())
@@ -644,7 +697,10 @@ impl Source {
                     }
                     ended = true;
                 }
-                LocalMessage::MachineState(s) if ended => return Ok((bm, Some(s))),
+                LocalMessage::MachineState(s) if ended => {
+                    self.state_taken = true;
+                    return Ok((bm, Some(s)));
+                }
                 other => self.control(other)?,
             }
         }
@@ -820,14 +876,10 @@ fn dest_has_all(peer: &Peer, timeout: Duration) -> Result<bool, String> {
     }
 }
 
-/// Waits for the destination to say that the VM runs there.
-fn wait_started(peer: &Peer) -> Result<(), String> {
-    match peer.rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(PeerMessage::Started)) => Ok(()),
-        Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
-        Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
-        Ok(Err(e)) => Err(format!("destination connection: {e}")),
-        Err(_) => Err("destination did not start the VM in time".into()),
+fn unexpected_reply(expected: &str, got: PeerMessage) -> String {
+    match got {
+        PeerMessage::Error(m) => format!("destination failed: {m}"),
+        other => format!("expected {expected} from the destination, got {other:?}"),
     }
 }
 

@@ -105,7 +105,9 @@ pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
             }))
         }
         "stop" => m.stop().map(|_| json!({})),
-        "cont" => m.cont().map(|_| json!({})),
+        "cont" => m
+            .cont(args.get("force").and_then(Value::as_bool).unwrap_or(false))
+            .map(|_| json!({})),
         "quit" => return (ok(json!({})), true),
         "migrate" => migrate(m, &args),
         "migrate-cancel" => migration::cancel(m)

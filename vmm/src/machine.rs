@@ -126,8 +126,10 @@ impl Machine {
         }
     }
 
-    /// Resumes the guest.
-    pub fn cont(&self) -> Result<(), String> {
+    /// Resumes the guest. A VM that migrated away (`postmigrate`) resumes only with `force`,
+    /// once no migration is under way: after a committed switchover whose migration then
+    /// failed, the operator who knows that the destination does not run the VM takes it back.
+    pub fn cont(&self, force: bool) -> Result<(), String> {
         let mut s = self.state();
         match s.status {
             Status::Running | Status::Paused => {
@@ -135,6 +137,27 @@ impl Machine {
                 self.vm.resume();
                 Ok(())
             }
+            Status::Postmigrate if s.migration.phase == proto::Phase::Completed => Err(
+                "the migration completed: the VM runs on the destination; this copy is stale"
+                    .into(),
+            ),
+            Status::Postmigrate if s.umemd_conn.is_some() => Err(
+                "the migration is still under way; it must end before this copy may resume"
+                    .into(),
+            ),
+            Status::Postmigrate if force => {
+                log::warn!(
+                    "resuming a VM whose switchover was committed (cont force=true): the destination must not run it"
+                );
+                s.status = Status::Running;
+                s.migration.phase = proto::Phase::Failed;
+                self.vm.resume();
+                Ok(())
+            }
+            Status::Postmigrate => Err(
+                "the switchover was committed, so the destination may run this VM; if it surely does not (its VMM is gone or never ran it), \"cont\" with force=true resumes this copy"
+                    .into(),
+            ),
             other => Err(format!(
                 "cannot continue a VM in status {}",
                 serde_json::to_string(&other).unwrap_or_default()

@@ -90,60 +90,77 @@ fn connect(m: &Machine) -> Result<UnixStream, MigrationError> {
     })
 }
 
-/// Starts an outgoing migration to `uri` in the background.
+/// Starts an outgoing migration to `uri` in the background. At most one runs at a time: the
+/// check and the reservation happen under one lock, so two racing `migrate` commands cannot
+/// both proceed.
 pub fn start_outgoing(m: &Arc<Machine>, uri: String) -> Result<(), MigrationError> {
-    let params = {
-        let s = m.state();
-        if matches!(
-            s.migration.phase,
-            Phase::Setup | Phase::Precopy | Phase::Switchover | Phase::Postcopy
-        ) {
+    let (params, previous) = {
+        let mut s = m.state();
+        if s.migration.phase.is_active() || s.umemd_conn.is_some() {
             return Err(MigrationError::Refused(
                 "a migration is already running".into(),
             ));
         }
         if !matches!(s.status, Status::Running | Status::Paused) {
             return Err(MigrationError::Refused(format!(
-                "cannot migrate a VM in status {:?}",
-                s.status
+                "cannot migrate a VM in status {}",
+                serde_json::to_string(&s.status).unwrap_or_default()
             )));
         }
-        s.params
+        let reserved = crate::machine::MigrationInfo {
+            phase: Phase::Setup,
+            uri: Some(uri.clone()),
+            ..Default::default()
+        };
+        (s.params, std::mem::replace(&mut s.migration, reserved))
     };
+    match connect_outgoing(m, &uri, params) {
+        Ok(conn) => {
+            let m2 = m.clone();
+            std::thread::Builder::new()
+                .name("migration".into())
+                .spawn(move || {
+                    let result = outgoing_loop(&m2, conn);
+                    finish_outgoing(&m2, result);
+                })?;
+            Ok(())
+        }
+        Err(e) => {
+            m.state().migration = previous;
+            Err(e)
+        }
+    }
+}
+
+/// Hands the memfd to umemd with the `Outgoing` request, dirty logging on.
+fn connect_outgoing(
+    m: &Machine,
+    uri: &str,
+    params: MigrationParams,
+) -> Result<UnixStream, MigrationError> {
     let conn = connect(m)?;
     // Log from now on, so every page written after the first full pass is seen dirty.
     m.vm.set_dirty_logging(true)?;
-    for slot in 0..m.vm.ram().blocks().len() {
-        m.vm.dirty_log(slot)?;
-    }
-    let msg = LocalMessage::Outgoing {
-        vm: m.name.clone(),
-        uri: uri.clone(),
-        params,
-        blocks: m.vm.ram().local_blocks(),
-    };
-    if let Err(e) = send_with_fds(&conn, &msg, &[m.vm.ram().memfd().as_raw_fd()]) {
+    let sent = (0..m.vm.ram().blocks().len())
+        .try_for_each(|slot| m.vm.dirty_log(slot).map(|_| ()))
+        .map_err(MigrationError::from)
+        .and_then(|()| {
+            let msg = LocalMessage::Outgoing {
+                vm: m.name.clone(),
+                uri: uri.to_string(),
+                params,
+                blocks: m.vm.ram().local_blocks(),
+            };
+            send_with_fds(&conn, &msg, &[m.vm.ram().memfd().as_raw_fd()])
+        });
+    if let Err(e) = sent {
         let _ = m.vm.set_dirty_logging(false);
         return Err(e);
     }
-    {
-        let mut s = m.state();
-        s.migration = crate::machine::MigrationInfo {
-            phase: Phase::Setup,
-            uri: Some(uri),
-            ..Default::default()
-        };
-        s.umemd_conn = Some(conn.try_clone()?);
-        s.was_running = s.status == Status::Running;
-    }
-    let m2 = m.clone();
-    std::thread::Builder::new()
-        .name("migration".into())
-        .spawn(move || {
-            let result = outgoing_loop(&m2, conn);
-            finish_outgoing(&m2, result);
-        })?;
-    Ok(())
+    let mut s = m.state();
+    s.umemd_conn = Some(conn.try_clone()?);
+    s.was_running = s.status == Status::Running;
+    Ok(conn)
 }
 
 fn outgoing_loop(m: &Machine, mut conn: UnixStream) -> Result<(), MigrationError> {
@@ -182,10 +199,14 @@ fn outgoing_loop(m: &Machine, mut conn: UnixStream) -> Result<(), MigrationError
                 let mut s = m.state();
                 s.migration.phase = stats.phase;
                 s.migration.stats = stats;
-                if stats.phase == Phase::Postcopy {
-                    // The VM runs on the destination now; this copy must never run again.
-                    s.status = Status::Postmigrate;
-                }
+            }
+            LocalMessage::Committed => {
+                // The destination may run the VM from now on: this copy never runs again by
+                // itself, whatever happens to the migration (`cont force=true` is the
+                // operator's way out when it is known not to run there).
+                let mut s = m.state();
+                s.status = Status::Postmigrate;
+                info!("switchover committed: the VM moves to the destination");
             }
             LocalMessage::PostcopyProgress(p) => m.state().migration.postcopy = Some(p),
             LocalMessage::Completed(stats) => {
@@ -265,9 +286,10 @@ fn finish_outgoing(m: &Machine, result: Result<(), MigrationError>) {
 /// Asks umemd to cancel the running outgoing migration.
 pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     let mut s = m.state();
-    if s.migration.phase == Phase::Postcopy {
+    if s.status == Status::Postmigrate {
         return Err(MigrationError::Refused(
-            "the VM already runs on the destination (postcopy); it cannot be cancelled".into(),
+            "the switchover is committed: the VM runs on the destination; it cannot be cancelled"
+                .into(),
         ));
     }
     let Some(conn) = s.umemd_conn.as_mut() else {
@@ -348,6 +370,7 @@ pub fn start_incoming(
 fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(), MigrationError> {
     let mut body = Vec::new();
     let mut postcopy = false;
+    let mut state_loaded = false;
     loop {
         match recv(&mut conn, &mut body)? {
             LocalMessage::PostcopyBegin => postcopy = true,
@@ -375,6 +398,11 @@ fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(
                     );
                     return Err(e);
                 }
+                // Loaded, not run: the VM runs only once the source has committed (`Run`).
+                state_loaded = true;
+                send(&mut conn, &LocalMessage::StateLoaded)?;
+            }
+            LocalMessage::Run if state_loaded => {
                 let mut s = m.state();
                 if postcopy {
                     s.migration.phase = Phase::Postcopy;
@@ -388,8 +416,6 @@ fn incoming_loop(m: &Machine, mut conn: UnixStream, autostart: bool) -> Result<(
                 } else {
                     s.status = Status::Paused;
                 }
-                drop(s);
-                send(&mut conn, &LocalMessage::StateLoaded)?;
             }
             LocalMessage::Completed(stats) => {
                 let mut s = m.state();

@@ -1,0 +1,227 @@
+//! The switchover is a commit: the VM never runs on two hosts. A fault proxy between the
+//! umemds drops one message of the switchover exchange (the destination's `Ready`, the source's
+//! `Commit`, the destination's `Started`) and cuts the link; then exactly one side may run the
+//! guest, or neither until the operator decides. Two racing `migrate` commands on one source
+//! are the other way a VM could run twice: only one may proceed.
+
+use std::time::Duration;
+
+use proto::peer::kind;
+use serde_json::json;
+use umem::pair::{assert_guest_runs_on, MigrationSetup, Pair, MEMTOUCH_CMDLINE};
+use umem::proxy::{Direction, FaultProxy};
+use umem::{assert_consecutive, assert_no_bad, require_kvm, secs, wait_until, TestEnv, Vmm};
+
+/// A memtouch pair on 64 MiB, source running a few passes.
+fn memtouch_pair(t: &TestEnv) -> Pair {
+    let mut pair = MigrationSetup::memtouch(t, "64M", MEMTOUCH_CMDLINE).start();
+    pair.src.wait_pass(secs(60), 2);
+    pair
+}
+
+/// Migrates `pair` in `mode` through a proxy that drops the first frame of `frame` travelling
+/// in `dir` and cuts the link; returns the proxy once the source's migration ended.
+fn migrate_dropping(pair: &mut Pair, mode: &str, dir: Direction, frame: u8) -> FaultProxy {
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    proxy.cut_at_frame(dir, frame);
+    pair.src
+        .migrate(&proxy.uri(), json!({ "mode": mode }))
+        .expect("migrate");
+    let o = pair.src.wait_migration(secs(90));
+    assert!(proxy.fired(), "the proxy never saw the frame {frame:#x}");
+    assert_eq!(o.phase, "failed", "source: {}", o.raw);
+    proxy
+}
+
+/// The guest keeps running on `vm`: more passes, none bad, consecutive.
+fn assert_runs(who: &str, vm: &mut Vmm) {
+    assert_eq!(vm.status(), "running", "{who} status");
+    let last = vm.last_pass().map_or(0, |p| p.pass);
+    vm.wait_pass(secs(60), last + 3);
+    let passes = vm.passes();
+    assert_no_bad(who, &passes);
+    assert_consecutive(who, &passes);
+}
+
+/// `vm` does not run the guest: its status says so and its serial output stays the same for a
+/// while (memtouch prints a few passes per second when it runs).
+fn assert_stays_stopped(who: &str, vm: &Vmm, status: &str) {
+    let before = vm.serial();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(vm.status(), status, "{who} status");
+    assert_eq!(vm.serial(), before, "{who} ran the guest");
+}
+
+#[test]
+fn lost_ready_precopy_source_resumes_destination_never_runs() {
+    if !require_kvm("lost_ready_precopy_source_resumes_destination_never_runs") {
+        return;
+    }
+    let t = TestEnv::new("lost-ready-precopy");
+    let mut pair = memtouch_pair(&t);
+    let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::READY);
+    // The source never committed: it takes its guest back.
+    assert_runs("source", &mut pair.src);
+    pair.dst.wait_phase(secs(30), &["failed"]);
+    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
+    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+}
+
+#[test]
+fn lost_ready_postcopy_source_resumes_destination_never_runs() {
+    if !require_kvm("lost_ready_postcopy_source_resumes_destination_never_runs") {
+        return;
+    }
+    let t = TestEnv::new("lost-ready-postcopy");
+    let mut pair = memtouch_pair(&t);
+    let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::READY);
+    assert_runs("source", &mut pair.src);
+    pair.dst.wait_phase(secs(30), &["failed"]);
+    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
+    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+}
+
+#[test]
+fn lost_commit_neither_runs_until_the_operator_resumes_the_source() {
+    if !require_kvm("lost_commit_neither_runs_until_the_operator_resumes_the_source") {
+        return;
+    }
+    let t = TestEnv::new("lost-commit");
+    let mut pair = memtouch_pair(&t);
+    let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToDestination, kind::COMMIT);
+    pair.dst.wait_phase(secs(30), &["failed"]);
+    // The source committed, the destination never heard it: neither runs.
+    assert_stays_stopped("source", &pair.src, "postmigrate");
+    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
+    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+    let e = pair
+        .src
+        .query_migrate()
+        .get("error")
+        .and_then(|e| e.as_str().map(str::to_string))
+        .unwrap_or_default();
+    assert!(e.contains("committed"), "source error: {e:?}");
+
+    // A plain cont, and a new migrate, are refused; the operator's explicit choice is not.
+    let e = pair.src.ctl("cont", json!({})).unwrap_err();
+    assert!(e.contains("force"), "{e}");
+    assert!(pair.src.migrate("tcp:127.0.0.1:1", json!({})).is_err());
+    assert!(pair.src.ctl("migrate-cancel", json!({})).is_err());
+    pair.src
+        .ctl("cont", json!({"force": true}))
+        .expect("cont force=true");
+    assert_runs("source", &mut pair.src);
+}
+
+#[test]
+fn lost_started_precopy_source_never_resumes() {
+    if !require_kvm("lost_started_precopy_source_never_resumes") {
+        return;
+    }
+    let t = TestEnv::new("lost-started-precopy");
+    let mut pair = memtouch_pair(&t);
+    let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::STARTED);
+    // The destination had every page and the commit: it runs the guest on, and the source
+    // never takes it back by itself.
+    pair.dst.wait_phase(secs(30), &["completed"]);
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 5, secs(60));
+    assert_stays_stopped("source", &pair.src, "postmigrate");
+    assert!(pair.src.ctl("cont", json!({})).is_err());
+}
+
+#[test]
+fn lost_started_postcopy_source_never_resumes() {
+    if !require_kvm("lost_started_postcopy_source_never_resumes") {
+        return;
+    }
+    let t = TestEnv::new("lost-started-postcopy");
+    let mut pair = memtouch_pair(&t);
+    let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::STARTED);
+    // The destination ran the guest and lost its page server: it waits with its memory, a
+    // missing page never read as zeros; the source stays stopped.
+    pair.dst.wait_phase(secs(30), &["failed"]);
+    assert_eq!(pair.dst.status(), "postcopy-paused");
+    assert_stays_stopped("source", &pair.src, "postmigrate");
+    assert!(pair.src.ctl("cont", json!({})).is_err());
+    let passes = umem::parse_passes(&(pair.src.serial() + &pair.dst.serial()));
+    assert_no_bad("source+destination", &passes);
+}
+
+#[test]
+fn racing_migrate_commands_only_one_proceeds() {
+    if !require_kvm("racing_migrate_commands_only_one_proceeds") {
+        return;
+    }
+    let t = TestEnv::new("racing-migrate");
+    let setup = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).prefilled();
+    let mut pair = setup.start();
+    let mut dst2 = setup.destination("dst2", &pair.dst_umemd);
+    pair.src.wait_pass(secs(60), 2);
+    let uris = [pair.dst.listen_uri(), dst2.listen_uri()];
+
+    // Both commands leave at the same moment from two connections.
+    let barrier = std::sync::Barrier::new(2);
+    let results: Vec<Result<serde_json::Value, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = uris
+            .iter()
+            .map(|uri| {
+                let (src, barrier) = (&pair.src, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    src.migrate(uri, json!({"bandwidth_limit": 200_000_000}))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "exactly one migrate may proceed: {results:?}");
+    let refused = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(refused.contains("already"), "{refused}");
+
+    let o = pair.src.wait_migration(secs(120));
+    assert_eq!(o.phase, "completed", "{}", o.raw);
+    let (winner, loser) = if results[0].is_ok() {
+        (&mut pair.dst, &mut dst2)
+    } else {
+        (&mut dst2, &mut pair.dst)
+    };
+    winner.wait_phase(secs(30), &["completed"]);
+    assert_guest_runs_on(&pair.src, winner, 3, secs(60));
+    assert_eq!(
+        loser.status(),
+        "inmigrate",
+        "the other destination got a VM"
+    );
+    assert_eq!(loser.serial(), "");
+    // The refused destination still waits, untouched, for a migration of its own.
+    assert_eq!(loser.phase(), "setup");
+}
+
+#[test]
+fn migrate_while_migrating_is_refused() {
+    if !require_kvm("migrate_while_migrating_is_refused") {
+        return;
+    }
+    // While a slow migration runs, a second one of the same VM is refused; the first goes on
+    // untouched.
+    let t = TestEnv::new("second-migrate");
+    let setup = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).prefilled();
+    let mut pair = setup.start();
+    let mut dst2 = setup.destination("dst2", &pair.dst_umemd);
+    pair.src.wait_pass(secs(60), 2);
+    pair.start_migration(json!({"bandwidth_limit": 40_000_000}));
+    wait_until(secs(60), "pages to flow", || {
+        (pair.src.phase() == "precopy").then_some(())
+    });
+    let e = pair.src.migrate(&dst2.listen_uri(), json!({})).unwrap_err();
+    assert!(e.contains("already"), "{e}");
+    pair.src
+        .ctl("migrate-set-parameters", json!({"bandwidth_limit": 0}))
+        .unwrap();
+    let o = pair.src.wait_migration(secs(120));
+    assert_eq!(o.phase, "completed", "{}", o.raw);
+    pair.dst.wait_phase(secs(30), &["completed"]);
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+    assert_eq!(dst2.status(), "inmigrate");
+}
