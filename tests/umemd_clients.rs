@@ -1,7 +1,7 @@
 //! umemd against clients that misbehave on its local socket: it must refuse them with a reason,
 //! leak nothing and go on serving real migrations.
 //!
-//! Run with `cargo test --release --workspace -- --test-threads=1` (see `src/lib.rs`).
+//! Run with `cargo test --release --workspace -- --test-threads=1` (see `testkit/src/lib.rs`).
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -12,10 +12,10 @@ use proto::local::{kind, LocalBlock, LocalMessage};
 use proto::{BlockDesc, MigrationParams};
 use sendfd::SendWithFd;
 use serde_json::json;
-use umem::pair::{
+use umem_testkit::pair::{
     assert_completed, assert_guest_runs_on, assert_same_ram, MigrationSetup, MEMTOUCH_CMDLINE,
 };
-use umem::{require_kvm, secs, try_wait_until, wait_until, TestEnv, Umemd};
+use umem_testkit::{require_kvm, secs, try_wait_until, wait_until, TestEnv, Umemd};
 
 fn ram_low(size: u64) -> Vec<LocalBlock> {
     vec![LocalBlock {
