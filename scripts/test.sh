@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace:
-#   - unit tests of proto, vmm, umemd, the protocol property tests, doc tests;
+#   - unit tests of proto, vmm, umemd and the end-to-end kit (testkit/), the protocol property
+#     tests, doc tests;
 #   - the end-to-end tests under tests/ (real VMMs and umemds on this machine). They need
 #     /dev/kvm: without it they print a line saying they were skipped, unless UMEM_REQUIRE_KVM=1,
 #     which turns that skip into a failure;

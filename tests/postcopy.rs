@@ -1,17 +1,17 @@
 //! End-to-end postcopy and hybrid migrations: real vmm and umemd processes, real KVM, loopback
 //! TCP, the destination VM running while its pages still arrive.
 //!
-//! Run with `cargo test --release --test postcopy -- --test-threads=1` (see `src/lib.rs`).
+//! Run with `cargo test --release --test postcopy -- --test-threads=1` (see `testkit/src/lib.rs`).
 //! Fault latency on a loaded machine is far from its goal, so no test asserts timing.
 
 use serde_json::{json, Value};
-use umem::pair::{
+use umem_testkit::pair::{
     assert_completed, assert_digest_guest_moved_mid_run, assert_digest_matches_reference,
     assert_every_round_once, assert_guest_continues, assert_guest_runs_on,
     assert_same_ram_outside_working_set, combined_passes, memtouch_exclude, MigrationSetup, Pair,
     DIGEST_CMDLINE, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
 };
-use umem::{
+use umem_testkit::{
     assert_consecutive, assert_no_bad, read_process_memory, require_kvm, secs, wait_until,
     MigrationOutcome, TestEnv, Vmm,
 };

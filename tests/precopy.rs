@@ -1,15 +1,15 @@
 //! End-to-end precopy migrations: real vmm and umemd processes, real KVM, loopback TCP.
 //!
-//! Run with `cargo test --release --workspace -- --test-threads=1` (see `src/lib.rs`).
+//! Run with `cargo test --release --workspace -- --test-threads=1` (see `testkit/src/lib.rs`).
 
 use serde_json::json;
-use umem::pair::{
+use umem_testkit::pair::{
     assert_completed, assert_destination_failed_without_running, assert_digest_guest_moved_mid_run,
     assert_digest_matches_reference, assert_every_round_once, assert_failed_with,
     assert_guest_continues, assert_guest_runs_on, assert_same_ram, MigrationSetup, Pair,
     DIGEST_CMDLINE, DIGEST_ROUNDS, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
 };
-use umem::{
+use umem_testkit::{
     assert_consecutive, assert_no_bad, closed_port, require_kvm, secs, wait_until, TestEnv, Vmm,
 };
 

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use proto::peer::kind;
 use serde_json::json;
-use umem::pair::{assert_guest_runs_on, MigrationSetup, Pair, MEMTOUCH_CMDLINE};
-use umem::proxy::{Direction, FaultProxy};
-use umem::{assert_consecutive, assert_no_bad, require_kvm, secs, wait_until, TestEnv, Vmm};
+use umem_testkit::pair::{assert_guest_runs_on, MigrationSetup, Pair, MEMTOUCH_CMDLINE};
+use umem_testkit::proxy::{Direction, FaultProxy};
+use umem_testkit::{
+    assert_consecutive, assert_no_bad, require_kvm, secs, wait_until, TestEnv, Vmm,
+};
 
 /// A memtouch pair on 64 MiB, source running a few passes.
 fn memtouch_pair(t: &TestEnv) -> Pair {
@@ -143,7 +145,7 @@ fn lost_started_postcopy_source_never_resumes() {
     assert_eq!(pair.dst.status(), "postcopy-paused");
     assert_stays_stopped("source", &pair.src, "postmigrate");
     assert!(pair.src.ctl("cont", json!({})).is_err());
-    let passes = umem::parse_passes(&(pair.src.serial() + &pair.dst.serial()));
+    let passes = umem_testkit::parse_passes(&(pair.src.serial() + &pair.dst.serial()));
     assert_no_bad("source+destination", &passes);
 }
 

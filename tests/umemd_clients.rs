@@ -1,21 +1,25 @@
 //! umemd against clients that misbehave on its local socket: it must refuse them with a reason,
 //! leak nothing and go on serving real migrations.
 //!
-//! Run with `cargo test --release --workspace -- --test-threads=1` (see `src/lib.rs`).
+//! Run with `cargo test --release --workspace -- --test-threads=1` (see `testkit/src/lib.rs`).
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 
+use memfd::{FileSeal, MemfdOptions};
 use proto::local::{kind, LocalBlock, LocalMessage};
 use proto::{BlockDesc, MigrationParams};
 use sendfd::SendWithFd;
 use serde_json::json;
-use umem::pair::{
+use sha2::{Digest, Sha256};
+use umem_testkit::pair::{
     assert_completed, assert_guest_runs_on, assert_same_ram, MigrationSetup, MEMTOUCH_CMDLINE,
 };
-use umem::{require_kvm, secs, try_wait_until, wait_until, TestEnv, Umemd};
+use umem_testkit::{read_process_memory, require_kvm, secs, try_wait_until, TestEnv, Umemd};
 
 fn ram_low(size: u64) -> Vec<LocalBlock> {
     vec![LocalBlock {
@@ -53,13 +57,75 @@ fn outgoing(blocks: Vec<LocalBlock>) -> Vec<u8> {
     buf
 }
 
-fn memfd(size: u64) -> std::fs::File {
-    let f = memfd::MemfdOptions::default()
+/// Guest RAM as the VMM makes it (`vmm/src/memory.rs`): a memfd of `size` bytes sealed against
+/// shrinking, growing and further sealing. umemd maps only a memfd sealed against shrinking.
+fn sealed_memfd(size: u64) -> File {
+    let m = MemfdOptions::default()
+        .allow_sealing(true)
+        .create("fake-guest-ram")
+        .expect("memfd");
+    m.as_file().set_len(size).expect("set_len");
+    m.add_seals(&[FileSeal::SealShrink, FileSeal::SealGrow, FileSeal::SealSeal])
+        .expect("sealing the memfd");
+    m.into_file()
+}
+
+/// A memfd of `size` bytes that may still shrink: with `allow_sealing` but no seal, or without
+/// (then the kernel seals it with `F_SEAL_SEAL` only, and no seal can ever be added).
+fn unsealed_memfd(size: u64, allow_sealing: bool) -> File {
+    let f = MemfdOptions::default()
+        .allow_sealing(allow_sealing)
         .create("fake-guest-ram")
         .expect("memfd")
         .into_file();
     f.set_len(size).expect("set_len");
     f
+}
+
+/// Asserts that `ram` cannot shrink, its seal holding (`ftruncate` fails with `EPERM`), and
+/// still has `size` bytes.
+fn assert_shrink_refused(ram: &File, size: u64) {
+    match ram.set_len(0) {
+        Ok(()) => panic!("a memfd sealed with F_SEAL_SHRINK shrank to 0 bytes"),
+        Err(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPERM),
+            "shrinking the sealed memfd failed, but not because of its seal: {e}"
+        ),
+    }
+    assert_eq!(ram.metadata().expect("fstat").len(), size);
+}
+
+/// SHA-256 of the first `len` bytes of `f`, hex-encoded as in `query-ram-digest`.
+fn sha256_hex(f: &File, len: u64) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off)
+            .expect("reading the memfd");
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends the opening message `msg` with `fds`, as a VMM does.
+fn send_opening(conn: &UnixStream, msg: &[u8], fds: &[RawFd]) {
+    let n = conn.send_with_fd(msg, fds).expect("sendmsg");
+    let mut w = conn;
+    w.write_all(&msg[n..]).expect("write");
+}
+
+/// Reads one message from umemd; panics naming `who` when there is none.
+fn read_local(who: &str, conn: &UnixStream) -> LocalMessage {
+    let mut body = Vec::new();
+    let mut r = conn;
+    let p = proto::frame::read(&mut r, &mut body)
+        .unwrap_or_else(|e| panic!("{who}: reading from umemd: {e}"));
+    LocalMessage::decode(p.kind, &body)
+        .unwrap_or_else(|e| panic!("{who}: umemd sent a malformed message: {e}"))
 }
 
 /// Connects, sends `bytes` with `fds`, closes the write side, and returns umemd's first reply:
@@ -68,8 +134,7 @@ fn exchange(u: &Umemd, bytes: &[u8], fds: &[RawFd]) -> Option<LocalMessage> {
     let s = UnixStream::connect(u.socket()).expect("connect to umemd");
     s.set_read_timeout(Some(secs(20))).unwrap();
     if !bytes.is_empty() || !fds.is_empty() {
-        let n = s.send_with_fd(bytes, fds).expect("sendmsg");
-        (&s).write_all(&bytes[n..]).expect("write");
+        send_opening(&s, bytes, fds);
     }
     let _ = s.shutdown(Shutdown::Write);
     let mut reply = Vec::new();
@@ -130,12 +195,12 @@ fn umemd_survives_malformed_clients_then_migrates() {
     LocalMessage::Cancel.encode(&mut cancel);
     expect_refusal("cancel first", exchange(&u, &cancel, &[]), &["expected"]);
     // Wrong fd counts.
-    let ram = memfd(64 << 20);
+    let ram = sealed_memfd(64 << 20);
     let devnull = std::fs::File::open("/dev/null").unwrap();
     expect_refusal(
         "incoming without fd",
         exchange(&u, &incoming(ram_low(64 << 20), false), &[]),
-        &["fd"],
+        &["needs"],
     );
     expect_refusal(
         "incoming with 2 fds but no uffd",
@@ -144,18 +209,18 @@ fn umemd_survives_malformed_clients_then_migrates() {
             &incoming(ram_low(64 << 20), false),
             &[ram.as_raw_fd(), devnull.as_raw_fd()],
         ),
-        &["fd"],
+        &["needs"],
     );
     expect_refusal(
         "outgoing without fd",
         exchange(&u, &outgoing(ram_low(64 << 20)), &[]),
-        &["fd"],
+        &["needs"],
     );
     let many: Vec<RawFd> = std::iter::repeat_n(devnull.as_raw_fd(), 8).collect();
     expect_refusal(
         "outgoing with 8 fds",
         exchange(&u, &outgoing(ram_low(64 << 20)), &many),
-        &["fd"],
+        &["needs"],
     );
     // Right count, wrong things: not a memfd, and a memfd smaller than the layout.
     expect_refusal(
@@ -165,9 +230,9 @@ fn umemd_survives_malformed_clients_then_migrates() {
             &incoming(ram_low(64 << 20), false),
             &[devnull.as_raw_fd()],
         ),
-        &["memfd", "fd"],
+        &["not a memfd"],
     );
-    let small = memfd(1 << 20);
+    let small = sealed_memfd(1 << 20);
     expect_refusal(
         "incoming with a memfd smaller than its layout",
         exchange(
@@ -175,7 +240,7 @@ fn umemd_survives_malformed_clients_then_migrates() {
             &incoming(ram_low(64 << 20), false),
             &[small.as_raw_fd()],
         ),
-        &["outside", "memfd"],
+        &["outside"],
     );
     // Connect and leave at once.
     drop(UnixStream::connect(u.socket()).unwrap());
@@ -207,68 +272,100 @@ fn umemd_survives_malformed_clients_then_migrates() {
     u.proc.assert_alive();
 }
 
-/// A destination VMM that shrinks its guest-RAM memfd after handing it to umemd must cost that
-/// VMM its migration, not the whole daemon (and every other migration it serves).
+/// RAM that may shrink is refused in both roles, before umemd maps it: a truncation behind a
+/// mapping would turn umemd's next access to it into SIGBUS, killing every migration it serves.
 #[test]
-fn umemd_survives_destination_memfd_shrunk_after_handover() {
-    if !require_kvm("umemd_survives_destination_memfd_shrunk_after_handover") {
+fn umemd_refuses_memfd_not_sealed_against_shrinking() {
+    let t = TestEnv::new("umemd-unsealed-memfd");
+    let mut u = t.umemd("umemd");
+    for allow_sealing in [true, false] {
+        let ram = unsealed_memfd(64 << 20, allow_sealing);
+        let what =
+            |role: &str| format!("{role} with an unsealed memfd (allow_sealing {allow_sealing})");
+        expect_refusal(
+            &what("incoming"),
+            exchange(&u, &incoming(ram_low(64 << 20), false), &[ram.as_raw_fd()]),
+            &["f_seal_shrink"],
+        );
+        expect_refusal(
+            &what("outgoing"),
+            exchange(&u, &outgoing(ram_low(64 << 20)), &[ram.as_raw_fd()]),
+            &["f_seal_shrink"],
+        );
+    }
+    u.proc.assert_alive();
+    assert!(u.is_serving(), "umemd stopped accepting connections");
+}
+
+/// A destination VMM cannot shrink its guest RAM behind umemd's back: the memfd is sealed as the
+/// VMM seals it, so the attempt fails with EPERM, and the migration into that memfd completes
+/// with every page while umemd serves on.
+#[test]
+fn destination_memfd_cannot_shrink_after_handover() {
+    if !require_kvm("destination_memfd_cannot_shrink_after_handover") {
         return;
     }
-    let t = TestEnv::new("umemd-shrunk-memfd");
+    let t = TestEnv::new("umemd-shrink-dst-memfd");
     let su = t.umemd("umemd-src");
     let mut du = t.umemd("umemd-dst");
 
-    // A fake destination VMM: the right layout for a 256M guest, then the memfd shrinks.
-    let ram = memfd(256 << 20);
+    // A fake destination VMM with the layout of a 256M guest, no userfaultfd (precopy only).
+    const SIZE: u64 = 256 << 20;
+    let ram = sealed_memfd(SIZE);
     let conn = UnixStream::connect(du.socket()).unwrap();
-    let msg = incoming(ram_low(256 << 20), false);
-    let n = conn.send_with_fd(&msg, &[ram.as_raw_fd()]).unwrap();
-    (&conn).write_all(&msg[n..]).unwrap();
+    send_opening(&conn, &incoming(ram_low(SIZE), false), &[ram.as_raw_fd()]);
     conn.set_read_timeout(Some(secs(20))).unwrap();
-    let mut body = Vec::new();
-    let p = proto::frame::read(&mut (&conn), &mut body).expect("Listening from umemd");
-    let uri = match LocalMessage::decode(p.kind, &body) {
-        Ok(LocalMessage::Listening { uri }) => uri,
-        // umemd refuses RAM that is not sealed against shrinking, before mapping it.
-        Ok(LocalMessage::Failed { message, .. }) if message.contains("F_SEAL_SHRINK") => {
-            assert!(du.is_serving(), "destination umemd stopped serving");
-
-            return;
-        }
-        other => panic!("expected Listening or a refusal of unsealed RAM, got {other:?}"),
+    let uri = match read_local("fake destination", &conn) {
+        LocalMessage::Listening { uri } => uri,
+        other => panic!("expected Listening, got {other:?}"),
     };
-    ram.set_len(0).expect("shrinking the memfd");
+    // umemd has mapped it: the VMM tries to take the RAM away.
+    assert_shrink_refused(&ram, SIZE);
 
     let mut src = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE).source(&su);
     src.wait_pass(secs(60), 2);
     src.migrate(&uri, json!({})).expect("migrate");
-    let o = src.wait_migration(secs(120));
-    eprintln!("migration into the shrunk memfd: {} {:?}", o.phase, o.error);
-    assert_ne!(o.phase, "completed", "pages went into a memfd of size 0");
-    wait_until(secs(10), "source to resume", || {
-        (src.status() == "running").then_some(())
-    });
-    if let Some(st) = du.proc.exit_status() {
-        panic!(
-            "the destination umemd died ({st:?}) because one VMM shrank its memfd; log:\n{}",
-            du.proc.log()
-        );
+    // Play the destination VMM: load the machine state (not run it), run once told to, then
+    // wait for the end.
+    conn.set_read_timeout(Some(secs(120))).unwrap();
+    let mut state_loaded = false;
+    loop {
+        match read_local("fake destination", &conn) {
+            LocalMessage::Progress(_) => {}
+            LocalMessage::Run => assert!(state_loaded, "Run before the machine state"),
+            LocalMessage::MachineState(_) => {
+                let mut out = Vec::new();
+                LocalMessage::StateLoaded.encode(&mut out);
+                (&conn).write_all(&out).expect("StateLoaded");
+                state_loaded = true;
+            }
+            LocalMessage::Completed(_) => break,
+            other => panic!("destination umemd: expected the migration to go on, got {other:?}"),
+        }
     }
+    assert!(state_loaded, "completed without sending the machine state");
+    let o = src.wait_migration(secs(60));
+    assert_completed("source", &o);
+    assert_eq!(src.status(), "postmigrate");
+    // Every page of the stopped source is in the memfd that could not shrink.
+    assert_eq!(
+        src.digest(),
+        vec![("ram-low".to_string(), sha256_hex(&ram, SIZE))],
+        "the destination memfd does not hold the source's RAM"
+    );
+    du.proc.assert_alive();
     assert!(du.is_serving(), "destination umemd stopped serving");
-    drop(conn);
 }
 
-/// The same on the source side: umemd reads guest pages from its own mapping of the memfd, and
-/// a VMM that shrinks the memfd after handing it over must not be able to kill umemd (and every
-/// other migration it serves) with SIGBUS.
-/// umemd now refuses RAM that is not sealed with `F_SEAL_SHRINK` (before, the source umemd died
-/// with SIGBUS reading the truncated mapping).
+/// The same on the source side: umemd reads guest pages through its own mapping of the memfd,
+/// which a truncation would turn into SIGBUS. The memfd is sealed as the VMM seals it, so the
+/// shrink fails with EPERM, and umemd streams the VM's pages to the destination all the same.
 #[test]
-fn umemd_survives_source_memfd_shrunk_after_handover() {
-    if !require_kvm("umemd_survives_source_memfd_shrunk_after_handover") {
+fn source_memfd_cannot_shrink_after_handover() {
+    if !require_kvm("source_memfd_cannot_shrink_after_handover") {
         return;
     }
-    let t = TestEnv::new("umemd-shrunk-src-memfd");
+    let t = TestEnv::new("umemd-shrink-src-memfd");
     let mut su = t.umemd("umemd-src");
     let du = t.umemd("umemd-dst");
     let mut dst = MigrationSetup::memtouch(&t, "256M", MEMTOUCH_CMDLINE)
@@ -277,36 +374,33 @@ fn umemd_survives_source_memfd_shrunk_after_handover() {
     let uri = dst.listen_uri();
 
     // A fake source VMM with a populated first page.
-    let ram = memfd(256 << 20);
-    std::os::unix::fs::FileExt::write_all_at(&ram, &[0x5a; 4096], 0).unwrap();
+    const SIZE: u64 = 256 << 20;
+    const PAGE: [u8; 4096] = [0x5a; 4096];
+    let ram = sealed_memfd(SIZE);
+    ram.write_all_at(&PAGE, 0).unwrap();
     let mut conn = UnixStream::connect(su.socket()).unwrap();
     let mut msg = Vec::new();
     LocalMessage::Outgoing {
         vm: "fake".into(),
         uri,
         params: MigrationParams::default(),
-        blocks: ram_low(256 << 20),
+        blocks: ram_low(SIZE),
     }
     .encode(&mut msg);
-    let n = conn.send_with_fd(&msg, &[ram.as_raw_fd()]).unwrap();
-    conn.write_all(&msg[n..]).unwrap();
+    send_opening(&conn, &msg, &[ram.as_raw_fd()]);
 
-    // Shrink the memfd once umemd has mapped it (the first harvest comes after that), then
-    // answer every harvest with page 0 dirty, as a VMM whose guest keeps writing it would.
+    // Try to shrink the memfd once umemd has mapped it (the first harvest comes after that),
+    // and answer every harvest with page 0 dirty, as a VMM whose guest keeps writing it would.
+    // The machine state is not one a vmm can load: the destination ends the migration there.
     conn.set_read_timeout(Some(secs(30))).unwrap();
-    let mut body = Vec::new();
-    let mut end = None;
-    for _ in 0..1000 {
-        let p = match proto::frame::read(&mut conn, &mut body) {
-            Ok(p) => p,
-            Err(e) => {
-                end = Some(format!("connection ended: {e}"));
-                break;
-            }
-        };
-        match LocalMessage::decode(p.kind, &body) {
-            Ok(LocalMessage::Harvest { stop }) => {
-                ram.set_len(0).expect("shrinking the memfd");
+    let mut harvests = 0;
+    let end = loop {
+        match read_local("fake source", &conn) {
+            LocalMessage::Harvest { stop } => {
+                if harvests == 0 {
+                    assert_shrink_refused(&ram, SIZE);
+                }
+                harvests += 1;
                 let mut out = Vec::new();
                 LocalMessage::DirtyBitmap {
                     block: 0,
@@ -318,27 +412,35 @@ fn umemd_survives_source_memfd_shrunk_after_handover() {
                 if stop {
                     LocalMessage::MachineState(vec![0; 64]).encode(&mut out);
                 }
-                if conn.write_all(&out).is_err() {
-                    end = Some("umemd closed the connection".into());
-                    break;
-                }
+                conn.write_all(&out).expect("answering a harvest");
             }
-            Ok(LocalMessage::Progress(_)) => {}
-            Ok(other) => {
-                end = Some(format!("{other:?}"));
-                break;
-            }
-            Err(e) => panic!("umemd sent a malformed message: {e}"),
+            LocalMessage::Progress(_) => {}
+            other => break other,
         }
-    }
-    eprintln!("fake source session ended with: {end:?}");
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    if let Some(st) = su.proc.exit_status() {
-        panic!(
-            "the source umemd died ({st:?}) because one VMM shrank its memfd; log:\n{}",
-            su.proc.log()
-        );
-    }
+    };
+    assert!(harvests > 0, "umemd never harvested: {end:?}");
+    su.proc.assert_alive();
     assert!(su.is_serving(), "source umemd stopped serving");
-    let _ = dst.proc.is_alive();
+
+    // Every page and the state crossed: the destination failed on the state, nothing earlier.
+    match &end {
+        LocalMessage::Failed { message, .. } => assert!(
+            message.contains("machine state"),
+            "the migration failed before the machine state was loaded: {message}"
+        ),
+        other => panic!("expected the destination to refuse the fake machine state, got {other:?}"),
+    }
+    let reply = dst.wait_phase(secs(30), &["failed"]);
+    assert!(
+        reply["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("machine state")),
+        "destination: {reply}"
+    );
+    dst.proc.assert_alive();
+    assert_eq!(dst.status(), "migrate-failed");
+    let page = read_process_memory(dst.proc.pid(), dst.ram_host_addr(0), PAGE.len(), secs(10))
+        .expect("reading the destination's page 0 hangs")
+        .expect("reading the destination's page 0");
+    assert!(page == PAGE, "page 0 did not arrive at the destination");
 }

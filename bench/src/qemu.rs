@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use umem::{binary, closed_port, complete_lines, parse_passes, secs, Proc, TestEnv};
+use umem_testkit::{binary, closed_port, complete_lines, parse_passes, secs, Proc, TestEnv};
 
 use crate::Scenario;
 
@@ -172,7 +172,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
     let (mut src_proc, mut src, src_serial) = start_qemu(qemu, &dir, "qemu-src", s, &kernel, None)?;
 
     // SeaBIOS output shares the first guest line, so match anywhere in a line.
-    let ready = umem::poll_every(secs(120), Duration::from_millis(20), || {
+    let ready = umem_testkit::poll_every(secs(120), Duration::from_millis(20), || {
         if !src_proc.is_alive() {
             return Some(false);
         }
@@ -209,7 +209,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
 
     // The destination has the whole VM once its own status says completed.
     let mut err = None;
-    let dst_end = umem::poll_every(secs(600), Duration::from_millis(5), || {
+    let dst_end = umem_testkit::poll_every(secs(600), Duration::from_millis(5), || {
         let r = dst.cmd("query-migrate", Value::Null).and_then(|d| {
             if !dst_proc.is_alive() {
                 return Err(format!("qemu-dst exited: {}", log_tail(&dst_proc)));
@@ -233,7 +233,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
 
     // QEMU 7.2 reports "completed" on the source before it fills in the timing fields.
     let mut err = None;
-    let src_end = umem::poll_every(secs(30), Duration::from_millis(10), || {
+    let src_end = umem_testkit::poll_every(secs(30), Duration::from_millis(10), || {
         match src.cmd("query-migrate", Value::Null) {
             Ok(v) if v["status"] == "completed" && v.get("total-time").is_some() => Some(v),
             Ok(v) if matches!(v["status"].as_str(), Some("failed" | "cancelled")) => {

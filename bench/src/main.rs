@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use umem::{require_kvm, secs, TestEnv};
+use umem_testkit::{require_kvm, secs, TestEnv};
 
 mod qemu;
 
@@ -203,7 +203,7 @@ fn run(s: &Scenario) -> Value {
         }
         None => {
             // Polled every 5 ms (not the harness's 50 ms), as the QEMU runs are.
-            let v = umem::poll_every(secs(600), Duration::from_millis(5), || {
+            let v = umem_testkit::poll_every(secs(600), Duration::from_millis(5), || {
                 dst.proc.assert_alive();
                 let v = dst.query_migrate();
                 matches!(

@@ -1,0 +1,56 @@
+//! A umemd of the kit: started on a socket in the test directory, ready once it accepts
+//! connections, and watched from `/proc` for leaked descriptors and threads.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::binaries::binary;
+use crate::process::Proc;
+use crate::timing::{secs, wait_until};
+
+/// A umemd process.
+pub struct Umemd {
+    /// The process.
+    pub proc: Proc,
+    socket: PathBuf,
+}
+
+impl Umemd {
+    /// Starts `umemd --socket <dir>/<name>.sock` and waits until it accepts connections.
+    pub fn start(dir: &Path, name: &str) -> Umemd {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(binary("umemd"));
+        cmd.arg("--socket").arg(&socket);
+        let mut proc = Proc::spawn(name, cmd, &dir.join(format!("{name}.log")));
+        wait_until(secs(30), &format!("umemd {name} to listen"), || {
+            proc.assert_alive();
+            UnixStream::connect(&socket).ok().map(|_| ())
+        });
+        Umemd { proc, socket }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether it still runs and accepts connections.
+    pub fn is_serving(&mut self) -> bool {
+        self.proc.is_alive() && UnixStream::connect(&self.socket).is_ok()
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Threads of the process.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.proc.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
