@@ -9,6 +9,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::{lseek, Whence};
 use proto::local::LocalBlock;
 use proto::PAGE_SIZE;
+use vm_memory::{VolatileMemory, VolatileSlice};
 
 /// Errors of mapping a VMM's memory.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,16 @@ pub enum MappingError {
     /// `mmap` failed.
     #[error("mapping guest RAM: {0}")]
     Map(nix::Error),
+    /// A range asked of the mapping lies (partly) outside it.
+    #[error("bytes {off:#x}+{len:#x} are outside the {size:#x}-byte guest RAM mapping")]
+    OutOfRange {
+        /// Offset asked for.
+        off: u64,
+        /// Length asked for.
+        len: usize,
+        /// Size of the mapping.
+        size: usize,
+    },
 }
 
 /// Extents of the memfd found by earlier `lseek` calls: `[from, to)` of data and of hole.
@@ -47,10 +58,12 @@ pub struct GuestMapping {
     blocks: Vec<LocalBlock>,
 }
 
-// SAFETY: the mapping is plain read-only shared memory; a write to the memfd by another path
-// (the guest, pwrite) can only tear what a reader sees, which `u8` reads tolerate.
+// SAFETY: the mapping is plain read-only shared memory, owned by this value and unmapped only
+// by its drop; nothing in it is tied to the thread that made it.
 unsafe impl Send for GuestMapping {}
-// SAFETY: as above; `&GuestMapping` hands out only raw views whose use is coordinated.
+// SAFETY: `&GuestMapping` reads guest RAM only through `VolatileSlice`s, whose accesses are
+// volatile: another thread, the guest or a `pwrite` writing the same bytes meanwhile can tear
+// what is read, and no Rust reference to guest RAM is ever formed.
 unsafe impl Sync for GuestMapping {}
 
 impl GuestMapping {
@@ -146,14 +159,31 @@ impl GuestMapping {
         }
     }
 
-    /// The bytes at memfd offset `off`, `len` long (checked by the caller with `offset_of`).
+    /// Volatile access to the `len` bytes at memfd offset `off`, bounds-checked against the
+    /// mapping (a caller checks its pages against the layout with `offset_of` first).
     ///
-    /// # Safety
-    /// The range must be in bounds, and nothing may write it concurrently in a way the caller
-    /// cannot tolerate (the guest may, which only makes the read torn, never unsound for `u8`).
-    pub unsafe fn slice(&self, off: u64, len: usize) -> &[u8] {
-        debug_assert!(off as usize + len <= self.len);
-        std::slice::from_raw_parts(self.ptr.as_ptr().add(off as usize), len)
+    /// Guest RAM changes under umemd's feet (the guest runs, the destination writes pages with
+    /// `pwrite` and `UFFDIO_COPY`), so it is never seen as `&[u8]`: reads through the slice are
+    /// volatile and may be torn by a concurrent write, which callers tolerate (a page written
+    /// while it is sent is dirty and is sent again). The mapping is read-only: a write through
+    /// the slice would fault, so umemd never writes through it.
+    pub fn volatile(&self, off: u64, len: usize) -> Result<VolatileSlice<'_>, MappingError> {
+        let out_of_range = || MappingError::OutOfRange {
+            off,
+            len,
+            size: self.len,
+        };
+        let off = usize::try_from(off).map_err(|_| out_of_range())?;
+        self.whole().subslice(off, len).map_err(|_| out_of_range())
+    }
+
+    /// The whole mapping as one volatile slice.
+    fn whole(&self) -> VolatileSlice<'_> {
+        // SAFETY: `ptr` and `len` are exactly the live mapping made in `new`, which lasts until
+        // `self` drops, so for the slice's lifetime; every access through a `VolatileSlice` is
+        // volatile (or a copy by the kernel or by vm-memory's copy routines), and umemd reads
+        // guest RAM in no other way.
+        unsafe { VolatileSlice::new(self.ptr.as_ptr(), self.len) }
     }
 
     /// Splits `[start, end)` of the memfd into `(offset, len, has_data)` segments: holes (never
@@ -258,13 +288,38 @@ fn push_segment(out: &mut Vec<(u64, u64, bool)>, from: u64, to: u64, data: bool)
     }
 }
 
-/// True if every byte of `page` is zero.
-pub fn is_zero(page: &[u8]) -> bool {
-    // SAFETY: reinterpreting initialised bytes as u64 is valid for any bit pattern.
-    let (head, mid, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && mid.chunks(8).all(|c| c.iter().fold(0, |a, &w| a | w) == 0)
+/// True if every byte of `bytes` is zero. Aligned words are read with volatile loads, eight at a
+/// time, stopping at the first eight that are not all zero: a page of data is told from a zero
+/// page after its first 64 bytes, and a zero page costs 512 loads, never a byte-by-byte loop.
+pub fn is_zero(bytes: &VolatileSlice<'_>) -> bool {
+    const WORD: usize = std::mem::size_of::<u64>();
+    let len = bytes.len();
+    let head = (bytes.ptr_guard().as_ptr() as usize).wrapping_neg() % WORD;
+    let head = head.min(len);
+    let words = (len - head) / WORD;
+    let edges_zero = |from: usize, n: usize| {
+        let mut b = [0u8; WORD];
+        bytes
+            .subslice(from, n)
+            .map(|s| s.copy_to(&mut b[..n]))
+            .is_ok()
+            && b == [0; WORD]
+    };
+    if !edges_zero(0, head) || !edges_zero(head + words * WORD, len - head - words * WORD) {
+        return false;
+    }
+    let Ok(w) = bytes.get_array_ref::<u64>(head, words) else {
+        return false;
+    };
+    let mut i = 0;
+    while i + 8 <= words {
+        let any = (i..i + 8).fold(0, |a, k| a | w.load(k));
+        if any != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    (i..words).all(|k| w.load(k) == 0)
 }
 
 #[cfg(test)]
@@ -380,23 +435,49 @@ mod tests {
         let f = memfd(4 * 4096);
         std::os::unix::fs::FileExt::write_all_at(&f, &[7; 4096], 4096).unwrap();
         let m = GuestMapping::new(f.into(), vec![block("ram", 0, 4 * 4096)]).unwrap();
-        // SAFETY: in bounds, single-threaded test.
-        assert!(!is_zero(unsafe { m.slice(4096, 4096) }));
+        assert!(!is_zero(&m.volatile(4096, 4096).unwrap()));
         m.punch_hole(4096, 4096).unwrap();
         // Checked before reading: a read fault on a shmem hole allocates a page again.
         assert_eq!(m.segments(0, 4 * 4096), vec![(0, 4 * 4096, false)]);
-        // SAFETY: in bounds, single-threaded test.
-        assert!(is_zero(unsafe { m.slice(4096, 4096) }));
+        assert!(is_zero(&m.volatile(4096, 4096).unwrap()));
+    }
+
+    #[test]
+    fn volatile_views_are_bounds_checked_and_read_the_memfd() {
+        let f = memfd(4 * 4096);
+        std::os::unix::fs::FileExt::write_all_at(&f, b"guest", 3 * 4096 + 100).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, 4 * 4096)]).unwrap();
+        let mut b = [0u8; 5];
+        m.volatile(3 * 4096 + 100, 5).unwrap().copy_to(&mut b[..]);
+        assert_eq!(&b, b"guest");
+        assert_eq!(m.volatile(0, 4 * 4096).unwrap().len(), 4 * 4096);
+        assert!(m.volatile(4 * 4096, 0).unwrap().is_empty());
+        for (off, len) in [
+            (0, 4 * 4096 + 1),
+            (4 * 4096, 1),
+            (u64::MAX, 2),
+            (1, usize::MAX),
+        ] {
+            let e = m.volatile(off, len).unwrap_err();
+            assert!(e.to_string().contains("outside"), "{off:#x}+{len:#x}: {e}");
+        }
     }
 
     #[test]
     fn zero_detection() {
-        let mut p = vec![0u8; 4096];
-        assert!(is_zero(&p));
-        p[4095] = 1;
-        assert!(!is_zero(&p));
-        p[4095] = 0;
-        p[0] = 1;
-        assert!(!is_zero(&p));
+        let mut p = vec![0u8; 4096 + 16];
+        // Every alignment and length of head and tail around the aligned words.
+        for start in 0..9 {
+            for len in [0, 1, 7, 8, 9, 63, 64, 65, 4096 - start] {
+                let v = VolatileSlice::from(&mut p[start..start + len]);
+                assert!(is_zero(&v), "{start}+{len}");
+                for i in 0..len {
+                    p[start + i] = 1;
+                    let v = VolatileSlice::from(&mut p[start..start + len]);
+                    assert!(!is_zero(&v), "{start}+{len}: byte {i}");
+                    p[start + i] = 0;
+                }
+            }
+        }
     }
 }

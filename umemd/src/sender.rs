@@ -1,8 +1,10 @@
 //! Turns a range of guest pages into migration-stream frames: holes in the memfd become one
 //! short record (or nothing), runs of zero pages a `ZeroPages` record, everything else `Pages`
-//! frames whose data goes to the socket straight from umemd's mapping.
+//! frames whose data goes to the socket straight from umemd's mapping. Guest RAM is read only
+//! through volatile views of it: the guest may be writing it meanwhile.
 
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
@@ -86,7 +88,7 @@ impl PageSender {
         off: u64,
         holes: Holes,
         c: &Counters,
-    ) -> std::io::Result<()> {
+    ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
         let segments = if self.frozen {
             mem.segments_frozen(off, end, &mut self.extents)
@@ -143,18 +145,21 @@ impl PageSender {
         pages: u64,
         off: u64,
         c: &Counters,
-    ) -> std::io::Result<()> {
-        let page = |i: u64| {
-            // SAFETY: the caller checked the whole run against the block and the mapping, and
-            // `i < pages` stays inside it; a guest write racing with this read only tears it.
-            unsafe { mem.slice(off + i * PAGE_SIZE, PAGE_SIZE as usize) }
+    ) -> io::Result<()> {
+        let run_bytes = mem
+            .volatile(off, (pages * PAGE_SIZE) as usize)
+            .map_err(io::Error::other)?;
+        let at = |i: u64, n: u64| {
+            run_bytes
+                .subslice((i * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize)
+                .map_err(io::Error::other)
         };
         self.write_pending_holes();
         let mut i = 0;
         while i < pages {
-            let zero = is_zero(page(i));
+            let zero = is_zero(&at(i, 1)?);
             let mut j = i + 1;
-            while j < pages && j - i < MAX_RUN_PAGES as u64 && is_zero(page(j)) == zero {
+            while j < pages && j - i < MAX_RUN_PAGES as u64 && is_zero(&at(j, 1)?) == zero {
                 j += 1;
             }
             let run = PageRun {
@@ -167,9 +172,8 @@ impl PageSender {
                 Counters::add(&c.zero_pages, run.count as u64);
             } else {
                 run.encode_pages_header(&mut self.out);
-                // SAFETY: as above, the run lies inside the checked range.
-                let data = unsafe { mem.slice(off + i * PAGE_SIZE, run.data_len()) };
-                link::write_all_vectored(stream, &self.out, data)?;
+                let data = at(i, j - i)?;
+                link::write_all_vectored(stream.as_fd(), &self.out, &data)?;
                 Counters::add(&c.bytes, (self.out.len() + data.len()) as u64);
                 Counters::add(&c.pages, run.count as u64);
                 self.out.clear();
@@ -197,7 +201,7 @@ impl PageSender {
     }
 
     /// Writes whatever is batched.
-    pub fn flush(&mut self, stream: &mut PeerStream, c: &Counters) -> std::io::Result<()> {
+    pub fn flush(&mut self, stream: &mut PeerStream, c: &Counters) -> io::Result<()> {
         self.write_pending_holes();
         if !self.out.is_empty() {
             stream.write_all(&self.out)?;

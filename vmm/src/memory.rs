@@ -9,6 +9,7 @@ use proto::{BlockDesc, PAGE_SIZE};
 use sha2::{Digest, Sha256};
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, VolatileSlice,
 };
 
 /// Guest physical address where the 32-bit PCI hole starts; RAM above it moves past 4 GiB.
@@ -143,14 +144,17 @@ impl GuestRam {
         self.blocks.iter().map(|b| b.desc.size).sum()
     }
 
+    /// The mapping of block `i`.
+    fn region(&self, i: usize) -> &GuestRegionMmap {
+        // Blocks were created from these very ranges, so the lookup cannot fail.
+        self.mem
+            .find_region(GuestAddress(self.blocks[i].desc.guest_addr))
+            .expect("block has a region")
+    }
+
     /// Host address and length of block `i`'s mapping.
     pub fn host_range(&self, i: usize) -> (*mut u8, usize) {
-        let b = &self.blocks[i];
-        // Blocks were created from these very ranges, so the lookup cannot fail.
-        let region = self
-            .mem
-            .find_region(GuestAddress(b.desc.guest_addr))
-            .expect("block has a region");
+        let region = self.region(i);
         (region.as_ptr(), region.len() as usize)
     }
 
@@ -165,35 +169,38 @@ impl GuestRam {
             .collect()
     }
 
-    /// Bytes of block `i` (the shared mapping).
-    pub fn block_bytes(&self, i: usize) -> &[u8] {
-        let (ptr, len) = self.host_range(i);
-        // SAFETY: the mapping lives as long as `self.mem`; guest writes may race with this
-        // read, which is why callers read only while the vCPUs are stopped or accept a torn view.
-        unsafe { std::slice::from_raw_parts(ptr, len) }
+    /// Volatile access to all of block `i` (the shared mapping). Guest RAM is never seen as
+    /// `&[u8]`: the guest, or umemd through the memfd, may write it while the VMM reads it.
+    pub fn block_volatile(&self, i: usize) -> VolatileSlice<'_> {
+        // An mmap-backed region always has host memory, so this cannot fail.
+        self.region(i)
+            .as_volatile_slice()
+            .expect("an mmap region has host memory")
     }
 
-    /// Fills every block with deterministic pseudo-random bytes from `seed`, in parallel.
+    /// Fills every block with deterministic pseudo-random bytes from `seed`, in parallel, one
+    /// chunk at a time generated in a buffer and copied into guest RAM.
     pub fn prefill(&self, seed: u64) {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         for (i, b) in self.blocks.iter().enumerate() {
-            let (ptr, len) = self.host_range(i);
-            let chunk = (len / threads).next_multiple_of(PAGE_SIZE as usize);
-            let base = ptr as usize;
+            let len = b.desc.size as usize;
+            let share = (len / threads).next_multiple_of(PAGE_SIZE as usize);
             let block_seed = seed ^ b.desc.guest_addr;
             std::thread::scope(|s| {
                 for t in 0..threads {
-                    let start = (t * chunk).min(len);
-                    let end = ((t + 1) * chunk).min(len);
+                    let start = (t * share).min(len);
+                    let end = ((t + 1) * share).min(len);
                     s.spawn(move || {
-                        // SAFETY: each thread gets a disjoint sub-range of a live mapping.
-                        let words = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (base + start) as *mut u64,
-                                (end - start) / 8,
-                            )
-                        };
-                        fill_pseudo_random(words, block_seed, start as u64 / 8);
+                        let ram = self.block_volatile(i);
+                        let mut buf = vec![0u8; COPY_CHUNK.min(end - start)];
+                        let mut pos = start;
+                        while pos < end {
+                            let n = (end - pos).min(buf.len());
+                            fill_pseudo_random(&mut buf[..n], block_seed, pos as u64 / 8);
+                            let dst = ram.subslice(pos, n).expect("inside the block");
+                            dst.copy_from(&buf[..n]);
+                            pos += n;
+                        }
                     });
                 }
             });
@@ -221,12 +228,13 @@ impl GuestRam {
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.blocks.len())
                 .map(|i| {
-                    let bytes = self.block_bytes(i);
                     let start = self.blocks[i].desc.guest_addr;
                     let fd_off = self.blocks[i].memfd_offset;
-                    let kept = kept_ranges(start, bytes.len() as u64, exclude);
+                    let kept = kept_ranges(start, self.blocks[i].desc.size, exclude);
                     let memfd = self.memfd.as_fd();
                     s.spawn(move || {
+                        let ram = self.block_volatile(i);
+                        let mut buf = vec![0u8; COPY_CHUNK];
                         let mut h = Sha256::new();
                         for (from, to) in kept {
                             let segs = if skip_holes {
@@ -237,7 +245,15 @@ impl GuestRam {
                             for (a, b, data) in segs {
                                 let (a, b) = ((a - fd_off) as usize, (b - fd_off) as usize);
                                 if data {
-                                    h.update(&bytes[a..b]);
+                                    // Copied out a chunk at a time: the guest may be writing.
+                                    let mut pos = a;
+                                    while pos < b {
+                                        let n = (b - pos).min(buf.len());
+                                        let src = ram.subslice(pos, n).expect("inside the block");
+                                        let got = src.copy_to(&mut buf[..n]);
+                                        h.update(&buf[..got]);
+                                        pos += n;
+                                    }
                                 } else {
                                     let mut left = b - a;
                                     while left > 0 {
@@ -278,6 +294,9 @@ impl GuestRam {
         self.memfd.as_fd()
     }
 }
+
+/// Bytes copied between guest RAM and a buffer at a time by `prefill` and the digests.
+const COPY_CHUNK: usize = 256 << 10;
 
 /// Splits memfd offsets `[start, end)` into `(from, to, has_data)` pieces with `lseek`.
 fn data_segments(fd: std::os::fd::BorrowedFd<'_>, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
@@ -326,10 +345,11 @@ fn kept_ranges(start: u64, len: u64, exclude: &[(u64, u64)]) -> Vec<(u64, u64)> 
     kept
 }
 
-/// Fills `words` from a counter-based generator, so any sub-range can be produced on its own.
-pub fn fill_pseudo_random(words: &mut [u64], seed: u64, first_index: u64) {
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = splitmix64(seed.wrapping_add(first_index + i as u64));
+/// Fills `bytes` (whole 8-byte words) from a counter-based generator whose word number
+/// `first_index` comes first, so any sub-range can be produced on its own.
+pub fn fill_pseudo_random(bytes: &mut [u8], seed: u64, first_index: u64) {
+    for (i, w) in bytes.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&splitmix64(seed.wrapping_add(first_index + i as u64)).to_ne_bytes());
     }
 }
 
@@ -383,7 +403,17 @@ mod tests {
         assert_eq!(a.digests(), b.digests());
         b.prefill(8);
         assert_ne!(a.digests(), b.digests());
-        assert!(a.block_bytes(0).iter().any(|&x| x != 0));
+        let mut head = [0u8; 4096];
+        a.block_volatile(0).copy_to(&mut head[..]);
+        assert!(head.iter().any(|&x| x != 0));
+        // The same bytes as a whole-word generator gives, at any offset.
+        let mut word = [0u8; 8];
+        let at = (3 << 20) + 8 * 1000;
+        a.block_volatile(0)
+            .subslice(at, 8)
+            .unwrap()
+            .copy_to(&mut word[..]);
+        assert_eq!(u64::from_ne_bytes(word), splitmix64(7 + at as u64 / 8));
     }
 
     #[test]
