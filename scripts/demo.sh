@@ -5,7 +5,8 @@
 #                   [--guest memtouch|digest] [--keep]
 #
 # What it does, in a private temporary directory:
-#   1. builds the binaries (cargo build --release; a no-op when they are current),
+#   1. installs what the build needs (scripts/setup.sh, as root) and builds the binaries
+#      (cargo build --release; a no-op when they are current),
 #   2. starts two umemds, one per "host", each on its own Unix socket,
 #   3. starts a source vmm running a built-in guest on prefilled RAM, and a destination vmm
 #      with --incoming tcp:127.0.0.1:0 (umemd picks the port),
@@ -19,7 +20,8 @@
 #   and exits non-zero unless result is "ok". Every process it started is stopped by PID on
 #   exit, on failure and on Ctrl-C.
 #
-# Needs root (or access to /dev/kvm), cargo, gcc able to build -m32 freestanding code, python3.
+# Needs root (KVM, and a userfaultfd for the destination), cargo and python3; scripts/setup.sh
+# installs the rest (gcc for the 32-bit guests, libclang for the build).
 #
 # Precopy: the destination is started with -S, so right after the switchover both sides hold
 # the same RAM and the full SHA-256 of every block must match. Postcopy and hybrid: the
@@ -247,6 +249,9 @@ last_pass() {
 
 # ---------------------------------------------------------------------------------------------
 
+if [ "$BUILD" = 1 ]; then
+    "$ROOT/scripts/setup.sh" || { ERROR="scripts/setup.sh: this machine lacks what the build needs (see above)"; exit 1; }
+fi
 command -v python3 >/dev/null || { ERROR="python3 is required"; exit 1; }
 
 if [ "$BUILD" = 1 ]; then

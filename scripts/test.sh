@@ -17,6 +17,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { echo "==> $*" >&2; }
 
+step "set-up (scripts/setup.sh)"
+scripts/setup.sh
+
 step "script syntax"
 for f in scripts/*.sh .ci/run; do
     [ -f "$f" ] && bash -n "$f"
