@@ -444,3 +444,68 @@ fn source_memfd_cannot_shrink_after_handover() {
         .expect("reading the destination's page 0");
     assert!(page == PAGE, "page 0 did not arrive at the destination");
 }
+
+/// One migration at a time per VM: while a session holds a VM's RAM, umemd refuses a second
+/// `Outgoing` or `Incoming` with the same memfd (a second source session would send the VM to
+/// a second destination), and takes it again once the first session ended.
+#[test]
+fn umemd_refuses_a_second_session_over_the_same_ram() {
+    let t = TestEnv::new("umemd-second-session");
+    let mut u = t.umemd("umemd");
+    const SIZE: u64 = 16 << 20;
+    let ram = sealed_memfd(SIZE);
+    let outgoing_to = |uri: &str| {
+        let mut buf = Vec::new();
+        LocalMessage::Outgoing {
+            vm: "fake".into(),
+            uri: uri.into(),
+            params: MigrationParams::default(),
+            blocks: ram_low(SIZE),
+        }
+        .encode(&mut buf);
+        buf
+    };
+    // A "destination" that accepts and never answers keeps the first session in its handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_uri = format!("tcp:{}", silent.local_addr().unwrap());
+    let first = UnixStream::connect(u.socket()).unwrap();
+    send_opening(&first, &outgoing_to(&silent_uri), &[ram.as_raw_fd()]);
+    let (_held, _) = silent.accept().expect("the first session connects");
+
+    expect_refusal(
+        "a second outgoing session of the same RAM",
+        exchange(&u, &outgoing_to(&silent_uri), &[ram.as_raw_fd()]),
+        &["already in a migration"],
+    );
+    expect_refusal(
+        "an incoming session over the same RAM",
+        exchange(&u, &incoming(ram_low(SIZE), false), &[ram.as_raw_fd()]),
+        &["already in a migration"],
+    );
+    // Another VM's RAM is not held by the first session.
+    let other = sealed_memfd(SIZE);
+    let reply = exchange(&u, &incoming(ram_low(SIZE), false), &[other.as_raw_fd()]);
+    assert!(
+        matches!(reply, Some(LocalMessage::Listening { .. })),
+        "another VM's incoming session: {reply:?}"
+    );
+
+    // The first VMM goes away: its session ends and gives the RAM back.
+    drop(first);
+    let closed = format!("tcp:127.0.0.1:{}", umem_testkit::closed_port());
+    let again = try_wait_until(secs(20), || {
+        match exchange(&u, &outgoing_to(&closed), &[ram.as_raw_fd()]) {
+            Some(LocalMessage::Failed { message, .. }) if message.contains("already") => None,
+            other => Some(other),
+        }
+    });
+    match again {
+        Some(Some(LocalMessage::Failed { message, .. })) => assert!(
+            !message.contains("already"),
+            "the RAM is still held: {message}"
+        ),
+        other => panic!("expected the session to fail on the closed port, got {other:?}"),
+    }
+    u.proc.assert_alive();
+    assert!(u.is_serving(), "umemd stopped accepting connections");
+}
