@@ -461,6 +461,17 @@ fn umemd_killed_mid_postcopy(victim: &str) {
         dst.ctl("cont", json!({})).is_err(),
         "cont resumed a VM whose pages are missing"
     );
+    // The control socket answers at once, and says why a digest cannot be had.
+    let t0 = std::time::Instant::now();
+    let e = dst
+        .ctl("query-ram-digest", Value::Null)
+        .expect_err("a RAM digest of a VM with missing pages");
+    assert!(e.contains("missing"), "{e}");
+    assert!(
+        t0.elapsed() < secs(5),
+        "query-ram-digest took {:?}",
+        t0.elapsed()
+    );
 
     // The source's migration failed, but the VM ran on the destination: the source must not
     // run it again.

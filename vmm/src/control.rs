@@ -174,8 +174,18 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
         }
     }
     // Not under the state lock: while a userfaultfd covers RAM the hash waits for pages, and
-    // the migration thread needs the lock to finish.
-    let skip_holes = m.state().uffd.is_none();
+    // the migration thread needs the lock to finish. Without a page server nothing would bring
+    // a missing page, and the request would never be answered.
+    let skip_holes = {
+        let s = m.state();
+        if s.status == crate::machine::Status::PostcopyPaused {
+            return Err(
+                "pages of this VM are still missing and its page server is gone (postcopy-paused): a RAM digest would wait for them forever"
+                    .into(),
+            );
+        }
+        s.uffd.is_none()
+    };
     let blocks: Vec<Value> =
         m.vm.ram()
             .digests_excluding(&exclude, skip_holes)
