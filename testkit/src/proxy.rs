@@ -1,14 +1,17 @@
 //! A fault-injecting TCP proxy for the migration stream between two umemds (there is no netem
-//! here). It forwards whole frames in both directions and, on request, cuts every connection
-//! when a frame of a given kind passes, dropping that frame: the way to lose exactly one
-//! message of a protocol exchange. While it is down it closes every new connection at once.
+//! here). It forwards whole frames in both directions and, on request:
+//! - cuts every connection when a frame of a given kind passes, dropping that frame: the way to
+//!   lose exactly one message of a protocol exchange;
+//! - cuts every connection now; while it is down it closes every new connection at once;
+//! - stalls: holds every byte without closing anything, as a partitioned link does;
+//! - delays each frame, or caps the bandwidth of each direction.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes of a frame's prefix: `u32` LE body length, `u8` kind.
 const PREFIX_LEN: usize = 5;
@@ -34,6 +37,12 @@ struct Shared {
     sockets: Mutex<Vec<TcpStream>>,
     /// Frames forwarded, by direction.
     frames: Mutex<Vec<(Direction, u8)>>,
+    /// Nothing is forwarded while set (connections stay open).
+    stalled: AtomicBool,
+    /// Added to every frame, in microseconds.
+    latency_us: AtomicU64,
+    /// Bytes per second in each direction, 0 for no cap.
+    bandwidth: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -99,9 +108,27 @@ impl FaultProxy {
         self.shared.cut_all();
     }
 
-    /// Lets new connections through again.
+    /// Lets new connections through again, and ends a stall.
     pub fn restore(&self) {
         self.shared.down.store(false, Ordering::SeqCst);
+        self.shared.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Stops forwarding without closing anything: both sides see a silent link.
+    pub fn stall(&self) {
+        self.shared.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Delays every frame by `latency` (each direction on its own).
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared
+            .latency_us
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Caps each direction at `bytes_per_sec` (0: no cap).
+    pub fn set_bandwidth(&self, bytes_per_sec: u64) {
+        self.shared.bandwidth.store(bytes_per_sec, Ordering::SeqCst);
     }
 
     /// The kinds of the frames forwarded in `dir` so far, in order.
@@ -163,13 +190,30 @@ fn accept_loop(listener: TcpListener, target: SocketAddr, shared: Arc<Shared>) {
     }
 }
 
+/// Waits while the link is stalled; false once it is down.
+fn wait_while_stalled(shared: &Shared) -> bool {
+    while shared.stalled.load(Ordering::SeqCst) {
+        if shared.down.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    !shared.down.load(Ordering::SeqCst)
+}
+
 /// Forwards whole frames from `from` to `to` until either side closes or the link is cut.
 fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shared>) {
     let mut prefix = [0u8; PREFIX_LEN];
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 64 << 10];
+    // Bandwidth accounting: bytes forwarded since `since`.
+    let (mut since, mut sent) = (Instant::now(), 0u64);
     loop {
-        if from.read_exact(&mut prefix).is_err() || shared.down.load(Ordering::SeqCst) {
+        if from.read_exact(&mut prefix).is_err() || !wait_while_stalled(&shared) {
             break;
+        }
+        let latency = shared.latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            std::thread::sleep(Duration::from_micros(latency));
         }
         let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         let kind = prefix[4];
@@ -189,15 +233,121 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
         }
         let mut left = len;
         while left > 0 {
-            let n = left.min(buf.len());
-            if from.read_exact(&mut buf[..n]).is_err() || to.write_all(&buf[..n]).is_err() {
+            let n = left.min(64 << 10);
+            if from.read_exact(&mut buf[..n]).is_err()
+                || !wait_while_stalled(&shared)
+                || to.write_all(&buf[..n]).is_err()
+            {
                 let _ = to.shutdown(Shutdown::Both);
                 let _ = from.shutdown(Shutdown::Both);
                 return;
             }
             left -= n;
+            let cap = shared.bandwidth.load(Ordering::SeqCst);
+            if cap > 0 {
+                sent += n as u64;
+                let due = Duration::from_secs_f64(sent as f64 / cap as f64);
+                if let Some(wait) = due.checked_sub(since.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                if since.elapsed() > Duration::from_secs(1) {
+                    (since, sent) = (Instant::now(), 0);
+                }
+            }
         }
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A server that accepts one connection and hands it back.
+    fn listen_once() -> (SocketAddr, JoinHandle<TcpStream>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        (addr, std::thread::spawn(move || l.accept().unwrap().0))
+    }
+
+    #[test]
+    fn forwards_frames_and_cuts_at_the_chosen_one() {
+        let (addr, accepted) = listen_once();
+        let proxy = FaultProxy::start(addr);
+        proxy.cut_at_frame(Direction::ToDestination, 7);
+        let mut client = TcpStream::connect(proxy.addr).unwrap();
+        let mut server = accepted.join().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client.write_all(&frame(1, b"hello")).unwrap();
+        let mut got = [0u8; 10];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], &frame(1, b"hello")[..]);
+        client.write_all(&frame(7, b"lost")).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).unwrap_or(0), 0, "{rest:?}");
+        assert!(proxy.fired());
+        assert_eq!(proxy.frames(Direction::ToDestination), vec![1]);
+        // Down: a new connection is closed at once; restored: it goes through.
+        let mut c2 = TcpStream::connect(proxy.addr).unwrap();
+        c2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(c2.read(&mut [0u8; 1]).unwrap_or(0), 0);
+        let (addr2, _) = listen_once();
+        drop(proxy);
+        let proxy = FaultProxy::start(addr2);
+        proxy.cut();
+        proxy.restore();
+        assert!(TcpStream::connect(proxy.addr).is_ok());
+    }
+
+    #[test]
+    fn a_stall_holds_every_byte_until_restored() {
+        let (addr, accepted) = listen_once();
+        let proxy = FaultProxy::start(addr);
+        let mut client = TcpStream::connect(proxy.addr).unwrap();
+        let mut server = accepted.join().unwrap();
+        proxy.stall();
+        client.write_all(&frame(2, b"held")).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut got = [0u8; 9];
+        assert!(
+            server.read_exact(&mut got).is_err(),
+            "a stalled link let a frame through"
+        );
+        proxy.restore();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], &frame(2, b"held")[..]);
+    }
+
+    #[test]
+    fn latency_delays_each_frame() {
+        let (addr, accepted) = listen_once();
+        let proxy = FaultProxy::start(addr);
+        proxy.set_latency(Duration::from_millis(50));
+        let mut client = TcpStream::connect(proxy.addr).unwrap();
+        let mut server = accepted.join().unwrap();
+        let t0 = Instant::now();
+        client.write_all(&frame(3, b"x")).unwrap();
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(50),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
 }
