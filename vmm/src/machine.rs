@@ -49,7 +49,7 @@ pub struct MigrationInfo {
 
 /// Mutable state shared by the control API and the migration thread.
 #[derive(Debug)]
-pub struct MachineState {
+pub struct ControlState {
     /// Run status.
     pub status: Status,
     /// Migration progress.
@@ -73,7 +73,7 @@ pub struct Machine {
     pub name: String,
     /// Path of umemd's socket.
     pub umemd_socket: std::path::PathBuf,
-    state: Mutex<MachineState>,
+    state: Mutex<ControlState>,
 }
 
 impl Machine {
@@ -88,7 +88,7 @@ impl Machine {
             vm,
             name,
             umemd_socket,
-            state: Mutex::new(MachineState {
+            state: Mutex::new(ControlState {
                 status,
                 migration: MigrationInfo::default(),
                 params: MigrationParams::default(),
@@ -100,7 +100,7 @@ impl Machine {
     }
 
     /// Locks the shared state.
-    pub fn state(&self) -> MutexGuard<'_, MachineState> {
+    pub fn state(&self) -> MutexGuard<'_, ControlState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
