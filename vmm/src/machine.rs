@@ -56,8 +56,9 @@ pub struct ControlState {
     pub migration: MigrationInfo,
     /// Tunables for the next (or running) migration.
     pub params: MigrationParams,
-    /// Sends to umemd on the running migration's connection.
-    pub umemd_conn: Option<std::os::unix::net::UnixStream>,
+    /// Sends `Cancel`, `SetParams` and `StartPostcopy` to umemd on the running outgoing
+    /// migration's connection.
+    pub umemd: Option<umem_client::OutgoingControl>,
     /// Whether the guest ran when the outgoing migration began (to resume it on failure).
     pub was_running: bool,
     /// Destination: the userfaultfd over guest RAM, held until every page is present.
@@ -92,7 +93,7 @@ impl Machine {
                 status,
                 migration: MigrationInfo::default(),
                 params: MigrationParams::default(),
-                umemd_conn: None,
+                umemd: None,
                 was_running: false,
                 uffd: None,
             }),
@@ -141,7 +142,7 @@ impl Machine {
                 "the migration completed: the VM runs on the destination; this copy is stale"
                     .into(),
             ),
-            Status::Postmigrate if s.umemd_conn.is_some() => Err(
+            Status::Postmigrate if s.umemd.is_some() => Err(
                 "the migration is still under way; it must end before this copy may resume"
                     .into(),
             ),
