@@ -22,20 +22,27 @@
 //! # Example
 //!
 //! ```no_run
-//! use std::os::fd::AsFd;
+//! use std::fs::File;
+//! use std::os::fd::{AsFd, OwnedFd};
+//! use std::sync::Mutex;
+//!
 //! use umem_client::{
-//!     BoxError, Event, LocalBlock, MigrationParams, MigrationSource, UmemdClient,
+//!     BoxError, ClientError, Event, LocalBlock, MigrationParams, MigrationSource,
+//!     MigrationTarget, UmemdClient,
 //! };
 //!
 //! /// The VMM's view of its VM (KVM, devices, ...), reduced to what a migration needs.
 //! struct MyVm {
-//!     memfd: std::fs::File,
+//!     /// Guest RAM: a sealed memfd, mapped MAP_SHARED, laid out as `blocks`.
+//!     memfd: File,
 //!     blocks: Vec<LocalBlock>,
+//!     /// Destination: the userfaultfd over guest RAM, kept until every page is present.
+//!     uffd: Mutex<Option<OwnedFd>>,
 //! }
 //!
 //! impl MigrationSource for MyVm {
 //!     fn stop_vcpus(&self) -> Result<(), BoxError> {
-//!         // Pause every vCPU and wait until none runs.
+//!         // Pause every vCPU and return once none is inside KVM_RUN.
 //!         Ok(())
 //!     }
 //!     fn dirty_bitmap(&self, block: usize) -> Result<Vec<u64>, BoxError> {
@@ -49,29 +56,69 @@
 //!     }
 //! }
 //!
-//! fn migrate(vm: &MyVm) -> Result<(), umem_client::ClientError> {
-//!     // Dirty logging is on and cleared before this point.
+//! impl MigrationTarget for MyVm {
+//!     fn load_state(&self, _blob: &[u8]) -> Result<(), BoxError> {
+//!         // Restore every vCPU and device; do NOT run them yet.
+//!         Ok(())
+//!     }
+//!     fn run(&self, postcopy: bool) {
+//!         if !postcopy {
+//!             // Every page is present: unregister RAM from the userfaultfd and close it.
+//!             self.uffd.lock().unwrap().take();
+//!         }
+//!         // Resume the vCPUs (or stay paused if the operator asked to wait).
+//!     }
+//! }
+//!
+//! /// Source: migrate the running VM to the umemd listening at `uri`.
+//! fn migrate_out(vm: &MyVm, uri: &str) -> Result<(), ClientError> {
+//!     // Dirty logging is on, and its bitmaps emptied, before this point.
 //!     let client = UmemdClient::connect("/run/umemd.sock")?;
 //!     let mut session = client.outgoing(
 //!         "vm0",
-//!         "tcp:192.0.2.7:4444",
+//!         uri,
 //!         MigrationParams::default(),
 //!         vm.blocks.clone(),
 //!         vm.memfd.as_fd(),
 //!     )?;
 //!     // Cancel, SetParams and StartPostcopy go through a handle other threads may hold.
 //!     let control = session.control();
-//!     std::thread::spawn(move || {
-//!         let _ = control.start_postcopy();
-//!     });
-//!     let stats = session.run(vm, |event| match event {
+//!     std::thread::spawn(move || control.start_postcopy());
+//!     let result = session.run(vm, |event| match event {
 //!         Event::Progress(s) => println!("round {}, {} pages sent", s.rounds, s.pages_sent),
-//!         // From here on, never resume this copy of the VM by itself.
-//!         Event::Committed => println!("switchover committed"),
+//!         Event::Committed => println!("committed: the VM is the destination's now"),
 //!         _ => {}
-//!     })?;
-//!     println!("migrated, downtime {} us", stats.downtime_us);
-//!     Ok(())
+//!     });
+//!     if result.is_err() && !session.committed() {
+//!         // Not committed: the destination never ran the VM; resume it here.
+//!     }
+//!     // Committed (success or not): never resume this copy by itself.
+//!     result.map(|_| ())
+//! }
+//!
+//! /// Destination: receive a VM on `uri` into this (not yet started) VM.
+//! fn migrate_in(vm: &MyVm, uri: &str) -> Result<(), ClientError> {
+//!     let client = UmemdClient::connect("/run/umemd.sock")?;
+//!     let uffd = vm.uffd.lock().unwrap();
+//!     let mut session = client.incoming(
+//!         "vm0",
+//!         uri,
+//!         vm.blocks.clone(),
+//!         vm.memfd.as_fd(),
+//!         uffd.as_ref().map(|u| u.as_fd()),
+//!     )?;
+//!     drop(uffd);
+//!     session.vcpu_threads(vec![/* host thread id of each vCPU */])?;
+//!     let result = session.run(vm, |event| {
+//!         if let Event::Completed(_) = event {
+//!             // Every page is present: the VM is an ordinary VM now.
+//!             vm.uffd.lock().unwrap().take();
+//!         }
+//!     });
+//!     if result.is_err() && session.postcopy() {
+//!         // Pages are missing: stop the vCPUs (postcopy-paused) and keep the userfaultfd.
+//!     }
+//!     result.map(|_| ())
 //! }
 //! ```
 #![warn(missing_docs)]
