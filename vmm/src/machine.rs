@@ -49,15 +49,16 @@ pub struct MigrationInfo {
 
 /// Mutable state shared by the control API and the migration thread.
 #[derive(Debug)]
-pub struct MachineState {
+pub struct ControlState {
     /// Run status.
     pub status: Status,
     /// Migration progress.
     pub migration: MigrationInfo,
     /// Tunables for the next (or running) migration.
     pub params: MigrationParams,
-    /// Sends to umemd on the running migration's connection.
-    pub umemd_conn: Option<std::os::unix::net::UnixStream>,
+    /// Sends `Cancel`, `SetParams` and `StartPostcopy` to umemd on the running outgoing
+    /// migration's connection.
+    pub umemd: Option<umem_client::OutgoingControl>,
     /// Whether the guest ran when the outgoing migration began (to resume it on failure).
     pub was_running: bool,
     /// Destination: the userfaultfd over guest RAM, held until every page is present.
@@ -73,7 +74,7 @@ pub struct Machine {
     pub name: String,
     /// Path of umemd's socket.
     pub umemd_socket: std::path::PathBuf,
-    state: Mutex<MachineState>,
+    state: Mutex<ControlState>,
 }
 
 impl Machine {
@@ -88,11 +89,11 @@ impl Machine {
             vm,
             name,
             umemd_socket,
-            state: Mutex::new(MachineState {
+            state: Mutex::new(ControlState {
                 status,
                 migration: MigrationInfo::default(),
                 params: MigrationParams::default(),
-                umemd_conn: None,
+                umemd: None,
                 was_running: false,
                 uffd: None,
             }),
@@ -100,7 +101,7 @@ impl Machine {
     }
 
     /// Locks the shared state.
-    pub fn state(&self) -> MutexGuard<'_, MachineState> {
+    pub fn state(&self) -> MutexGuard<'_, ControlState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -141,7 +142,7 @@ impl Machine {
                 "the migration completed: the VM runs on the destination; this copy is stale"
                     .into(),
             ),
-            Status::Postmigrate if s.umemd_conn.is_some() => Err(
+            Status::Postmigrate if s.umemd.is_some() => Err(
                 "the migration is still under way; it must end before this copy may resume"
                     .into(),
             ),

@@ -3,7 +3,7 @@
 //! present: while any copy of it covers RAM, a missing page makes a vCPU wait instead of
 //! reading zeros.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
@@ -64,6 +64,11 @@ impl RamUffd {
     /// The fd to hand to umemd.
     pub fn fd(&self) -> RawFd {
         self.uffd.as_raw_fd()
+    }
+
+    /// The fd to hand to umemd, borrowed.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.uffd.as_fd()
     }
 
     /// Every page is present: unregisters the RAM (waking anyone still queued) and closes.

@@ -415,3 +415,101 @@ fn set_slot(fd: &VmFd, ram: &GuestRam, slot: usize, log_dirty: bool) -> Result<(
     // (through its Arc) for as long as the slot exists.
     unsafe { fd.set_user_memory_region(region) }.map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! These need `/dev/kvm`; without it they pass without checking anything.
+
+    use super::*;
+    use crate::loader;
+
+    const MEM: u64 = 64 << 20;
+
+    fn kvm_present() -> bool {
+        let present = std::path::Path::new("/dev/kvm").exists();
+        if !present {
+            eprintln!("no /dev/kvm: skipped");
+        }
+        present
+    }
+
+    fn vm(vcpus: u32) -> Vm {
+        let ram = Arc::new(GuestRam::new(MEM).unwrap());
+        Vm::new(ram, vcpus, Box::new(std::io::sink())).unwrap()
+    }
+
+    /// A VM with the memtouch guest loaded, not running.
+    fn memtouch(cmdline: &str) -> Vm {
+        let vm = vm(1);
+        let image = crate::guests::builtin("memtouch").unwrap();
+        let boot = loader::load(vm.ram(), image, cmdline).unwrap();
+        vm.setup_multiboot_entry(boot).unwrap();
+        vm
+    }
+
+    #[test]
+    fn state_round_trips_into_another_vm() {
+        if !kvm_present() {
+            return;
+        }
+        let src = memtouch("");
+        let saved = src.save_state().unwrap();
+        let blob = saved.to_bytes().unwrap();
+        let loaded = MachineState::from_bytes(&blob).unwrap();
+
+        let dst = vm(1);
+        dst.restore_state(&loaded).unwrap();
+        let again = dst.save_state().unwrap();
+        assert_eq!(again.vcpus.len(), 1);
+        let (a, b) = (&saved.vcpus[0], &again.vcpus[0]);
+        // The multiboot entry state (protected mode, eax = magic) arrived.
+        assert_eq!(b.regs.rax, u64::from(crate::loader::BOOTLOADER_MAGIC));
+        assert_eq!(format!("{:?}", a.regs), format!("{:?}", b.regs));
+        assert_eq!(format!("{:?}", a.sregs), format!("{:?}", b.sregs));
+        assert_eq!(a.msrs.len(), b.msrs.len());
+        assert_eq!(saved.irqchips.len(), again.irqchips.len());
+        assert_eq!(saved.pit.is_some(), again.pit.is_some());
+    }
+
+    #[test]
+    fn state_for_another_vcpu_count_is_refused() {
+        if !kvm_present() {
+            return;
+        }
+        let saved = vm(1).save_state().unwrap();
+        let err = vm(2).restore_state(&saved).unwrap_err();
+        assert!(matches!(err, VmError::StateMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn dirty_log_reports_pages_the_guest_wrote() {
+        if !kvm_present() {
+            return;
+        }
+        // 16 pages from 16 MiB, one pass, then the guest halts.
+        let vm = memtouch("base=0x1000000 pages=16 passes=1");
+        vm.set_dirty_logging(true).unwrap();
+        let slots = vm.ram().blocks().len();
+        for slot in 0..slots {
+            vm.dirty_log(slot).unwrap();
+        }
+        vm.resume();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        vm.pause();
+        let bitmap = vm.dirty_log(0).unwrap();
+        let dirty = |page: usize| bitmap[page / 64] & (1 << (page % 64)) != 0;
+        let first = 0x1000000 / 4096;
+        for page in first..first + 16 {
+            assert!(
+                dirty(page),
+                "page {page:#x} written by the guest is not dirty"
+            );
+        }
+        // Far outside the working set and the image: untouched.
+        let last = (MEM / 4096) as usize - 1;
+        assert!(!dirty(last));
+        // Taken and cleared: nothing runs, nothing is dirty.
+        assert!(vm.dirty_log(0).unwrap().iter().all(|&w| w == 0));
+        vm.set_dirty_logging(false).unwrap();
+    }
+}
