@@ -6,8 +6,8 @@ use serde_json::json;
 use umem_testkit::pair::{
     assert_completed, assert_destination_failed_without_running, assert_digest_guest_moved_mid_run,
     assert_digest_matches_reference, assert_every_round_once, assert_failed_with,
-    assert_guest_continues, assert_guest_runs_on, assert_same_ram, MigrationSetup, Pair,
-    DIGEST_CMDLINE, DIGEST_ROUNDS, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
+    assert_guest_continues, assert_guest_runs_on, assert_same_ram, AfterFailure, MigrationSetup,
+    Pair, DIGEST_CMDLINE, DIGEST_ROUNDS, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
 };
 use umem_testkit::{
     assert_consecutive, assert_no_bad, closed_port, require_kvm, secs, wait_until, TestEnv, Vmm,
@@ -194,12 +194,13 @@ fn precopy_layout_mismatch_fails_and_source_keeps_running() {
     assert_failed_with("source", &o, &["layout", "mismatch"]);
     assert_source_keeps_running(&mut pair.src);
 
-    // The destination never ran and says why.
-    assert_destination_failed_without_running(&mut pair.dst, secs(30));
-    let derr = pair.dst.query_migrate()["error"]
-        .as_str()
-        .unwrap_or("")
-        .to_lowercase();
+    // The destination never ran, says why, and listens again.
+    let v = assert_destination_failed_without_running(
+        &mut pair.dst,
+        secs(30),
+        AfterFailure::ListensAgain,
+    );
+    let derr = v["error"].as_str().unwrap_or("").to_lowercase();
     assert!(derr.contains("layout"), "destination error: {derr:?}");
     assert!(pair.umemds_serving(), "a umemd died");
 }
@@ -285,8 +286,13 @@ fn kill_destination_mid_precopy(victim: &str) {
         pair.dst.resume();
         assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(60));
     } else {
-        // The destination VMM lost its umemd: its incoming migration failed, it never ran.
-        assert_destination_failed_without_running(&mut pair.dst, secs(30));
+        // The destination VMM lost its umemd: its incoming migration failed, it never ran,
+        // and it cannot listen again.
+        assert_destination_failed_without_running(
+            &mut pair.dst,
+            secs(30),
+            AfterFailure::StaysFailed,
+        );
     }
 }
 
@@ -322,8 +328,16 @@ fn precopy_source_umemd_killed_mid_migration() {
     let o = pair.src.wait_migration(secs(60));
     assert_failed_with("source", &o, &["umemd", "connection", "closed", "eof"]);
     assert_source_keeps_running(&mut pair.src);
-    // The destination saw its source vanish and did not start a half-copied VM.
-    assert_destination_failed_without_running(&mut pair.dst, secs(60));
+    // The destination saw its source vanish, did not start a half-copied VM, and listens
+    // again: a retry from a new source umemd to the same address gets the VM there.
+    assert_destination_failed_without_running(&mut pair.dst, secs(60), AfterFailure::ListensAgain);
+    // A umemd started again on the source's socket serves the same source VM.
+    pair.src_umemd = t.umemd("umemd-src");
+    let o = pair.migrate_and_wait(json!({}), secs(240));
+    assert_completed("source (retry)", &o);
+    assert_same_ram(&pair.src, &pair.dst);
+    pair.dst.resume();
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(60));
 }
 
 /// Shared-memory pages resident in process `pid` (`RssShmem`), in bytes.

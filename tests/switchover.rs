@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use proto::peer::kind;
 use serde_json::json;
-use umem_testkit::pair::{assert_guest_runs_on, MigrationSetup, Pair, MEMTOUCH_CMDLINE};
+use umem_testkit::pair::{
+    assert_completed, assert_destination_failed_without_running, assert_guest_runs_on,
+    AfterFailure, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
+};
 use umem_testkit::proxy::{Direction, FaultProxy};
 use umem_testkit::{
     assert_consecutive, assert_no_bad, require_kvm, secs, wait_until, TestEnv, Vmm,
@@ -64,9 +67,14 @@ fn lost_ready_precopy_source_resumes_destination_never_runs() {
     let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::READY);
     // The source never committed: it takes its guest back.
     assert_runs("source", &mut pair.src);
-    pair.dst.wait_phase(secs(30), &["failed"]);
-    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
-    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+
+    // The link is back (here: no proxy): the same two VMMs try again, and the VM moves.
+    let o = pair.migrate_and_wait(json!({}), secs(120));
+    assert_completed("source (retry)", &o);
+    pair.dst.wait_phase(secs(30), &["completed"]);
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
 }
 
 #[test]
@@ -78,9 +86,8 @@ fn lost_ready_postcopy_source_resumes_destination_never_runs() {
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::READY);
     assert_runs("source", &mut pair.src);
-    pair.dst.wait_phase(secs(30), &["failed"]);
-    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
-    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
 }
 
 #[test]
@@ -91,11 +98,10 @@ fn lost_commit_neither_runs_until_the_operator_resumes_the_source() {
     let t = TestEnv::new("lost-commit");
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToDestination, kind::COMMIT);
-    pair.dst.wait_phase(secs(30), &["failed"]);
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
     // The source committed, the destination never heard it: neither runs.
     assert_stays_stopped("source", &pair.src, "postmigrate");
-    assert_stays_stopped("destination", &pair.dst, "migrate-failed");
-    assert_eq!(pair.dst.serial(), "", "the destination ran the guest");
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
     let e = pair
         .src
         .query_migrate()

@@ -511,6 +511,26 @@ impl IncomingSession {
         send(&self.writer, &LocalMessage::VcpuThreads(tids))
     }
 
+    /// Waits (up to `timeout`) for umemd to listen, and returns the address it listens on
+    /// (the port it picked, if it was asked for port 0). A refusal (the address is in use, the
+    /// RAM is already in a migration, a bad layout) is [`ClientError::Refused`]. Call it before
+    /// [`Self::run`], which otherwise reports the address as [`Event::Listening`].
+    pub fn wait_listening(&mut self, timeout: std::time::Duration) -> Result<String, ClientError> {
+        self.reader.set_read_timeout(Some(timeout))?;
+        let first = recv(&mut self.reader, &mut self.body);
+        self.reader.set_read_timeout(None)?;
+        match first? {
+            LocalMessage::Listening { uri } => {
+                info!("waiting for the migration on {uri}");
+                Ok(uri)
+            }
+            LocalMessage::Failed { message, .. } => Err(ClientError::Refused(message)),
+            other => Err(ClientError::Unexpected(format!(
+                "expected Listening, got {other:?}"
+            ))),
+        }
+    }
+
     /// Whether umemd announced a postcopy phase: if so, once the VM runs, pages are missing
     /// until [`Event::Completed`], and a failure must stop the VM (postcopy-paused) rather
     /// than let it run on, keeping the userfaultfd registered.

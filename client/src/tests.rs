@@ -432,3 +432,50 @@ fn connect_error_names_the_path() {
     assert!(matches!(e, ClientError::Connect { .. }));
     assert!(e.to_string().contains("/nonexistent/umemd.sock"));
 }
+
+#[test]
+fn wait_listening_returns_the_address_or_the_refusal() {
+    let memfd = devnull();
+    let incoming = |client: UmemdClient| {
+        client
+            .incoming(
+                "vm1",
+                "tcp:127.0.0.1:0",
+                vec![block("ram", 64)],
+                memfd.as_fd(),
+                None,
+            )
+            .unwrap()
+    };
+    let wait = std::time::Duration::from_secs(10);
+
+    let (client, mut stub) = pair();
+    let mut session = incoming(client);
+    stub.open();
+    stub.send(LocalMessage::Listening {
+        uri: "tcp:127.0.0.1:4444".into(),
+    });
+    assert_eq!(session.wait_listening(wait).unwrap(), "tcp:127.0.0.1:4444");
+
+    let (client, mut stub) = pair();
+    let mut session = incoming(client);
+    stub.open();
+    stub.send(LocalMessage::Failed {
+        message: "listening on 127.0.0.1:4444: Address in use".into(),
+        stats: Default::default(),
+    });
+    match session.wait_listening(wait) {
+        Err(ClientError::Refused(m)) => assert!(m.contains("in use"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // A silent umemd is an error once the time is up, not a hang.
+    let (client, mut stub) = pair();
+    let mut session = incoming(client);
+    stub.open();
+    let r = session.wait_listening(std::time::Duration::from_millis(100));
+    assert!(
+        matches!(r, Err(ClientError::Frame(_) | ClientError::Io(_))),
+        "{r:?}"
+    );
+}

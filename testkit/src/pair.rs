@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::{
-    assert_consecutive, assert_no_bad, parse_passes, secs, MigrationOutcome, Pass, TestEnv, Umemd,
-    Vmm,
+    assert_consecutive, assert_no_bad, parse_passes, secs, wait_until, MigrationOutcome, Pass,
+    TestEnv, Umemd, Vmm,
 };
 
 /// Size of a guest page.
@@ -304,12 +304,36 @@ pub fn assert_same_ram_outside_working_set(
     digest
 }
 
-/// Asserts that the destination's incoming migration fails within `timeout` and that it never
-/// ran the guest.
-pub fn assert_destination_failed_without_running(dst: &mut Vmm, timeout: Duration) {
-    dst.wait_phase(timeout, &["failed"]);
-    assert_eq!(dst.status(), "migrate-failed");
+/// What a destination does once an incoming migration failed before the VM ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Its umemd is alive: it listens again, RAM reset (status `inmigrate`).
+    ListensAgain,
+    /// Its umemd is gone: it stays `migrate-failed`.
+    StaysFailed,
+}
+
+/// Asserts that the destination's incoming migration fails within `timeout`, that it never
+/// ran the guest, and that it then does what `after` says; returns its `query-migrate`.
+pub fn assert_destination_failed_without_running(
+    dst: &mut Vmm,
+    timeout: Duration,
+    after: AfterFailure,
+) -> Value {
+    let v = dst.wait_incoming_failures(timeout, 1);
     assert_eq!(dst.serial(), "", "the failed destination printed something");
+    let name = dst.name.clone();
+    let want = match after {
+        AfterFailure::ListensAgain => "inmigrate",
+        AfterFailure::StaysFailed => "migrate-failed",
+    };
+    wait_until(secs(30), &format!("{name}: status {want}"), || {
+        (dst.status() == want).then_some(())
+    });
+    if after == AfterFailure::ListensAgain {
+        dst.wait_phase(secs(30), &["setup"]);
+    }
+    v
 }
 
 /// Asserts that the migrated digest guest computes the same digest as the `reference` run that

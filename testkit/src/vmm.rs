@@ -238,6 +238,21 @@ impl Vmm {
             .to_string()
     }
 
+    /// Destination: waits until at least `n` incoming migrations failed before the VM ran
+    /// (`failed_attempts`), and returns `query-migrate`.
+    pub fn wait_incoming_failures(&mut self, timeout: Duration, n: u64) -> Value {
+        let name = self.name.clone();
+        wait_until(
+            timeout,
+            &format!("{name}: {n} failed incoming migration(s)"),
+            || {
+                self.proc.assert_alive();
+                let v = self.query_migrate();
+                (v["failed_attempts"].as_u64().unwrap_or(0) >= n).then_some(v)
+            },
+        )
+    }
+
     /// Waits until `query-migrate`'s phase is one of `phases` and returns the whole reply.
     pub fn wait_phase(&mut self, timeout: Duration, phases: &[&str]) -> Value {
         let name = self.name.clone();

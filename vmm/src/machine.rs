@@ -21,7 +21,8 @@ pub enum Status {
     FinishMigrate,
     /// Migrated away; this copy no longer runs.
     Postmigrate,
-    /// The incoming migration failed; the VM never ran.
+    /// The incoming migration failed, the VM never ran, and it could not listen again (its
+    /// umemd is gone).
     MigrateFailed,
     /// A vCPU hit an unrecoverable exit.
     InternalError,
@@ -43,6 +44,9 @@ pub struct MigrationInfo {
     pub error: Option<String>,
     /// Destination: where umemd listens.
     pub listen_uri: Option<String>,
+    /// Destination: incoming migrations that failed before the VM ran; after each the VM
+    /// listens again with its RAM reset, and `error` says why the last one failed.
+    pub failed_attempts: u32,
     /// Source: where it is going.
     pub uri: Option<String>,
 }

@@ -37,6 +37,9 @@ pub enum MemoryError {
         /// Length of the range.
         len: u64,
     },
+    /// Dropping the pages of guest RAM failed.
+    #[error("dropping the pages of guest RAM: {0}")]
+    Discard(String),
 }
 
 /// One named RAM block and where it lives.
@@ -287,6 +290,19 @@ impl GuestRam {
         } else {
             Err(MemoryError::OutOfRange { addr, len })
         }
+    }
+
+    /// Drops every page: the memfd becomes one hole, which reads as zeros. For RAM that an
+    /// incoming migration wrote before it failed, so that the next one starts from nothing.
+    pub fn discard_all(&self) -> Result<(), MemoryError> {
+        nix::fcntl::fallocate(
+            self.memfd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            self.size() as i64,
+        )
+        .map_err(|e| MemoryError::Discard(e.to_string()))
     }
 
     /// Borrowed fd, for passing to umemd.

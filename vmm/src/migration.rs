@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use log::error;
+use log::{error, info};
 use proto::{MigrationParams, Phase};
 use umem_client::{
     BoxError, ClientError, Event, IncomingSession, MigrationSource, MigrationTarget,
@@ -32,6 +32,9 @@ pub enum MigrationError {
     /// The userfaultfd could not be set up.
     #[error("{0}")]
     Uffd(#[from] UffdError),
+    /// Guest RAM could not be reset for the next incoming migration.
+    #[error("{0}")]
+    Memory(#[from] crate::memory::MemoryError),
     /// The migration thread could not be started.
     #[error("starting the migration thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -262,17 +265,19 @@ pub fn start_incoming(
     // Registered before any state can be loaded: loading may touch guest RAM.
     let uffd = RamUffd::new(m.vm.ram())?;
     let ram = m.vm.ram();
-    let session = client.incoming(
+    let mut session = client.incoming(
         &m.name,
         &uri,
         ram.local_blocks(),
         ram.memfd_fd(),
         Some(uffd.as_fd()),
     )?;
+    let listen_uri = session.wait_listening(std::time::Duration::from_secs(30))?;
     session.vcpu_threads(m.vm.vcpu_control().thread_ids())?;
     {
         let mut s = m.state();
         s.migration.phase = Phase::Setup;
+        s.migration.listen_uri = Some(listen_uri);
         s.uffd = Some(uffd);
     }
     let m2 = m.clone();
@@ -281,20 +286,74 @@ pub fn start_incoming(
         .spawn(move || {
             if let Err(e) = incoming_loop(&m2, session, autostart) {
                 error!("incoming migration failed: {e}");
-                let mut s = m2.state();
-                if s.migration.phase == Phase::Postcopy {
-                    // Pages are still missing: stop rather than run on with holes. The
-                    // userfaultfd stays registered, so no missing page reads as zeros.
-                    m2.vm.fail(format!("postcopy: {e}"));
-                    s.status = Status::PostcopyPaused;
-                } else if s.status == Status::Inmigrate {
-                    s.status = Status::MigrateFailed;
+                let listen_again = {
+                    let mut s = m2.state();
+                    let ran = s.migration.phase == Phase::Postcopy;
+                    s.migration.phase = Phase::Failed;
+                    s.migration.error = Some(e.to_string());
+                    if ran {
+                        // Pages are still missing: stop rather than run on with holes. The
+                        // userfaultfd stays registered, so no missing page reads as zeros.
+                        m2.vm.fail(format!("postcopy: {e}"));
+                        s.status = Status::PostcopyPaused;
+                        false
+                    } else if s.status == Status::Inmigrate {
+                        s.migration.failed_attempts += 1;
+                        s.status = Status::MigrateFailed;
+                        true
+                    } else {
+                        false
+                    }
+                };
+                if listen_again {
+                    listen_again_after_failure(&m2, &uri, autostart);
                 }
-                s.migration.phase = Phase::Failed;
-                s.migration.error = Some(e.to_string());
             }
         })?;
     Ok(())
+}
+
+/// An incoming migration failed before the VM ran: the VM drops whatever pages arrived and
+/// listens again where it listened (the port umemd picked, if it picked one), so that the
+/// source can simply retry. Stays `migrate-failed` when that is impossible (umemd is gone).
+fn listen_again_after_failure(m: &Arc<Machine>, requested: &str, autostart: bool) {
+    let uri = {
+        let mut s = m.state();
+        // The new session registers a userfaultfd of its own; this one must let go first.
+        if let Some(u) = s.uffd.take() {
+            u.release();
+        }
+        s.migration.listen_uri.clone()
+    }
+    .unwrap_or_else(|| requested.to_string());
+    let reset = m.vm.ram().discard_all();
+    // The failed session's umemd thread may still hold the address for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let result = reset.map_err(MigrationError::from).and_then(|()| loop {
+        match start_incoming(m, uri.clone(), autostart) {
+            // Until the failed session has ended in umemd, it holds the RAM and the address.
+            Err(MigrationError::Client(ClientError::Refused(e)))
+                if (e.contains("in use") || e.contains("already in a migration"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => break other,
+        }
+    });
+    let mut s = m.state();
+    match result {
+        Ok(()) => {
+            s.status = Status::Inmigrate;
+            info!("listening again on {uri} after the failed incoming migration");
+        }
+        Err(e) => {
+            error!("cannot listen again on {uri}: {e}");
+            let last = s.migration.error.take().unwrap_or_default();
+            s.migration.error = Some(format!("{last}; listening again failed: {e}"));
+            s.migration.phase = Phase::Failed;
+        }
+    }
 }
 
 fn incoming_loop(
