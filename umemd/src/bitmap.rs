@@ -145,7 +145,7 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pages::tests::blocks;
+    use crate::testutil::blocks;
 
     #[test]
     fn runs_split_at_gaps_blocks_and_max() {

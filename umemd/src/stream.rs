@@ -8,6 +8,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
+/// requested page that the background had already claimed waits behind what is queued there,
+/// so the queue is kept short; loopback still streams at full speed with it.
+pub const POSTCOPY_SOCKET_BUFFER: usize = 256 << 10;
+
 /// Where a migration stream goes, parsed from a URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {

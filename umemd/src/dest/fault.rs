@@ -17,7 +17,7 @@ use proto::types::LATENCY_BUCKETS;
 use proto::{PostcopyStats, PAGE_SIZE};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
-use crate::pages::{PageState, PageTable};
+use super::pages::{PageState, PageTable};
 
 /// Most latency samples kept for percentiles (a sample is 4 bytes); beyond it, a uniform
 /// sample of all faults is kept (reservoir sampling).

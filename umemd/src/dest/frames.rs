@@ -1,0 +1,193 @@
+//! The main stream's frame loop: pages, zero runs, discards, the switchover, the machine
+//! state and the commit, in the order the protocol allows.
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use proto::frame::{FramePrefix, PREFIX_LEN};
+use proto::local::LocalMessage;
+use proto::peer::{kind, PeerMessage};
+use proto::{Phase, PAGE_SIZE};
+
+use super::pages::PageState;
+use super::place::read_exact;
+use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT};
+use crate::link::send_local;
+use crate::priority::lower_priority;
+use crate::stream::POSTCOPY_SOCKET_BUFFER;
+
+impl Dest {
+    pub(super) fn receive(&mut self, writer_slot: &mut Option<PeerWriter>) -> Result<(), String> {
+        let uri = self.listener.uri()?;
+        send_local(&mut self.vmm, &LocalMessage::Listening { uri })
+            .map_err(|e| format!("VMM connection: {e}"))?;
+        let mut peer = self.accept(None)?;
+        // The migration's time counts from the source's arrival, as on the source.
+        self.started = Instant::now();
+        // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
+        let writer: PeerWriter = Arc::new(Mutex::new(
+            peer.try_clone()
+                .map_err(|e| format!("source connection: {e}"))?,
+        ));
+        *writer_slot = Some(writer.clone());
+        let session_id = self.handshake(&mut peer)?;
+        if self.postcopy.is_some() {
+            self.accept_urgent(session_id)?;
+        }
+        self.stats.phase = Phase::Precopy;
+        self.progress(true);
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut body = Vec::new();
+        loop {
+            self.poll_vmm()?;
+            if self.running {
+                self.check_threads()?;
+                if self.pages.unresolved() == 0 {
+                    write_peer(&writer, &PeerMessage::AllReceived)?;
+                    return Ok(());
+                }
+                // Keep reporting while the stream is quiet (no-background postcopy).
+                let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
+                if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+                    self.progress(false);
+                    continue;
+                }
+            }
+            read_exact(&mut peer, &mut prefix)?;
+            let p = FramePrefix::parse(&prefix).map_err(|e| format!("source stream: {e}"))?;
+            if p.kind == kind::PAGES {
+                self.receive_pages(&mut peer, p)?;
+                self.progress(false);
+                continue;
+            }
+            body.resize(p.len as usize, 0);
+            read_exact(&mut peer, &mut body)?;
+            self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
+            let msg =
+                PeerMessage::decode(p.kind, &body).map_err(|e| format!("source stream: {e}"))?;
+            match msg {
+                PeerMessage::ZeroPages(run) => {
+                    self.zero(run.block, run.first, run.count as u64)?;
+                    self.stats.zero_pages += run.count as u64;
+                }
+                PeerMessage::Holes {
+                    block,
+                    first,
+                    count,
+                } => {
+                    self.zero(block, first, count)?;
+                    self.stats.holes_skipped += count;
+                }
+                PeerMessage::Discard { block, ranges } => {
+                    if self.running {
+                        return Err("the source discarded pages after the VM started".into());
+                    }
+                    for (first, count) in ranges {
+                        let off = self
+                            .mem
+                            .offset_of(block, first, count as u64)
+                            .map_err(|e| format!("source discarded {e}"))?;
+                        self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
+                        self.pages
+                            .set_range(block, first, count as u64, PageState::Missing);
+                    }
+                }
+                PeerMessage::RoundEnd { round } => {
+                    self.stats.rounds = round;
+                    self.progress(true);
+                }
+                PeerMessage::Switchover { .. } if self.stats.phase != Phase::Precopy => {
+                    return Err("the source announced a second switchover".into());
+                }
+                PeerMessage::Switchover { postcopy } => {
+                    if postcopy && self.postcopy.is_none() {
+                        return Err(
+                            "the source switched to postcopy, but this VMM passed no userfaultfd"
+                                .into(),
+                        );
+                    }
+                    self.switching_to_postcopy = postcopy;
+                    self.stats.phase = Phase::Switchover;
+                }
+                PeerMessage::MachineState(_) if self.state_loaded => {
+                    return Err("the source sent a second machine state".into());
+                }
+                PeerMessage::MachineState(_) if self.stats.phase != Phase::Switchover => {
+                    return Err("the source sent the machine state without a switchover".into());
+                }
+                PeerMessage::MachineState(state) => {
+                    let t = Instant::now();
+                    if self.switching_to_postcopy {
+                        // A short receive queue keeps requested pages from waiting long
+                        // behind background pages the source had already queued.
+                        if let Err(e) = nix::sys::socket::setsockopt(
+                            &peer,
+                            nix::sys::socket::sockopt::RcvBuf,
+                            &POSTCOPY_SOCKET_BUFFER,
+                        ) {
+                            warn!("{}: shrinking the receive buffer: {e}", self.vm);
+                        }
+                        self.start_fault_thread(writer.clone())?;
+                        send_local(&mut self.vmm, &LocalMessage::PostcopyBegin)
+                            .map_err(|e| format!("VMM connection: {e}"))?;
+                    }
+                    self.load_state(state)?;
+                    self.state_loaded = true;
+                    info!(
+                        "{}: machine state loaded in {} us; waiting for the source to commit",
+                        self.vm,
+                        t.elapsed().as_micros()
+                    );
+                    // The VM must not run before the source has committed: it would run on
+                    // both hosts if the source never heard of this and resumed its copy.
+                    write_peer(&writer, &PeerMessage::Ready)?;
+                    peer.set_read_timeout(Some(COMMIT_TIMEOUT))
+                        .map_err(|e| format!("source connection: {e}"))?;
+                }
+                PeerMessage::Commit if !self.state_loaded || self.running => {
+                    return Err(format!(
+                        "the source committed {}",
+                        if self.running {
+                            "a second time"
+                        } else {
+                            "before the machine state was loaded"
+                        }
+                    ));
+                }
+                PeerMessage::Commit => {
+                    peer.set_read_timeout(None)
+                        .map_err(|e| format!("source connection: {e}"))?;
+                    send_local(&mut self.vmm, &LocalMessage::Run)
+                        .map_err(|e| format!("VMM connection: {e}"))?;
+                    write_peer(&writer, &PeerMessage::Started)?;
+                    info!("{}: the source committed; the VM runs here", self.vm);
+                    if !self.switching_to_postcopy {
+                        return Ok(());
+                    }
+                    // This thread places background pages from now on; the fault and
+                    // urgent-channel threads keep the normal priority.
+                    lower_priority();
+                    self.running = true;
+                    self.stats.phase = Phase::Postcopy;
+                    info!(
+                        "{}: postcopy: the VM runs; {} pages to come",
+                        self.vm,
+                        self.pages.unresolved()
+                    );
+                    self.progress(true);
+                }
+                PeerMessage::AllSent => {
+                    if !self.state_loaded {
+                        return Err("source finished without sending the machine state".into());
+                    }
+                }
+                PeerMessage::Error(m) => return Err(format!("source failed: {m}")),
+                other => return Err(format!("unexpected message from the source: {other:?}")),
+            }
+            self.progress(false);
+        }
+    }
+}
