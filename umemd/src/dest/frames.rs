@@ -10,9 +10,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::local::LocalMessage;
 use proto::peer::{kind, PeerMessage};
-use proto::{Phase, PAGE_SIZE};
+use proto::PAGE_SIZE;
 
 use super::pages::PageState;
+use super::phase::DestPhase;
 use super::place::read_exact;
 use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT};
 use crate::link::send_local;
@@ -37,13 +38,13 @@ impl Dest {
         if self.postcopy.is_some() {
             self.accept_urgent(session_id)?;
         }
-        self.stats.phase = Phase::Precopy;
+        self.set_phase(DestPhase::Precopy)?;
         self.progress(true);
         let mut prefix = [0u8; PREFIX_LEN];
         let mut body = Vec::new();
         loop {
             self.poll_vmm()?;
-            if self.running {
+            if self.phase.running() {
                 self.check_threads()?;
                 if self.pages.unresolved() == 0 {
                     write_peer(&writer, &PeerMessage::AllReceived)?;
@@ -82,7 +83,7 @@ impl Dest {
                     self.stats.holes_skipped += count;
                 }
                 PeerMessage::Discard { block, ranges } => {
-                    if self.running {
+                    if self.phase.running() {
                         return Err("the source discarded pages after the VM started".into());
                     }
                     for (first, count) in ranges {
@@ -99,7 +100,7 @@ impl Dest {
                     self.stats.rounds = round;
                     self.progress(true);
                 }
-                PeerMessage::Switchover { .. } if self.stats.phase != Phase::Precopy => {
+                PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {
                     return Err("the source announced a second switchover".into());
                 }
                 PeerMessage::Switchover { postcopy } => {
@@ -110,12 +111,12 @@ impl Dest {
                         );
                     }
                     self.switching_to_postcopy = postcopy;
-                    self.stats.phase = Phase::Switchover;
+                    self.set_phase(DestPhase::Switchover)?;
                 }
-                PeerMessage::MachineState(_) if self.state_loaded => {
+                PeerMessage::MachineState(_) if self.phase.state_loaded() => {
                     return Err("the source sent a second machine state".into());
                 }
-                PeerMessage::MachineState(_) if self.stats.phase != Phase::Switchover => {
+                PeerMessage::MachineState(_) if self.phase != DestPhase::Switchover => {
                     return Err("the source sent the machine state without a switchover".into());
                 }
                 PeerMessage::MachineState(state) => {
@@ -135,7 +136,7 @@ impl Dest {
                             .map_err(|e| format!("VMM connection: {e}"))?;
                     }
                     self.load_state(state)?;
-                    self.state_loaded = true;
+                    self.set_phase(DestPhase::Loaded)?;
                     info!(
                         "{}: machine state loaded in {} us; waiting for the source to commit",
                         self.vm,
@@ -147,10 +148,10 @@ impl Dest {
                     peer.set_read_timeout(Some(COMMIT_TIMEOUT))
                         .map_err(|e| format!("source connection: {e}"))?;
                 }
-                PeerMessage::Commit if !self.state_loaded || self.running => {
+                PeerMessage::Commit if self.phase != DestPhase::Loaded => {
                     return Err(format!(
                         "the source committed {}",
-                        if self.running {
+                        if self.phase.running() {
                             "a second time"
                         } else {
                             "before the machine state was loaded"
@@ -170,8 +171,7 @@ impl Dest {
                     // This thread places background pages from now on; the fault and
                     // urgent-channel threads keep the normal priority.
                     lower_priority();
-                    self.running = true;
-                    self.stats.phase = Phase::Postcopy;
+                    self.set_phase(DestPhase::Postcopy)?;
                     info!(
                         "{}: postcopy: the VM runs; {} pages to come",
                         self.vm,
@@ -180,7 +180,7 @@ impl Dest {
                     self.progress(true);
                 }
                 PeerMessage::AllSent => {
-                    if !self.state_loaded {
+                    if !self.phase.state_loaded() {
                         return Err("source finished without sending the machine state".into());
                     }
                 }

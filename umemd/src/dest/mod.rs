@@ -14,6 +14,7 @@ pub mod fault;
 mod frames;
 pub mod handshake;
 pub mod pages;
+pub mod phase;
 mod place;
 mod stats;
 mod threads;
@@ -38,6 +39,7 @@ use crate::mapping::GuestMapping;
 use crate::stream::{PeerListener, PeerStream};
 use fault::FaultHandler;
 use pages::PageTable;
+use phase::DestPhase;
 use urgent::UrgentCounters;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,10 +86,10 @@ pub struct Dest {
     postcopy: Option<Postcopy>,
     /// The source announced a postcopy switchover.
     switching_to_postcopy: bool,
-    /// The VMM loaded the machine state; the VM runs once the source commits.
-    state_loaded: bool,
-    /// The VM runs: pages may be placed only with `UFFDIO_COPY` from now on.
-    running: bool,
+    /// Where the migration stands: from `Loaded` the VMM holds the machine state, and the VM
+    /// runs once the source commits; in `Postcopy` pages may be placed only with
+    /// `UFFDIO_COPY`.
+    phase: DestPhase,
     stats: MigrationStats,
     started: Instant,
     last_progress: Instant,
@@ -143,14 +145,29 @@ impl Dest {
                     pages,
                     postcopy,
                     switching_to_postcopy: false,
-                    state_loaded: false,
-                    running: false,
+                    phase: DestPhase::Setup,
                     started: Instant::now(),
                     last_progress: Instant::now(),
                     buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
                 })
             }
             Err(e) => Err((vmm, e)),
+        }
+    }
+
+    /// Moves to phase `next`, refusing an illegal transition.
+    fn set_phase(&mut self, next: DestPhase) -> Result<(), String> {
+        self.phase = self.phase.advance(next).map_err(|e| e.to_string())?;
+        self.stats.phase = next.reported();
+        Ok(())
+    }
+
+    /// Moves to a final phase.
+    fn end(&mut self, last: DestPhase) {
+        if let Err(e) = self.set_phase(last) {
+            warn!("{}: {e}", self.vm);
+            self.phase = last;
+            self.stats.phase = last.reported();
         }
     }
 
@@ -161,7 +178,8 @@ impl Dest {
         self.stats.total_us = self.started.elapsed().as_micros() as u64;
         match result {
             Ok(()) => {
-                self.stats.phase = Phase::Completed;
+                let ran = self.phase.running();
+                self.end(DestPhase::Completed);
                 self.stats.remaining_pages = 0;
                 info!(
                     "{}: incoming migration completed: {} pages, {} zero pages in {} ms",
@@ -170,13 +188,13 @@ impl Dest {
                     self.stats.zero_pages,
                     self.stats.total_us / 1000
                 );
-                if self.running {
+                if ran {
                     let s = self.postcopy_stats();
                     let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
                 }
                 let s = self.reported_stats();
                 let _ = send_local(&mut self.vmm, &LocalMessage::Completed(s));
-                if self.running {
+                if ran {
                     // Pages that read as zero are placed on touch until the VMM has dropped
                     // its userfaultfd; it closes the connection once it has.
                     let deadline = Instant::now() + RELEASE_TIMEOUT;
@@ -193,7 +211,7 @@ impl Dest {
                 if let Some(p) = peer.as_ref() {
                     let _ = write_peer(p, &PeerMessage::Error(message.clone()));
                 }
-                self.stats.phase = Phase::Failed;
+                self.end(DestPhase::Failed);
                 let stats = self.reported_stats();
                 let _ = send_local(&mut self.vmm, &LocalMessage::Failed { message, stats });
             }

@@ -8,6 +8,7 @@ use proto::peer::{PageRun, RUN_HEADER_LEN};
 use proto::PAGE_SIZE;
 
 use super::pages::PageState;
+use super::phase::DestPhase;
 use super::Dest;
 use crate::stream::PeerStream;
 
@@ -15,7 +16,7 @@ impl Dest {
     /// Pages flow before the machine state (precopy) and after the commit (postcopy), never
     /// in between: a loaded state waits for its commit with RAM as the source left it.
     pub(super) fn check_pages_allowed(&self) -> Result<(), String> {
-        if self.state_loaded && !self.running {
+        if self.phase == DestPhase::Loaded {
             return Err("the source sent pages after the machine state".into());
         }
         Ok(())
@@ -32,7 +33,7 @@ impl Dest {
     pub(super) fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), String> {
         self.check_pages_allowed()?;
         let off = self.checked_offset(block, first, count)?;
-        if self.running {
+        if self.phase.running() {
             if let Some(pc) = self.postcopy.as_mut() {
                 pc.fault
                     .zero(block, first, count)
@@ -63,7 +64,7 @@ impl Dest {
         self.check_pages_allowed()?;
         let off = self.checked_offset(run.block, run.first, run.count as u64)?;
         let len = run.data_len();
-        if self.running {
+        if self.phase.running() {
             let Some(pc) = self.postcopy.as_mut() else {
                 return Err("pages after the switchover without a userfaultfd".into());
             };

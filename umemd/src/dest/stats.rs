@@ -26,7 +26,7 @@ impl Dest {
             self.last_progress = Instant::now();
             self.stats.total_us = self.started.elapsed().as_micros() as u64;
             self.stats.remaining_pages = self.pages.unresolved();
-            if self.running {
+            if self.phase.running() {
                 let s = self.postcopy_stats();
                 let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
             }

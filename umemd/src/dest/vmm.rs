@@ -41,7 +41,7 @@ impl Dest {
         loop {
             match self.vmm_rx.try_recv() {
                 Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
-                Ok(Ok(LocalMessage::Cancel)) if !self.running => {
+                Ok(Ok(LocalMessage::Cancel)) if !self.phase.running() => {
                     return Err("migration cancelled on the destination".into())
                 }
                 Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),

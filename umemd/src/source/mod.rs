@@ -11,6 +11,8 @@
 
 mod background;
 mod peer;
+pub mod phase;
+pub mod policy;
 mod requests;
 mod send;
 pub mod sender;
@@ -31,13 +33,15 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use proto::local::{LocalBlock, LocalMessage};
 use proto::peer::PeerMessage;
-use proto::{MigrationMode, MigrationParams, MigrationStats, Phase, PAGE_SIZE};
+use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::stats::rate;
 use crate::stream::PeerStream;
 use peer::session_id;
+use phase::SourcePhase;
+use policy::{expected_downtime_us, next_step, RoundDecision, SwitchoverReason};
 use requests::PostcopyCounters;
 use sender::{Counters, PageSender};
 use sent::SentMap;
@@ -84,9 +88,9 @@ pub struct Source {
     /// The VMM handed over the final machine state: from then on the migration goes on even if
     /// the source VMM exits, since umemd holds everything the destination needs.
     state_taken: bool,
-    /// The switchover is committed: the destination may run the VM, so the source must never
-    /// resume it, and a cancel is refused.
-    committed: bool,
+    /// Where the migration stands. From `Committed` on the destination may run the VM, so the
+    /// source must never resume it, and a cancel is refused.
+    phase: SourcePhase,
 }
 
 /// The migration streams towards the destination.
@@ -149,7 +153,7 @@ impl Source {
             start_postcopy: false,
             postcopy_ran: false,
             state_taken: false,
-            committed: false,
+            phase: SourcePhase::Setup,
         })
     }
 
@@ -160,7 +164,7 @@ impl Source {
         self.update_stats();
         match result {
             Ok(()) => {
-                self.stats.phase = Phase::Completed;
+                self.end(SourcePhase::Completed);
                 self.stats.remaining_pages = 0;
                 info!(
                     "{}: migration to {} completed: {} pages, {} zero, {} holes, {} MB in {} ms, downtime {} us",
@@ -187,7 +191,7 @@ impl Source {
                         let _ = u.shutdown(Shutdown::Both);
                     }
                 }
-                self.stats.phase = Phase::Failed;
+                self.end(SourcePhase::Failed);
                 self.report(&LocalMessage::Failed {
                     message,
                     stats: self.stats,
@@ -199,6 +203,22 @@ impl Source {
     fn report(&mut self, msg: &LocalMessage) {
         if !self.vmm_gone && send_local(&mut self.vmm, msg).is_err() {
             self.vmm_gone = true;
+        }
+    }
+
+    /// Moves to phase `next`, refusing an illegal transition.
+    fn set_phase(&mut self, next: SourcePhase) -> Result<(), String> {
+        self.phase = self.phase.advance(next).map_err(|e| e.to_string())?;
+        self.stats.phase = next.reported();
+        Ok(())
+    }
+
+    /// Moves to a final phase.
+    fn end(&mut self, last: SourcePhase) {
+        if let Err(e) = self.set_phase(last) {
+            warn!("{}: {e}", self.vm);
+            self.phase = last;
+            self.stats.phase = last.reported();
         }
     }
 
@@ -223,7 +243,7 @@ impl Source {
         if self.params.mode == MigrationMode::Postcopy {
             return self.postcopy(peer, dirty);
         }
-        self.stats.phase = Phase::Precopy;
+        self.set_phase(SourcePhase::Precopy)?;
         self.progress(true);
         let mut round = 0;
         let mut last_pending = u64::MAX;
@@ -239,39 +259,43 @@ impl Source {
             self.stats.remaining_pages = pending;
             // Pages dirtied while the last round streamed, per second of it.
             self.stats.dirty_rate_pps = rate(pending, self.round_elapsed);
-            self.stats.expected_downtime_us = (pending * PAGE_SIZE * 1_000_000) / bw.max(1);
+            self.stats.expected_downtime_us = expected_downtime_us(pending, bw);
             self.progress(true);
-            let fits =
-                self.stats.expected_downtime_us <= self.params.downtime_limit_ms as u64 * 1000;
-            if fits {
-                info!(
-                    "{}: switchover after {round} rounds: {pending} dirty pages, expected downtime {} us at {} MB/s",
-                    self.vm,
-                    self.stats.expected_downtime_us,
-                    bw >> 20
-                );
-                break;
-            }
-            let hybrid = self.params.mode == MigrationMode::Hybrid;
-            // Not converging: a round did not shrink what is left to send.
-            let stuck = round >= 2 && pending >= last_pending;
+            let decision = next_step(
+                round,
+                pending,
+                last_pending,
+                bw,
+                &self.params,
+                self.start_postcopy,
+            );
             last_pending = pending;
-            if self.start_postcopy
-                || (hybrid && (round >= self.params.postcopy_after_rounds.max(1) || stuck))
-            {
-                info!(
-                    "{}: switching to postcopy after {round} rounds ({pending} dirty pages{})",
-                    self.vm,
-                    if stuck { ", not converging" } else { "" }
-                );
-                return self.postcopy(peer, dirty);
-            }
-            if round >= self.params.max_rounds.max(1) {
-                if hybrid {
+            match decision {
+                RoundDecision::AnotherRound => {}
+                RoundDecision::Switchover {
+                    reason: SwitchoverReason::Fits,
+                } => {
+                    info!(
+                        "{}: switchover after {round} rounds: {pending} dirty pages, expected downtime {} us at {} MB/s",
+                        self.vm,
+                        self.stats.expected_downtime_us,
+                        bw >> 20
+                    );
+                    break;
+                }
+                RoundDecision::Switchover {
+                    reason: SwitchoverReason::RoundLimit,
+                } => {
+                    info!("{}: switchover after the round limit ({round})", self.vm);
+                    break;
+                }
+                RoundDecision::Postcopy { reason } => {
+                    info!(
+                        "{}: switching to postcopy after {round} rounds ({pending} dirty pages, {reason:?})",
+                        self.vm
+                    );
                     return self.postcopy(peer, dirty);
                 }
-                info!("{}: switchover after the round limit ({round})", self.vm);
-                break;
             }
         }
 

@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use proto::peer::{PeerMessage, MAX_RUN_PAGES};
-use proto::Phase;
 
+use super::phase::SourcePhase;
 use super::sender::{Counters, Holes};
 use super::{Peer, Source};
 use crate::bitmap::DirtyBitmap;
@@ -21,7 +21,7 @@ impl Source {
         dirty: &DirtyBitmap,
         first_round: bool,
     ) -> Result<(), String> {
-        let limited = self.stats.phase == Phase::Precopy;
+        let limited = self.phase == SourcePhase::Precopy;
         let holes = match (first_round, self.dest_postcopy) {
             (true, false) => Holes::Skip,
             (true, true) => Holes::Announce,

@@ -4,8 +4,9 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use proto::local::LocalMessage;
-use proto::{Phase, PostcopyStats};
+use proto::PostcopyStats;
 
+use super::phase::SourcePhase;
 use super::sender::Counters;
 use super::{Source, PROGRESS_EVERY};
 use crate::stats::rate;
@@ -22,7 +23,7 @@ impl Source {
         self.stats.holes_skipped = Counters::get(&c.holes);
         self.stats.bytes_sent = Counters::get(&c.bytes);
         self.stats.total_us = self.started.elapsed().as_micros() as u64;
-        if self.stats.phase == Phase::Postcopy {
+        if self.phase == SourcePhase::Postcopy {
             self.stats.remaining_pages = self.sent.remaining();
             let secs = self.started.elapsed().as_secs_f64().max(1e-6);
             self.stats.throughput_bps = (self.stats.bytes_sent as f64 / secs) as u64;
@@ -43,7 +44,7 @@ impl Source {
         if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
             self.last_progress = Instant::now();
             self.update_stats();
-            if self.stats.phase == Phase::Postcopy {
+            if self.phase == SourcePhase::Postcopy {
                 self.report(&LocalMessage::PostcopyProgress(self.postcopy_stats()));
             }
             self.report(&LocalMessage::Progress(self.stats));

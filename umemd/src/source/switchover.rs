@@ -7,9 +7,9 @@ use std::time::Instant;
 use log::{info, warn};
 use proto::local::LocalMessage;
 use proto::peer::{PeerMessage, MAX_DISCARD_RANGES};
-use proto::Phase;
 
 use super::peer::unexpected_reply;
+use super::phase::SourcePhase;
 use super::requests::RequestServer;
 use super::sender::PageSender;
 use super::{Peer, Source, START_TIMEOUT};
@@ -27,7 +27,7 @@ impl Source {
         mut dirty: DirtyBitmap,
     ) -> Result<(), String> {
         // Switchover: the VMM stops its vCPUs, sends what they dirtied since, and its state.
-        self.stats.phase = Phase::Switchover;
+        self.set_phase(SourcePhase::Switchover)?;
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
@@ -64,7 +64,7 @@ impl Source {
         peer: &mut Peer,
         mut dirty: DirtyBitmap,
     ) -> Result<(), String> {
-        self.stats.phase = Phase::Switchover;
+        self.set_phase(SourcePhase::Switchover)?;
         self.progress(true);
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
@@ -120,7 +120,7 @@ impl Source {
             .map_err(|e| self.peer_error(peer, e))?;
 
         self.commit(peer)?;
-        self.stats.phase = Phase::Postcopy;
+        self.set_phase(SourcePhase::Postcopy)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         self.postcopy_ran = true;
         if let Err(e) = nix::sys::socket::setsockopt(
@@ -156,7 +156,7 @@ impl Source {
             PeerMessage::Ready => {}
             other => return Err(unexpected_reply("Ready", other)),
         }
-        self.committed = true;
+        self.set_phase(SourcePhase::Committed)?;
         self.report(&LocalMessage::Committed);
         info!(
             "{}: switchover committed; the VM runs on the destination from now on",

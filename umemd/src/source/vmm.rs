@@ -41,7 +41,7 @@ impl Source {
 
     pub(super) fn control(&mut self, m: LocalMessage) -> Result<(), String> {
         match m {
-            LocalMessage::Cancel if self.committed => {
+            LocalMessage::Cancel if self.phase.is_committed() => {
                 warn!(
                     "{}: cancel refused: the switchover is committed, the VM runs on the destination",
                     self.vm
