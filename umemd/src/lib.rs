@@ -10,6 +10,7 @@
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;
+pub mod error;
 pub mod link;
 pub mod mapping;
 pub mod priority;

@@ -12,6 +12,7 @@ use proto::local::LocalMessage;
 use proto::peer::{kind, PeerMessage};
 use proto::PAGE_SIZE;
 
+use super::error::DestError;
 use super::pages::PageState;
 use super::phase::DestPhase;
 use super::place::read_exact;
@@ -21,18 +22,17 @@ use crate::priority::lower_priority;
 use crate::stream::POSTCOPY_SOCKET_BUFFER;
 
 impl Dest {
-    pub(super) fn receive(&mut self, writer_slot: &mut Option<PeerWriter>) -> Result<(), String> {
+    pub(super) fn receive(
+        &mut self,
+        writer_slot: &mut Option<PeerWriter>,
+    ) -> Result<(), DestError> {
         let uri = self.listener.uri()?;
-        send_local(&mut self.vmm, &LocalMessage::Listening { uri })
-            .map_err(|e| format!("VMM connection: {e}"))?;
+        send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
         let mut peer = self.accept(None)?;
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
         // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
-        let writer: PeerWriter = Arc::new(Mutex::new(
-            peer.try_clone()
-                .map_err(|e| format!("source connection: {e}"))?,
-        ));
+        let writer: PeerWriter = Arc::new(Mutex::new(peer.try_clone().map_err(DestError::Peer)?));
         *writer_slot = Some(writer.clone());
         let session_id = self.handshake(&mut peer)?;
         if self.postcopy.is_some() {
@@ -58,7 +58,10 @@ impl Dest {
                 }
             }
             read_exact(&mut peer, &mut prefix)?;
-            let p = FramePrefix::parse(&prefix).map_err(|e| format!("source stream: {e}"))?;
+            let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
+                context: "source stream",
+                err,
+            })?;
             if p.kind == kind::PAGES {
                 self.receive_pages(&mut peer, p)?;
                 self.progress(false);
@@ -67,8 +70,10 @@ impl Dest {
             body.resize(p.len as usize, 0);
             read_exact(&mut peer, &mut body)?;
             self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
-            let msg =
-                PeerMessage::decode(p.kind, &body).map_err(|e| format!("source stream: {e}"))?;
+            let msg = PeerMessage::decode(p.kind, &body).map_err(|err| DestError::Malformed {
+                context: "source stream",
+                err,
+            })?;
             match msg {
                 PeerMessage::ZeroPages(run) => {
                     self.zero(run.block, run.first, run.count as u64)?;
@@ -84,13 +89,15 @@ impl Dest {
                 }
                 PeerMessage::Discard { block, ranges } => {
                     if self.phase.running() {
-                        return Err("the source discarded pages after the VM started".into());
+                        return Err(DestError::Protocol(
+                            "the source discarded pages after the VM started",
+                        ));
                     }
                     for (first, count) in ranges {
                         let off = self
                             .mem
                             .offset_of(block, first, count as u64)
-                            .map_err(|e| format!("source discarded {e}"))?;
+                            .map_err(DestError::BadDiscard)?;
                         self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
                         self.pages
                             .set_range(block, first, count as u64, PageState::Missing);
@@ -101,23 +108,28 @@ impl Dest {
                     self.progress(true);
                 }
                 PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {
-                    return Err("the source announced a second switchover".into());
+                    return Err(DestError::Protocol(
+                        "the source announced a second switchover",
+                    ));
                 }
                 PeerMessage::Switchover { postcopy } => {
                     if postcopy && self.postcopy.is_none() {
-                        return Err(
-                            "the source switched to postcopy, but this VMM passed no userfaultfd"
-                                .into(),
-                        );
+                        return Err(DestError::Protocol(
+                            "the source switched to postcopy, but this VMM passed no userfaultfd",
+                        ));
                     }
                     self.switching_to_postcopy = postcopy;
                     self.set_phase(DestPhase::Switchover)?;
                 }
                 PeerMessage::MachineState(_) if self.phase.state_loaded() => {
-                    return Err("the source sent a second machine state".into());
+                    return Err(DestError::Protocol(
+                        "the source sent a second machine state",
+                    ));
                 }
                 PeerMessage::MachineState(_) if self.phase != DestPhase::Switchover => {
-                    return Err("the source sent the machine state without a switchover".into());
+                    return Err(DestError::Protocol(
+                        "the source sent the machine state without a switchover",
+                    ));
                 }
                 PeerMessage::MachineState(state) => {
                     let t = Instant::now();
@@ -133,7 +145,7 @@ impl Dest {
                         }
                         self.start_fault_thread(writer.clone())?;
                         send_local(&mut self.vmm, &LocalMessage::PostcopyBegin)
-                            .map_err(|e| format!("VMM connection: {e}"))?;
+                            .map_err(DestError::Vmm)?;
                     }
                     self.load_state(state)?;
                     self.set_phase(DestPhase::Loaded)?;
@@ -146,23 +158,18 @@ impl Dest {
                     // both hosts if the source never heard of this and resumed its copy.
                     write_peer(&writer, &PeerMessage::Ready)?;
                     peer.set_read_timeout(Some(COMMIT_TIMEOUT))
-                        .map_err(|e| format!("source connection: {e}"))?;
+                        .map_err(DestError::Peer)?;
                 }
                 PeerMessage::Commit if self.phase != DestPhase::Loaded => {
-                    return Err(format!(
-                        "the source committed {}",
-                        if self.phase.running() {
-                            "a second time"
-                        } else {
-                            "before the machine state was loaded"
-                        }
-                    ));
+                    return Err(DestError::Protocol(if self.phase.running() {
+                        "the source committed a second time"
+                    } else {
+                        "the source committed before the machine state was loaded"
+                    }));
                 }
                 PeerMessage::Commit => {
-                    peer.set_read_timeout(None)
-                        .map_err(|e| format!("source connection: {e}"))?;
-                    send_local(&mut self.vmm, &LocalMessage::Run)
-                        .map_err(|e| format!("VMM connection: {e}"))?;
+                    peer.set_read_timeout(None).map_err(DestError::Peer)?;
+                    send_local(&mut self.vmm, &LocalMessage::Run).map_err(DestError::Vmm)?;
                     write_peer(&writer, &PeerMessage::Started)?;
                     info!("{}: the source committed; the VM runs here", self.vm);
                     if !self.switching_to_postcopy {
@@ -181,11 +188,18 @@ impl Dest {
                 }
                 PeerMessage::AllSent => {
                     if !self.phase.state_loaded() {
-                        return Err("source finished without sending the machine state".into());
+                        return Err(DestError::Protocol(
+                            "source finished without sending the machine state",
+                        ));
                     }
                 }
-                PeerMessage::Error(m) => return Err(format!("source failed: {m}")),
-                other => return Err(format!("unexpected message from the source: {other:?}")),
+                PeerMessage::Error(m) => return Err(DestError::PeerFailed(m)),
+                other => {
+                    return Err(DestError::Unexpected {
+                        expected: "a migration message".into(),
+                        got: format!("{other:?}"),
+                    })
+                }
             }
             self.progress(false);
         }

@@ -8,6 +8,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
 use proto::BlockDesc;
 
+use super::error::{DestError, LayoutMismatch};
 use super::{Dest, HANDSHAKE_TIMEOUT};
 use crate::link::send_peer;
 use crate::stream::PeerStream;
@@ -15,7 +16,7 @@ use crate::stream::PeerStream;
 impl Dest {
     /// Waits for the source (until `deadline`, if any), giving up if the VMM goes away
     /// meanwhile.
-    pub(super) fn accept(&mut self, deadline: Option<Instant>) -> Result<PeerStream, String> {
+    pub(super) fn accept(&mut self, deadline: Option<Instant>) -> Result<PeerStream, DestError> {
         loop {
             self.poll_vmm()?;
             match self.listener.accept() {
@@ -25,23 +26,30 @@ impl Dest {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if deadline.is_some_and(|d| Instant::now() > d) {
-                        return Err("the source did not open its second connection".into());
+                        return Err(DestError::Timeout {
+                            waiting_for: "the source's second connection",
+                            secs: HANDSHAKE_TIMEOUT.as_secs(),
+                        });
                     }
                     let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
                     let _ = poll(&mut fds, PollTimeout::from(100u16));
                 }
-                Err(e) => return Err(format!("accepting the source: {e}")),
+                Err(e) => return Err(DestError::Accept(e)),
             }
         }
     }
 
     /// Checks the source's hello and layout; returns the session id.
-    pub(super) fn handshake(&mut self, peer: &mut PeerStream) -> Result<u64, String> {
+    pub(super) fn handshake(&mut self, peer: &mut PeerStream) -> Result<u64, DestError> {
+        const CONTEXT: &str = "source handshake";
+        let frame = |err| DestError::Frame {
+            context: CONTEXT,
+            err,
+        };
         peer.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| e.to_string())?;
+            .map_err(DestError::Peer)?;
         let mut body = Vec::new();
-        let p =
-            proto::frame::read(peer, &mut body).map_err(|e| format!("source handshake: {e}"))?;
+        let p = proto::frame::read(peer, &mut body).map_err(frame)?;
         let session_id = match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::Hello {
                 version,
@@ -49,12 +57,18 @@ impl Dest {
                 ..
             }) if version == VERSION => session_id,
             Ok(PeerMessage::Hello { version, .. }) => {
-                return Err(format!(
-                    "source speaks protocol version {version}, this umemd {VERSION}"
-                ))
+                return Err(DestError::Version {
+                    theirs: version,
+                    ours: VERSION,
+                })
             }
-            Ok(other) => return Err(format!("expected Hello from the source, got {other:?}")),
-            Err(e) => return Err(format!("source handshake: {e}")),
+            Ok(other) => return Err(unexpected("Hello", &other)),
+            Err(err) => {
+                return Err(DestError::Malformed {
+                    context: CONTEXT,
+                    err,
+                })
+            }
         };
         send_peer(
             peer,
@@ -68,58 +82,72 @@ impl Dest {
                 session_id,
             },
         )
-        .map_err(|e| format!("source connection: {e}"))?;
-        let p =
-            proto::frame::read(peer, &mut body).map_err(|e| format!("source handshake: {e}"))?;
+        .map_err(DestError::Peer)?;
+        let p = proto::frame::read(peer, &mut body).map_err(frame)?;
         let blocks = match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::Layout { blocks }) => blocks,
-            Ok(other) => return Err(format!("expected the RAM layout, got {other:?}")),
-            Err(e) => return Err(format!("source layout: {e}")),
+            Ok(other) => return Err(unexpected("the RAM layout", &other)),
+            Err(err) => {
+                return Err(DestError::Malformed {
+                    context: "source layout",
+                    err,
+                })
+            }
         };
         let mine: Vec<BlockDesc> = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
         check_layout(&blocks, &mine)?;
-        send_peer(peer, &PeerMessage::LayoutAccepted)
-            .map_err(|e| format!("source connection: {e}"))?;
-        peer.set_read_timeout(None).map_err(|e| e.to_string())?;
+        send_peer(peer, &PeerMessage::LayoutAccepted).map_err(DestError::Peer)?;
+        peer.set_read_timeout(None).map_err(DestError::Peer)?;
         Ok(session_id)
     }
 
     /// Accepts the source's second connection, which carries only requested pages.
-    pub(super) fn accept_urgent(&mut self, session_id: u64) -> Result<(), String> {
+    pub(super) fn accept_urgent(&mut self, session_id: u64) -> Result<(), DestError> {
+        const CONTEXT: &str = "urgent channel handshake";
         // The source opens it right after the handshake.
         let mut s = self.accept(Some(Instant::now() + HANDSHAKE_TIMEOUT))?;
         s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| e.to_string())?;
+            .map_err(DestError::Peer)?;
         let mut body = Vec::new();
-        let p = proto::frame::read(&mut s, &mut body)
-            .map_err(|e| format!("urgent channel handshake: {e}"))?;
+        let p = proto::frame::read(&mut s, &mut body).map_err(|err| DestError::Frame {
+            context: CONTEXT,
+            err,
+        })?;
         match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::UrgentChannel { session_id: id }) if id == session_id => {}
             Ok(other) => {
-                return Err(format!(
-                    "expected the urgent channel of session {session_id:#x}, got {other:?}"
+                return Err(unexpected(
+                    &format!("the urgent channel of session {session_id:#x}"),
+                    &other,
                 ))
             }
-            Err(e) => return Err(format!("urgent channel handshake: {e}")),
+            Err(err) => {
+                return Err(DestError::Malformed {
+                    context: CONTEXT,
+                    err,
+                })
+            }
         }
-        s.set_read_timeout(None).map_err(|e| e.to_string())?;
+        s.set_read_timeout(None).map_err(DestError::Peer)?;
         self.start_urgent_thread(s)
     }
 }
 
-fn describe(b: &BlockDesc) -> String {
-    format!("{} ({} MiB at {:#x})", b.name, b.size >> 20, b.guest_addr)
+/// The error for `got` arriving where `expected` should.
+pub(super) fn unexpected(expected: &str, got: &PeerMessage) -> DestError {
+    DestError::Unexpected {
+        expected: expected.to_string(),
+        got: format!("{got:?}"),
+    }
 }
 
 /// The source's blocks must be the destination's: same names, sizes and addresses, in order.
-pub fn check_layout(source: &[BlockDesc], dest: &[BlockDesc]) -> Result<(), String> {
-    let list = |v: &[BlockDesc]| v.iter().map(describe).collect::<Vec<_>>().join(", ");
+pub fn check_layout(source: &[BlockDesc], dest: &[BlockDesc]) -> Result<(), LayoutMismatch> {
     if source != dest {
-        return Err(format!(
-            "RAM layout mismatch: source has [{}], destination has [{}]",
-            list(source),
-            list(dest)
-        ));
+        return Err(LayoutMismatch {
+            source_blocks: source.to_vec(),
+            dest_blocks: dest.to_vec(),
+        });
     }
     Ok(())
 }
@@ -139,7 +167,9 @@ mod tests {
     #[test]
     fn layout_mismatch_names_both_sides() {
         assert!(check_layout(&[b("ram-low", 1 << 30)], &[b("ram-low", 1 << 30)]).is_ok());
-        let e = check_layout(&[b("ram-low", 1 << 30)], &[b("ram-low", 512 << 20)]).unwrap_err();
+        let e = check_layout(&[b("ram-low", 1 << 30)], &[b("ram-low", 512 << 20)])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("1024 MiB") && e.contains("512 MiB"), "{e}");
         assert!(check_layout(&[b("a", 4096)], &[b("b", 4096)]).is_err());
     }

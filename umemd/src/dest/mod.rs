@@ -10,6 +10,7 @@
 //! receiver), [`fault`] (the userfaultfd), [`vmm`] (the VMM link), [`stats`], and [`pages`]
 //! (the state of every page).
 
+pub mod error;
 pub mod fault;
 mod frames;
 pub mod handshake;
@@ -37,6 +38,7 @@ use proto::{MigrationStats, Phase, PAGE_SIZE};
 use crate::link::{self, send_local, Delivery};
 use crate::mapping::GuestMapping;
 use crate::stream::{PeerListener, PeerStream};
+pub use error::{DestError, DestFailure};
 use fault::FaultHandler;
 use pages::PageTable;
 use phase::DestPhase;
@@ -54,13 +56,13 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The write side of the migration stream, shared with the fault thread's requests.
 pub(super) type PeerWriter = Arc<Mutex<PeerStream>>;
 
-pub(super) fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), String> {
+pub(super) fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), DestError> {
     let mut buf = Vec::new();
     msg.encode(&mut buf);
     w.lock()
         .unwrap_or_else(|p| p.into_inner())
         .write_all(&buf)
-        .map_err(|e| format!("source connection: {e}"))
+        .map_err(DestError::Peer)
 }
 
 /// Postcopy machinery of an incoming migration whose VMM passed a userfaultfd.
@@ -70,8 +72,8 @@ struct Postcopy {
     urgent: Arc<UrgentCounters>,
     pushed: u64,
     /// Failures of the fault and urgent-channel threads, which each hold a sender.
-    errors: Receiver<String>,
-    report_error: mpsc::Sender<String>,
+    errors: Receiver<DestError>,
+    report_error: mpsc::Sender<DestError>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -105,11 +107,11 @@ impl Dest {
         memfd: OwnedFd,
         uffd: Option<OwnedFd>,
         blocks: Vec<LocalBlock>,
-    ) -> Result<Self, (UnixStream, String)> {
-        let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), String> {
-            let mem = GuestMapping::new(memfd, blocks).map_err(|e| e.to_string())?;
+    ) -> Result<Self, (UnixStream, DestFailure)> {
+        let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), DestError> {
+            let mem = GuestMapping::new(memfd, blocks)?;
             let listener = PeerListener::bind(uri)?;
-            let reader = vmm.try_clone().map_err(|e| e.to_string())?;
+            let reader = vmm.try_clone().map_err(DestError::Vmm)?;
             Ok((mem, listener, reader))
         };
         match setup() {
@@ -151,13 +153,19 @@ impl Dest {
                     buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
                 })
             }
-            Err(e) => Err((vmm, e)),
+            Err(cause) => Err((
+                vmm,
+                DestFailure {
+                    phase: DestPhase::Setup,
+                    cause,
+                },
+            )),
         }
     }
 
     /// Moves to phase `next`, refusing an illegal transition.
-    fn set_phase(&mut self, next: DestPhase) -> Result<(), String> {
-        self.phase = self.phase.advance(next).map_err(|e| e.to_string())?;
+    fn set_phase(&mut self, next: DestPhase) -> Result<(), DestError> {
+        self.phase = self.phase.advance(next)?;
         self.stats.phase = next.reported();
         Ok(())
     }
@@ -206,7 +214,12 @@ impl Dest {
                     }
                 }
             }
-            Err(message) => {
+            Err(cause) => {
+                let failure = DestFailure {
+                    phase: self.phase,
+                    cause,
+                };
+                let message = failure.to_string();
                 warn!("{}: incoming migration failed: {message}", self.vm);
                 if let Some(p) = peer.as_ref() {
                     let _ = write_peer(p, &PeerMessage::Error(message.clone()));

@@ -111,7 +111,7 @@ impl fmt::Display for DestPhase {
             DestPhase::Setup => "setup",
             DestPhase::Precopy => "precopy",
             DestPhase::Switchover => "switchover",
-            DestPhase::Loaded => "machine state loaded",
+            DestPhase::Loaded => "state loaded",
             DestPhase::Postcopy => "postcopy",
             DestPhase::Completed => "completed",
             DestPhase::Failed => "failed",

@@ -5,15 +5,16 @@ use std::io::Write;
 
 use proto::peer::PeerMessage;
 
+use super::error::DestError;
 use super::urgent::UrgentReceiver;
 use super::{Dest, PeerWriter};
 use crate::stream::PeerStream;
 
 impl Dest {
     /// Starts reading faults before any vCPU can run: loading the state may touch RAM.
-    pub(super) fn start_fault_thread(&mut self, writer: PeerWriter) -> Result<(), String> {
+    pub(super) fn start_fault_thread(&mut self, writer: PeerWriter) -> Result<(), DestError> {
         let Some(pc) = self.postcopy.as_mut() else {
-            return Err("no userfaultfd".into());
+            return Err(DestError::NoUffd);
         };
         let tx = pc.report_error.clone();
         let fault = pc.fault.clone();
@@ -30,18 +31,21 @@ impl Dest {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .write_all(&buf)
-                        .map_err(|e| e.to_string())
                 });
                 if let Err(e) = r {
-                    let _ = tx.send(e.to_string());
+                    let _ = tx.send(e.into());
                 }
             })
-            .map_err(|e| format!("starting the fault thread: {e}"))?;
+            .map_err(|err| DestError::Spawn {
+                thread: "fault",
+                err,
+            })?;
         pc.threads.push(t);
         Ok(())
     }
 
-    pub(super) fn check_threads(&mut self) -> Result<(), String> {
+    /// The first failure a thread reported, if any.
+    pub(super) fn check_threads(&mut self) -> Result<(), DestError> {
         match self.postcopy.as_ref().map(|p| p.errors.try_recv()) {
             Some(Ok(e)) => Err(e),
             _ => Ok(()),
@@ -49,7 +53,7 @@ impl Dest {
     }
 
     /// Starts the thread that places the pages of the urgent channel `s`.
-    pub(super) fn start_urgent_thread(&mut self, s: PeerStream) -> Result<(), String> {
+    pub(super) fn start_urgent_thread(&mut self, s: PeerStream) -> Result<(), DestError> {
         let Some(pc) = self.postcopy.as_mut() else {
             return Ok(());
         };
@@ -67,7 +71,10 @@ impl Dest {
                     let _ = tx.send(e);
                 }
             })
-            .map_err(|e| format!("starting the urgent channel thread: {e}"))?;
+            .map_err(|err| DestError::Spawn {
+                thread: "urgent channel",
+                err,
+            })?;
         pc.threads.push(t);
         Ok(())
     }

@@ -9,7 +9,9 @@ use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::peer::{kind, PageRun, PeerMessage, MAX_RUN_PAGES, RUN_HEADER_LEN};
 use proto::PAGE_SIZE;
 
+use super::error::DestError;
 use super::fault::FaultHandler;
+use super::handshake::unexpected;
 use super::place::read_exact;
 use crate::mapping::GuestMapping;
 use crate::stream::PeerStream;
@@ -31,7 +33,13 @@ pub(super) struct UrgentReceiver {
 }
 
 impl UrgentReceiver {
-    pub(super) fn run(mut self) -> Result<(), String> {
+    /// Places what comes until the source closes the channel.
+    pub(super) fn run(mut self) -> Result<(), DestError> {
+        const CONTEXT: &str = "urgent channel";
+        let malformed = |err| DestError::Malformed {
+            context: CONTEXT,
+            err,
+        };
         let mut prefix = [0u8; PREFIX_LEN];
         let mut buf = vec![0u8; MAX_RUN_PAGES as usize * PAGE_SIZE as usize];
         let mut body = Vec::new();
@@ -42,18 +50,18 @@ impl UrgentReceiver {
                 // stream tells which.
                 Err(_) => return Ok(()),
             }
-            let p = FramePrefix::parse(&prefix).map_err(|e| format!("urgent channel: {e}"))?;
+            let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
+                context: CONTEXT,
+                err,
+            })?;
             if p.kind == kind::PAGES {
                 let mut hdr = [0u8; RUN_HEADER_LEN];
                 read_exact(&mut self.stream, &mut hdr)?;
-                let run = PageRun::decode_pages_header(p, &hdr)
-                    .map_err(|e| format!("urgent channel: {e}"))?;
+                let run = PageRun::decode_pages_header(p, &hdr).map_err(malformed)?;
                 self.check(run.block, run.first, run.count as u64)?;
                 let len = run.data_len();
                 read_exact(&mut self.stream, &mut buf[..len])?;
-                self.fault
-                    .place(run.block, run.first, &buf[..len])
-                    .map_err(|e| e.to_string())?;
+                self.fault.place(run.block, run.first, &buf[..len])?;
                 let c = &self.counters;
                 c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
                 c.bytes.fetch_add(
@@ -64,30 +72,24 @@ impl UrgentReceiver {
             }
             body.resize(p.len as usize, 0);
             read_exact(&mut self.stream, &mut body)?;
-            match PeerMessage::decode(p.kind, &body).map_err(|e| format!("urgent channel: {e}"))? {
+            match PeerMessage::decode(p.kind, &body).map_err(malformed)? {
                 PeerMessage::ZeroPages(run) => {
                     self.check(run.block, run.first, run.count as u64)?;
-                    self.fault
-                        .zero(run.block, run.first, run.count as u64)
-                        .map_err(|e| e.to_string())?;
+                    self.fault.zero(run.block, run.first, run.count as u64)?;
                     let c = &self.counters;
                     c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
                     c.bytes
                         .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
                 }
-                other => {
-                    return Err(format!(
-                        "unexpected message on the urgent channel: {other:?}"
-                    ))
-                }
+                other => return Err(unexpected("pages on the urgent channel", &other)),
             }
         }
     }
 
-    fn check(&self, block: u32, first: u64, count: u64) -> Result<(), String> {
+    fn check(&self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
         self.mem
             .offset_of(block, first, count)
             .map(|_| ())
-            .map_err(|e| format!("source sent {e}"))
+            .map_err(DestError::BadPages)
     }
 }

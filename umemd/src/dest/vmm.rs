@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use proto::local::LocalMessage;
 
+use super::error::DestError;
 use super::{Dest, LOAD_TIMEOUT};
 use crate::link::send_local;
 
 impl Dest {
-    pub(super) fn load_state(&mut self, state: Vec<u8>) -> Result<(), String> {
-        send_local(&mut self.vmm, &LocalMessage::MachineState(state))
-            .map_err(|e| format!("VMM connection: {e}"))?;
+    pub(super) fn load_state(&mut self, state: Vec<u8>) -> Result<(), DestError> {
+        send_local(&mut self.vmm, &LocalMessage::MachineState(state)).map_err(DestError::Vmm)?;
         let deadline = Instant::now() + LOAD_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -19,14 +19,17 @@ impl Dest {
                 Ok(Ok(LocalMessage::StateLoaded)) => return Ok(()),
                 Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
                 Ok(Ok(LocalMessage::Failed { message, .. })) => {
-                    return Err(format!("VMM could not load the machine state: {message}"))
+                    return Err(DestError::StateRefused(message))
                 }
-                Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),
-                Ok(Err(e)) => return Err(format!("VMM connection: {e}")),
+                Ok(Ok(other)) => return Err(DestError::VmmUnexpected(format!("{other:?}"))),
+                Ok(Err(e)) => return Err(DestError::VmmLink(e)),
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err("VMM did not load the state in time".into())
+                    return Err(DestError::Timeout {
+                        waiting_for: "the VMM's word that it loaded the machine state",
+                        secs: LOAD_TIMEOUT.as_secs(),
+                    })
                 }
-                Err(RecvTimeoutError::Disconnected) => return Err("VMM connection lost".into()),
+                Err(RecvTimeoutError::Disconnected) => return Err(DestError::VmmLost),
             }
         }
     }
@@ -37,19 +40,17 @@ impl Dest {
         }
     }
 
-    pub(super) fn poll_vmm(&mut self) -> Result<(), String> {
+    pub(super) fn poll_vmm(&mut self) -> Result<(), DestError> {
         loop {
             match self.vmm_rx.try_recv() {
                 Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
                 Ok(Ok(LocalMessage::Cancel)) if !self.phase.running() => {
-                    return Err("migration cancelled on the destination".into())
+                    return Err(DestError::Cancelled)
                 }
-                Ok(Ok(other)) => return Err(format!("unexpected message from the VMM: {other:?}")),
-                Ok(Err(e)) => return Err(format!("destination VMM connection: {e}")),
+                Ok(Ok(other)) => return Err(DestError::VmmUnexpected(format!("{other:?}"))),
+                Ok(Err(e)) => return Err(DestError::VmmLink(e)),
                 Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => {
-                    return Err("destination VMM connection lost".into())
-                }
+                Err(TryRecvError::Disconnected) => return Err(DestError::VmmLost),
             }
         }
     }

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use proto::peer::PeerMessage;
 
+use super::error::SourceError;
 use super::sender::{Counters, Holes};
 use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT};
 
 impl Source {
     /// Pushes every page not yet sent, continuing near the last requested page, until the
     /// destination confirms that it holds them all.
-    pub(super) fn background(&mut self, peer: &mut Peer) -> Result<(), String> {
+    pub(super) fn background(&mut self, peer: &mut Peer) -> Result<(), SourceError> {
         let mut block = 0u32;
         let mut page = 0u64;
         let mut last_hint = u64::MAX;
@@ -37,7 +38,7 @@ impl Source {
                         all_sent_at = Some(Instant::now());
                     }
                     Some(t) if t.elapsed() > COMPLETE_TIMEOUT => {
-                        return Err("the destination never confirmed every page".into())
+                        return Err(SourceError::NeverConfirmed)
                     }
                     Some(_) => {}
                 }
@@ -67,7 +68,7 @@ impl Source {
                 let off = self
                     .mem
                     .offset_of(b, first, count)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(SourceError::Mapping)?;
                 self.sender
                     .send(
                         &mut peer.stream,
@@ -95,7 +96,7 @@ impl Source {
 
     /// Flushes, then waits briefly for a message from the destination; true once it has
     /// every page.
-    pub(super) fn wait_dest(&mut self, peer: &mut Peer) -> Result<bool, String> {
+    pub(super) fn wait_dest(&mut self, peer: &mut Peer) -> Result<bool, SourceError> {
         self.sender
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
@@ -119,13 +120,13 @@ impl Source {
 
 /// Waits up to `timeout` for a message from the destination in postcopy: true once it says it
 /// has every page; any other message ends the migration.
-pub(super) fn dest_has_all(peer: &Peer, timeout: Duration) -> Result<bool, String> {
+pub(super) fn dest_has_all(peer: &Peer, timeout: Duration) -> Result<bool, SourceError> {
     match peer.rx.recv_timeout(timeout) {
         Ok(Ok(PeerMessage::AllReceived)) => Ok(true),
-        Ok(Ok(PeerMessage::Error(m))) => Err(format!("destination failed: {m}")),
-        Ok(Ok(other)) => Err(format!("unexpected message from destination: {other:?}")),
-        Ok(Err(e)) => Err(format!("destination connection: {e}")),
+        Ok(Ok(PeerMessage::Error(m))) => Err(SourceError::PeerFailed(m)),
+        Ok(Ok(other)) => Err(SourceError::unexpected("AllReceived", other)),
+        Ok(Err(e)) => Err(SourceError::PeerLink(e)),
         Err(RecvTimeoutError::Timeout) => Ok(false),
-        Err(RecvTimeoutError::Disconnected) => Err("destination connection lost".into()),
+        Err(RecvTimeoutError::Disconnected) => Err(SourceError::PeerClosed),
     }
 }

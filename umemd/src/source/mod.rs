@@ -10,6 +10,7 @@
 //! what went.
 
 mod background;
+pub mod error;
 mod peer;
 pub mod phase;
 pub mod policy;
@@ -39,6 +40,7 @@ use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::stats::rate;
 use crate::stream::PeerStream;
+pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
 use policy::{expected_downtime_us, next_step, RoundDecision, SwitchoverReason};
@@ -104,7 +106,8 @@ struct Peer {
 }
 
 impl Source {
-    /// Maps the VM's memory; on failure hands the connection back with the reason.
+    /// Maps the VM's memory; on failure hands the connection back with the reason (a failure
+    /// of the setup phase).
     pub fn new(
         vmm: UnixStream,
         vm: String,
@@ -112,14 +115,18 @@ impl Source {
         params: MigrationParams,
         memfd: OwnedFd,
         blocks: Vec<LocalBlock>,
-    ) -> Result<Self, (UnixStream, String)> {
+    ) -> Result<Self, (UnixStream, SourceFailure)> {
+        let setup = |cause| SourceFailure {
+            phase: SourcePhase::Setup,
+            cause,
+        };
         let mem = match GuestMapping::new(memfd, blocks) {
             Ok(m) => m,
-            Err(e) => return Err((vmm, e.to_string())),
+            Err(e) => return Err((vmm, setup(e.into()))),
         };
         let reader = match vmm.try_clone() {
             Ok(r) => r,
-            Err(e) => return Err((vmm, format!("cloning the VMM connection: {e}"))),
+            Err(e) => return Err((vmm, setup(SourceError::Vmm(e)))),
         };
         let stats = MigrationStats {
             phase: Phase::Setup,
@@ -182,7 +189,12 @@ impl Source {
                 }
                 self.report(&LocalMessage::Completed(self.stats));
             }
-            Err(message) => {
+            Err(cause) => {
+                let failure = SourceFailure {
+                    phase: self.phase,
+                    cause,
+                };
+                let message = failure.to_string();
                 warn!("{}: migration to {} failed: {message}", self.vm, self.uri);
                 if let Some(p) = peer.as_mut() {
                     let _ = send_peer(&mut p.stream, &PeerMessage::Error(message.clone()));
@@ -207,8 +219,8 @@ impl Source {
     }
 
     /// Moves to phase `next`, refusing an illegal transition.
-    fn set_phase(&mut self, next: SourcePhase) -> Result<(), String> {
-        self.phase = self.phase.advance(next).map_err(|e| e.to_string())?;
+    fn set_phase(&mut self, next: SourcePhase) -> Result<(), SourceError> {
+        self.phase = self.phase.advance(next)?;
         self.stats.phase = next.reported();
         Ok(())
     }
@@ -222,19 +234,17 @@ impl Source {
         }
     }
 
-    fn migrate(&mut self, peer_slot: &mut Option<Peer>) -> Result<(), String> {
+    fn migrate(&mut self, peer_slot: &mut Option<Peer>) -> Result<(), SourceError> {
         let peer = peer_slot.insert(self.connect()?);
         let session_id = session_id();
         self.handshake(peer, session_id)?;
         if self.params.mode != MigrationMode::Precopy && !self.dest_postcopy {
-            return Err(
-                "the destination cannot run postcopy (its VMM passed no userfaultfd)".into(),
-            );
+            return Err(SourceError::NoPostcopy);
         }
         if self.dest_postcopy {
             let mut urgent = self.open_stream()?;
             send_peer(&mut urgent, &PeerMessage::UrgentChannel { session_id })
-                .map_err(|e| format!("destination urgent channel: {e}"))?;
+                .map_err(SourceError::Urgent)?;
             peer.urgent = Some(urgent);
         }
 

@@ -7,22 +7,23 @@ use std::time::{Duration, Instant};
 
 use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
 
+use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use crate::link::{self, send_peer};
 use crate::stream::PeerStream;
 
 impl Source {
-    pub(super) fn open_stream(&self) -> Result<PeerStream, String> {
+    pub(super) fn open_stream(&self) -> Result<PeerStream, SourceError> {
         let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
         stream
             .set_write_timeout(Some(WRITE_TIMEOUT))
-            .map_err(|e| e.to_string())?;
+            .map_err(SourceError::Peer)?;
         Ok(stream)
     }
 
-    pub(super) fn connect(&mut self) -> Result<Peer, String> {
+    pub(super) fn connect(&mut self) -> Result<Peer, SourceError> {
         let stream = self.open_stream()?;
-        let reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let reader = stream.try_clone().map_err(SourceError::Peer)?;
         let intercept: link::Intercept<PeerMessage> = Arc::new(std::sync::Mutex::new(None));
         Ok(Peer {
             stream,
@@ -32,79 +33,76 @@ impl Source {
         })
     }
 
-    pub(super) fn handshake(&mut self, peer: &mut Peer, session_id: u64) -> Result<(), String> {
+    pub(super) fn handshake(
+        &mut self,
+        peer: &mut Peer,
+        session_id: u64,
+    ) -> Result<(), SourceError> {
         let hello = PeerMessage::Hello {
             version: VERSION,
             capabilities: CAP_POSTCOPY,
             session_id,
         };
-        send_peer(&mut peer.stream, &hello).map_err(|e| format!("destination connection: {e}"))?;
-        match self.wait_peer(peer, HANDSHAKE_TIMEOUT)? {
+        send_peer(&mut peer.stream, &hello).map_err(SourceError::Peer)?;
+        match self.wait_peer(peer, "Hello", HANDSHAKE_TIMEOUT)? {
             PeerMessage::Hello {
                 version,
                 capabilities,
                 ..
             } if version == VERSION => self.dest_postcopy = capabilities & CAP_POSTCOPY != 0,
             PeerMessage::Hello { version, .. } => {
-                return Err(format!(
-                    "destination speaks protocol version {version}, this umemd {VERSION}"
-                ))
+                return Err(SourceError::Version {
+                    theirs: version,
+                    ours: VERSION,
+                })
             }
-            PeerMessage::Error(m) => return Err(format!("destination refused: {m}")),
-            other => return Err(format!("unexpected handshake reply: {other:?}")),
+            PeerMessage::Error(m) => return Err(SourceError::PeerRefused(m)),
+            other => return Err(SourceError::unexpected("Hello", other)),
         }
         let blocks = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
-        send_peer(&mut peer.stream, &PeerMessage::Layout { blocks })
-            .map_err(|e| format!("destination connection: {e}"))?;
-        match self.wait_peer(peer, HANDSHAKE_TIMEOUT) {
+        send_peer(&mut peer.stream, &PeerMessage::Layout { blocks }).map_err(SourceError::Peer)?;
+        match self.wait_peer(peer, "LayoutAccepted", HANDSHAKE_TIMEOUT) {
             Ok(PeerMessage::LayoutAccepted) => Ok(()),
-            Ok(PeerMessage::Error(m)) => Err(format!("destination refused: {m}")),
-            Ok(other) => Err(format!("unexpected layout reply: {other:?}")),
+            Ok(PeerMessage::Error(m)) => Err(SourceError::PeerRefused(m)),
+            Ok(other) => Err(SourceError::unexpected("LayoutAccepted", other)),
             Err(e) => Err(e),
         }
     }
 
     /// Waits up to `timeout` for the destination's next message, handling the VMM's control
     /// messages meanwhile (a cancel before the commit still counts). An `Error` from the
-    /// destination is returned as a message, for the caller to word.
+    /// destination is returned as a message, for the caller to word; `waiting_for` names the
+    /// message expected, for the timeout's error.
     pub(super) fn wait_peer(
         &mut self,
         peer: &Peer,
+        waiting_for: &'static str,
         timeout: Duration,
-    ) -> Result<PeerMessage, String> {
+    ) -> Result<PeerMessage, SourceError> {
         let deadline = Instant::now() + timeout;
         loop {
             self.poll_vmm()?;
             match peer.rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(Ok(m)) => return Ok(m),
-                Ok(Err(e)) => return Err(format!("destination connection: {e}")),
+                Ok(Err(e)) => return Err(SourceError::PeerLink(e)),
                 Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
                 Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "the destination did not answer within {} s",
-                        timeout.as_secs()
-                    ))
+                    return Err(SourceError::Timeout {
+                        waiting_for,
+                        secs: timeout.as_secs(),
+                    })
                 }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err("destination connection lost".into())
-                }
+                Err(RecvTimeoutError::Disconnected) => return Err(SourceError::PeerClosed),
             }
         }
     }
 
     /// Turns a write error into the destination's own reason when it sent one.
-    pub(super) fn peer_error(&self, peer: &Peer, e: std::io::Error) -> String {
+    pub(super) fn peer_error(&self, peer: &Peer, e: std::io::Error) -> SourceError {
         match peer.rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Ok(PeerMessage::Error(m))) => format!("destination failed: {m}"),
-            _ => format!("destination connection: {e}"),
+            Ok(Ok(PeerMessage::Error(m))) => SourceError::PeerFailed(m),
+            _ => SourceError::Peer(e),
         }
-    }
-}
-
-pub(super) fn unexpected_reply(expected: &str, got: PeerMessage) -> String {
-    match got {
-        PeerMessage::Error(m) => format!("destination failed: {m}"),
-        other => format!("expected {expected} from the destination, got {other:?}"),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::error::SourceError;
 use super::sender::{Counters, Holes, PageSender};
 use super::sent::SentMap;
 use crate::mapping::GuestMapping;
@@ -31,17 +32,17 @@ pub(super) struct RequestServer {
 }
 
 impl RequestServer {
-    pub(super) fn serve(&mut self, run: proto::peer::PageRun) -> Result<(), String> {
+    pub(super) fn serve(&mut self, run: proto::peer::PageRun) -> Result<(), SourceError> {
         let count = run.count as u64;
         self.mem
             .offset_of(run.block, run.first, count)
-            .map_err(|e| format!("destination requested {e}"))?;
+            .map_err(SourceError::BadRequest)?;
         self.pc.requested.fetch_add(count, Ordering::Relaxed);
         for (first, n) in self.sent.claim(run.block, run.first, count) {
             let off = self
                 .mem
                 .offset_of(run.block, first, n)
-                .map_err(|e| e.to_string())?;
+                .map_err(SourceError::Mapping)?;
             self.sender
                 .send(
                     &mut self.stream,
@@ -53,12 +54,12 @@ impl RequestServer {
                     Holes::AsZero,
                     &self.counters,
                 )
-                .map_err(|e| format!("urgent channel: {e}"))?;
+                .map_err(SourceError::Urgent)?;
             self.pc.urgent.fetch_add(n, Ordering::Relaxed);
         }
         self.sender
             .flush(&mut self.stream, &self.counters)
-            .map_err(|e| format!("urgent channel: {e}"))?;
+            .map_err(SourceError::Urgent)?;
         self.pc.hint.store(
             (run.block as u64) << 48 | (run.first + count),
             Ordering::Release,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use proto::peer::{PeerMessage, MAX_RUN_PAGES};
 
+use super::error::SourceError;
 use super::phase::SourcePhase;
 use super::sender::{Counters, Holes};
 use super::{Peer, Source};
@@ -20,7 +21,7 @@ impl Source {
         peer: &mut Peer,
         dirty: &DirtyBitmap,
         first_round: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SourceError> {
         let limited = self.phase == SourcePhase::Precopy;
         let holes = match (first_round, self.dest_postcopy) {
             (true, false) => Holes::Skip,
@@ -34,7 +35,7 @@ impl Source {
             let off = self
                 .mem
                 .offset_of(block, first, count)
-                .map_err(|e| format!("dirty bitmap: {e}"))?;
+                .map_err(SourceError::DirtyPage)?;
             self.sender
                 .send(
                     &mut peer.stream,
@@ -50,8 +51,10 @@ impl Source {
             self.sent.claim(block, first, count);
             self.stats.remaining_pages = self.stats.remaining_pages.saturating_sub(count);
             self.poll_vmm()?;
-            if let Ok(Ok(PeerMessage::Error(m)) | Err(m)) = peer.rx.try_recv() {
-                return Err(format!("destination failed: {m}"));
+            match peer.rx.try_recv() {
+                Ok(Ok(PeerMessage::Error(m))) => return Err(SourceError::PeerFailed(m)),
+                Ok(Err(e)) => return Err(SourceError::PeerLink(e)),
+                _ => {}
             }
             if let Some(wait) = self.over_bandwidth(t0, bytes0).filter(|_| limited) {
                 std::thread::sleep(wait);

@@ -8,7 +8,7 @@ use log::{info, warn};
 use proto::local::LocalMessage;
 use proto::peer::{PeerMessage, MAX_DISCARD_RANGES};
 
-use super::peer::unexpected_reply;
+use super::error::SourceError;
 use super::phase::SourcePhase;
 use super::requests::RequestServer;
 use super::sender::PageSender;
@@ -25,13 +25,13 @@ impl Source {
         &mut self,
         peer: &mut Peer,
         mut dirty: DirtyBitmap,
-    ) -> Result<(), String> {
+    ) -> Result<(), SourceError> {
         // Switchover: the VMM stops its vCPUs, sends what they dirtied since, and its state.
         self.set_phase(SourcePhase::Switchover)?;
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
-        let state = state.ok_or("the VMM sent no machine state at switchover")?;
+        let state = state.ok_or(SourceError::NoMachineState)?;
         let harvested = stopped_at.elapsed();
         self.send_pages(peer, &dirty, false)?;
         send_peer(
@@ -63,13 +63,13 @@ impl Source {
         &mut self,
         peer: &mut Peer,
         mut dirty: DirtyBitmap,
-    ) -> Result<(), String> {
+    ) -> Result<(), SourceError> {
         self.set_phase(SourcePhase::Switchover)?;
         self.progress(true);
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
         dirty.merge(&last);
-        let state = state.ok_or("the VMM sent no machine state at switchover")?;
+        let state = state.ok_or(SourceError::NoMachineState)?;
         let harvested = stopped_at.elapsed();
 
         // The VM is stopped: the memfd no longer changes, and pages go in any order.
@@ -97,7 +97,7 @@ impl Source {
             Some(u) => u.try_clone(),
             None => peer.stream.try_clone(),
         }
-        .map_err(|e| format!("urgent channel: {e}"))?;
+        .map_err(SourceError::Urgent)?;
         let mut sender = PageSender::default();
         sender.freeze();
         let mut server = RequestServer {
@@ -112,7 +112,9 @@ impl Source {
         // thread; they may come as soon as the destination's vCPUs run, even before `Started`.
         *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Box::new(move |m| match m {
-                PeerMessage::PageRequest(run) => server.serve(run).map(|()| None),
+                PeerMessage::PageRequest(run) => {
+                    server.serve(run).map(|()| None).map_err(Into::into)
+                }
                 other => Ok(Some(other)),
             }));
         self.sender
@@ -151,10 +153,10 @@ impl Source {
     /// A failure before the commit leaves the destination unable to run the VM, so the source
     /// resumes it. A failure after it leaves the VM stopped here for good: the destination may
     /// run it, and only an operator who knows it does not may resume this copy.
-    pub(super) fn commit(&mut self, peer: &mut Peer) -> Result<(), String> {
-        match self.wait_peer(peer, START_TIMEOUT)? {
+    pub(super) fn commit(&mut self, peer: &mut Peer) -> Result<(), SourceError> {
+        match self.wait_peer(peer, "Ready", START_TIMEOUT)? {
             PeerMessage::Ready => {}
-            other => return Err(unexpected_reply("Ready", other)),
+            other => return Err(SourceError::unexpected("Ready", other)),
         }
         self.set_phase(SourcePhase::Committed)?;
         self.report(&LocalMessage::Committed);
@@ -162,18 +164,12 @@ impl Source {
             "{}: switchover committed; the VM runs on the destination from now on",
             self.vm
         );
-        send_peer(&mut peer.stream, &PeerMessage::Commit).map_err(|e| {
-            format!(
-                "{}; the switchover was committed, so the VM may run on the destination",
-                self.peer_error(peer, e)
-            )
-        })?;
-        match self.wait_peer(peer, START_TIMEOUT) {
+        send_peer(&mut peer.stream, &PeerMessage::Commit)
+            .map_err(|e| SourceError::AfterCommit(Box::new(self.peer_error(peer, e))))?;
+        match self.wait_peer(peer, "Started", START_TIMEOUT) {
             Ok(PeerMessage::Started) => Ok(()),
-            Ok(other) => Err(unexpected_reply("Started", other)),
-            Err(e) => Err(format!(
-                "{e}; the switchover was committed, so the VM may run on the destination"
-            )),
+            Ok(other) => Err(SourceError::unexpected("Started", other)),
+            Err(e) => Err(SourceError::AfterCommit(Box::new(e))),
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::mpsc::{self, TryRecvError};
 use log::{info, warn};
 use proto::local::LocalMessage;
 
+use super::error::SourceError;
 use super::Source;
 use crate::bitmap::DirtyBitmap;
 use crate::link::send_local;
@@ -13,16 +14,16 @@ use crate::link::send_local;
 impl Source {
     /// Handles control messages from the VMM that may arrive at any time. Once the VM runs on
     /// the destination, the source VMM may exit: that ends only the reports.
-    pub(super) fn poll_vmm(&mut self) -> Result<(), String> {
+    pub(super) fn poll_vmm(&mut self) -> Result<(), SourceError> {
         loop {
             let lost = match self.vmm_rx.try_recv() {
                 Ok(Ok(m)) => {
                     self.control(m)?;
                     continue;
                 }
-                Ok(Err(e)) => format!("VMM connection: {e}"),
+                Ok(Err(e)) => SourceError::VmmLink(e),
                 Err(TryRecvError::Empty) => return Ok(()),
-                Err(TryRecvError::Disconnected) => "VMM connection lost".to_string(),
+                Err(TryRecvError::Disconnected) => SourceError::VmmLost,
             };
             if self.state_taken {
                 if !self.vmm_gone {
@@ -39,7 +40,7 @@ impl Source {
         }
     }
 
-    pub(super) fn control(&mut self, m: LocalMessage) -> Result<(), String> {
+    pub(super) fn control(&mut self, m: LocalMessage) -> Result<(), SourceError> {
         match m {
             LocalMessage::Cancel if self.phase.is_committed() => {
                 warn!(
@@ -48,7 +49,7 @@ impl Source {
                 );
                 Ok(())
             }
-            LocalMessage::Cancel => Err("migration cancelled".into()),
+            LocalMessage::Cancel => Err(SourceError::Cancelled),
             LocalMessage::SetParams(p) => {
                 info!("{}: new parameters {p:?}", self.vm);
                 self.params = p;
@@ -66,22 +67,24 @@ impl Source {
                 );
                 Ok(())
             }
-            other => Err(format!("unexpected message from the VMM: {other:?}")),
+            other => Err(SourceError::VmmUnexpected(format!("{other:?}"))),
         }
     }
 
     /// Asks the VMM for its dirty bitmap (stopping the vCPUs first if `stop`); with `stop`,
     /// also returns the machine state that follows.
-    pub(super) fn harvest(&mut self, stop: bool) -> Result<(DirtyBitmap, Option<Vec<u8>>), String> {
-        send_local(&mut self.vmm, &LocalMessage::Harvest { stop })
-            .map_err(|e| format!("VMM connection: {e}"))?;
+    pub(super) fn harvest(
+        &mut self,
+        stop: bool,
+    ) -> Result<(DirtyBitmap, Option<Vec<u8>>), SourceError> {
+        send_local(&mut self.vmm, &LocalMessage::Harvest { stop }).map_err(SourceError::Vmm)?;
         let mut bm = DirtyBitmap::new(self.mem.blocks());
         let mut ended = false;
         loop {
             let m = match self.vmm_rx.recv() {
                 Ok(Ok(m)) => m,
-                Ok(Err(e)) => return Err(format!("VMM connection: {e}")),
-                Err(_) => return Err("VMM connection lost".into()),
+                Ok(Err(e)) => return Err(SourceError::VmmLink(e)),
+                Err(_) => return Err(SourceError::VmmLost),
             };
             match m {
                 LocalMessage::DirtyBitmap {
@@ -91,11 +94,7 @@ impl Source {
                 } if !ended => bm.or_words(block, first_page, &words)?,
                 LocalMessage::BitmapEnd { stopped } if !ended => {
                     if stopped != stop {
-                        return Err(format!(
-                            "VMM reported vCPUs {}stopped, expected {}stopped",
-                            if stopped { "" } else { "not " },
-                            if stop { "" } else { "not " }
-                        ));
+                        return Err(SourceError::VmmStopped { stopped });
                     }
                     if !stop {
                         return Ok((bm, None));
