@@ -4,7 +4,8 @@
 //! A page's way from the source VM to the destination VM: [`session`] receives the VMM's memfd,
 //! [`source`] reads the page through [`mapping`] and streams it, [`dest`] writes it into the
 //! destination's memfd. The two roles share only the modules at this level ([`link`],
-//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`]); neither imports the other.
+//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`], [`error`]); neither imports
+//! the other.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bitmap;
