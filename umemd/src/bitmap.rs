@@ -2,6 +2,43 @@
 
 use proto::local::LocalBlock;
 
+/// A dirty bitmap from the VMM that does not fit the layout.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    /// A block index outside the layout.
+    #[error("bitmap for block index {block}, the VM has {blocks} blocks")]
+    NoBlock {
+        /// Index given.
+        block: u32,
+        /// Blocks of the VM.
+        blocks: usize,
+    },
+    /// Words start mid-word.
+    #[error("bitmap starts at page {first_page}, not a multiple of 64")]
+    Unaligned {
+        /// First page given.
+        first_page: u64,
+    },
+    /// More words than the block has.
+    #[error("bitmap of {words} words at page {first_page} exceeds block {block} ({pages} pages)")]
+    Exceeds {
+        /// Words given.
+        words: usize,
+        /// First page given.
+        first_page: u64,
+        /// Block index.
+        block: u32,
+        /// Pages of the block.
+        pages: u64,
+    },
+    /// Bits set past the block's last page.
+    #[error("bitmap marks pages past the end of block {block}")]
+    PastEnd {
+        /// Block index.
+        block: u32,
+    },
+}
+
 /// One bit per page for every block of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
@@ -24,32 +61,37 @@ impl DirtyBitmap {
 
     /// ORs in `words` describing pages from `first_page` of `block`, refusing anything outside
     /// the block (bits past its last page included).
-    pub fn or_words(&mut self, block: u32, first_page: u64, words: &[u64]) -> Result<(), String> {
+    pub fn or_words(
+        &mut self,
+        block: u32,
+        first_page: u64,
+        words: &[u64],
+    ) -> Result<(), BitmapError> {
         let n = self.blocks.len();
         let (pages, bits) = self
             .blocks
             .get_mut(block as usize)
-            .ok_or_else(|| format!("bitmap for block index {block}, the VM has {n} blocks"))?;
+            .ok_or(BitmapError::NoBlock { block, blocks: n })?;
         if !first_page.is_multiple_of(64) {
-            return Err(format!(
-                "bitmap starts at page {first_page}, not a multiple of 64"
-            ));
+            return Err(BitmapError::Unaligned { first_page });
         }
         let start = (first_page / 64) as usize;
         if start
             .checked_add(words.len())
             .is_none_or(|end| end > bits.len())
         {
-            return Err(format!(
-                "bitmap of {} words at page {first_page} exceeds block {block} ({pages} pages)",
-                words.len()
-            ));
+            return Err(BitmapError::Exceeds {
+                words: words.len(),
+                first_page,
+                block,
+                pages: *pages,
+            });
         }
         // Check before applying, so a refused bitmap leaves no bits behind.
         if *pages % 64 != 0 && start + words.len() == bits.len() {
             if let Some(last) = words.last() {
                 if *last >> (*pages % 64) != 0 {
-                    return Err(format!("bitmap marks pages past the end of block {block}"));
+                    return Err(BitmapError::PastEnd { block });
                 }
             }
         }
@@ -145,7 +187,7 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pages::tests::blocks;
+    use crate::testutil::blocks;
 
     #[test]
     fn runs_split_at_gaps_blocks_and_max() {
@@ -160,10 +202,23 @@ mod tests {
     #[test]
     fn out_of_range_bitmaps_are_refused() {
         let mut bm = DirtyBitmap::new(&blocks(&[100]));
-        assert!(bm.or_words(1, 0, &[1]).is_err());
-        assert!(bm.or_words(0, 3, &[1]).is_err());
-        assert!(bm.or_words(0, 64, &[0, 0]).is_err());
-        assert!(bm.or_words(0, 64, &[1 << 40]).is_err(), "bit for page 104");
+        assert!(matches!(
+            bm.or_words(1, 0, &[1]),
+            Err(BitmapError::NoBlock { block: 1, .. })
+        ));
+        assert_eq!(
+            bm.or_words(0, 3, &[1]),
+            Err(BitmapError::Unaligned { first_page: 3 })
+        );
+        assert!(matches!(
+            bm.or_words(0, 64, &[0, 0]),
+            Err(BitmapError::Exceeds { .. })
+        ));
+        assert_eq!(
+            bm.or_words(0, 64, &[1 << 40]),
+            Err(BitmapError::PastEnd { block: 0 }),
+            "bit for page 104"
+        );
         assert!(bm.or_words(0, 64, &[1 << 35]).is_ok());
     }
 

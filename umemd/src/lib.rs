@@ -3,17 +3,21 @@
 //!
 //! A page's way from the source VM to the destination VM: [`session`] receives the VMM's memfd,
 //! [`source`] reads the page through [`mapping`] and streams it, [`dest`] writes it into the
-//! destination's memfd.
+//! destination's memfd. The two roles share only the modules at this level ([`link`],
+//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`], [`error`]); neither imports
+//! the other.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;
-pub mod fault;
+pub mod error;
 pub mod link;
 pub mod mapping;
-pub mod pages;
-pub mod sender;
+pub mod priority;
 pub mod session;
 pub mod source;
+pub mod stats;
 pub mod stream;
+#[cfg(test)]
+mod testutil;

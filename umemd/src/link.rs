@@ -85,12 +85,33 @@ fn writev(fd: BorrowedFd<'_>, head: &[u8], data: &VolatileSlice<'_>) -> io::Resu
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Why a reader thread's connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+    /// A frame arrived whose message does not decode.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] proto::DecodeError),
+    /// Reading a frame failed.
+    #[error("{0}")]
+    Frame(frame::FrameError),
+    /// The interceptor handling a message failed; its reason.
+    #[error("{0}")]
+    Handler(HandlerError),
+}
+
+/// Why an interceptor failed.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
 /// What a reader thread delivers: a message, or why the connection ended.
-pub type Delivery<M> = Result<M, String>;
+pub type Delivery<M> = Result<M, LinkError>;
 
 /// Handles some messages in the reader thread itself instead of passing them on: `Ok(None)`
 /// means handled, `Ok(Some(m))` passes `m` on, `Err` ends the connection with that reason.
-pub type Intercept<M> = Arc<Mutex<Option<Box<dyn FnMut(M) -> Result<Option<M>, String> + Send>>>>;
+pub type Intercept<M> =
+    Arc<Mutex<Option<Box<dyn FnMut(M) -> Result<Option<M>, HandlerError> + Send>>>>;
 
 fn spawn_reader<R, M, F>(
     name: &str,
@@ -109,16 +130,16 @@ fn spawn_reader<R, M, F>(
             let mut body = Vec::new();
             loop {
                 let item = match frame::read(&mut conn, &mut body) {
-                    Ok(p) => decode(p.kind, &body).map_err(|e| format!("malformed message: {e}")),
-                    Err(e) if e.is_eof() => Err("connection closed".to_string()),
-                    Err(e) => Err(e.to_string()),
+                    Ok(p) => decode(p.kind, &body).map_err(LinkError::Malformed),
+                    Err(e) if e.is_eof() => Err(LinkError::Closed),
+                    Err(e) => Err(LinkError::Frame(e)),
                 };
                 let item = match item {
                     Ok(m) => match intercept.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                         Some(f) => match f(m) {
                             Ok(None) => continue,
                             Ok(Some(m)) => Ok(m),
-                            Err(e) => Err(e),
+                            Err(e) => Err(LinkError::Handler(e)),
                         },
                         None => Ok(m),
                     },
@@ -214,8 +235,12 @@ mod tests {
         let rx = local_reader(b);
         send_local(&mut a, &LocalMessage::Cancel).unwrap();
         a.write_all(&[1, 0, 0, 0, 0xee, 0]).unwrap();
-        assert_eq!(rx.recv().unwrap(), Ok(LocalMessage::Cancel));
-        let e = rx.recv().unwrap().unwrap_err();
-        assert!(e.contains("unknown message kind"), "{e}");
+        assert_eq!(rx.recv().unwrap().unwrap(), LocalMessage::Cancel);
+        match rx.recv().unwrap() {
+            Err(LinkError::Malformed(proto::DecodeError::UnknownKind(0xee))) => {}
+            other => panic!("expected a malformed message, got {other:?}"),
+        }
+        drop(a);
+        assert!(rx.recv().is_err(), "the reader stops after an error");
     }
 }

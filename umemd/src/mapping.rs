@@ -28,6 +28,36 @@ pub enum MappingError {
     /// `mmap` failed.
     #[error("mapping guest RAM: {0}")]
     Map(nix::Error),
+    /// A block index outside the layout.
+    #[error("block index {block} out of range ({blocks} blocks)")]
+    NoBlock {
+        /// Index asked for.
+        block: u32,
+        /// Blocks in the layout.
+        blocks: usize,
+    },
+    /// Pages outside their block.
+    #[error("pages {page}..+{count} outside block {name} of {pages} pages")]
+    OutsideBlock {
+        /// First page asked for.
+        page: u64,
+        /// Pages asked for.
+        count: u64,
+        /// Block name.
+        name: String,
+        /// Pages of the block.
+        pages: u64,
+    },
+    /// Dropping pages from the memfd failed.
+    #[error("punching a hole at {off:#x}+{len:#x}: {err}")]
+    PunchHole {
+        /// Offset in the memfd.
+        off: u64,
+        /// Bytes.
+        len: u64,
+        /// Why.
+        err: nix::Error,
+    },
     /// A range asked of the mapping lies (partly) outside it.
     #[error("bytes {off:#x}+{len:#x} are outside the {size:#x}-byte guest RAM mapping")]
     OutOfRange {
@@ -142,20 +172,22 @@ impl GuestMapping {
 
     /// Byte offset in the memfd of `page` of `block`, after checking that `count` pages from
     /// there lie inside the block.
-    pub fn offset_of(&self, block: u32, page: u64, count: u64) -> Result<u64, String> {
-        let b = self.blocks.get(block as usize).ok_or_else(|| {
-            format!(
-                "block index {block} out of range ({} blocks)",
-                self.blocks.len()
-            )
-        })?;
+    pub fn offset_of(&self, block: u32, page: u64, count: u64) -> Result<u64, MappingError> {
+        let b = self
+            .blocks
+            .get(block as usize)
+            .ok_or(MappingError::NoBlock {
+                block,
+                blocks: self.blocks.len(),
+            })?;
         match page.checked_add(count) {
             Some(end) if end <= b.desc.pages() => Ok(b.memfd_offset + page * PAGE_SIZE),
-            _ => Err(format!(
-                "pages {page}..+{count} outside block {} of {} pages",
-                b.desc.name,
-                b.desc.pages()
-            )),
+            _ => Err(MappingError::OutsideBlock {
+                page,
+                count,
+                name: b.desc.name.clone(),
+                pages: b.desc.pages(),
+            }),
         }
     }
 
@@ -261,7 +293,7 @@ impl GuestMapping {
     }
 
     /// Drops `[off, off+len)` from the memfd: it reads as zeros and is a hole again.
-    pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), String> {
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<(), MappingError> {
         nix::fcntl::fallocate(
             self.file.as_fd(),
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
@@ -269,7 +301,7 @@ impl GuestMapping {
             off as i64,
             len as i64,
         )
-        .map_err(|e| format!("punching a hole at {off:#x}+{len:#x}: {e}"))
+        .map_err(|err| MappingError::PunchHole { off, len, err })
     }
 }
 
@@ -424,10 +456,23 @@ mod tests {
     fn offsets_are_bounds_checked() {
         let f = memfd(16 * 4096);
         let m = GuestMapping::new(f.into(), vec![block("ram", 0, 16 * 4096)]).unwrap();
-        assert_eq!(m.offset_of(0, 15, 1), Ok(15 * 4096));
-        assert!(m.offset_of(0, 15, 2).is_err());
-        assert!(m.offset_of(1, 0, 1).is_err());
-        assert!(m.offset_of(0, u64::MAX, 2).is_err());
+        assert_eq!(m.offset_of(0, 15, 1).unwrap(), 15 * 4096);
+        assert!(matches!(
+            m.offset_of(0, 15, 2),
+            Err(MappingError::OutsideBlock {
+                page: 15,
+                count: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.offset_of(1, 0, 1),
+            Err(MappingError::NoBlock { block: 1, .. })
+        ));
+        assert!(matches!(
+            m.offset_of(0, u64::MAX, 2),
+            Err(MappingError::OutsideBlock { .. })
+        ));
     }
 
     #[test]

@@ -15,6 +15,51 @@ use sendfd::RecvWithFd;
 use crate::link::send_local;
 use crate::{dest, source};
 
+/// Why a VMM connection is refused before any migration starts.
+#[derive(Debug, thiserror::Error)]
+pub enum OpeningError {
+    /// Reading the opening message failed.
+    #[error("reading the opening message: {0}")]
+    Read(#[source] std::io::Error),
+    /// The VMM closed the connection first.
+    #[error("VMM closed the connection before its opening message")]
+    Closed,
+    /// More bytes came than the opening message.
+    #[error("data after the opening message before any reply")]
+    TrailingData,
+    /// The opening frame is malformed.
+    #[error("opening message: {0}")]
+    Frame(#[source] proto::frame::FrameError),
+    /// The opening message does not decode.
+    #[error("malformed opening message: {0}")]
+    Malformed(#[source] proto::DecodeError),
+    /// Neither `Outgoing` nor `Incoming`.
+    #[error("expected Outgoing or Incoming as the first message, got {0}")]
+    Unexpected(String),
+    /// The wrong number of file descriptors came with the opening message.
+    #[error("{message} needs {want}, got {got}")]
+    FdCount {
+        /// `Outgoing` or `Incoming`.
+        message: &'static str,
+        /// What it needs.
+        want: &'static str,
+        /// How many came.
+        got: usize,
+    },
+    /// The memfd cannot be inspected.
+    #[error("fstat of the memfd: {0}")]
+    Fstat(#[source] nix::Error),
+    /// The VM's RAM is in another migration of this daemon.
+    #[error("this VM's RAM is already in a migration on this host; one migration at a time")]
+    AlreadyMigrating,
+    /// The fd cannot be inspected.
+    #[error("inspecting the userfaultfd: {0}")]
+    Inspect(#[source] std::io::Error),
+    /// The second fd of `Incoming` is something else.
+    #[error("the second fd of Incoming must be a userfaultfd, got {0}")]
+    NotUserfaultfd(String),
+}
+
 /// Most file descriptors a VMM may pass (memfd and userfaultfd).
 const MAX_FDS: usize = 2;
 
@@ -27,15 +72,12 @@ static SESSIONS: Mutex<BTreeSet<(u64, u64)>> = Mutex::new(BTreeSet::new());
 struct MemfdClaim((u64, u64));
 
 impl MemfdClaim {
-    fn new(memfd: &OwnedFd) -> Result<Self, String> {
-        let st = nix::sys::stat::fstat(memfd).map_err(|e| format!("fstat of the memfd: {e}"))?;
+    fn new(memfd: &OwnedFd) -> Result<Self, OpeningError> {
+        let st = nix::sys::stat::fstat(memfd).map_err(OpeningError::Fstat)?;
         let key = (st.st_dev, st.st_ino);
         let mut set = SESSIONS.lock().unwrap_or_else(|p| p.into_inner());
         if !set.insert(key) {
-            return Err(
-                "this VM's RAM is already in a migration on this host; one migration at a time"
-                    .into(),
-            );
+            return Err(OpeningError::AlreadyMigrating);
         }
         Ok(MemfdClaim(key))
     }
@@ -51,12 +93,12 @@ impl Drop for MemfdClaim {
 }
 
 /// Reads the opening frame and its fds.
-fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), String> {
+fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), OpeningError> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut raw: [RawFd; MAX_FDS + 2] = [-1; MAX_FDS + 2];
     let (mut n, nfds) = conn
         .recv_with_fd(&mut buf, &mut raw)
-        .map_err(|e| format!("reading the opening message: {e}"))?;
+        .map_err(OpeningError::Read)?;
     let fds: Vec<OwnedFd> = raw[..nfds]
         .iter()
         // SAFETY: these descriptors were just received with SCM_RIGHTS; nothing else owns them.
@@ -66,30 +108,29 @@ fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), Strin
         match frame::split(&buf[..n]) {
             Ok(Some((p, body, rest))) => {
                 if !rest.is_empty() {
-                    return Err("data after the opening message before any reply".into());
+                    return Err(OpeningError::TrailingData);
                 }
-                let msg = LocalMessage::decode(p.kind, body)
-                    .map_err(|e| format!("malformed opening message: {e}"))?;
+                let msg = LocalMessage::decode(p.kind, body).map_err(OpeningError::Malformed)?;
                 return Ok((msg, fds));
             }
             Ok(None) => {
                 if n == buf.len() {
                     buf.resize(buf.len() * 2, 0);
                 }
-                let m = (&*conn)
-                    .read(&mut buf[n..])
-                    .map_err(|e| format!("reading the opening message: {e}"))?;
+                let m = (&*conn).read(&mut buf[n..]).map_err(OpeningError::Read)?;
                 if m == 0 {
-                    return Err("VMM closed the connection before its opening message".into());
+                    return Err(OpeningError::Closed);
                 }
                 n += m;
             }
-            Err(e) => return Err(format!("opening message: {e}")),
+            Err(e) => return Err(OpeningError::Frame(e)),
         }
     }
 }
 
-fn refuse(conn: &mut UnixStream, message: String) {
+/// Answers a VMM connection with `Failed`, whose message is `why`.
+fn refuse(conn: &mut UnixStream, why: impl std::fmt::Display) {
+    let message = why.to_string();
     warn!("refusing a VMM connection: {message}");
     let _ = send_local(
         conn,
@@ -116,10 +157,11 @@ pub fn run(mut conn: UnixStream) {
             if fds.len() != 1 {
                 return refuse(
                     &mut conn,
-                    format!(
-                        "Outgoing needs exactly 1 fd (the guest RAM memfd), got {}",
-                        fds.len()
-                    ),
+                    OpeningError::FdCount {
+                        message: "Outgoing",
+                        want: "exactly 1 fd (the guest RAM memfd)",
+                        got: fds.len(),
+                    },
                 );
             }
             let memfd = fds.remove(0);
@@ -139,11 +181,18 @@ pub fn run(mut conn: UnixStream) {
             blocks,
             has_uffd,
         } => {
-            let want = 1 + has_uffd as usize;
-            if fds.len() != want {
+            if fds.len() != 1 + has_uffd as usize {
                 return refuse(
                     &mut conn,
-                    format!("Incoming needs {want} fd(s), got {}", fds.len()),
+                    OpeningError::FdCount {
+                        message: "Incoming",
+                        want: if has_uffd {
+                            "2 fds (the guest RAM memfd and the userfaultfd)"
+                        } else {
+                            "1 fd (the guest RAM memfd)"
+                        },
+                        got: fds.len(),
+                    },
                 );
             }
             let memfd = fds.remove(0);
@@ -169,26 +218,20 @@ pub fn run(mut conn: UnixStream) {
                 }
             }
         }
-        other => refuse(
-            &mut conn,
-            format!("expected Outgoing or Incoming as the first message, got {other:?}"),
-        ),
+        other => refuse(&mut conn, OpeningError::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// The second fd of an `Incoming` must be a userfaultfd: anything else would make every fault
 /// handling call fail later, with a less helpful error.
-fn check_userfaultfd(fd: &OwnedFd) -> Result<(), String> {
+fn check_userfaultfd(fd: &OwnedFd) -> Result<(), OpeningError> {
     use std::os::fd::AsRawFd;
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map_err(|e| format!("inspecting the userfaultfd: {e}"))?;
+        .map_err(OpeningError::Inspect)?;
     if link.to_string_lossy() == "anon_inode:[userfaultfd]" {
         Ok(())
     } else {
-        Err(format!(
-            "the second fd of Incoming must be a userfaultfd, got {}",
-            link.display()
-        ))
+        Err(OpeningError::NotUserfaultfd(link.display().to_string()))
     }
 }
 
@@ -226,7 +269,8 @@ mod tests {
         );
         let first = MemfdClaim::new(&a).unwrap();
         let e = MemfdClaim::new(&a.try_clone().unwrap()).err().unwrap();
-        assert!(e.contains("already in a migration"), "{e}");
+        assert!(matches!(e, OpeningError::AlreadyMigrating), "{e}");
+        assert!(e.to_string().contains("already in a migration"), "{e}");
         // Another VM's RAM is independent.
         let other = MemfdClaim::new(&b).unwrap();
         drop(first);
@@ -242,7 +286,7 @@ mod tests {
     fn a_file_posing_as_userfaultfd_is_refused() {
         let f = std::fs::File::open("/dev/null").unwrap();
         let e = check_userfaultfd(&OwnedFd::from(f)).unwrap_err();
-        assert!(e.contains("must be a userfaultfd"), "{e}");
+        assert!(matches!(e, OpeningError::NotUserfaultfd(_)), "{e}");
     }
 
     #[test]
@@ -250,7 +294,8 @@ mod tests {
         let (mut a, b) = UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut a, &[3, 0, 0, 0, 0x41, 1, 2, 3]).unwrap();
         let e = read_opening(&b).unwrap_err();
-        assert!(e.contains("malformed"), "{e}");
+        assert!(matches!(e, OpeningError::Malformed(_)), "{e}");
+        assert!(e.to_string().contains("malformed"), "{e}");
     }
 
     #[test]

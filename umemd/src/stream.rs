@@ -8,6 +8,56 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
+/// requested page that the background had already claimed waits behind what is queued there,
+/// so the queue is kept short; loopback still streams at full speed with it.
+pub const POSTCOPY_SOCKET_BUFFER: usize = 256 << 10;
+
+/// Errors of opening a migration stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The URI is not `tcp:HOST:PORT` or `unix:PATH`.
+    #[error("{kind} uri \"{uri}\" (expected {expected})")]
+    BadUri {
+        /// "malformed" or "unsupported".
+        kind: &'static str,
+        /// The URI given.
+        uri: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The host name does not resolve.
+    #[error("resolving {addr}: {err}")]
+    Resolve {
+        /// `HOST:PORT`.
+        addr: String,
+        /// Why.
+        err: io::Error,
+    },
+    /// The host name resolves to nothing.
+    #[error("no address for {0}")]
+    NoAddress(String),
+    /// Connecting failed.
+    #[error("connecting to destination {to}: {err}")]
+    Connect {
+        /// Address or path.
+        to: String,
+        /// Why.
+        err: io::Error,
+    },
+    /// Listening failed.
+    #[error("listening on {on}: {err}")]
+    Listen {
+        /// Address or path.
+        on: String,
+        /// Why.
+        err: io::Error,
+    },
+    /// Another socket operation failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
 /// Where a migration stream goes, parsed from a URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -19,21 +69,26 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Parses `tcp:HOST:PORT` or `unix:PATH`.
-    pub fn parse(uri: &str) -> Result<Self, String> {
+    pub fn parse(uri: &str) -> Result<Self, StreamError> {
+        let bad = |kind, expected| StreamError::BadUri {
+            kind,
+            uri: uri.to_string(),
+            expected,
+        };
         if let Some(path) = uri.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(format!("malformed uri \"{uri}\" (expected unix:PATH)"));
+                return Err(bad("malformed", "unix:PATH"));
             }
             return Ok(Endpoint::Unix(PathBuf::from(path)));
         }
-        let rest = uri.strip_prefix("tcp:").ok_or_else(|| {
-            format!("unsupported uri \"{uri}\" (expected tcp:HOST:PORT or unix:PATH)")
-        })?;
+        let rest = uri
+            .strip_prefix("tcp:")
+            .ok_or_else(|| bad("unsupported", "tcp:HOST:PORT or unix:PATH"))?;
         if rest
             .rsplit_once(':')
             .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
         {
-            return Err(format!("malformed uri \"{uri}\" (expected tcp:HOST:PORT)"));
+            return Err(bad("malformed", "tcp:HOST:PORT"));
         }
         Ok(Endpoint::Tcp(rest.to_string()))
     }
@@ -50,24 +105,37 @@ pub enum PeerStream {
 
 impl PeerStream {
     /// Connects to `uri`, trying each address a host name resolves to.
-    pub fn connect(uri: &str, timeout: Duration) -> Result<Self, String> {
+    pub fn connect(uri: &str, timeout: Duration) -> Result<Self, StreamError> {
         let stream = match Endpoint::parse(uri)? {
-            Endpoint::Unix(path) => UnixStream::connect(&path)
-                .map(PeerStream::Unix)
-                .map_err(|e| format!("connecting to destination {}: {e}", path.display()))?,
+            Endpoint::Unix(path) => {
+                UnixStream::connect(&path)
+                    .map(PeerStream::Unix)
+                    .map_err(|err| StreamError::Connect {
+                        to: path.display().to_string(),
+                        err,
+                    })?
+            }
             Endpoint::Tcp(addr) => {
                 let addrs: Vec<_> = addr
                     .to_socket_addrs()
-                    .map_err(|e| format!("resolving {addr}: {e}"))?
+                    .map_err(|err| StreamError::Resolve {
+                        addr: addr.clone(),
+                        err,
+                    })?
                     .collect();
-                let mut last = Err(format!("no address for {addr}"));
+                let mut last = Err(StreamError::NoAddress(addr));
                 for a in addrs {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             last = Ok(PeerStream::Tcp(s));
                             break;
                         }
-                        Err(e) => last = Err(format!("connecting to destination {a}: {e}")),
+                        Err(err) => {
+                            last = Err(StreamError::Connect {
+                                to: a.to_string(),
+                                err,
+                            })
+                        }
                     }
                 }
                 last?
@@ -166,32 +234,33 @@ pub enum PeerListener {
 
 impl PeerListener {
     /// Binds `uri` (`tcp:HOST:0` picks a port), non-blocking.
-    pub fn bind(uri: &str) -> Result<Self, String> {
+    pub fn bind(uri: &str) -> Result<Self, StreamError> {
         let l = match Endpoint::parse(uri)? {
-            Endpoint::Tcp(addr) => PeerListener::Tcp(
-                TcpListener::bind(&addr).map_err(|e| format!("listening on {addr}: {e}"))?,
-            ),
+            Endpoint::Tcp(addr) => {
+                PeerListener::Tcp(TcpListener::bind(&addr).map_err(|err| StreamError::Listen {
+                    on: addr.clone(),
+                    err,
+                })?)
+            }
             Endpoint::Unix(path) => PeerListener::Unix(
-                UnixListener::bind(&path)
-                    .map_err(|e| format!("listening on {}: {e}", path.display()))?,
+                UnixListener::bind(&path).map_err(|err| StreamError::Listen {
+                    on: path.display().to_string(),
+                    err,
+                })?,
                 path,
             ),
         };
         match &l {
             PeerListener::Tcp(t) => t.set_nonblocking(true),
             PeerListener::Unix(u, _) => u.set_nonblocking(true),
-        }
-        .map_err(|e| e.to_string())?;
+        }?;
         Ok(l)
     }
 
     /// The URI a source connects to.
-    pub fn uri(&self) -> Result<String, String> {
+    pub fn uri(&self) -> Result<String, StreamError> {
         match self {
-            PeerListener::Tcp(t) => t
-                .local_addr()
-                .map(|a| format!("tcp:{a}"))
-                .map_err(|e| e.to_string()),
+            PeerListener::Tcp(t) => Ok(format!("tcp:{}", t.local_addr()?)),
             PeerListener::Unix(_, path) => Ok(format!("unix:{}", path.display())),
         }
     }
@@ -239,16 +308,16 @@ mod tests {
     #[test]
     fn uris() {
         assert_eq!(
-            Endpoint::parse("tcp:127.0.0.1:4444"),
-            Ok(Endpoint::Tcp("127.0.0.1:4444".into()))
+            Endpoint::parse("tcp:127.0.0.1:4444").unwrap(),
+            (Endpoint::Tcp("127.0.0.1:4444".into()))
         );
         assert_eq!(
-            Endpoint::parse("tcp:[::1]:4444"),
-            Ok(Endpoint::Tcp("[::1]:4444".into()))
+            Endpoint::parse("tcp:[::1]:4444").unwrap(),
+            (Endpoint::Tcp("[::1]:4444".into()))
         );
         assert_eq!(
-            Endpoint::parse("unix:/run/m.sock"),
-            Ok(Endpoint::Unix("/run/m.sock".into()))
+            Endpoint::parse("unix:/run/m.sock").unwrap(),
+            (Endpoint::Unix("/run/m.sock".into()))
         );
         for bad in [
             "unix:",
@@ -257,7 +326,10 @@ mod tests {
             "udp:1.2.3.4:5",
             "tcp:h:99999",
         ] {
-            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+            assert!(
+                matches!(Endpoint::parse(bad), Err(StreamError::BadUri { .. })),
+                "{bad}"
+            );
         }
     }
 

@@ -17,7 +17,7 @@ use proto::types::LATENCY_BUCKETS;
 use proto::{PostcopyStats, PAGE_SIZE};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
-use crate::pages::{PageState, PageTable};
+use super::pages::{PageState, PageTable};
 
 /// Most latency samples kept for percentiles (a sample is 4 bytes); beyond it, a uniform
 /// sample of all faults is kept (reservoir sampling).
@@ -46,7 +46,7 @@ pub enum FaultError {
     Read(String),
     /// A page request could not be sent.
     #[error("sending a page request: {0}")]
-    Request(String),
+    Request(#[source] std::io::Error),
 }
 
 /// Fault-service latencies and blocked time, updated as pages resolve faults.
@@ -328,7 +328,7 @@ impl FaultHandler {
     /// arrived meanwhile is woken.
     pub fn serve(
         &self,
-        mut request: impl FnMut(&[PageRun]) -> Result<(), String>,
+        mut request: impl FnMut(&[PageRun]) -> std::io::Result<()>,
     ) -> Result<(), FaultError> {
         let mut buf = EventBuffer::new(64);
         let mut runs: Vec<PageRun> = Vec::new();
@@ -548,7 +548,7 @@ mod tests {
         let server = {
             let fh = fh.clone();
             std::thread::spawn(move || {
-                fh.serve(|runs| tx.send(runs.to_vec()).map_err(|e| e.to_string()))
+                fh.serve(|runs| tx.send(runs.to_vec()).map_err(std::io::Error::other))
             })
         };
         let wait = Duration::from_secs(10);

@@ -211,3 +211,170 @@ impl PageSender {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::frame;
+    use proto::local::LocalBlock;
+    use proto::peer::{kind, RUN_HEADER_LEN};
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::net::UnixStream;
+
+    /// What a frame of the stream said: a message, or a `Pages` run with its first data byte.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Frame {
+        Msg(PeerMessage),
+        Pages(PageRun, u8),
+    }
+
+    /// A 16-page block: pages 0-3 a hole, 4 zero, 5-6 data (5s and 6s), 7-15 a hole.
+    fn guest() -> GuestMapping {
+        let f = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("ram")
+            .unwrap();
+        f.as_file().set_len(16 * PAGE_SIZE).unwrap();
+        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
+        let f = f.into_file();
+        f.write_all_at(&[0u8; PAGE_SIZE as usize], 4 * PAGE_SIZE)
+            .unwrap();
+        f.write_all_at(&[5u8; PAGE_SIZE as usize], 5 * PAGE_SIZE)
+            .unwrap();
+        f.write_all_at(&[6u8; PAGE_SIZE as usize], 6 * PAGE_SIZE)
+            .unwrap();
+        let block = LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: 16 * PAGE_SIZE,
+            },
+            memfd_offset: 0,
+            host_addr: 0,
+        };
+        GuestMapping::new(f.into(), vec![block]).unwrap()
+    }
+
+    /// Sends the whole block with `holes`, then decodes what went on the wire.
+    fn send(holes: Holes) -> (Vec<Frame>, Counters) {
+        let mem = guest();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut stream = PeerStream::Unix(a);
+        let c = Counters::default();
+        let mut s = PageSender::default();
+        s.new_pass();
+        s.send(&mut stream, &mem, 0, 0, 16, 0, holes, &c).unwrap();
+        s.flush(&mut stream, &c).unwrap();
+        drop(stream);
+        let mut wire = Vec::new();
+        b.read_to_end(&mut wire).unwrap();
+        assert_eq!(wire.len() as u64, Counters::get(&c.bytes));
+        let mut frames = Vec::new();
+        let mut rest = &wire[..];
+        while let Some((p, body, more)) = frame::split(rest).unwrap() {
+            if p.kind == kind::PAGES {
+                let hdr: &[u8; RUN_HEADER_LEN] = body[..RUN_HEADER_LEN].try_into().unwrap();
+                let run = PageRun::decode_pages_header(p, hdr).unwrap();
+                let data = &body[RUN_HEADER_LEN..];
+                assert_eq!(data.len(), run.data_len());
+                for (i, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+                    let want = (run.first + i as u64) as u8;
+                    assert!(
+                        page.iter().all(|&x| x == want),
+                        "page {}",
+                        run.first + i as u64
+                    );
+                }
+                frames.push(Frame::Pages(run, data[0]));
+            } else {
+                frames.push(Frame::Msg(PeerMessage::decode(p.kind, body).unwrap()));
+            }
+            rest = more;
+        }
+        assert!(rest.is_empty());
+        (frames, c)
+    }
+
+    fn run(first: u64, count: u32) -> PageRun {
+        PageRun {
+            block: 0,
+            first,
+            count,
+        }
+    }
+
+    fn data_and_zero() -> [Frame; 2] {
+        [
+            Frame::Msg(PeerMessage::ZeroPages(run(4, 1))),
+            Frame::Pages(run(5, 2), 5),
+        ]
+    }
+
+    #[test]
+    fn holes_skipped() {
+        let (frames, c) = send(Holes::Skip);
+        assert_eq!(frames, data_and_zero());
+        assert_eq!(Counters::get(&c.holes), 13);
+        assert_eq!(Counters::get(&c.zero_pages), 1);
+        assert_eq!(Counters::get(&c.pages), 2);
+    }
+
+    #[test]
+    fn holes_announced_in_one_record_each() {
+        let (frames, c) = send(Holes::Announce);
+        let holes = |first, count| {
+            Frame::Msg(PeerMessage::Holes {
+                block: 0,
+                first,
+                count,
+            })
+        };
+        let [zero, data] = data_and_zero();
+        assert_eq!(frames, vec![holes(0, 4), zero, data, holes(7, 9)]);
+        assert_eq!(Counters::get(&c.holes), 13);
+        assert_eq!(Counters::get(&c.zero_pages), 1);
+        assert_eq!(Counters::get(&c.pages), 2);
+    }
+
+    #[test]
+    fn holes_sent_as_zero_pages() {
+        let (frames, c) = send(Holes::AsZero);
+        let zero = |first, count| Frame::Msg(PeerMessage::ZeroPages(run(first, count)));
+        let [z4, data] = data_and_zero();
+        assert_eq!(frames, vec![zero(0, 4), z4, data, zero(7, 9)]);
+        assert_eq!(Counters::get(&c.holes), 13);
+        assert_eq!(Counters::get(&c.zero_pages), 14);
+        assert_eq!(Counters::get(&c.pages), 2);
+    }
+
+    #[test]
+    fn announced_holes_merge_across_runs() {
+        let mem = guest();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut stream = PeerStream::Unix(a);
+        let c = Counters::default();
+        let mut s = PageSender::default();
+        s.new_pass();
+        // Pages 7-15 in three runs: one record.
+        for (first, count) in [(7, 3), (10, 3), (13, 3)] {
+            let off = mem.offset_of(0, first, count).unwrap();
+            s.send(&mut stream, &mem, 0, first, count, off, Holes::Announce, &c)
+                .unwrap();
+        }
+        s.flush(&mut stream, &c).unwrap();
+        drop(stream);
+        let mut wire = Vec::new();
+        b.read_to_end(&mut wire).unwrap();
+        let (p, body, rest) = frame::split(&wire).unwrap().unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(
+            PeerMessage::decode(p.kind, body).unwrap(),
+            PeerMessage::Holes {
+                block: 0,
+                first: 7,
+                count: 9
+            }
+        );
+    }
+}

@@ -1,0 +1,207 @@
+//! The main stream's frame loop: pages, zero runs, discards, the switchover, the machine
+//! state and the commit, in the order the protocol allows.
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use proto::frame::{FramePrefix, PREFIX_LEN};
+use proto::local::LocalMessage;
+use proto::peer::{kind, PeerMessage};
+use proto::PAGE_SIZE;
+
+use super::error::DestError;
+use super::pages::PageState;
+use super::phase::DestPhase;
+use super::place::read_exact;
+use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT};
+use crate::link::send_local;
+use crate::priority::lower_priority;
+use crate::stream::POSTCOPY_SOCKET_BUFFER;
+
+impl Dest {
+    pub(super) fn receive(
+        &mut self,
+        writer_slot: &mut Option<PeerWriter>,
+    ) -> Result<(), DestError> {
+        let uri = self.listener.uri()?;
+        send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
+        let mut peer = self.accept(None)?;
+        // The migration's time counts from the source's arrival, as on the source.
+        self.started = Instant::now();
+        // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
+        let writer: PeerWriter = Arc::new(Mutex::new(peer.try_clone().map_err(DestError::Peer)?));
+        *writer_slot = Some(writer.clone());
+        let session_id = self.handshake(&mut peer)?;
+        if self.postcopy.is_some() {
+            self.accept_urgent(session_id)?;
+        }
+        self.set_phase(DestPhase::Precopy)?;
+        self.progress(true);
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut body = Vec::new();
+        loop {
+            self.poll_vmm()?;
+            if self.phase.running() {
+                self.check_threads()?;
+                if self.pages.unresolved() == 0 {
+                    write_peer(&writer, &PeerMessage::AllReceived)?;
+                    return Ok(());
+                }
+                // Keep reporting while the stream is quiet (no-background postcopy).
+                let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
+                if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+                    self.progress(false);
+                    continue;
+                }
+            }
+            read_exact(&mut peer, &mut prefix)?;
+            let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
+                context: "source stream",
+                err,
+            })?;
+            if p.kind == kind::PAGES {
+                self.receive_pages(&mut peer, p)?;
+                self.progress(false);
+                continue;
+            }
+            body.resize(p.len as usize, 0);
+            read_exact(&mut peer, &mut body)?;
+            self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
+            let msg = PeerMessage::decode(p.kind, &body).map_err(|err| DestError::Malformed {
+                context: "source stream",
+                err,
+            })?;
+            match msg {
+                PeerMessage::ZeroPages(run) => {
+                    self.zero(run.block, run.first, run.count as u64)?;
+                    self.stats.zero_pages += run.count as u64;
+                }
+                PeerMessage::Holes {
+                    block,
+                    first,
+                    count,
+                } => {
+                    self.zero(block, first, count)?;
+                    self.stats.holes_skipped += count;
+                }
+                PeerMessage::Discard { block, ranges } => {
+                    if self.phase.running() {
+                        return Err(DestError::Protocol(
+                            "the source discarded pages after the VM started",
+                        ));
+                    }
+                    for (first, count) in ranges {
+                        let off = self
+                            .mem
+                            .offset_of(block, first, count as u64)
+                            .map_err(DestError::BadDiscard)?;
+                        self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
+                        self.pages
+                            .set_range(block, first, count as u64, PageState::Missing);
+                    }
+                }
+                PeerMessage::RoundEnd { round } => {
+                    self.stats.rounds = round;
+                    self.progress(true);
+                }
+                PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {
+                    return Err(DestError::Protocol(
+                        "the source announced a second switchover",
+                    ));
+                }
+                PeerMessage::Switchover { postcopy } => {
+                    if postcopy && self.postcopy.is_none() {
+                        return Err(DestError::Protocol(
+                            "the source switched to postcopy, but this VMM passed no userfaultfd",
+                        ));
+                    }
+                    self.switching_to_postcopy = postcopy;
+                    self.set_phase(DestPhase::Switchover)?;
+                }
+                PeerMessage::MachineState(_) if self.phase.state_loaded() => {
+                    return Err(DestError::Protocol(
+                        "the source sent a second machine state",
+                    ));
+                }
+                PeerMessage::MachineState(_) if self.phase != DestPhase::Switchover => {
+                    return Err(DestError::Protocol(
+                        "the source sent the machine state without a switchover",
+                    ));
+                }
+                PeerMessage::MachineState(state) => {
+                    let t = Instant::now();
+                    if self.switching_to_postcopy {
+                        // A short receive queue keeps requested pages from waiting long
+                        // behind background pages the source had already queued.
+                        if let Err(e) = nix::sys::socket::setsockopt(
+                            &peer,
+                            nix::sys::socket::sockopt::RcvBuf,
+                            &POSTCOPY_SOCKET_BUFFER,
+                        ) {
+                            warn!("{}: shrinking the receive buffer: {e}", self.vm);
+                        }
+                        self.start_fault_thread(writer.clone())?;
+                        send_local(&mut self.vmm, &LocalMessage::PostcopyBegin)
+                            .map_err(DestError::Vmm)?;
+                    }
+                    self.load_state(state)?;
+                    self.set_phase(DestPhase::Loaded)?;
+                    info!(
+                        "{}: machine state loaded in {} us; waiting for the source to commit",
+                        self.vm,
+                        t.elapsed().as_micros()
+                    );
+                    // The VM must not run before the source has committed: it would run on
+                    // both hosts if the source never heard of this and resumed its copy.
+                    write_peer(&writer, &PeerMessage::Ready)?;
+                    peer.set_read_timeout(Some(COMMIT_TIMEOUT))
+                        .map_err(DestError::Peer)?;
+                }
+                PeerMessage::Commit if self.phase != DestPhase::Loaded => {
+                    return Err(DestError::Protocol(if self.phase.running() {
+                        "the source committed a second time"
+                    } else {
+                        "the source committed before the machine state was loaded"
+                    }));
+                }
+                PeerMessage::Commit => {
+                    peer.set_read_timeout(None).map_err(DestError::Peer)?;
+                    send_local(&mut self.vmm, &LocalMessage::Run).map_err(DestError::Vmm)?;
+                    write_peer(&writer, &PeerMessage::Started)?;
+                    info!("{}: the source committed; the VM runs here", self.vm);
+                    if !self.switching_to_postcopy {
+                        return Ok(());
+                    }
+                    // This thread places background pages from now on; the fault and
+                    // urgent-channel threads keep the normal priority.
+                    lower_priority();
+                    self.set_phase(DestPhase::Postcopy)?;
+                    info!(
+                        "{}: postcopy: the VM runs; {} pages to come",
+                        self.vm,
+                        self.pages.unresolved()
+                    );
+                    self.progress(true);
+                }
+                PeerMessage::AllSent => {
+                    if !self.phase.state_loaded() {
+                        return Err(DestError::Protocol(
+                            "source finished without sending the machine state",
+                        ));
+                    }
+                }
+                PeerMessage::Error(m) => return Err(DestError::PeerFailed(m)),
+                other => {
+                    return Err(DestError::Unexpected {
+                        expected: "a migration message".into(),
+                        got: format!("{other:?}"),
+                    })
+                }
+            }
+            self.progress(false);
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! Destination role: listens where the VMM asked, checks the source's RAM layout against the
+//! VMM's, writes precopy pages straight into the memfd (no vCPU runs yet), hands the machine
+//! state to the VMM and, for postcopy, resolves the running VM's page faults through the
+//! [`FaultHandler`] until every page is present.
+//!
+//! This module drives one incoming migration ([`Dest::run`]); its parts live beside it:
+//! [`handshake`] (accepting the source, version and layout), [`frames`] (the main stream's
+//! frame loop), [`place`] (where a page goes: `pwrite` before the VM runs, `UFFDIO_COPY`
+//! after), [`threads`] (the fault and urgent-channel threads), [`urgent`] (the urgent
+//! receiver), [`fault`] (the userfaultfd), [`vmm`] (the VMM link), [`stats`], and [`pages`]
+//! (the state of every page).
+
+pub mod error;
+pub mod fault;
+mod frames;
+pub mod handshake;
+pub mod pages;
+pub mod phase;
+mod place;
+mod stats;
+mod threads;
+mod urgent;
+mod vmm;
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use proto::local::{LocalBlock, LocalMessage};
+use proto::peer::{PeerMessage, MAX_RUN_PAGES};
+use proto::{MigrationStats, Phase, PAGE_SIZE};
+
+use crate::link::{self, send_local, Delivery};
+use crate::mapping::GuestMapping;
+use crate::stream::{PeerListener, PeerStream};
+pub use error::{DestError, DestFailure};
+use fault::FaultHandler;
+use pages::PageTable;
+use phase::DestPhase;
+use urgent::UrgentCounters;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a loaded machine state waits for the source's commit before the migration fails
+/// (without the VM having run here).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// How long the VMM may take to let go of its userfaultfd once told every page is here.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The write side of the migration stream, shared with the fault thread's requests.
+pub(super) type PeerWriter = Arc<Mutex<PeerStream>>;
+
+pub(super) fn write_peer(w: &PeerWriter, msg: &PeerMessage) -> Result<(), DestError> {
+    let mut buf = Vec::new();
+    msg.encode(&mut buf);
+    w.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .write_all(&buf)
+        .map_err(DestError::Peer)
+}
+
+/// Postcopy machinery of an incoming migration whose VMM passed a userfaultfd.
+struct Postcopy {
+    fault: Arc<FaultHandler>,
+    /// What came on the urgent channel.
+    urgent: Arc<UrgentCounters>,
+    pushed: u64,
+    /// Failures of the fault and urgent-channel threads, which each hold a sender.
+    errors: Receiver<DestError>,
+    report_error: mpsc::Sender<DestError>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// An incoming migration.
+pub struct Dest {
+    vmm: UnixStream,
+    vmm_rx: Receiver<Delivery<LocalMessage>>,
+    vm: String,
+    listener: PeerListener,
+    mem: Arc<GuestMapping>,
+    pages: Arc<PageTable>,
+    postcopy: Option<Postcopy>,
+    /// The source announced a postcopy switchover.
+    switching_to_postcopy: bool,
+    /// Where the migration stands: from `Loaded` the VMM holds the machine state, and the VM
+    /// runs once the source commits; in `Postcopy` pages may be placed only with
+    /// `UFFDIO_COPY`.
+    phase: DestPhase,
+    stats: MigrationStats,
+    started: Instant,
+    last_progress: Instant,
+    buf: Vec<u8>,
+}
+
+impl Dest {
+    /// Maps the VM's memory and binds the listening socket.
+    pub fn new(
+        vmm: UnixStream,
+        vm: String,
+        uri: &str,
+        memfd: OwnedFd,
+        uffd: Option<OwnedFd>,
+        blocks: Vec<LocalBlock>,
+    ) -> Result<Self, (UnixStream, DestFailure)> {
+        let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), DestError> {
+            let mem = GuestMapping::new(memfd, blocks)?;
+            let listener = PeerListener::bind(uri)?;
+            let reader = vmm.try_clone().map_err(DestError::Vmm)?;
+            Ok((mem, listener, reader))
+        };
+        match setup() {
+            Ok((mem, listener, reader)) => {
+                let pages = Arc::new(PageTable::new(mem.blocks()));
+                let postcopy = uffd.map(|fd| {
+                    let (report_error, errors) = mpsc::channel();
+                    Postcopy {
+                        fault: Arc::new(FaultHandler::new(
+                            fd,
+                            mem.blocks().to_vec(),
+                            pages.clone(),
+                        )),
+                        urgent: Arc::new(UrgentCounters::default()),
+                        pushed: 0,
+                        errors,
+                        report_error,
+                        threads: Vec::new(),
+                    }
+                });
+                Ok(Dest {
+                    stats: MigrationStats {
+                        phase: Phase::Setup,
+                        total_pages: mem.total_pages(),
+                        remaining_pages: mem.total_pages(),
+                        ..Default::default()
+                    },
+                    vmm_rx: link::local_reader(reader),
+                    vmm,
+                    vm,
+                    listener,
+                    mem: Arc::new(mem),
+                    pages,
+                    postcopy,
+                    switching_to_postcopy: false,
+                    phase: DestPhase::Setup,
+                    started: Instant::now(),
+                    last_progress: Instant::now(),
+                    buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
+                })
+            }
+            Err(cause) => Err((
+                vmm,
+                DestFailure {
+                    phase: DestPhase::Setup,
+                    cause,
+                },
+            )),
+        }
+    }
+
+    /// Moves to phase `next`, refusing an illegal transition.
+    fn set_phase(&mut self, next: DestPhase) -> Result<(), DestError> {
+        self.phase = self.phase.advance(next)?;
+        self.stats.phase = next.reported();
+        Ok(())
+    }
+
+    /// Moves to a final phase.
+    fn end(&mut self, last: DestPhase) {
+        if let Err(e) = self.set_phase(last) {
+            warn!("{}: {e}", self.vm);
+            self.phase = last;
+            self.stats.phase = last.reported();
+        }
+    }
+
+    /// Runs the migration to its end and reports the outcome to the VMM.
+    pub fn run(mut self) {
+        let mut peer = None;
+        let result = self.receive(&mut peer);
+        self.stats.total_us = self.started.elapsed().as_micros() as u64;
+        match result {
+            Ok(()) => {
+                let ran = self.phase.running();
+                self.end(DestPhase::Completed);
+                self.stats.remaining_pages = 0;
+                info!(
+                    "{}: incoming migration completed: {} pages, {} zero pages in {} ms",
+                    self.vm,
+                    self.stats.pages_sent,
+                    self.stats.zero_pages,
+                    self.stats.total_us / 1000
+                );
+                if ran {
+                    let s = self.postcopy_stats();
+                    let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+                }
+                let s = self.reported_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::Completed(s));
+                if ran {
+                    // Pages that read as zero are placed on touch until the VMM has dropped
+                    // its userfaultfd; it closes the connection once it has.
+                    let deadline = Instant::now() + RELEASE_TIMEOUT;
+                    while Instant::now() < deadline {
+                        match self.vmm_rx.recv_timeout(Duration::from_millis(50)) {
+                            Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+                            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                    }
+                }
+            }
+            Err(cause) => {
+                let failure = DestFailure {
+                    phase: self.phase,
+                    cause,
+                };
+                let message = failure.to_string();
+                warn!("{}: incoming migration failed: {message}", self.vm);
+                if let Some(p) = peer.as_ref() {
+                    let _ = write_peer(p, &PeerMessage::Error(message.clone()));
+                }
+                self.end(DestPhase::Failed);
+                let stats = self.reported_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::Failed { message, stats });
+            }
+        }
+        if let Some(pc) = self.postcopy.take() {
+            pc.fault.stop();
+            if let Some(p) = peer.as_ref() {
+                let _ = p
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .shutdown(std::net::Shutdown::Both);
+            }
+            for t in pc.threads {
+                let _ = t.join();
+            }
+        }
+    }
+}

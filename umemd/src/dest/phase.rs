@@ -1,0 +1,162 @@
+//! The phases of an incoming migration and the transitions between them.
+//!
+//! ```text
+//! Setup ──▶ Precopy ──▶ Switchover ──▶ Loaded ──▶ Completed        (precopy)
+//!                                        └──▶ Postcopy ──▶ Completed (postcopy)
+//!                          any phase but the last two ──▶ Failed
+//! ```
+//!
+//! The VM runs only from the source's `Commit`, which moves `Loaded` on.
+
+use std::fmt;
+
+use proto::Phase;
+
+/// Where an incoming migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DestPhase {
+    /// Listening, accepting the source, handshake and layout.
+    Setup,
+    /// Receiving pages before the switchover.
+    Precopy,
+    /// The source announced the switchover; the machine state comes next.
+    Switchover,
+    /// The VMM loaded the machine state, which waits for the source's commit; the VM does not
+    /// run.
+    Loaded,
+    /// The source committed and the VM runs here; missing pages are fetched and placed.
+    Postcopy,
+    /// Every page is here and the VM runs.
+    Completed,
+    /// The migration failed.
+    Failed,
+}
+
+/// An illegal phase transition: a bug in the session driver, reported rather than obeyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no transition from {from} to {to}")]
+pub struct PhaseError {
+    /// The phase the migration was in.
+    pub from: DestPhase,
+    /// The phase asked for.
+    pub to: DestPhase,
+}
+
+impl DestPhase {
+    /// True if `self` may be followed by `next`.
+    pub fn allows(self, next: DestPhase) -> bool {
+        use DestPhase::*;
+        matches!(
+            (self, next),
+            (Setup, Precopy)
+                | (Precopy, Switchover)
+                | (Switchover, Loaded)
+                | (Loaded, Postcopy)
+                | (Loaded, Completed)
+                | (Postcopy, Completed)
+                | (Setup | Precopy | Switchover | Loaded | Postcopy, Failed)
+        )
+    }
+
+    /// The phase after `self`, if the transition is legal.
+    pub fn advance(self, next: DestPhase) -> Result<DestPhase, PhaseError> {
+        if self.allows(next) {
+            Ok(next)
+        } else {
+            Err(PhaseError {
+                from: self,
+                to: next,
+            })
+        }
+    }
+
+    /// True once the VMM holds the machine state (whether or not the VM runs yet).
+    pub fn state_loaded(self) -> bool {
+        matches!(self, DestPhase::Loaded | DestPhase::Postcopy)
+    }
+
+    /// True while the VM runs with pages still missing: pages are placed only with
+    /// `UFFDIO_COPY`.
+    pub fn running(self) -> bool {
+        self == DestPhase::Postcopy
+    }
+
+    /// The phase as `query-migrate` reports it.
+    pub fn reported(self) -> Phase {
+        match self {
+            DestPhase::Setup => Phase::Setup,
+            DestPhase::Precopy => Phase::Precopy,
+            DestPhase::Switchover | DestPhase::Loaded => Phase::Switchover,
+            DestPhase::Postcopy => Phase::Postcopy,
+            DestPhase::Completed => Phase::Completed,
+            DestPhase::Failed => Phase::Failed,
+        }
+    }
+
+    /// Every phase, in order.
+    pub const ALL: [DestPhase; 7] = [
+        DestPhase::Setup,
+        DestPhase::Precopy,
+        DestPhase::Switchover,
+        DestPhase::Loaded,
+        DestPhase::Postcopy,
+        DestPhase::Completed,
+        DestPhase::Failed,
+    ];
+}
+
+impl fmt::Display for DestPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DestPhase::Setup => "setup",
+            DestPhase::Precopy => "precopy",
+            DestPhase::Switchover => "switchover",
+            DestPhase::Loaded => "state loaded",
+            DestPhase::Postcopy => "postcopy",
+            DestPhase::Completed => "completed",
+            DestPhase::Failed => "failed",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DestPhase::*;
+    use super::*;
+
+    #[test]
+    fn transition_table() {
+        let legal = [
+            (Setup, Precopy),
+            (Precopy, Switchover),
+            (Switchover, Loaded),
+            (Loaded, Postcopy),
+            (Loaded, Completed),
+            (Postcopy, Completed),
+            (Setup, Failed),
+            (Precopy, Failed),
+            (Switchover, Failed),
+            (Loaded, Failed),
+            (Postcopy, Failed),
+        ];
+        for from in DestPhase::ALL {
+            for to in DestPhase::ALL {
+                let want = legal.contains(&(from, to));
+                assert_eq!(from.allows(to), want, "{from} -> {to}");
+                match from.advance(to) {
+                    Ok(p) => assert!(want && p == to, "{from} -> {to}"),
+                    Err(e) => assert_eq!((want, e), (false, PhaseError { from, to })),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_vm_runs_only_after_the_state_is_loaded() {
+        assert!(!Switchover.allows(Postcopy) && !Precopy.allows(Completed));
+        assert!(Loaded.state_loaded() && !Loaded.running());
+        assert!(Postcopy.state_loaded() && Postcopy.running());
+        assert!(!Switchover.state_loaded());
+        assert_eq!(Loaded.reported(), Phase::Switchover);
+    }
+}

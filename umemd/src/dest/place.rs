@@ -1,0 +1,111 @@
+//! Where a page goes on the destination, in one place: before the VM runs, into the memfd with
+//! `pwrite` (or a punched hole for zero pages); once it runs, only with `UFFDIO_COPY`.
+
+use std::io::Read;
+
+use proto::frame::{FramePrefix, PREFIX_LEN};
+use proto::peer::{PageRun, RUN_HEADER_LEN};
+use proto::PAGE_SIZE;
+
+use super::error::DestError;
+use super::pages::PageState;
+use super::phase::DestPhase;
+use super::Dest;
+use crate::stream::PeerStream;
+
+impl Dest {
+    /// Pages flow before the machine state (precopy) and after the commit (postcopy), never
+    /// in between: a loaded state waits for its commit with RAM as the source left it.
+    pub(super) fn check_pages_allowed(&self) -> Result<(), DestError> {
+        if self.phase == DestPhase::Loaded {
+            return Err(DestError::Protocol(
+                "the source sent pages after the machine state",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The memfd offset of pages the source sent, checked against the layout.
+    pub(super) fn checked_offset(
+        &self,
+        block: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<u64, DestError> {
+        self.mem
+            .offset_of(block, first, count)
+            .map_err(DestError::BadPages)
+    }
+
+    /// Pages that read as zero: before the VM runs they become holes; afterwards they are
+    /// placed only if a vCPU touches them.
+    pub(super) fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
+        self.check_pages_allowed()?;
+        let off = self.checked_offset(block, first, count)?;
+        if self.phase.running() {
+            if let Some(pc) = self.postcopy.as_mut() {
+                pc.fault.zero(block, first, count)?;
+                pc.pushed += count;
+            }
+            return Ok(());
+        }
+        // Usually a hole already (fresh memory); only pages written earlier need dropping.
+        if self.mem.has_data(off, count * PAGE_SIZE) {
+            self.mem.punch_hole(off, count * PAGE_SIZE)?;
+        }
+        self.pages.set_range(block, first, count, PageState::Zero);
+        Ok(())
+    }
+
+    /// Reads a run's data into a buffer, then places it.
+    pub(super) fn receive_pages(
+        &mut self,
+        peer: &mut PeerStream,
+        p: FramePrefix,
+    ) -> Result<(), DestError> {
+        let mut hdr = [0u8; RUN_HEADER_LEN];
+        read_exact(peer, &mut hdr)?;
+        let run = PageRun::decode_pages_header(p, &hdr).map_err(|err| DestError::Malformed {
+            context: "source stream",
+            err,
+        })?;
+        self.check_pages_allowed()?;
+        let off = self.checked_offset(run.block, run.first, run.count as u64)?;
+        let len = run.data_len();
+        read_exact(peer, &mut self.buf[..len])?;
+        self.place(run, off, len)?;
+        self.stats.pages_sent += run.count as u64;
+        self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + len) as u64;
+        Ok(())
+    }
+
+    /// Writes the run's data, in `self.buf[..len]`, into guest RAM at memfd offset `off`: with
+    /// `pwrite` into the memfd before the VM runs (nothing else touches it then), with
+    /// `UFFDIO_COPY` once it runs.
+    fn place(&mut self, run: PageRun, off: u64, len: usize) -> Result<(), DestError> {
+        let data = &self.buf[..len];
+        if self.phase.running() {
+            let Some(pc) = self.postcopy.as_mut() else {
+                return Err(DestError::Protocol(
+                    "pages after the switchover without a userfaultfd",
+                ));
+            };
+            pc.fault.place(run.block, run.first, data)?;
+            pc.pushed += run.count as u64;
+        } else {
+            // Written with pwrite rather than through the mapping: a whole-page write into the
+            // memfd allocates the page without zeroing it first and without a page fault per
+            // page. No vCPU runs yet, so nothing else writes guest RAM now.
+            std::os::unix::fs::FileExt::write_all_at(self.mem.file(), data, off)
+                .map_err(DestError::Write)?;
+            self.pages
+                .set_range(run.block, run.first, run.count as u64, PageState::Present);
+        }
+        Ok(())
+    }
+}
+
+/// Reads exactly `buf.len()` bytes from the source.
+pub(super) fn read_exact(peer: &mut PeerStream, buf: &mut [u8]) -> Result<(), DestError> {
+    peer.read_exact(buf).map_err(DestError::read)
+}

@@ -1,0 +1,49 @@
+//! The destination's statistics and progress reports.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use proto::local::LocalMessage;
+use proto::{MigrationStats, PostcopyStats};
+
+use super::{Dest, PROGRESS_EVERY};
+use crate::link::send_local;
+
+impl Dest {
+    pub(super) fn postcopy_stats(&self) -> PostcopyStats {
+        let mut s = PostcopyStats::default();
+        if let Some(pc) = &self.postcopy {
+            pc.fault.stats(&mut s);
+            s.pages_urgent = pc.urgent.pages.load(Ordering::Relaxed)
+                + pc.urgent.zero_pages.load(Ordering::Relaxed);
+            s.pages_pushed = pc.pushed;
+        }
+        s
+    }
+
+    pub(super) fn progress(&mut self, force: bool) {
+        if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.last_progress = Instant::now();
+            self.stats.total_us = self.started.elapsed().as_micros() as u64;
+            self.stats.remaining_pages = self.pages.unresolved();
+            if self.phase.running() {
+                let s = self.postcopy_stats();
+                let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+            }
+            let s = self.reported_stats();
+            let _ = send_local(&mut self.vmm, &LocalMessage::Progress(s));
+        }
+    }
+
+    /// The main stream's counts plus what came on the urgent channel.
+    pub(super) fn reported_stats(&self) -> MigrationStats {
+        let mut s = self.stats;
+        if let Some(pc) = &self.postcopy {
+            let u = &pc.urgent;
+            s.pages_sent += u.pages.load(Ordering::Relaxed);
+            s.zero_pages += u.zero_pages.load(Ordering::Relaxed);
+            s.bytes_sent += u.bytes.load(Ordering::Relaxed);
+        }
+        s
+    }
+}

@@ -1,0 +1,95 @@
+//! The urgent receiver: reads the urgent channel, which carries only requested pages, and
+//! places them as they come.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use proto::frame::{FramePrefix, PREFIX_LEN};
+use proto::peer::{kind, PageRun, PeerMessage, MAX_RUN_PAGES, RUN_HEADER_LEN};
+use proto::PAGE_SIZE;
+
+use super::error::DestError;
+use super::fault::FaultHandler;
+use super::handshake::unexpected;
+use super::place::read_exact;
+use crate::mapping::GuestMapping;
+use crate::stream::PeerStream;
+
+/// Counters of the urgent channel, read by the main thread for the statistics.
+#[derive(Debug, Default)]
+pub(super) struct UrgentCounters {
+    pub(super) pages: AtomicU64,
+    pub(super) zero_pages: AtomicU64,
+    pub(super) bytes: AtomicU64,
+}
+
+/// Reads the urgent channel: requested pages, placed as they come.
+pub(super) struct UrgentReceiver {
+    pub(super) fault: Arc<FaultHandler>,
+    pub(super) mem: Arc<GuestMapping>,
+    pub(super) counters: Arc<UrgentCounters>,
+    pub(super) stream: PeerStream,
+}
+
+impl UrgentReceiver {
+    /// Places what comes until the source closes the channel.
+    pub(super) fn run(mut self) -> Result<(), DestError> {
+        const CONTEXT: &str = "urgent channel";
+        let malformed = |err| DestError::Malformed {
+            context: CONTEXT,
+            err,
+        };
+        let mut prefix = [0u8; PREFIX_LEN];
+        let mut buf = vec![0u8; MAX_RUN_PAGES as usize * PAGE_SIZE as usize];
+        let mut body = Vec::new();
+        loop {
+            match self.stream.read_exact(&mut prefix) {
+                Ok(()) => {}
+                // The source closes it when the migration ends, successfully or not; the main
+                // stream tells which.
+                Err(_) => return Ok(()),
+            }
+            let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
+                context: CONTEXT,
+                err,
+            })?;
+            if p.kind == kind::PAGES {
+                let mut hdr = [0u8; RUN_HEADER_LEN];
+                read_exact(&mut self.stream, &mut hdr)?;
+                let run = PageRun::decode_pages_header(p, &hdr).map_err(malformed)?;
+                self.check(run.block, run.first, run.count as u64)?;
+                let len = run.data_len();
+                read_exact(&mut self.stream, &mut buf[..len])?;
+                self.fault.place(run.block, run.first, &buf[..len])?;
+                let c = &self.counters;
+                c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                c.bytes.fetch_add(
+                    (PREFIX_LEN + RUN_HEADER_LEN + len) as u64,
+                    Ordering::Relaxed,
+                );
+                continue;
+            }
+            body.resize(p.len as usize, 0);
+            read_exact(&mut self.stream, &mut body)?;
+            match PeerMessage::decode(p.kind, &body).map_err(malformed)? {
+                PeerMessage::ZeroPages(run) => {
+                    self.check(run.block, run.first, run.count as u64)?;
+                    self.fault.zero(run.block, run.first, run.count as u64)?;
+                    let c = &self.counters;
+                    c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
+                    c.bytes
+                        .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
+                }
+                other => return Err(unexpected("pages on the urgent channel", &other)),
+            }
+        }
+    }
+
+    fn check(&self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
+        self.mem
+            .offset_of(block, first, count)
+            .map(|_| ())
+            .map_err(DestError::BadPages)
+    }
+}

@@ -1,0 +1,57 @@
+//! The link to the destination VMM: loading the machine state, vCPU threads, cancel.
+
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::time::Instant;
+
+use proto::local::LocalMessage;
+
+use super::error::DestError;
+use super::{Dest, LOAD_TIMEOUT};
+use crate::link::send_local;
+
+impl Dest {
+    pub(super) fn load_state(&mut self, state: Vec<u8>) -> Result<(), DestError> {
+        send_local(&mut self.vmm, &LocalMessage::MachineState(state)).map_err(DestError::Vmm)?;
+        let deadline = Instant::now() + LOAD_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.vmm_rx.recv_timeout(left) {
+                Ok(Ok(LocalMessage::StateLoaded)) => return Ok(()),
+                Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
+                Ok(Ok(LocalMessage::Failed { message, .. })) => {
+                    return Err(DestError::StateRefused(message))
+                }
+                Ok(Ok(other)) => return Err(DestError::VmmUnexpected(format!("{other:?}"))),
+                Ok(Err(e)) => return Err(DestError::VmmLink(e)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(DestError::Timeout {
+                        waiting_for: "the VMM's word that it loaded the machine state",
+                        secs: LOAD_TIMEOUT.as_secs(),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(DestError::VmmLost),
+            }
+        }
+    }
+
+    pub(super) fn set_vcpu_threads(&mut self, tids: Vec<u32>) {
+        if let Some(pc) = &self.postcopy {
+            pc.fault.set_vcpu_threads(&tids);
+        }
+    }
+
+    pub(super) fn poll_vmm(&mut self) -> Result<(), DestError> {
+        loop {
+            match self.vmm_rx.try_recv() {
+                Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
+                Ok(Ok(LocalMessage::Cancel)) if !self.phase.running() => {
+                    return Err(DestError::Cancelled)
+                }
+                Ok(Ok(other)) => return Err(DestError::VmmUnexpected(format!("{other:?}"))),
+                Ok(Err(e)) => return Err(DestError::VmmLink(e)),
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => return Err(DestError::VmmLost),
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The connection to the destination: connecting, the handshake (version, capabilities,
+//! layout), and waiting for its replies.
+
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
+
+use super::error::SourceError;
+use super::{Peer, Source, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use crate::link::{self, send_peer};
+use crate::stream::PeerStream;
+
+impl Source {
+    pub(super) fn open_stream(&self) -> Result<PeerStream, SourceError> {
+        let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(SourceError::Peer)?;
+        Ok(stream)
+    }
+
+    pub(super) fn connect(&mut self) -> Result<Peer, SourceError> {
+        let stream = self.open_stream()?;
+        let reader = stream.try_clone().map_err(SourceError::Peer)?;
+        let intercept: link::Intercept<PeerMessage> = Arc::new(std::sync::Mutex::new(None));
+        Ok(Peer {
+            stream,
+            rx: link::peer_reader(reader, intercept.clone()),
+            intercept,
+            urgent: None,
+        })
+    }
+
+    pub(super) fn handshake(
+        &mut self,
+        peer: &mut Peer,
+        session_id: u64,
+    ) -> Result<(), SourceError> {
+        let hello = PeerMessage::Hello {
+            version: VERSION,
+            capabilities: CAP_POSTCOPY,
+            session_id,
+        };
+        send_peer(&mut peer.stream, &hello).map_err(SourceError::Peer)?;
+        match self.wait_peer(peer, "Hello", HANDSHAKE_TIMEOUT)? {
+            PeerMessage::Hello {
+                version,
+                capabilities,
+                ..
+            } if version == VERSION => self.dest_postcopy = capabilities & CAP_POSTCOPY != 0,
+            PeerMessage::Hello { version, .. } => {
+                return Err(SourceError::Version {
+                    theirs: version,
+                    ours: VERSION,
+                })
+            }
+            PeerMessage::Error(m) => return Err(SourceError::PeerRefused(m)),
+            other => return Err(SourceError::unexpected("Hello", other)),
+        }
+        let blocks = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
+        send_peer(&mut peer.stream, &PeerMessage::Layout { blocks }).map_err(SourceError::Peer)?;
+        match self.wait_peer(peer, "LayoutAccepted", HANDSHAKE_TIMEOUT) {
+            Ok(PeerMessage::LayoutAccepted) => Ok(()),
+            Ok(PeerMessage::Error(m)) => Err(SourceError::PeerRefused(m)),
+            Ok(other) => Err(SourceError::unexpected("LayoutAccepted", other)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `timeout` for the destination's next message, handling the VMM's control
+    /// messages meanwhile (a cancel before the commit still counts). An `Error` from the
+    /// destination is returned as a message, for the caller to word; `waiting_for` names the
+    /// message expected, for the timeout's error.
+    pub(super) fn wait_peer(
+        &mut self,
+        peer: &Peer,
+        waiting_for: &'static str,
+        timeout: Duration,
+    ) -> Result<PeerMessage, SourceError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll_vmm()?;
+            match peer.rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(m)) => return Ok(m),
+                Ok(Err(e)) => return Err(SourceError::PeerLink(e)),
+                Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(SourceError::Timeout {
+                        waiting_for,
+                        secs: timeout.as_secs(),
+                    })
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(SourceError::PeerClosed),
+            }
+        }
+    }
+
+    /// Turns a write error into the destination's own reason when it sent one.
+    pub(super) fn peer_error(&self, peer: &Peer, e: std::io::Error) -> SourceError {
+        match peer.rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Ok(PeerMessage::Error(m))) => SourceError::PeerFailed(m),
+            _ => SourceError::Peer(e),
+        }
+    }
+}
+
+/// A migration's identifier: unique enough to tell resumptions apart.
+pub(super) fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,175 @@
+//! The switchover: the VMM stops its vCPUs and hands over its state; for precopy the last
+//! pages follow, for postcopy the list of stale pages to discard; then the commit with the
+//! destination.
+
+use std::time::Instant;
+
+use log::{info, warn};
+use proto::local::LocalMessage;
+use proto::peer::{PeerMessage, MAX_DISCARD_RANGES};
+
+use super::error::SourceError;
+use super::phase::SourcePhase;
+use super::requests::RequestServer;
+use super::sender::PageSender;
+use super::{Peer, Source, START_TIMEOUT};
+use crate::bitmap::DirtyBitmap;
+use crate::link::send_peer;
+use crate::priority::lower_priority;
+use crate::stream::POSTCOPY_SOCKET_BUFFER;
+
+impl Source {
+    /// The precopy switchover: stops the VM, sends the pages it dirtied since the last round,
+    /// the machine state, and commits.
+    pub(super) fn switchover(
+        &mut self,
+        peer: &mut Peer,
+        mut dirty: DirtyBitmap,
+    ) -> Result<(), SourceError> {
+        // Switchover: the VMM stops its vCPUs, sends what they dirtied since, and its state.
+        self.set_phase(SourcePhase::Switchover)?;
+        let stopped_at = Instant::now();
+        let (last, state) = self.harvest(true)?;
+        dirty.merge(&last);
+        let state = state.ok_or(SourceError::NoMachineState)?;
+        let harvested = stopped_at.elapsed();
+        self.send_pages(peer, &dirty, false)?;
+        send_peer(
+            &mut peer.stream,
+            &PeerMessage::Switchover { postcopy: false },
+        )
+        .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::MachineState(state)))
+        .and_then(|_| send_peer(&mut peer.stream, &PeerMessage::AllSent))
+        .map_err(|e| self.peer_error(peer, e))?;
+        let sent = stopped_at.elapsed();
+        self.commit(peer)?;
+        self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
+        info!(
+            "{}: switchover: stop, dirty log and state took {} us, the last pages and the state were sent after {} us, the destination ran after {} us",
+            self.vm,
+            harvested.as_micros(),
+            sent.as_micros(),
+            self.stats.downtime_us
+        );
+        Ok(())
+    }
+}
+
+impl Source {
+    /// Stops the VM, tells the destination which pages it holds are stale, sends the machine
+    /// state, and then serves requested pages and pushes the rest until the destination has
+    /// every page. `dirty` holds the pages dirtied since they were last sent.
+    pub(super) fn postcopy(
+        &mut self,
+        peer: &mut Peer,
+        mut dirty: DirtyBitmap,
+    ) -> Result<(), SourceError> {
+        self.set_phase(SourcePhase::Switchover)?;
+        self.progress(true);
+        let stopped_at = Instant::now();
+        let (last, state) = self.harvest(true)?;
+        dirty.merge(&last);
+        let state = state.ok_or(SourceError::NoMachineState)?;
+        let harvested = stopped_at.elapsed();
+
+        // The VM is stopped: the memfd no longer changes, and pages go in any order.
+        self.sender.freeze();
+        // Everything dirtied since it was sent is dropped on the destination, to fault again.
+        let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
+        for (block, first, count) in dirty.runs(u32::MAX as u64) {
+            if self.sent.unsend(block, first, count) > 0 {
+                discard[block as usize].push((first, count as u32));
+            }
+        }
+        for (block, ranges) in discard.into_iter().enumerate() {
+            for chunk in ranges.chunks(MAX_DISCARD_RANGES) {
+                self.sender.push(&PeerMessage::Discard {
+                    block: block as u32,
+                    ranges: chunk.to_vec(),
+                });
+            }
+        }
+        self.sender
+            .push(&PeerMessage::Switchover { postcopy: true });
+        self.sender.push(&PeerMessage::MachineState(state));
+
+        let urgent = match &peer.urgent {
+            Some(u) => u.try_clone(),
+            None => peer.stream.try_clone(),
+        }
+        .map_err(SourceError::Urgent)?;
+        let mut sender = PageSender::default();
+        sender.freeze();
+        let mut server = RequestServer {
+            mem: self.mem.clone(),
+            sent: self.sent.clone(),
+            counters: self.counters.clone(),
+            pc: self.pc.clone(),
+            stream: urgent,
+            sender,
+        };
+        // Requests are served by the thread that reads them, with no hand-over to another
+        // thread; they may come as soon as the destination's vCPUs run, even before `Started`.
+        *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move |m| match m {
+                PeerMessage::PageRequest(run) => {
+                    server.serve(run).map(|()| None).map_err(Into::into)
+                }
+                other => Ok(Some(other)),
+            }));
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
+            .map_err(|e| self.peer_error(peer, e))?;
+
+        self.commit(peer)?;
+        self.set_phase(SourcePhase::Postcopy)?;
+        self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
+        self.postcopy_ran = true;
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &peer.stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &POSTCOPY_SOCKET_BUFFER,
+        ) {
+            warn!("{}: shrinking the send buffer: {e}", self.vm);
+        }
+        info!(
+            "{}: postcopy: stop, dirty log and state took {} us, the VM ran on the destination after {} us; {} pages to go",
+            self.vm,
+            harvested.as_micros(),
+            self.stats.downtime_us,
+            self.sent.remaining()
+        );
+        self.progress(true);
+        // Background pages yield the CPU to requested ones: on a busy host the threads that
+        // serve faults must not wait for a time slice behind the bulk copy.
+        lower_priority();
+        self.background(peer)
+    }
+
+    /// The switchover's commit: waits until the destination has loaded the machine state, then
+    /// tells the VMM that the VM has moved (it must never resume it by itself from now on),
+    /// then lets the destination run it, and waits until it says it does.
+    ///
+    /// A failure before the commit leaves the destination unable to run the VM, so the source
+    /// resumes it. A failure after it leaves the VM stopped here for good: the destination may
+    /// run it, and only an operator who knows it does not may resume this copy.
+    pub(super) fn commit(&mut self, peer: &mut Peer) -> Result<(), SourceError> {
+        match self.wait_peer(peer, "Ready", START_TIMEOUT)? {
+            PeerMessage::Ready => {}
+            other => return Err(SourceError::unexpected("Ready", other)),
+        }
+        self.set_phase(SourcePhase::Committed)?;
+        self.report(&LocalMessage::Committed);
+        info!(
+            "{}: switchover committed; the VM runs on the destination from now on",
+            self.vm
+        );
+        send_peer(&mut peer.stream, &PeerMessage::Commit)
+            .map_err(|e| SourceError::AfterCommit(Box::new(self.peer_error(peer, e))))?;
+        match self.wait_peer(peer, "Started", START_TIMEOUT) {
+            Ok(PeerMessage::Started) => Ok(()),
+            Ok(other) => Err(SourceError::unexpected("Started", other)),
+            Err(e) => Err(SourceError::AfterCommit(Box::new(e))),
+        }
+    }
+}
