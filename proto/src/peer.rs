@@ -53,6 +53,7 @@ pub mod kind {
     pub const URGENT_CHANNEL: u8 = 0x10;
     pub const READY: u8 = 0x11;
     pub const COMMIT: u8 = 0x12;
+    pub const HEARTBEAT: u8 = 0x13;
 }
 
 /// A run of contiguous pages of one block.
@@ -144,6 +145,9 @@ pub enum PeerMessage {
         capabilities: u64,
         /// Identifies the migration, so a later connection can resume it.
         session_id: u64,
+        /// Source: how long either side may stay silent before the other gives the link up
+        /// (the destination adopts it, within its bounds); destination: echoes what it uses.
+        link_timeout_ms: u32,
     },
     /// The source's RAM blocks, checked by the destination.
     Layout {
@@ -179,6 +183,8 @@ pub enum PeerMessage {
     Commit,
     /// Destination: the VM runs.
     Started,
+    /// Either side: the link is alive. Sent on an idle link; never acted on otherwise.
+    Heartbeat,
     /// Destination: please send these pages first.
     PageRequest(PageRun),
     /// Destination: every page is present.
@@ -217,11 +223,13 @@ impl PeerMessage {
                 version,
                 capabilities,
                 session_id,
+                link_timeout_ms,
             } => frame::encode(buf, kind::HELLO, |w| {
                 w.raw(&MAGIC);
                 w.u16(*version);
                 w.u64(*capabilities);
                 w.u64(*session_id);
+                w.u32(*link_timeout_ms);
             }),
             PeerMessage::Layout { blocks } => {
                 frame::encode(buf, kind::LAYOUT, |w| encode_blocks(w, blocks))
@@ -245,6 +253,7 @@ impl PeerMessage {
             PeerMessage::Ready => frame::encode(buf, kind::READY, |_| {}),
             PeerMessage::Commit => frame::encode(buf, kind::COMMIT, |_| {}),
             PeerMessage::Started => frame::encode(buf, kind::STARTED, |_| {}),
+            PeerMessage::Heartbeat => frame::encode(buf, kind::HEARTBEAT, |_| {}),
             PeerMessage::PageRequest(run) => {
                 frame::encode(buf, kind::PAGE_REQUEST, |w| run.encode(w))
             }
@@ -287,6 +296,7 @@ impl PeerMessage {
                     version: r.u16("version")?,
                     capabilities: r.u64("capabilities")?,
                     session_id: r.u64("session_id")?,
+                    link_timeout_ms: r.u32("link_timeout_ms")?,
                 }
             }
             kind::LAYOUT => PeerMessage::Layout {
@@ -328,6 +338,7 @@ impl PeerMessage {
             kind::READY => PeerMessage::Ready,
             kind::COMMIT => PeerMessage::Commit,
             kind::STARTED => PeerMessage::Started,
+            kind::HEARTBEAT => PeerMessage::Heartbeat,
             kind::PAGE_REQUEST => PeerMessage::PageRequest(PageRun::decode(&mut r)?),
             kind::ALL_RECEIVED => PeerMessage::AllReceived,
             kind::ERROR => {
@@ -396,6 +407,7 @@ mod tests {
                 version: VERSION,
                 capabilities: CAP_POSTCOPY,
                 session_id: 99,
+                link_timeout_ms: 5000,
             },
             PeerMessage::Layout {
                 blocks: vec![BlockDesc {
@@ -417,6 +429,7 @@ mod tests {
             PeerMessage::Ready,
             PeerMessage::Commit,
             PeerMessage::Started,
+            PeerMessage::Heartbeat,
             PeerMessage::PageRequest(run),
             PeerMessage::AllReceived,
             PeerMessage::Error("layout mismatch".into()),

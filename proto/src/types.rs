@@ -137,7 +137,15 @@ pub struct MigrationParams {
     pub postcopy_after_rounds: u32,
     /// Postcopy: send only requested pages, no background push.
     pub no_background: bool,
+    /// A peer silent for this long is dead: idle links carry heartbeats, and every wait on the
+    /// other umemd ends after it. At least [`MIN_LINK_TIMEOUT_MS`].
+    pub link_timeout_ms: u32,
 }
+
+/// The shortest `link_timeout_ms` honoured: heartbeats go out five times per timeout.
+pub const MIN_LINK_TIMEOUT_MS: u32 = 200;
+/// The longest `link_timeout_ms` a destination accepts from a source's `Hello`.
+pub const MAX_LINK_TIMEOUT_MS: u32 = 600_000;
 
 impl Default for MigrationParams {
     fn default() -> Self {
@@ -148,6 +156,7 @@ impl Default for MigrationParams {
             max_rounds: 30,
             postcopy_after_rounds: 2,
             no_background: false,
+            link_timeout_ms: 5000,
         }
     }
 }
@@ -160,6 +169,7 @@ impl MigrationParams {
         w.u32(self.max_rounds);
         w.u32(self.postcopy_after_rounds);
         w.bool(self.no_background);
+        w.u32(self.link_timeout_ms);
     }
 
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -170,6 +180,7 @@ impl MigrationParams {
             max_rounds: r.u32("max_rounds")?,
             postcopy_after_rounds: r.u32("postcopy_after_rounds")?,
             no_background: r.bool("no_background")?,
+            link_timeout_ms: r.u32("link_timeout_ms")?,
         })
     }
 }

@@ -113,7 +113,7 @@ const PHASES: [Phase; 8] = [
     Phase::Cancelled,
 ];
 
-const PEER_KINDS: [u8; 18] = [
+const PEER_KINDS: [u8; 19] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -132,6 +132,7 @@ const PEER_KINDS: [u8; 18] = [
     peer::kind::URGENT_CHANNEL,
     peer::kind::READY,
     peer::kind::COMMIT,
+    peer::kind::HEARTBEAT,
 ];
 
 const LOCAL_KINDS: [u8; 19] = [
@@ -316,9 +317,18 @@ fn params() -> BoxedStrategy<MigrationParams> {
         any::<u32>(),
         any::<u32>(),
         any::<bool>(),
+        any::<u32>(),
     )
         .prop_map(
-            |(mode, bandwidth_limit, downtime_limit_ms, max_rounds, postcopy_after_rounds, nb)| {
+            |(
+                mode,
+                bandwidth_limit,
+                downtime_limit_ms,
+                max_rounds,
+                postcopy_after_rounds,
+                nb,
+                lt,
+            )| {
                 MigrationParams {
                     mode,
                     bandwidth_limit,
@@ -326,6 +336,7 @@ fn params() -> BoxedStrategy<MigrationParams> {
                     max_rounds,
                     postcopy_after_rounds,
                     no_background: nb,
+                    link_timeout_ms: lt,
                 }
             },
         )
@@ -355,11 +366,12 @@ fn stats() -> BoxedStrategy<MigrationStats> {
 /// Every `PeerMessage` variant with valid fields.
 fn peer_message() -> BoxedStrategy<PeerMessage> {
     prop_oneof![
-        (any::<u16>(), any::<u64>(), any::<u64>()).prop_map(
-            |(version, capabilities, session_id)| PeerMessage::Hello {
+        (any::<u16>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+            |(version, capabilities, session_id, link_timeout_ms)| PeerMessage::Hello {
                 version,
                 capabilities,
                 session_id,
+                link_timeout_ms,
             }
         ),
         sized_vec(block_desc(), 1, MAX_BLOCKS).prop_map(|blocks| PeerMessage::Layout { blocks }),
@@ -380,6 +392,7 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
         Just(PeerMessage::AllSent),
         Just(PeerMessage::Started),
         Just(PeerMessage::Ready),
+        Just(PeerMessage::Heartbeat),
         Just(PeerMessage::Commit),
         page_run().prop_map(PeerMessage::PageRequest),
         Just(PeerMessage::AllReceived),
@@ -516,6 +529,7 @@ fn peer_kind(m: &PeerMessage) -> u8 {
         PeerMessage::Started => STARTED,
         PeerMessage::Ready => READY,
         PeerMessage::Commit => COMMIT,
+        PeerMessage::Heartbeat => HEARTBEAT,
         PeerMessage::PageRequest(_) => PAGE_REQUEST,
         PeerMessage::AllReceived => ALL_RECEIVED,
         PeerMessage::Error(_) => ERROR,

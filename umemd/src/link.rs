@@ -100,6 +100,17 @@ pub enum LinkError {
     /// The interceptor handling a message failed; its reason.
     #[error("{0}")]
     Handler(HandlerError),
+    /// Nothing arrived, not even a heartbeat, for the link timeout.
+    #[error("no message for {0} ms (link timeout): the peer or the link is dead")]
+    Silent(u128),
+}
+
+/// Whether a read failed because its timeout expired.
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Why an interceptor failed.
@@ -113,16 +124,20 @@ pub type Delivery<M> = Result<M, LinkError>;
 pub type Intercept<M> =
     Arc<Mutex<Option<Box<dyn FnMut(M) -> Result<Option<M>, HandlerError> + Send>>>>;
 
+/// `decode` returns `Ok(None)` for a message that only proves the link alive (a heartbeat). A
+/// read that times out (the caller set the connection's read timeout to the link timeout,
+/// `silence`) ends the connection as [`LinkError::Silent`].
 fn spawn_reader<R, M, F>(
     name: &str,
     mut conn: R,
     decode: F,
     intercept: Intercept<M>,
     tx: Sender<Delivery<M>>,
+    silence: Option<std::time::Duration>,
 ) where
     R: Read + Send + 'static,
     M: Send + 'static,
-    F: Fn(u8, &[u8]) -> Result<M, proto::DecodeError> + Send + 'static,
+    F: Fn(u8, &[u8]) -> Result<Option<M>, proto::DecodeError> + Send + 'static,
 {
     let _ = std::thread::Builder::new()
         .name(name.into())
@@ -130,8 +145,15 @@ fn spawn_reader<R, M, F>(
             let mut body = Vec::new();
             loop {
                 let item = match frame::read(&mut conn, &mut body) {
-                    Ok(p) => decode(p.kind, &body).map_err(LinkError::Malformed),
+                    Ok(p) => match decode(p.kind, &body) {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => continue,
+                        Err(e) => Err(LinkError::Malformed(e)),
+                    },
                     Err(e) if e.is_eof() => Err(LinkError::Closed),
+                    Err(frame::FrameError::Io(e)) if is_timeout(&e) && silence.is_some() => {
+                        Err(LinkError::Silent(silence.map_or(0, |d| d.as_millis())))
+                    }
                     Err(e) => Err(LinkError::Frame(e)),
                 };
                 let item = match item {
@@ -159,31 +181,36 @@ pub fn local_reader(conn: UnixStream) -> Receiver<Delivery<LocalMessage>> {
     spawn_reader(
         "vmm-reader",
         conn,
-        LocalMessage::decode,
+        |k, b| LocalMessage::decode(k, b).map(Some),
         Arc::new(Mutex::new(None)),
         tx,
+        None,
     );
     rx
 }
 
 /// Reads peer messages in a thread; `Pages` frames are refused (the source never receives any).
-/// Messages that `intercept` handles never reach the channel.
+/// Messages that `intercept` handles never reach the channel, nor do heartbeats. A peer silent
+/// for `link_timeout` ends the connection ([`LinkError::Silent`]).
 pub fn peer_reader(
     conn: PeerStream,
     intercept: Intercept<PeerMessage>,
-) -> Receiver<Delivery<PeerMessage>> {
+    link_timeout: std::time::Duration,
+) -> io::Result<Receiver<Delivery<PeerMessage>>> {
+    conn.set_read_timeout(Some(link_timeout))?;
     let (tx, rx) = mpsc::channel();
     spawn_reader(
         "peer-reader",
         conn,
         |k, b| match k {
             proto::peer::kind::PAGES => Err(proto::DecodeError::UnknownKind(k)),
-            _ => PeerMessage::decode(k, b),
+            _ => PeerMessage::decode(k, b).map(|m| (m != PeerMessage::Heartbeat).then_some(m)),
         },
         intercept,
         tx,
+        Some(link_timeout),
     );
-    rx
+    Ok(rx)
 }
 
 #[cfg(test)]

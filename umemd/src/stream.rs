@@ -152,6 +152,29 @@ impl PeerStream {
         }
     }
 
+    /// Makes a dead or silent peer visible within `timeout`: a write that makes no progress
+    /// for that long fails (`SO_SNDTIMEO`, and on TCP `TCP_USER_TIMEOUT` for data the peer never
+    /// acknowledges), and TCP keepalive probes an idle connection. Reads are bounded by the
+    /// callers, who know when silence is normal.
+    pub fn set_link_timeout(&self, timeout: Duration) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        match self {
+            PeerStream::Tcp(s) => {
+                s.set_write_timeout(Some(timeout))?;
+                let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+                // Keepalive in whole seconds: first probe after a third of the timeout.
+                let idle = (timeout.as_secs() / 3).max(1) as u32;
+                setsockopt(s, sockopt::KeepAlive, &true)
+                    .and_then(|_| setsockopt(s, sockopt::TcpKeepIdle, &idle))
+                    .and_then(|_| setsockopt(s, sockopt::TcpKeepInterval, &1))
+                    .and_then(|_| setsockopt(s, sockopt::TcpKeepCount, &3))
+                    .and_then(|_| setsockopt(s, sockopt::TcpUserTimeout, &ms))
+                    .map_err(io::Error::from)
+            }
+            PeerStream::Unix(s) => s.set_write_timeout(Some(timeout)),
+        }
+    }
+
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {

@@ -58,6 +58,9 @@ pub enum DestError {
     /// The source's connection ended before the migration did.
     #[error("source closed the connection mid-migration")]
     PeerClosed,
+    /// Nothing came from the source, not even a heartbeat, for the link timeout.
+    #[error("no message from the source within the link timeout: the source or the link is dead")]
+    Silent,
     /// The source failed and said why.
     #[error("source failed: {0}")]
     PeerFailed(String),
@@ -138,6 +141,7 @@ impl DestError {
     pub fn read(e: io::Error) -> Self {
         match e.kind() {
             io::ErrorKind::UnexpectedEof => DestError::PeerClosed,
+            _ if crate::link::is_timeout(&e) => DestError::Silent,
             _ => DestError::Peer(e),
         }
     }

@@ -16,7 +16,7 @@ use super::error::DestError;
 use super::pages::PageState;
 use super::phase::DestPhase;
 use super::place::read_exact;
-use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT};
+use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::link::send_local;
 use crate::priority::lower_priority;
 use crate::stream::POSTCOPY_SOCKET_BUFFER;
@@ -34,16 +34,28 @@ impl Dest {
         // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
         let writer: PeerWriter = Arc::new(Mutex::new(peer.try_clone().map_err(DestError::Peer)?));
         *writer_slot = Some(writer.clone());
-        let session_id = self.handshake(&mut peer)?;
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let session_id = self.handshake(&mut peer, deadline)?;
         if self.postcopy.is_some() {
-            self.accept_urgent(session_id)?;
+            self.accept_urgent(session_id, deadline)?;
         }
+        self.start_heartbeats(writer.clone())?;
         self.set_phase(DestPhase::Precopy)?;
         self.progress(true);
         let mut prefix = [0u8; PREFIX_LEN];
         let mut body = Vec::new();
+        // When the last frame came (the source sends heartbeats on an idle link), and when the
+        // destination said Ready.
+        let mut last_rx = Instant::now();
+        let mut ready_at: Option<Instant> = None;
         loop {
             self.poll_vmm()?;
+            if ready_at.is_some_and(|t| t.elapsed() > COMMIT_TIMEOUT) {
+                return Err(DestError::Timeout {
+                    waiting_for: "the source's commit",
+                    secs: COMMIT_TIMEOUT.as_secs(),
+                });
+            }
             if self.phase.running() {
                 self.check_threads()?;
                 if self.pages.unresolved() == 0 {
@@ -53,11 +65,15 @@ impl Dest {
                 // Keep reporting while the stream is quiet (no-background postcopy).
                 let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
                 if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+                    if last_rx.elapsed() > self.link_timeout {
+                        return Err(DestError::Silent);
+                    }
                     self.progress(false);
                     continue;
                 }
             }
             read_exact(&mut peer, &mut prefix)?;
+            last_rx = Instant::now();
             let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
                 context: "source stream",
                 err,
@@ -157,8 +173,7 @@ impl Dest {
                     // The VM must not run before the source has committed: it would run on
                     // both hosts if the source never heard of this and resumed its copy.
                     write_peer(&writer, &PeerMessage::Ready)?;
-                    peer.set_read_timeout(Some(COMMIT_TIMEOUT))
-                        .map_err(DestError::Peer)?;
+                    ready_at = Some(Instant::now());
                 }
                 PeerMessage::Commit if self.phase != DestPhase::Loaded => {
                     return Err(DestError::Protocol(if self.phase.running() {
@@ -168,7 +183,7 @@ impl Dest {
                     }));
                 }
                 PeerMessage::Commit => {
-                    peer.set_read_timeout(None).map_err(DestError::Peer)?;
+                    ready_at = None;
                     send_local(&mut self.vmm, &LocalMessage::Run).map_err(DestError::Vmm)?;
                     write_peer(&writer, &PeerMessage::Started)?;
                     info!("{}: the source committed; the VM runs here", self.vm);
@@ -193,6 +208,7 @@ impl Dest {
                         ));
                     }
                 }
+                PeerMessage::Heartbeat => {}
                 PeerMessage::Error(m) => return Err(DestError::PeerFailed(m)),
                 other => {
                     return Err(DestError::Unexpected {

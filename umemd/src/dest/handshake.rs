@@ -1,11 +1,13 @@
 //! Accepting the source: its connections, its hello and its RAM layout.
 
+use std::io::Read;
 use std::os::fd::AsFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::info;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
+use proto::types::{MAX_LINK_TIMEOUT_MS, MIN_LINK_TIMEOUT_MS};
 use proto::BlockDesc;
 
 use super::error::{DestError, LayoutMismatch};
@@ -39,23 +41,28 @@ impl Dest {
         }
     }
 
-    /// Checks the source's hello and layout; returns the session id.
-    pub(super) fn handshake(&mut self, peer: &mut PeerStream) -> Result<u64, DestError> {
+    /// Checks the source's hello and layout, all before `deadline`; returns the session id.
+    /// Adopts the source's link timeout (within bounds) for the rest of the session.
+    pub(super) fn handshake(
+        &mut self,
+        peer: &mut PeerStream,
+        deadline: Instant,
+    ) -> Result<u64, DestError> {
         const CONTEXT: &str = "source handshake";
-        let frame = |err| DestError::Frame {
-            context: CONTEXT,
-            err,
-        };
-        peer.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(DestError::Peer)?;
         let mut body = Vec::new();
-        let p = proto::frame::read(peer, &mut body).map_err(frame)?;
+        let p = read_frame_by(peer, &mut body, deadline, CONTEXT)?;
         let session_id = match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::Hello {
                 version,
                 session_id,
+                link_timeout_ms,
                 ..
-            }) if version == VERSION => session_id,
+            }) if version == VERSION => {
+                self.link_timeout = Duration::from_millis(
+                    link_timeout_ms.clamp(MIN_LINK_TIMEOUT_MS, MAX_LINK_TIMEOUT_MS) as u64,
+                );
+                session_id
+            }
             Ok(PeerMessage::Hello { version, .. }) => {
                 return Err(DestError::Version {
                     theirs: version,
@@ -80,10 +87,11 @@ impl Dest {
                     0
                 },
                 session_id,
+                link_timeout_ms: self.link_timeout.as_millis() as u32,
             },
         )
         .map_err(DestError::Peer)?;
-        let p = proto::frame::read(peer, &mut body).map_err(frame)?;
+        let p = read_frame_by(peer, &mut body, deadline, "source layout")?;
         let blocks = match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::Layout { blocks }) => blocks,
             Ok(other) => return Err(unexpected("the RAM layout", &other)),
@@ -97,22 +105,25 @@ impl Dest {
         let mine: Vec<BlockDesc> = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
         check_layout(&blocks, &mine)?;
         send_peer(peer, &PeerMessage::LayoutAccepted).map_err(DestError::Peer)?;
-        peer.set_read_timeout(None).map_err(DestError::Peer)?;
+        // From now on silence is bounded by the link timeout (the source sends heartbeats).
+        peer.set_link_timeout(self.link_timeout)
+            .and_then(|()| peer.set_read_timeout(Some(self.link_timeout)))
+            .map_err(DestError::Peer)?;
         Ok(session_id)
     }
 
-    /// Accepts the source's second connection, which carries only requested pages.
-    pub(super) fn accept_urgent(&mut self, session_id: u64) -> Result<(), DestError> {
+    /// Accepts the source's second connection, which carries only requested pages, before
+    /// `deadline`.
+    pub(super) fn accept_urgent(
+        &mut self,
+        session_id: u64,
+        deadline: Instant,
+    ) -> Result<(), DestError> {
         const CONTEXT: &str = "urgent channel handshake";
         // The source opens it right after the handshake.
-        let mut s = self.accept(Some(Instant::now() + HANDSHAKE_TIMEOUT))?;
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(DestError::Peer)?;
+        let mut s = self.accept(Some(deadline))?;
         let mut body = Vec::new();
-        let p = proto::frame::read(&mut s, &mut body).map_err(|err| DestError::Frame {
-            context: CONTEXT,
-            err,
-        })?;
+        let p = read_frame_by(&mut s, &mut body, deadline, CONTEXT)?;
         match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::UrgentChannel { session_id: id }) if id == session_id => {}
             Ok(other) => {
@@ -128,9 +139,52 @@ impl Dest {
                 })
             }
         }
-        s.set_read_timeout(None).map_err(DestError::Peer)?;
+        // Requested pages come when they come: no read timeout here; the main stream tells
+        // whether the source lives, and the session shuts this one down when it ends.
+        s.set_read_timeout(None)
+            .and_then(|()| s.set_link_timeout(self.link_timeout))
+            .map_err(DestError::Peer)?;
+        self.urgent_stream = Some(s.try_clone().map_err(DestError::Peer)?);
         self.start_urgent_thread(s)
     }
+}
+
+/// Reads one frame into `body`, all of it before `deadline`: a peer that trickles bytes cannot
+/// stretch the wait, as a timeout per read would let it.
+fn read_frame_by(
+    peer: &mut PeerStream,
+    body: &mut Vec<u8>,
+    deadline: Instant,
+    context: &'static str,
+) -> Result<proto::FramePrefix, DestError> {
+    let timeout = || DestError::Timeout {
+        waiting_for: context,
+        secs: HANDSHAKE_TIMEOUT.as_secs(),
+    };
+    let mut read_by = |buf: &mut [u8]| -> Result<(), DestError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timeout());
+            }
+            peer.set_read_timeout(Some(left)).map_err(DestError::Peer)?;
+            match peer.read(&mut buf[done..]) {
+                Ok(0) => return Err(DestError::PeerClosed),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if crate::link::is_timeout(&e) => return Err(timeout()),
+                Err(e) => return Err(DestError::Peer(e)),
+            }
+        }
+        Ok(())
+    };
+    let mut prefix = [0u8; proto::PREFIX_LEN];
+    read_by(&mut prefix)?;
+    let p = proto::FramePrefix::parse(&prefix).map_err(|err| DestError::Frame { context, err })?;
+    body.resize(p.len as usize, 0);
+    read_by(body)?;
+    Ok(p)
 }
 
 /// The error for `got` arriving where `expected` should.

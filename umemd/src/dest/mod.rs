@@ -44,7 +44,12 @@ use pages::PageTable;
 use phase::DestPhase;
 use urgent::UrgentCounters;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The whole handshake (both connections, hello, layout) must be over by then.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Until the source's `Hello` says otherwise.
+const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Heartbeats on an idle link go out this many times per link timeout.
+const HEARTBEATS_PER_TIMEOUT: u32 = 5;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a loaded machine state waits for the source's commit before the migration fails
 /// (without the VM having run here).
@@ -96,6 +101,13 @@ pub struct Dest {
     started: Instant,
     last_progress: Instant,
     buf: Vec<u8>,
+    /// How long the source may stay silent: its `Hello` says, within bounds.
+    link_timeout: Duration,
+    /// The urgent channel, kept to shut it down when the session ends (its reader would
+    /// otherwise wait on a silent link for ever).
+    urgent_stream: Option<PeerStream>,
+    /// Tells the heartbeat thread to stop.
+    heartbeats_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dest {
@@ -151,6 +163,9 @@ impl Dest {
                     started: Instant::now(),
                     last_progress: Instant::now(),
                     buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
+                    link_timeout: DEFAULT_LINK_TIMEOUT,
+                    urgent_stream: None,
+                    heartbeats_stop: Arc::default(),
                 })
             }
             Err(cause) => Err((
@@ -229,6 +244,13 @@ impl Dest {
                 let _ = send_local(&mut self.vmm, &LocalMessage::Failed { message, stats });
             }
         }
+        self.heartbeats_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Nothing of this session may outlive it: a silent source must not keep a thread
+        // waiting on either connection.
+        if let Some(u) = self.urgent_stream.take() {
+            let _ = u.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(pc) = self.postcopy.take() {
             pc.fault.stop();
             if let Some(p) = peer.as_ref() {
@@ -240,6 +262,39 @@ impl Dest {
             for t in pc.threads {
                 let _ = t.join();
             }
+        } else if let Some(p) = peer.as_ref() {
+            let _ = p
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Sends a heartbeat every fifth of the link timeout until the session ends, so that the
+    /// source sees a live destination while the main stream carries nothing back (precopy,
+    /// loading the state, a postcopy without faults).
+    fn start_heartbeats(&mut self, writer: PeerWriter) -> Result<(), DestError> {
+        let stop = self.heartbeats_stop.clone();
+        let every = self.link_timeout / HEARTBEATS_PER_TIMEOUT;
+        std::thread::Builder::new()
+            .name("heartbeats".into())
+            .spawn(move || {
+                let tick = Duration::from_millis(20).min(every);
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    if last.elapsed() >= every {
+                        last = Instant::now();
+                        if write_peer(&writer, &PeerMessage::Heartbeat).is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+            .map_err(|err| DestError::Spawn {
+                thread: "heartbeats",
+                err,
+            })
     }
 }

@@ -100,6 +100,7 @@ impl Source {
         self.sender
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
+        self.heartbeat(peer)?;
         dest_has_all(peer, Duration::from_millis(20))
     }
 

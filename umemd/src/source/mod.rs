@@ -44,13 +44,14 @@ pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
 use policy::{expected_downtime_us, next_step, RoundDecision, SwitchoverReason};
+use proto::types::MIN_LINK_TIMEOUT_MS;
 use requests::PostcopyCounters;
 use sender::{Counters, PageSender};
 use sent::SentMap;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Heartbeats on an idle link go out this many times per link timeout.
+const HEARTBEATS_PER_TIMEOUT: u32 = 5;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 /// How long the destination may take to load the state and report that it runs.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -93,6 +94,8 @@ pub struct Source {
     /// Where the migration stands. From `Committed` on the destination may run the VM, so the
     /// source must never resume it, and a cancel is refused.
     phase: SourcePhase,
+    /// When the main thread last sent a heartbeat on an idle main stream.
+    last_heartbeat: Instant,
 }
 
 /// The migration streams towards the destination.
@@ -161,7 +164,13 @@ impl Source {
             postcopy_ran: false,
             state_taken: false,
             phase: SourcePhase::Setup,
+            last_heartbeat: Instant::now(),
         })
+    }
+
+    /// How long the destination may stay silent (`link_timeout_ms`, at least the minimum).
+    fn link_timeout(&self) -> Duration {
+        Duration::from_millis(self.params.link_timeout_ms.max(MIN_LINK_TIMEOUT_MS) as u64)
     }
 
     /// Runs the migration to its end and reports the outcome to the VMM.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
 
 use super::error::SourceError;
-use super::{Peer, Source, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
 use crate::link::{self, send_peer};
 use crate::stream::PeerStream;
 
@@ -16,7 +16,7 @@ impl Source {
     pub(super) fn open_stream(&self) -> Result<PeerStream, SourceError> {
         let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
         stream
-            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .set_link_timeout(self.link_timeout())
             .map_err(SourceError::Peer)?;
         Ok(stream)
     }
@@ -27,7 +27,8 @@ impl Source {
         let intercept: link::Intercept<PeerMessage> = Arc::new(std::sync::Mutex::new(None));
         Ok(Peer {
             stream,
-            rx: link::peer_reader(reader, intercept.clone()),
+            rx: link::peer_reader(reader, intercept.clone(), self.link_timeout())
+                .map_err(SourceError::Peer)?,
             intercept,
             urgent: None,
         })
@@ -38,13 +39,17 @@ impl Source {
         peer: &mut Peer,
         session_id: u64,
     ) -> Result<(), SourceError> {
+        // The whole handshake is bounded, not each step: a destination that answers slowly
+        // must not hold the migration longer than one link timeout.
+        let deadline = Instant::now() + self.link_timeout();
         let hello = PeerMessage::Hello {
             version: VERSION,
             capabilities: CAP_POSTCOPY,
             session_id,
+            link_timeout_ms: self.link_timeout().as_millis() as u32,
         };
         send_peer(&mut peer.stream, &hello).map_err(SourceError::Peer)?;
-        match self.wait_peer(peer, "Hello", HANDSHAKE_TIMEOUT)? {
+        match self.wait_peer_until(peer, "Hello", deadline)? {
             PeerMessage::Hello {
                 version,
                 capabilities,
@@ -61,7 +66,7 @@ impl Source {
         }
         let blocks = self.mem.blocks().iter().map(|b| b.desc.clone()).collect();
         send_peer(&mut peer.stream, &PeerMessage::Layout { blocks }).map_err(SourceError::Peer)?;
-        match self.wait_peer(peer, "LayoutAccepted", HANDSHAKE_TIMEOUT) {
+        match self.wait_peer_until(peer, "LayoutAccepted", deadline) {
             Ok(PeerMessage::LayoutAccepted) => Ok(()),
             Ok(PeerMessage::Error(m)) => Err(SourceError::PeerRefused(m)),
             Ok(other) => Err(SourceError::unexpected("LayoutAccepted", other)),
@@ -75,13 +80,25 @@ impl Source {
     /// message expected, for the timeout's error.
     pub(super) fn wait_peer(
         &mut self,
-        peer: &Peer,
+        peer: &mut Peer,
         waiting_for: &'static str,
         timeout: Duration,
     ) -> Result<PeerMessage, SourceError> {
-        let deadline = Instant::now() + timeout;
+        self.wait_peer_until(peer, waiting_for, Instant::now() + timeout)
+    }
+
+    /// [`Self::wait_peer`] until `deadline`. The main stream carries heartbeats meanwhile, so
+    /// that the destination sees a live source while it waits too.
+    pub(super) fn wait_peer_until(
+        &mut self,
+        peer: &mut Peer,
+        waiting_for: &'static str,
+        deadline: Instant,
+    ) -> Result<PeerMessage, SourceError> {
+        let start = Instant::now();
         loop {
             self.poll_vmm()?;
+            self.heartbeat(peer)?;
             match peer.rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(Ok(m)) => return Ok(m),
                 Ok(Err(e)) => return Err(SourceError::PeerLink(e)),
@@ -89,12 +106,23 @@ impl Source {
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(SourceError::Timeout {
                         waiting_for,
-                        secs: timeout.as_secs(),
+                        secs: start.elapsed().as_secs(),
                     })
                 }
                 Err(RecvTimeoutError::Disconnected) => return Err(SourceError::PeerClosed),
             }
         }
+    }
+
+    /// Sends a heartbeat on the main stream if none went for a fifth of the link timeout. Only
+    /// the main thread writes the main stream, and only between frames.
+    pub(super) fn heartbeat(&mut self, peer: &mut Peer) -> Result<(), SourceError> {
+        if self.last_heartbeat.elapsed() >= self.link_timeout() / HEARTBEATS_PER_TIMEOUT {
+            self.last_heartbeat = Instant::now();
+            send_peer(&mut peer.stream, &PeerMessage::Heartbeat)
+                .map_err(|e| self.peer_error(peer, e))?;
+        }
+        Ok(())
     }
 
     /// Turns a write error into the destination's own reason when it sent one.

@@ -1,0 +1,285 @@
+//! A dead or silent link is noticed within `link_timeout_ms` (heartbeats on idle links, read
+//! deadlines, TCP keepalive and `TCP_USER_TIMEOUT`), a slow link still migrates, and a peer
+//! that goes silent, or trickles its handshake, holds nothing for long.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use proto::peer::{PeerMessage, VERSION};
+use proto::BlockDesc;
+use serde_json::{json, Value};
+use umem_testkit::pair::{
+    assert_completed, assert_destination_failed_without_running, assert_guest_runs_on,
+    AfterFailure, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
+};
+use umem_testkit::proxy::FaultProxy;
+use umem_testkit::{
+    assert_consecutive, assert_no_bad, parse_passes, require_kvm, secs, wait_until, TestEnv, Vmm,
+};
+
+/// The link timeout these tests use.
+const LINK_TIMEOUT_MS: u64 = 1000;
+/// What the issue allows on top of it to notice a silent peer.
+const DETECTION_SLACK: Duration = Duration::from_millis(1000);
+
+fn pair_with_guest(t: &TestEnv, mem: &str) -> Pair {
+    let mut pair = MigrationSetup::memtouch(t, mem, MEMTOUCH_CMDLINE)
+        .prefilled()
+        .start();
+    pair.src.wait_pass(secs(60), 2);
+    pair
+}
+
+/// Polls `f` every 20 ms until it is true; returns how long that took (panics after `limit`).
+fn time_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+fn phase(vm: &Vmm) -> Value {
+    vm.query_migrate()["phase"].clone()
+}
+
+#[test]
+fn a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout() {
+    if !require_kvm("a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout") {
+        return;
+    }
+    let t = TestEnv::new("stall-precopy");
+    let mut pair = pair_with_guest(&t, "256M");
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    pair.src
+        .migrate(
+            &proxy.uri(),
+            json!({"bandwidth_limit": 20_000_000, "link_timeout_ms": LINK_TIMEOUT_MS}),
+        )
+        .expect("migrate");
+    wait_until(secs(60), "pages to flow", || {
+        (pair.src.query_migrate()["stats"]["pages_sent"].as_u64() > Some(1000)).then_some(())
+    });
+
+    // Nothing moves any more, and nothing is closed either.
+    proxy.stall();
+    let limit = Duration::from_millis(LINK_TIMEOUT_MS) + DETECTION_SLACK;
+    let (src_took, dst_took) = std::thread::scope(|s| {
+        let src = s.spawn(|| {
+            time_until(secs(30), "the source noticing", || {
+                phase(&pair.src) == "failed"
+            })
+        });
+        let dst = s.spawn(|| {
+            time_until(secs(30), "the destination noticing", || {
+                pair.dst.query_migrate()["failed_attempts"].as_u64() >= Some(1)
+            })
+        });
+        (src.join().unwrap(), dst.join().unwrap())
+    });
+    eprintln!("silence noticed after {src_took:?} (source), {dst_took:?} (destination)");
+    assert!(src_took <= limit, "the source took {src_took:?}");
+    assert!(dst_took <= limit, "the destination took {dst_took:?}");
+    let e = pair.src.query_migrate()["error"].to_string();
+    assert!(
+        e.contains("link timeout") || e.contains("timed out") || e.contains("temporarily"),
+        "source error: {e}"
+    );
+
+    // The source keeps its guest; the destination never ran it and listens again.
+    assert_eq!(pair.src.status(), "running");
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    // The link comes back (here: the direct path): the retry moves the VM.
+    drop(proxy);
+    let o = pair.migrate_and_wait(json!({"bandwidth_limit": 0}), secs(120));
+    assert_completed("source (retry)", &o);
+    pair.dst.wait_phase(secs(30), &["completed"]);
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+}
+
+#[test]
+fn a_stalled_link_in_postcopy_pauses_the_destination_and_never_resumes_the_source() {
+    if !require_kvm(
+        "a_stalled_link_in_postcopy_pauses_the_destination_and_never_resumes_the_source",
+    ) {
+        return;
+    }
+    let t = TestEnv::new("stall-postcopy");
+    let mut pair = pair_with_guest(&t, "256M");
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    pair.src
+        .migrate(
+            &proxy.uri(),
+            json!({"mode": "postcopy", "no_background": true, "link_timeout_ms": LINK_TIMEOUT_MS}),
+        )
+        .expect("migrate");
+    pair.dst.wait_phase(secs(60), &["postcopy"]);
+    let src_last = pair.src.last_pass_number();
+    pair.dst.wait_pass(secs(60), src_last + 1);
+
+    proxy.stall();
+    let limit = Duration::from_millis(LINK_TIMEOUT_MS) + DETECTION_SLACK;
+    let took = time_until(secs(30), "the destination pausing", || {
+        pair.dst.status() == "postcopy-paused"
+    });
+    eprintln!("the destination paused {took:?} after the stall");
+    assert!(took <= limit, "the destination took {took:?}");
+    let took = time_until(secs(30), "the source noticing", || {
+        phase(&pair.src) == "failed"
+    });
+    assert!(took <= limit, "the source took {took:?} more");
+    // The VM ran on the destination: the source never takes it back by itself.
+    assert_eq!(pair.src.status(), "postmigrate");
+    assert!(pair.src.ctl("cont", json!({})).is_err());
+    let all = parse_passes(&(pair.src.serial() + &pair.dst.serial()));
+    assert_consecutive("source+destination", &all);
+    assert_no_bad("source+destination", &all);
+}
+
+#[test]
+fn twenty_ms_of_latency_each_way_still_migrates_in_every_mode() {
+    if !require_kvm("twenty_ms_of_latency_each_way_still_migrates_in_every_mode") {
+        return;
+    }
+    for mode in ["precopy", "postcopy"] {
+        let t = TestEnv::new(&format!("latency-{mode}"));
+        let mut pair = pair_with_guest(&t, "64M");
+        let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+        proxy.set_latency(Duration::from_millis(20));
+        pair.src
+            .migrate(&proxy.uri(), json!({"mode": mode, "link_timeout_ms": 2000}))
+            .expect("migrate");
+        let o = pair.src.wait_migration(secs(180));
+        assert_completed(mode, &o);
+        pair.dst.wait_phase(secs(60), &["completed"]);
+        assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+    }
+}
+
+/// A fake source: the handshake of a real one (on both connections), then silence.
+fn handshake_then_silence(uri: &str, mem: u64, link_timeout_ms: u32) -> (TcpStream, TcpStream) {
+    let addr = uri.strip_prefix("tcp:").expect("a tcp uri");
+    let send = |s: &mut TcpStream, m: PeerMessage| {
+        let mut buf = Vec::new();
+        m.encode(&mut buf);
+        s.write_all(&buf).expect("write");
+    };
+    let read = |s: &mut TcpStream| {
+        let mut body = Vec::new();
+        let p = proto::frame::read(s, &mut body).expect("reading the destination");
+        PeerMessage::decode(p.kind, &body).expect("decoding the destination")
+    };
+    let mut main = TcpStream::connect(addr).expect("connect");
+    main.set_read_timeout(Some(secs(10))).unwrap();
+    send(
+        &mut main,
+        PeerMessage::Hello {
+            version: VERSION,
+            capabilities: proto::peer::CAP_POSTCOPY,
+            session_id: 7,
+            link_timeout_ms,
+        },
+    );
+    assert!(matches!(read(&mut main), PeerMessage::Hello { .. }));
+    send(
+        &mut main,
+        PeerMessage::Layout {
+            blocks: vec![BlockDesc {
+                name: "ram-low".into(),
+                guest_addr: 0,
+                size: mem,
+            }],
+        },
+    );
+    match read(&mut main) {
+        PeerMessage::LayoutAccepted => {}
+        other => panic!("expected LayoutAccepted, got {other:?}"),
+    }
+    let mut urgent = TcpStream::connect(addr).expect("connect the urgent channel");
+    send(&mut urgent, PeerMessage::UrgentChannel { session_id: 7 });
+    (main, urgent)
+}
+
+#[test]
+fn a_source_silent_after_the_handshake_is_dropped_within_the_link_timeout() {
+    if !require_kvm("a_source_silent_after_the_handshake_is_dropped_within_the_link_timeout") {
+        return;
+    }
+    let t = TestEnv::new("silent-source");
+    let du = t.umemd("umemd-dst");
+    let mut dst = t.vmm("dst", &du).mem("64M").incoming_any().start();
+    let uri = dst.listen_uri();
+    let (mut main, _urgent) = handshake_then_silence(&uri, 64 << 20, LINK_TIMEOUT_MS as u32);
+    let t0 = Instant::now();
+    // The destination sends heartbeats meanwhile, then gives up and closes.
+    let mut got = Vec::new();
+    main.set_read_timeout(Some(secs(30))).unwrap();
+    let _ = main.read_to_end(&mut got);
+    let took = t0.elapsed();
+    eprintln!("the destination dropped the silent source after {took:?}");
+    assert!(
+        took <= Duration::from_millis(LINK_TIMEOUT_MS) + DETECTION_SLACK,
+        "took {took:?}"
+    );
+    assert!(
+        got.len() >= 5,
+        "the destination sent no heartbeat while it waited ({} bytes)",
+        got.len()
+    );
+    let v =
+        assert_destination_failed_without_running(&mut dst, secs(10), AfterFailure::ListensAgain);
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("link timeout")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_trickled_handshake_is_bounded_as_a_whole() {
+    if !require_kvm("a_trickled_handshake_is_bounded_as_a_whole") {
+        return;
+    }
+    let t = TestEnv::new("trickled-handshake");
+    let du = t.umemd("umemd-dst");
+    let mut dst = t.vmm("dst", &du).mem("64M").incoming_any().start();
+    let uri = dst.listen_uri();
+    let mut hello = Vec::new();
+    PeerMessage::Hello {
+        version: VERSION,
+        capabilities: 0,
+        session_id: 1,
+        link_timeout_ms: 5000,
+    }
+    .encode(&mut hello);
+    let mut s = TcpStream::connect(uri.strip_prefix("tcp:").unwrap()).unwrap();
+    let t0 = Instant::now();
+    // One byte every 500 ms: each read is quick, the whole would take 12 s or more.
+    for b in &hello {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        if dst.query_migrate()["failed_attempts"].as_u64() >= Some(1) {
+            break;
+        }
+    }
+    let v =
+        assert_destination_failed_without_running(&mut dst, secs(30), AfterFailure::ListensAgain);
+    let took = t0.elapsed();
+    eprintln!(
+        "the trickled handshake ended after {took:?}: {}",
+        v["error"]
+    );
+    assert!(took < Duration::from_secs(13), "took {took:?}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("handshake")),
+        "{v}"
+    );
+}
