@@ -7,8 +7,9 @@ use crate::wire::{DecodeError, Writer};
 /// Bytes before a frame's body: the body length and the kind.
 pub const PREFIX_LEN: usize = 5;
 
-/// Largest body accepted. Page runs are at most [`crate::peer::MAX_RUN_PAGES`] pages, bitmaps
-/// and machine state are sent in pieces below this.
+/// Largest body accepted. Page runs are at most [`crate::peer::MAX_RUN_PAGES`] pages (1 MiB)
+/// and dirty bitmaps go in pieces of [`crate::local::MAX_BITMAP_WORDS`] words; the machine
+/// state is one frame, so a VM's state must fit in this (a few KiB per vCPU).
 pub const MAX_FRAME: u32 = 8 << 20;
 
 /// The fixed start of a frame.
