@@ -218,6 +218,10 @@ pub enum Event {
         /// Pages are still missing (postcopy).
         postcopy: bool,
     },
+    /// Postcopy lost its link for this reason; umemd waits for a new connection (the
+    /// destination VM keeps running on the pages it has). A `Progress` in phase `postcopy`
+    /// says when it resumed.
+    PostcopyPaused(String),
     /// The migration completed (`run` returns these statistics next).
     Completed(MigrationStats),
     /// umemd reported a failure (`run` returns [`ClientError::Refused`] next).
@@ -409,6 +413,7 @@ impl OutgoingSession {
                 LocalMessage::Harvest { stop } => self.harvest(vm, stop, &mut on_event)?,
                 LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
                 LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
+                LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
                 LocalMessage::Committed => {
                     self.committed = true;
                     info!("switchover committed: the VM moves to the destination");
@@ -549,6 +554,7 @@ impl IncomingSession {
     ) -> Result<MigrationStats, ClientError> {
         loop {
             match recv(&mut self.reader, &mut self.body)? {
+                LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
                 LocalMessage::PostcopyBegin => {
                     self.postcopy = true;
                     on_event(Event::PostcopyBegin);

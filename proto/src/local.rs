@@ -35,6 +35,7 @@ pub mod kind {
     pub const POSTCOPY_PROGRESS: u8 = 0x68;
     pub const COMMITTED: u8 = 0x69;
     pub const RUN: u8 = 0x6a;
+    pub const POSTCOPY_PAUSED: u8 = 0x6b;
 }
 
 /// A RAM block as the VMM that owns it sees it.
@@ -139,6 +140,13 @@ pub enum LocalMessage {
     /// umemd (destination): the source committed; the VM may run (unless the VMM was told to
     /// wait for `cont`). Until this arrives a loaded machine state must not run.
     Run,
+    /// umemd: postcopy lost its link for this reason and waits for a new connection. The
+    /// destination VM keeps running on the pages it has; `Progress` in phase `postcopy` says
+    /// when it resumed.
+    PostcopyPaused {
+        /// Why the link was lost.
+        reason: String,
+    },
     /// umemd (destination): listening on this address.
     Listening {
         /// `tcp:HOST:PORT` actually bound.
@@ -220,6 +228,9 @@ impl LocalMessage {
             LocalMessage::PostcopyBegin => frame::encode(buf, kind::POSTCOPY_BEGIN, |_| {}),
             LocalMessage::Committed => frame::encode(buf, kind::COMMITTED, |_| {}),
             LocalMessage::Run => frame::encode(buf, kind::RUN, |_| {}),
+            LocalMessage::PostcopyPaused { reason } => {
+                frame::encode(buf, kind::POSTCOPY_PAUSED, |w| w.str(reason))
+            }
             LocalMessage::PostcopyProgress(s) => {
                 frame::encode(buf, kind::POSTCOPY_PROGRESS, |w| s.encode(w))
             }
@@ -295,6 +306,9 @@ impl LocalMessage {
             kind::POSTCOPY_BEGIN => LocalMessage::PostcopyBegin,
             kind::COMMITTED => LocalMessage::Committed,
             kind::RUN => LocalMessage::Run,
+            kind::POSTCOPY_PAUSED => LocalMessage::PostcopyPaused {
+                reason: r.str("reason")?.to_owned(),
+            },
             kind::POSTCOPY_PROGRESS => {
                 LocalMessage::PostcopyProgress(PostcopyStats::decode(&mut r)?)
             }
@@ -371,6 +385,9 @@ mod tests {
             LocalMessage::PostcopyBegin,
             LocalMessage::Committed,
             LocalMessage::Run,
+            LocalMessage::PostcopyPaused {
+                reason: "link".into(),
+            },
             LocalMessage::PostcopyProgress(PostcopyStats {
                 faults: 3,
                 latency_hist: [1; crate::types::LATENCY_BUCKETS],

@@ -54,7 +54,14 @@ pub mod kind {
     pub const READY: u8 = 0x11;
     pub const COMMIT: u8 = 0x12;
     pub const HEARTBEAT: u8 = 0x13;
+    pub const RESUME: u8 = 0x14;
+    pub const RECEIVED: u8 = 0x15;
+    pub const RECEIVED_END: u8 = 0x16;
+    pub const RESUMED: u8 = 0x17;
 }
+
+/// Most bitmap words in one `Received` (4 GiB of guest RAM).
+pub const MAX_RECEIVED_WORDS: usize = 1 << 14;
 
 /// A run of contiguous pages of one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +192,26 @@ pub enum PeerMessage {
     Started,
     /// Either side: the link is alive. Sent on an idle link; never acted on otherwise.
     Heartbeat,
+    /// Source, on a new connection after a postcopy link failure, instead of `Layout`: go on
+    /// with this migration (both sides advertised `CAP_RECOVERY`).
+    Resume {
+        /// The `session_id` of the migration to resume.
+        session_id: u64,
+    },
+    /// Destination, answering `Resume`: the pages it holds (present or known zero), one bit
+    /// per page from `first_page`. Every page not named must be sent again.
+    Received {
+        /// Block index.
+        block: u32,
+        /// Page of bit 0 of word 0.
+        first_page: u64,
+        /// Bits, little-endian within each word.
+        words: Vec<u64>,
+    },
+    /// Destination: the last `Received`.
+    ReceivedEnd,
+    /// Source: it knows what the destination holds; requests may flow again.
+    Resumed,
     /// Destination: please send these pages first.
     PageRequest(PageRun),
     /// Destination: every page is present.
@@ -254,6 +281,23 @@ impl PeerMessage {
             PeerMessage::Commit => frame::encode(buf, kind::COMMIT, |_| {}),
             PeerMessage::Started => frame::encode(buf, kind::STARTED, |_| {}),
             PeerMessage::Heartbeat => frame::encode(buf, kind::HEARTBEAT, |_| {}),
+            PeerMessage::Resume { session_id } => {
+                frame::encode(buf, kind::RESUME, |w| w.u64(*session_id))
+            }
+            PeerMessage::Received {
+                block,
+                first_page,
+                words,
+            } => frame::encode(buf, kind::RECEIVED, |w| {
+                w.u32(*block);
+                w.u64(*first_page);
+                w.u32(words.len() as u32);
+                for x in words {
+                    w.u64(*x);
+                }
+            }),
+            PeerMessage::ReceivedEnd => frame::encode(buf, kind::RECEIVED_END, |_| {}),
+            PeerMessage::Resumed => frame::encode(buf, kind::RESUMED, |_| {}),
             PeerMessage::PageRequest(run) => {
                 frame::encode(buf, kind::PAGE_REQUEST, |w| run.encode(w))
             }
@@ -339,6 +383,31 @@ impl PeerMessage {
             kind::COMMIT => PeerMessage::Commit,
             kind::STARTED => PeerMessage::Started,
             kind::HEARTBEAT => PeerMessage::Heartbeat,
+            kind::RESUME => PeerMessage::Resume {
+                session_id: r.u64("session_id")?,
+            },
+            kind::RECEIVED => {
+                let block = r.u32("received block")?;
+                let first_page = r.u64("received first page")?;
+                let n = r.count("received words", 8)?;
+                if n > MAX_RECEIVED_WORDS {
+                    return Err(DecodeError::invalid(
+                        "received words",
+                        format!("{n} exceeds {MAX_RECEIVED_WORDS}"),
+                    ));
+                }
+                let mut words = Vec::with_capacity(n);
+                for _ in 0..n {
+                    words.push(r.u64("received word")?);
+                }
+                PeerMessage::Received {
+                    block,
+                    first_page,
+                    words,
+                }
+            }
+            kind::RECEIVED_END => PeerMessage::ReceivedEnd,
+            kind::RESUMED => PeerMessage::Resumed,
             kind::PAGE_REQUEST => PeerMessage::PageRequest(PageRun::decode(&mut r)?),
             kind::ALL_RECEIVED => PeerMessage::AllReceived,
             kind::ERROR => {
@@ -430,6 +499,14 @@ mod tests {
             PeerMessage::Commit,
             PeerMessage::Started,
             PeerMessage::Heartbeat,
+            PeerMessage::Resume { session_id: 3 },
+            PeerMessage::Received {
+                block: 1,
+                first_page: 128,
+                words: vec![u64::MAX, 0, 7],
+            },
+            PeerMessage::ReceivedEnd,
+            PeerMessage::Resumed,
             PeerMessage::PageRequest(run),
             PeerMessage::AllReceived,
             PeerMessage::Error("layout mismatch".into()),

@@ -207,6 +207,9 @@ pub enum Phase {
     Failed,
     /// Cancelled by request; the source guest keeps running.
     Cancelled,
+    /// Postcopy lost its link: the destination VM runs on the pages it has (a vCPU that needs
+    /// a missing one waits), the source keeps every page, and both wait for a new connection.
+    PostcopyPaused,
 }
 
 impl Phase {
@@ -214,7 +217,11 @@ impl Phase {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            Phase::Setup | Phase::Precopy | Phase::Switchover | Phase::Postcopy
+            Phase::Setup
+                | Phase::Precopy
+                | Phase::Switchover
+                | Phase::Postcopy
+                | Phase::PostcopyPaused
         )
     }
 
@@ -223,7 +230,7 @@ impl Phase {
     }
 
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
-        const ALL: [Phase; 8] = [
+        const ALL: [Phase; 9] = [
             Phase::None,
             Phase::Setup,
             Phase::Precopy,
@@ -232,6 +239,7 @@ impl Phase {
             Phase::Completed,
             Phase::Failed,
             Phase::Cancelled,
+            Phase::PostcopyPaused,
         ];
         ALL.get(v as usize)
             .copied()
@@ -342,6 +350,10 @@ pub struct PostcopyStats {
     pub vm_blocked_us: u64,
     /// Time each vCPU waited for pages, microseconds, by vCPU index.
     pub vcpu_blocked_us: Vec<u64>,
+    /// Times the migration resumed on a new connection after losing its link.
+    pub recoveries: u64,
+    /// Time spent in `postcopy-paused`, microseconds.
+    pub paused_us: u64,
 }
 
 impl PostcopyStats {
@@ -370,6 +382,8 @@ impl PostcopyStats {
         for v in &self.vcpu_blocked_us {
             w.u64(*v);
         }
+        w.u64(self.recoveries);
+        w.u64(self.paused_us);
     }
 
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -398,6 +412,8 @@ impl PostcopyStats {
         s.vcpu_blocked_us = (0..n)
             .map(|_| r.u64("vcpu_blocked_us"))
             .collect::<Result<_, _>>()?;
+        s.recoveries = r.u64("recoveries")?;
+        s.paused_us = r.u64("paused_us")?;
         Ok(s)
     }
 }

@@ -102,7 +102,7 @@ const MAX_STR: usize = u16::MAX as usize;
 /// Largest `MachineState` payload whose frame body (u32 length + payload) fits `MAX_FRAME`.
 const MAX_STATE: usize = MAX_FRAME as usize - 4;
 
-const PHASES: [Phase; 8] = [
+const PHASES: [Phase; 9] = [
     Phase::None,
     Phase::Setup,
     Phase::Precopy,
@@ -111,9 +111,10 @@ const PHASES: [Phase; 8] = [
     Phase::Completed,
     Phase::Failed,
     Phase::Cancelled,
+    Phase::PostcopyPaused,
 ];
 
-const PEER_KINDS: [u8; 19] = [
+const PEER_KINDS: [u8; 23] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -133,9 +134,13 @@ const PEER_KINDS: [u8; 19] = [
     peer::kind::READY,
     peer::kind::COMMIT,
     peer::kind::HEARTBEAT,
+    peer::kind::RESUME,
+    peer::kind::RECEIVED,
+    peer::kind::RECEIVED_END,
+    peer::kind::RESUMED,
 ];
 
-const LOCAL_KINDS: [u8; 19] = [
+const LOCAL_KINDS: [u8; 20] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -155,6 +160,7 @@ const LOCAL_KINDS: [u8; 19] = [
     local::kind::POSTCOPY_PROGRESS,
     local::kind::COMMITTED,
     local::kind::RUN,
+    local::kind::POSTCOPY_PAUSED,
 ];
 
 /// The longest prefix of `chars` that fits in `max` bytes of UTF-8.
@@ -393,6 +399,16 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
         Just(PeerMessage::Started),
         Just(PeerMessage::Ready),
         Just(PeerMessage::Heartbeat),
+        any::<u64>().prop_map(|session_id| PeerMessage::Resume { session_id }),
+        (any::<u32>(), any::<u64>(), vec(any::<u64>(), 0..64)).prop_map(
+            |(block, first_page, words)| PeerMessage::Received {
+                block,
+                first_page,
+                words
+            }
+        ),
+        Just(PeerMessage::ReceivedEnd),
+        Just(PeerMessage::Resumed),
         Just(PeerMessage::Commit),
         page_run().prop_map(PeerMessage::PageRequest),
         Just(PeerMessage::AllReceived),
@@ -463,6 +479,7 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
         Just(LocalMessage::PostcopyBegin),
         Just(LocalMessage::Committed),
         Just(LocalMessage::Run),
+        text(0, MAX_STR).prop_map(|reason| LocalMessage::PostcopyPaused { reason }),
         (
             vec(any::<u64>(), 9 + proto::types::LATENCY_BUCKETS),
             vec(any::<u64>(), 0..=proto::types::MAX_VCPUS)
@@ -482,6 +499,8 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
                     latency_max_us: v[7],
                     vm_blocked_us: v[8],
                     vcpu_blocked_us,
+                    recoveries: v[0] ^ v[1],
+                    paused_us: v[2] ^ v[3],
                 })
             }),
     ]
@@ -530,6 +549,10 @@ fn peer_kind(m: &PeerMessage) -> u8 {
         PeerMessage::Ready => READY,
         PeerMessage::Commit => COMMIT,
         PeerMessage::Heartbeat => HEARTBEAT,
+        PeerMessage::Resume { .. } => RESUME,
+        PeerMessage::Received { .. } => RECEIVED,
+        PeerMessage::ReceivedEnd => RECEIVED_END,
+        PeerMessage::Resumed => RESUMED,
         PeerMessage::PageRequest(_) => PAGE_REQUEST,
         PeerMessage::AllReceived => ALL_RECEIVED,
         PeerMessage::Error(_) => ERROR,
@@ -560,6 +583,7 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::PostcopyBegin => POSTCOPY_BEGIN,
         LocalMessage::Committed => COMMITTED,
         LocalMessage::Run => RUN,
+        LocalMessage::PostcopyPaused { .. } => POSTCOPY_PAUSED,
         LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,
     }
 }

@@ -178,9 +178,11 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
     // a missing page, and the request would never be answered.
     let skip_holes = {
         let s = m.state();
-        if s.status == crate::machine::Status::PostcopyPaused {
+        if s.status == crate::machine::Status::PostcopyPaused
+            || (s.migration.phase == proto::Phase::PostcopyPaused && s.uffd.is_some())
+        {
             return Err(
-                "pages of this VM are still missing and its page server is gone (postcopy-paused): a RAM digest would wait for them forever"
+                "pages of this VM are still missing and its page server is out of reach (postcopy-paused): a RAM digest would wait for them"
                     .into(),
             );
         }

@@ -173,10 +173,8 @@ fn outgoing_loop(m: &Machine, mut session: OutgoingSession) -> Result<(), Migrat
     session.run(&Source(m), |event| {
         let mut s = m.state();
         match event {
-            Event::Progress(stats) => {
-                s.migration.phase = stats.phase;
-                s.migration.stats = stats;
-            }
+            Event::Progress(stats) => progress(&mut s.migration, stats),
+            Event::PostcopyPaused(reason) => paused(&mut s.migration, reason),
             // The destination may run the VM from now on: this copy never runs again by
             // itself, whatever happens to the migration (`cont force=true` is the operator's
             // way out when it is known not to run there).
@@ -288,7 +286,7 @@ pub fn start_incoming(
                 error!("incoming migration failed: {e}");
                 let listen_again = {
                     let mut s = m2.state();
-                    let ran = s.migration.phase == Phase::Postcopy;
+                    let ran = matches!(s.migration.phase, Phase::Postcopy | Phase::PostcopyPaused);
                     s.migration.phase = Phase::Failed;
                     s.migration.error = Some(e.to_string());
                     if ran {
@@ -366,10 +364,8 @@ fn incoming_loop(
         match event {
             Event::PostcopyProgress(p) => s.migration.postcopy = Some(p),
             Event::Listening(uri) => s.migration.listen_uri = Some(uri),
-            Event::Progress(stats) => {
-                s.migration.phase = stats.phase;
-                s.migration.stats = stats;
-            }
+            Event::Progress(stats) => progress(&mut s.migration, stats),
+            Event::PostcopyPaused(reason) => paused(&mut s.migration, reason),
             Event::Completed(stats) => {
                 if let Some(u) = s.uffd.take() {
                     u.release();
@@ -382,4 +378,21 @@ fn incoming_loop(
         }
     })?;
     Ok(())
+}
+
+/// umemd's statistics; a postcopy that resumed after a pause no longer shows the pause's reason.
+fn progress(info: &mut crate::machine::MigrationInfo, stats: proto::MigrationStats) {
+    if info.phase == Phase::PostcopyPaused && stats.phase == Phase::Postcopy {
+        log::info!("postcopy resumed");
+        info.error = None;
+    }
+    info.phase = stats.phase;
+    info.stats = stats;
+}
+
+/// Postcopy lost its link: the phase says so and `error` says why, until it resumes.
+fn paused(info: &mut crate::machine::MigrationInfo, reason: String) {
+    log::warn!("postcopy paused: {reason}");
+    info.phase = Phase::PostcopyPaused;
+    info.error = Some(reason);
 }

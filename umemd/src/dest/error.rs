@@ -137,6 +137,21 @@ pub enum DestError {
 }
 
 impl DestError {
+    /// True when the link to the source failed (closed, silent, a read or write error): while
+    /// the VM runs here, a new connection from the source can resume the migration.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            DestError::Peer(_)
+                | DestError::PeerClosed
+                | DestError::Silent
+                | DestError::Frame {
+                    err: proto::FrameError::Io(_),
+                    ..
+                }
+        )
+    }
+
     /// A read from the source failed: an early end is the source's closing.
     pub fn read(e: io::Error) -> Self {
         match e.kind() {

@@ -19,7 +19,7 @@ use super::place::read_exact;
 use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::link::send_local;
 use crate::priority::lower_priority;
-use crate::stream::POSTCOPY_SOCKET_BUFFER;
+use crate::stream::{PeerStream, POSTCOPY_SOCKET_BUFFER};
 
 impl Dest {
     pub(super) fn receive(
@@ -42,6 +42,23 @@ impl Dest {
         self.start_heartbeats(writer.clone())?;
         self.set_phase(DestPhase::Precopy)?;
         self.progress(true);
+        loop {
+            match self.stream_loop(&mut peer, &writer) {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if self.phase == DestPhase::Postcopy
+                        && self.source_recovery
+                        && e.is_link_failure() =>
+                {
+                    peer = self.pause_until_resumed(e, &writer, session_id)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the main stream frame by frame until the migration is complete here.
+    fn stream_loop(&mut self, peer: &mut PeerStream, writer: &PeerWriter) -> Result<(), DestError> {
         let mut prefix = [0u8; PREFIX_LEN];
         let mut body = Vec::new();
         // When the last frame came (the source sends heartbeats on an idle link), and when the
@@ -58,8 +75,8 @@ impl Dest {
             }
             if self.phase.running() {
                 self.check_threads()?;
-                if self.pages.unresolved() == 0 {
-                    write_peer(&writer, &PeerMessage::AllReceived)?;
+                if self.phase == DestPhase::Postcopy && self.pages.unresolved() == 0 {
+                    write_peer(writer, &PeerMessage::AllReceived)?;
                     return Ok(());
                 }
                 // Keep reporting while the stream is quiet (no-background postcopy).
@@ -72,19 +89,19 @@ impl Dest {
                     continue;
                 }
             }
-            read_exact(&mut peer, &mut prefix)?;
+            read_exact(peer, &mut prefix)?;
             last_rx = Instant::now();
             let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
                 context: "source stream",
                 err,
             })?;
             if p.kind == kind::PAGES {
-                self.receive_pages(&mut peer, p)?;
+                self.receive_pages(peer, p)?;
                 self.progress(false);
                 continue;
             }
             body.resize(p.len as usize, 0);
-            read_exact(&mut peer, &mut body)?;
+            read_exact(peer, &mut body)?;
             self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
             let msg = PeerMessage::decode(p.kind, &body).map_err(|err| DestError::Malformed {
                 context: "source stream",
@@ -153,7 +170,7 @@ impl Dest {
                         // A short receive queue keeps requested pages from waiting long
                         // behind background pages the source had already queued.
                         if let Err(e) = nix::sys::socket::setsockopt(
-                            &peer,
+                            &*peer,
                             nix::sys::socket::sockopt::RcvBuf,
                             &POSTCOPY_SOCKET_BUFFER,
                         ) {
@@ -172,7 +189,7 @@ impl Dest {
                     );
                     // The VM must not run before the source has committed: it would run on
                     // both hosts if the source never heard of this and resumed its copy.
-                    write_peer(&writer, &PeerMessage::Ready)?;
+                    write_peer(writer, &PeerMessage::Ready)?;
                     ready_at = Some(Instant::now());
                 }
                 PeerMessage::Commit if self.phase != DestPhase::Loaded => {
@@ -185,7 +202,7 @@ impl Dest {
                 PeerMessage::Commit => {
                     ready_at = None;
                     send_local(&mut self.vmm, &LocalMessage::Run).map_err(DestError::Vmm)?;
-                    write_peer(&writer, &PeerMessage::Started)?;
+                    write_peer(writer, &PeerMessage::Started)?;
                     info!("{}: the source committed; the VM runs here", self.vm);
                     if !self.switching_to_postcopy {
                         return Ok(());
@@ -209,6 +226,9 @@ impl Dest {
                     }
                 }
                 PeerMessage::Heartbeat => {}
+                PeerMessage::Resumed if self.phase == DestPhase::PostcopyPaused => {
+                    self.resumed(peer, writer)?;
+                }
                 PeerMessage::Error(m) => return Err(DestError::PeerFailed(m)),
                 other => {
                     return Err(DestError::Unexpected {

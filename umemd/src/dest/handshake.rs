@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
+use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 use proto::types::{MAX_LINK_TIMEOUT_MS, MIN_LINK_TIMEOUT_MS};
 use proto::BlockDesc;
 
@@ -56,8 +56,9 @@ impl Dest {
                 version,
                 session_id,
                 link_timeout_ms,
-                ..
+                capabilities,
             }) if version == VERSION => {
+                self.source_recovery = capabilities & CAP_RECOVERY != 0;
                 self.link_timeout = Duration::from_millis(
                     link_timeout_ms.clamp(MIN_LINK_TIMEOUT_MS, MAX_LINK_TIMEOUT_MS) as u64,
                 );
@@ -82,7 +83,7 @@ impl Dest {
             &PeerMessage::Hello {
                 version: VERSION,
                 capabilities: if self.postcopy.is_some() {
-                    CAP_POSTCOPY
+                    CAP_POSTCOPY | CAP_RECOVERY
                 } else {
                     0
                 },
@@ -151,7 +152,7 @@ impl Dest {
 
 /// Reads one frame into `body`, all of it before `deadline`: a peer that trickles bytes cannot
 /// stretch the wait, as a timeout per read would let it.
-fn read_frame_by(
+pub(super) fn read_frame_by(
     peer: &mut PeerStream,
     body: &mut Vec<u8>,
     deadline: Instant,
@@ -179,12 +180,18 @@ fn read_frame_by(
         }
         Ok(())
     };
-    let mut prefix = [0u8; proto::PREFIX_LEN];
-    read_by(&mut prefix)?;
-    let p = proto::FramePrefix::parse(&prefix).map_err(|err| DestError::Frame { context, err })?;
-    body.resize(p.len as usize, 0);
-    read_by(body)?;
-    Ok(p)
+    loop {
+        let mut prefix = [0u8; proto::PREFIX_LEN];
+        read_by(&mut prefix)?;
+        let p =
+            proto::FramePrefix::parse(&prefix).map_err(|err| DestError::Frame { context, err })?;
+        body.resize(p.len as usize, 0);
+        read_by(body)?;
+        // A source waiting for an answer keeps the link alive meanwhile.
+        if p.kind != proto::peer::kind::HEARTBEAT {
+            return Ok(p);
+        }
+    }
 }
 
 /// The error for `got` arriving where `expected` should.

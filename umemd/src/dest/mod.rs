@@ -17,6 +17,7 @@ pub mod handshake;
 pub mod pages;
 pub mod phase;
 mod place;
+mod recovery;
 mod stats;
 mod threads;
 mod urgent;
@@ -108,6 +109,12 @@ pub struct Dest {
     urgent_stream: Option<PeerStream>,
     /// Tells the heartbeat thread to stop.
     heartbeats_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The source can resume postcopy on a new connection.
+    source_recovery: bool,
+    /// Recoveries so far, the time spent paused, and since when it is paused now.
+    recoveries: u64,
+    paused: Duration,
+    paused_since: Option<Instant>,
 }
 
 impl Dest {
@@ -166,6 +173,10 @@ impl Dest {
                     link_timeout: DEFAULT_LINK_TIMEOUT,
                     urgent_stream: None,
                     heartbeats_stop: Arc::default(),
+                    source_recovery: false,
+                    recoveries: 0,
+                    paused: Duration::ZERO,
+                    paused_since: None,
                 })
             }
             Err(cause) => Err((
@@ -285,9 +296,9 @@ impl Dest {
                     std::thread::sleep(tick);
                     if last.elapsed() >= every {
                         last = Instant::now();
-                        if write_peer(&writer, &PeerMessage::Heartbeat).is_err() {
-                            return;
-                        }
+                        // A dead link is noticed by the main thread, which may replace
+                        // the connection under the same writer: keep beating.
+                        let _ = write_peer(&writer, &PeerMessage::Heartbeat);
                     }
                 }
             })

@@ -3,6 +3,8 @@
 //! ```text
 //! Setup ──▶ Precopy ──▶ Switchover ──▶ Loaded ──▶ Completed        (precopy)
 //!                                        └──▶ Postcopy ──▶ Completed (postcopy)
+//!                                               ▲  │
+//!                               PostcopyPaused ─┘ ◀┘ (the link lost, then back)
 //!                          any phase but the last two ──▶ Failed
 //! ```
 //!
@@ -26,6 +28,9 @@ pub enum DestPhase {
     Loaded,
     /// The source committed and the VM runs here; missing pages are fetched and placed.
     Postcopy,
+    /// Postcopy lost its link: the VM runs on the pages it has, and the destination waits for
+    /// the source to connect again.
+    PostcopyPaused,
     /// Every page is here and the VM runs.
     Completed,
     /// The migration failed.
@@ -54,7 +59,12 @@ impl DestPhase {
                 | (Loaded, Postcopy)
                 | (Loaded, Completed)
                 | (Postcopy, Completed)
-                | (Setup | Precopy | Switchover | Loaded | Postcopy, Failed)
+                | (Postcopy, PostcopyPaused)
+                | (PostcopyPaused, Postcopy)
+                | (
+                    Setup | Precopy | Switchover | Loaded | Postcopy | PostcopyPaused,
+                    Failed
+                )
         )
     }
 
@@ -72,13 +82,16 @@ impl DestPhase {
 
     /// True once the VMM holds the machine state (whether or not the VM runs yet).
     pub fn state_loaded(self) -> bool {
-        matches!(self, DestPhase::Loaded | DestPhase::Postcopy)
+        matches!(
+            self,
+            DestPhase::Loaded | DestPhase::Postcopy | DestPhase::PostcopyPaused
+        )
     }
 
     /// True while the VM runs with pages still missing: pages are placed only with
     /// `UFFDIO_COPY`.
     pub fn running(self) -> bool {
-        self == DestPhase::Postcopy
+        matches!(self, DestPhase::Postcopy | DestPhase::PostcopyPaused)
     }
 
     /// The phase as `query-migrate` reports it.
@@ -88,18 +101,20 @@ impl DestPhase {
             DestPhase::Precopy => Phase::Precopy,
             DestPhase::Switchover | DestPhase::Loaded => Phase::Switchover,
             DestPhase::Postcopy => Phase::Postcopy,
+            DestPhase::PostcopyPaused => Phase::PostcopyPaused,
             DestPhase::Completed => Phase::Completed,
             DestPhase::Failed => Phase::Failed,
         }
     }
 
     /// Every phase, in order.
-    pub const ALL: [DestPhase; 7] = [
+    pub const ALL: [DestPhase; 8] = [
         DestPhase::Setup,
         DestPhase::Precopy,
         DestPhase::Switchover,
         DestPhase::Loaded,
         DestPhase::Postcopy,
+        DestPhase::PostcopyPaused,
         DestPhase::Completed,
         DestPhase::Failed,
     ];
@@ -113,6 +128,7 @@ impl fmt::Display for DestPhase {
             DestPhase::Switchover => "switchover",
             DestPhase::Loaded => "state loaded",
             DestPhase::Postcopy => "postcopy",
+            DestPhase::PostcopyPaused => "postcopy-paused",
             DestPhase::Completed => "completed",
             DestPhase::Failed => "failed",
         })
@@ -133,6 +149,9 @@ mod tests {
             (Loaded, Postcopy),
             (Loaded, Completed),
             (Postcopy, Completed),
+            (Postcopy, PostcopyPaused),
+            (PostcopyPaused, Postcopy),
+            (PostcopyPaused, Failed),
             (Setup, Failed),
             (Precopy, Failed),
             (Switchover, Failed),
@@ -157,6 +176,10 @@ mod tests {
         assert!(Loaded.state_loaded() && !Loaded.running());
         assert!(Postcopy.state_loaded() && Postcopy.running());
         assert!(!Switchover.state_loaded());
+        assert!(
+            PostcopyPaused.running(),
+            "a paused postcopy VM runs on the pages it has"
+        );
         assert_eq!(Loaded.reported(), Phase::Switchover);
     }
 }

@@ -18,6 +18,8 @@ impl Dest {
                 + pc.urgent.zero_pages.load(Ordering::Relaxed);
             s.pages_pushed = pc.pushed;
         }
+        s.recoveries = self.recoveries;
+        s.paused_us = self.paused.as_micros() as u64;
         s
     }
 

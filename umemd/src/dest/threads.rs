@@ -27,10 +27,16 @@ impl Dest {
                     for r in runs {
                         PeerMessage::PageRequest(*r).encode(&mut buf);
                     }
-                    writer
+                    // A lost link is the main thread's to handle: the pages stay requested,
+                    // and are requested again once the source is back.
+                    if let Err(e) = writer
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .write_all(&buf)
+                    {
+                        log::debug!("requesting pages: {e}");
+                    }
+                    Ok(())
                 });
                 if let Err(e) = r {
                     let _ = tx.send(e.into());

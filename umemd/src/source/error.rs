@@ -118,6 +118,21 @@ pub enum SourceError {
 }
 
 impl SourceError {
+    /// True when the link to the destination failed (closed, silent, refused writes): after the
+    /// switchover a new connection can resume the migration.
+    pub fn is_link_failure(&self) -> bool {
+        matches!(
+            self,
+            SourceError::Peer(_)
+                | SourceError::PeerLink(
+                    LinkError::Closed | LinkError::Silent(_) | LinkError::Frame(_)
+                )
+                | SourceError::PeerClosed
+                | SourceError::Urgent(_)
+                | SourceError::Timeout { .. }
+        )
+    }
+
     /// The error for `got` arriving where `expected` should: the destination's own reason if
     /// it sent one.
     pub fn unexpected(expected: &'static str, got: PeerMessage) -> Self {

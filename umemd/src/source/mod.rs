@@ -14,6 +14,7 @@ pub mod error;
 mod peer;
 pub mod phase;
 pub mod policy;
+mod recovery;
 mod requests;
 mod send;
 pub mod sender;
@@ -96,6 +97,13 @@ pub struct Source {
     phase: SourcePhase,
     /// When the main thread last sent a heartbeat on an idle main stream.
     last_heartbeat: Instant,
+    /// Names this migration to the destination, also on the connections of a recovery.
+    session_id: u64,
+    /// The destination can resume postcopy on a new connection.
+    dest_recovery: bool,
+    /// Recoveries so far, and the time spent paused.
+    recoveries: u64,
+    paused: Duration,
 }
 
 /// The migration streams towards the destination.
@@ -165,6 +173,10 @@ impl Source {
             state_taken: false,
             phase: SourcePhase::Setup,
             last_heartbeat: Instant::now(),
+            session_id: session_id(),
+            dest_recovery: false,
+            recoveries: 0,
+            paused: Duration::ZERO,
         })
     }
 
@@ -245,7 +257,7 @@ impl Source {
 
     fn migrate(&mut self, peer_slot: &mut Option<Peer>) -> Result<(), SourceError> {
         let peer = peer_slot.insert(self.connect()?);
-        let session_id = session_id();
+        let session_id = self.session_id;
         self.handshake(peer, session_id)?;
         if self.params.mode != MigrationMode::Precopy && !self.dest_postcopy {
             return Err(SourceError::NoPostcopy);

@@ -5,7 +5,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::peer::{PeerMessage, CAP_POSTCOPY, VERSION};
+use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 
 use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
@@ -44,7 +44,7 @@ impl Source {
         let deadline = Instant::now() + self.link_timeout();
         let hello = PeerMessage::Hello {
             version: VERSION,
-            capabilities: CAP_POSTCOPY,
+            capabilities: CAP_POSTCOPY | CAP_RECOVERY,
             session_id,
             link_timeout_ms: self.link_timeout().as_millis() as u32,
         };
@@ -54,7 +54,10 @@ impl Source {
                 version,
                 capabilities,
                 ..
-            } if version == VERSION => self.dest_postcopy = capabilities & CAP_POSTCOPY != 0,
+            } if version == VERSION => {
+                self.dest_postcopy = capabilities & CAP_POSTCOPY != 0;
+                self.dest_recovery = capabilities & CAP_RECOVERY != 0;
+            }
             PeerMessage::Hello { version, .. } => {
                 return Err(SourceError::Version {
                     theirs: version,

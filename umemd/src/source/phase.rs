@@ -4,6 +4,8 @@
 //! Setup ──▶ Precopy ──▶ Switchover ──▶ Committed ──▶ Completed
 //!   │                      ▲               │             ▲
 //!   └──────────────────────┘               └─▶ Postcopy ─┘
+//!                                               ▲     │
+//!                                PostcopyPaused ┘ ◀───┘  (the link lost, then back)
 //! (postcopy mode skips precopy)        any phase but the last two ──▶ Failed
 //! ```
 
@@ -25,6 +27,8 @@ pub enum SourcePhase {
     Committed,
     /// The VM runs on the destination; requested pages are served, the rest pushed.
     Postcopy,
+    /// Postcopy lost its link: every page is kept, and the source reconnects.
+    PostcopyPaused,
     /// The destination runs the VM with every page.
     Completed,
     /// The migration failed.
@@ -54,7 +58,12 @@ impl SourcePhase {
                 | (Committed, Postcopy)
                 | (Committed, Completed)
                 | (Postcopy, Completed)
-                | (Setup | Precopy | Switchover | Committed | Postcopy, Failed)
+                | (Postcopy, PostcopyPaused)
+                | (PostcopyPaused, Postcopy)
+                | (
+                    Setup | Precopy | Switchover | Committed | Postcopy | PostcopyPaused,
+                    Failed
+                )
         )
     }
 
@@ -74,7 +83,10 @@ impl SourcePhase {
     pub fn is_committed(self) -> bool {
         matches!(
             self,
-            SourcePhase::Committed | SourcePhase::Postcopy | SourcePhase::Completed
+            SourcePhase::Committed
+                | SourcePhase::Postcopy
+                | SourcePhase::PostcopyPaused
+                | SourcePhase::Completed
         )
     }
 
@@ -85,18 +97,20 @@ impl SourcePhase {
             SourcePhase::Precopy => Phase::Precopy,
             SourcePhase::Switchover | SourcePhase::Committed => Phase::Switchover,
             SourcePhase::Postcopy => Phase::Postcopy,
+            SourcePhase::PostcopyPaused => Phase::PostcopyPaused,
             SourcePhase::Completed => Phase::Completed,
             SourcePhase::Failed => Phase::Failed,
         }
     }
 
     /// Every phase, in order.
-    pub const ALL: [SourcePhase; 7] = [
+    pub const ALL: [SourcePhase; 8] = [
         SourcePhase::Setup,
         SourcePhase::Precopy,
         SourcePhase::Switchover,
         SourcePhase::Committed,
         SourcePhase::Postcopy,
+        SourcePhase::PostcopyPaused,
         SourcePhase::Completed,
         SourcePhase::Failed,
     ];
@@ -110,6 +124,7 @@ impl fmt::Display for SourcePhase {
             SourcePhase::Switchover => "switchover",
             SourcePhase::Committed => "committed",
             SourcePhase::Postcopy => "postcopy",
+            SourcePhase::PostcopyPaused => "postcopy-paused",
             SourcePhase::Completed => "completed",
             SourcePhase::Failed => "failed",
         })
@@ -131,6 +146,9 @@ mod tests {
             (Committed, Postcopy),
             (Committed, Completed),
             (Postcopy, Completed),
+            (Postcopy, PostcopyPaused),
+            (PostcopyPaused, Postcopy),
+            (PostcopyPaused, Failed),
             (Setup, Failed),
             (Precopy, Failed),
             (Switchover, Failed),
@@ -151,7 +169,7 @@ mod tests {
 
     #[test]
     fn no_way_back_once_committed() {
-        for p in [Committed, Postcopy, Completed] {
+        for p in [Committed, Postcopy, PostcopyPaused, Completed] {
             assert!(p.is_committed());
             assert!(!p.allows(Precopy) && !p.allows(Switchover) && !p.allows(Setup));
         }

@@ -183,6 +183,14 @@ impl PageSender {
         Ok(())
     }
 
+    /// Drops whatever is batched or half written: after the stream it was for failed, the
+    /// next one must start on a frame boundary. (What was dropped was never received, so the
+    /// destination's list of what it holds makes it go again.)
+    pub fn reset(&mut self) {
+        self.out.clear();
+        self.pending_holes = None;
+    }
+
     /// Queues one small message.
     pub fn push(&mut self, msg: &PeerMessage) {
         self.write_pending_holes();

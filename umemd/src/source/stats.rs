@@ -36,6 +36,8 @@ impl Source {
             pages_urgent: self.pc.urgent.load(Ordering::Relaxed),
             pages_pushed: self.pc.pushed.load(Ordering::Relaxed),
             remaining_pages: self.sent.remaining(),
+            recoveries: self.recoveries,
+            paused_us: self.paused.as_micros() as u64,
             ..Default::default()
         }
     }

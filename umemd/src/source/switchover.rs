@@ -93,30 +93,7 @@ impl Source {
             .push(&PeerMessage::Switchover { postcopy: true });
         self.sender.push(&PeerMessage::MachineState(state));
 
-        let urgent = match &peer.urgent {
-            Some(u) => u.try_clone(),
-            None => peer.stream.try_clone(),
-        }
-        .map_err(SourceError::Urgent)?;
-        let mut sender = PageSender::default();
-        sender.freeze();
-        let mut server = RequestServer {
-            mem: self.mem.clone(),
-            sent: self.sent.clone(),
-            counters: self.counters.clone(),
-            pc: self.pc.clone(),
-            stream: urgent,
-            sender,
-        };
-        // Requests are served by the thread that reads them, with no hand-over to another
-        // thread; they may come as soon as the destination's vCPUs run, even before `Started`.
-        *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Box::new(move |m| match m {
-                PeerMessage::PageRequest(run) => {
-                    server.serve(run).map(|()| None).map_err(Into::into)
-                }
-                other => Ok(Some(other)),
-            }));
+        self.serve_requests(peer)?;
         self.sender
             .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
@@ -143,7 +120,36 @@ impl Source {
         // Background pages yield the CPU to requested ones: on a busy host the threads that
         // serve faults must not wait for a time slice behind the bulk copy.
         lower_priority();
-        self.background(peer)
+        self.postcopy_until_done(peer)
+    }
+
+    /// From now on the destination's page requests are served by the thread that reads them,
+    /// with no hand-over to another thread, on the urgent channel; they may come as soon as
+    /// the destination's vCPUs run, even before `Started`.
+    pub(super) fn serve_requests(&mut self, peer: &Peer) -> Result<(), SourceError> {
+        let urgent = match &peer.urgent {
+            Some(u) => u.try_clone(),
+            None => peer.stream.try_clone(),
+        }
+        .map_err(SourceError::Urgent)?;
+        let mut sender = PageSender::default();
+        sender.freeze();
+        let mut server = RequestServer {
+            mem: self.mem.clone(),
+            sent: self.sent.clone(),
+            counters: self.counters.clone(),
+            pc: self.pc.clone(),
+            stream: urgent,
+            sender,
+        };
+        *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Box::new(move |m| match m {
+                PeerMessage::PageRequest(run) => {
+                    server.serve(run).map(|()| None).map_err(Into::into)
+                }
+                other => Ok(Some(other)),
+            }));
+        Ok(())
     }
 
     /// The switchover's commit: waits until the destination has loaded the machine state, then

@@ -1,0 +1,133 @@
+//! Postcopy recovery on a new connection: a link cut or stalled after the VM ran on the
+//! destination pauses both sides (the destination VM runs on the pages it has), the source
+//! reconnects by itself, the destination says which pages it holds, and the migration
+//! completes with every page right, without restarting any VMM.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use umem_testkit::pair::{
+    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, MigrationSetup,
+    Pair, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES,
+};
+use umem_testkit::proxy::FaultProxy;
+use umem_testkit::{require_kvm, secs, wait_until, TestEnv, Vmm};
+
+const LINK_TIMEOUT_MS: u64 = 1000;
+
+fn phase(vm: &Vmm) -> String {
+    vm.query_migrate()["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn postcopy_stat(vm: &Vmm, key: &str) -> u64 {
+    vm.query_migrate()["postcopy"][key].as_u64().unwrap_or(0)
+}
+
+/// A 256 MiB prefilled memtouch guest in postcopy through `proxy`, the background limited so
+/// that the migration is still going when the test breaks the link.
+fn postcopy_through_proxy(t: &TestEnv) -> (Pair, FaultProxy) {
+    let mut pair = MigrationSetup::memtouch(t, "256M", MEMTOUCH_CMDLINE)
+        .prefilled()
+        .start();
+    pair.src.wait_pass(secs(60), 2);
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    pair.src
+        .migrate(
+            &proxy.uri(),
+            json!({"mode": "postcopy", "bandwidth_limit": 40_000_000,
+                   "link_timeout_ms": LINK_TIMEOUT_MS}),
+        )
+        .expect("migrate");
+    pair.dst.wait_phase(secs(60), &["postcopy"]);
+    let last = pair.src.last_pass_number();
+    pair.dst.wait_pass(secs(60), last + 1);
+    (pair, proxy)
+}
+
+/// Both sides show `postcopy-paused` with a reason; the destination VM still runs.
+fn assert_paused(pair: &Pair) {
+    wait_until(secs(10), "both sides to pause", || {
+        (phase(&pair.src) == "postcopy-paused" && phase(&pair.dst) == "postcopy-paused")
+            .then_some(())
+    });
+    for vm in [&pair.src, &pair.dst] {
+        let v = vm.query_migrate();
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{}: paused without a reason: {v}",
+            vm.name
+        );
+    }
+    assert_eq!(pair.dst.status(), "running", "the destination VM stopped");
+    assert_eq!(pair.src.status(), "postmigrate");
+}
+
+/// After the link is back: pages flow again soon, the migration completes on both sides with
+/// one recovery counted, and the guest's memory is right.
+fn assert_recovers(pair: &mut Pair, back: Instant) -> Duration {
+    wait_until(secs(30), "the source to resume", || {
+        (phase(&pair.src) != "postcopy-paused").then_some(())
+    });
+    let resumed = back.elapsed();
+    let o = pair.src.wait_migration(secs(180));
+    assert_completed("source", &o);
+    pair.dst.wait_phase(secs(60), &["completed"]);
+    for vm in [&pair.src, &pair.dst] {
+        assert_eq!(postcopy_stat(vm, "recoveries"), 1, "{}", vm.query_migrate());
+        assert!(postcopy_stat(vm, "paused_us") > 0, "{}", vm.query_migrate());
+    }
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, MEMTOUCH_PAGES);
+    resumed
+}
+
+#[test]
+fn postcopy_resumes_after_the_link_is_cut_and_back() {
+    if !require_kvm("postcopy_resumes_after_the_link_is_cut_and_back") {
+        return;
+    }
+    let t = TestEnv::new("recover-cut");
+    let (mut pair, proxy) = postcopy_through_proxy(&t);
+    let before = postcopy_stat(&pair.dst, "remaining_pages");
+    proxy.cut();
+    assert_paused(&pair);
+    // Down for a while: the source keeps trying, the destination VM keeps running.
+    let passes = pair.dst.last_pass_number();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(phase(&pair.src), "postcopy-paused");
+    assert!(
+        postcopy_stat(&pair.dst, "remaining_pages") > 0,
+        "nothing was left to recover (remaining before the cut: {before})"
+    );
+    eprintln!(
+        "while paused the destination went from pass {passes} to {}",
+        pair.dst.last_pass_number()
+    );
+    let e = pair
+        .dst
+        .ctl("query-ram-digest", Value::Null)
+        .expect_err("a RAM digest while pages are out of reach");
+    assert!(e.contains("missing"), "{e}");
+
+    proxy.restore();
+    let took = assert_recovers(&mut pair, Instant::now());
+    eprintln!("pages flowed again {took:?} after the link was back");
+}
+
+#[test]
+fn postcopy_resumes_after_a_stall_of_twice_the_link_timeout() {
+    if !require_kvm("postcopy_resumes_after_a_stall_of_twice_the_link_timeout") {
+        return;
+    }
+    let t = TestEnv::new("recover-stall");
+    let (mut pair, proxy) = postcopy_through_proxy(&t);
+    proxy.stall();
+    std::thread::sleep(Duration::from_millis(2 * LINK_TIMEOUT_MS));
+    assert_paused(&pair);
+    proxy.restore();
+    let took = assert_recovers(&mut pair, Instant::now());
+    eprintln!("pages flowed again {took:?} after the stall ended");
+}
