@@ -103,10 +103,8 @@ fn a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout() 
 }
 
 #[test]
-fn a_stalled_link_in_postcopy_pauses_the_destination_and_never_resumes_the_source() {
-    if !require_kvm(
-        "a_stalled_link_in_postcopy_pauses_the_destination_and_never_resumes_the_source",
-    ) {
+fn a_stalled_link_in_postcopy_pauses_both_sides_within_the_link_timeout() {
+    if !require_kvm("a_stalled_link_in_postcopy_pauses_both_sides_within_the_link_timeout") {
         return;
     }
     let t = TestEnv::new("stall-postcopy");
@@ -124,16 +122,25 @@ fn a_stalled_link_in_postcopy_pauses_the_destination_and_never_resumes_the_sourc
 
     proxy.stall();
     let limit = Duration::from_millis(LINK_TIMEOUT_MS) + DETECTION_SLACK;
-    let took = time_until(secs(30), "the destination pausing", || {
-        pair.dst.status() == "postcopy-paused"
+    let (src_took, dst_took) = std::thread::scope(|s| {
+        let src = s.spawn(|| {
+            time_until(secs(30), "the source pausing", || {
+                phase(&pair.src) == "postcopy-paused"
+            })
+        });
+        let dst = s.spawn(|| {
+            time_until(secs(30), "the destination pausing", || {
+                phase(&pair.dst) == "postcopy-paused"
+            })
+        });
+        (src.join().unwrap(), dst.join().unwrap())
     });
-    eprintln!("the destination paused {took:?} after the stall");
-    assert!(took <= limit, "the destination took {took:?}");
-    let took = time_until(secs(30), "the source noticing", || {
-        phase(&pair.src) == "failed"
-    });
-    assert!(took <= limit, "the source took {took:?} more");
-    // The VM ran on the destination: the source never takes it back by itself.
+    eprintln!("silence noticed after {src_took:?} (source), {dst_took:?} (destination)");
+    assert!(src_took <= limit, "the source took {src_took:?}");
+    assert!(dst_took <= limit, "the destination took {dst_took:?}");
+    // The VM ran on the destination: it keeps running there on the pages it has, and the
+    // source never takes it back by itself.
+    assert_eq!(pair.dst.status(), "running");
     assert_eq!(pair.src.status(), "postmigrate");
     assert!(pair.src.ctl("cont", json!({})).is_err());
     let all = parse_passes(&(pair.src.serial() + &pair.dst.serial()));

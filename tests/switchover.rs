@@ -138,21 +138,75 @@ fn lost_started_precopy_source_never_resumes() {
 }
 
 #[test]
-fn lost_started_postcopy_source_never_resumes() {
-    if !require_kvm("lost_started_postcopy_source_never_resumes") {
+fn lost_started_postcopy_pauses_both_sides_then_recovers() {
+    if !require_kvm("lost_started_postcopy_pauses_both_sides_then_recovers") {
         return;
     }
     let t = TestEnv::new("lost-started-postcopy");
     let mut pair = memtouch_pair(&t);
-    let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::STARTED);
-    // The destination ran the guest and lost its page server: it waits with its memory, a
-    // missing page never read as zeros; the source stays stopped.
-    pair.dst.wait_phase(secs(30), &["failed"]);
-    assert_eq!(pair.dst.status(), "postcopy-paused");
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    proxy.cut_at_frame(Direction::ToSource, kind::STARTED);
+    pair.src
+        .migrate(
+            &proxy.uri(),
+            json!({"mode": "postcopy", "link_timeout_ms": 1000}),
+        )
+        .expect("migrate");
+    // The destination ran the VM: both sides pause, and the source never takes it back.
+    wait_until(secs(30), "both sides to pause", || {
+        (pair.src.phase() == "postcopy-paused" && pair.dst.phase() == "postcopy-paused")
+            .then_some(())
+    });
+    assert!(proxy.fired());
     assert_stays_stopped("source", &pair.src, "postmigrate");
     assert!(pair.src.ctl("cont", json!({})).is_err());
-    let passes = umem_testkit::parse_passes(&(pair.src.serial() + &pair.dst.serial()));
-    assert_no_bad("source+destination", &passes);
+    // The link is back: the migration completes, every page right.
+    proxy.restore();
+    let o = pair.src.wait_migration(secs(120));
+    assert_completed("source", &o);
+    pair.dst.wait_phase(secs(60), &["completed"]);
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+}
+
+#[test]
+fn lost_commit_postcopy_neither_runs_until_the_operator_resumes_the_source() {
+    if !require_kvm("lost_commit_postcopy_neither_runs_until_the_operator_resumes_the_source") {
+        return;
+    }
+    let t = TestEnv::new("lost-commit-postcopy");
+    let mut pair = memtouch_pair(&t);
+    let proxy = FaultProxy::in_front_of(&pair.dst.listen_uri());
+    proxy.cut_at_frame(Direction::ToDestination, kind::COMMIT);
+    pair.src
+        .migrate(
+            &proxy.uri(),
+            json!({"mode": "postcopy", "link_timeout_ms": 1000}),
+        )
+        .expect("migrate");
+    // The destination never got the commit: it never ran, and listens again.
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    wait_until(secs(30), "the source to pause", || {
+        (pair.src.phase() == "postcopy-paused").then_some(())
+    });
+    assert!(proxy.fired());
+    // The link is back: the destination says it has no such migration, and the source gives
+    // up; neither runs the VM.
+    proxy.restore();
+    let o = pair.src.wait_migration(secs(60));
+    assert_eq!(o.phase, "failed", "{}", o.raw);
+    assert!(
+        o.error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot resume")),
+        "{}",
+        o.raw
+    );
+    assert_stays_stopped("source", &pair.src, "postmigrate");
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+    pair.src
+        .ctl("cont", json!({"force": true}))
+        .expect("cont force=true");
+    assert_runs("source", &mut pair.src);
 }
 
 #[test]

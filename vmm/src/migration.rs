@@ -218,7 +218,7 @@ fn finish_outgoing(m: &Machine, result: Result<(), MigrationError>) {
 /// Asks umemd to cancel the running outgoing migration.
 pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     let mut s = m.state();
-    if s.status == Status::Postmigrate {
+    if s.status == Status::Postmigrate && s.migration.phase != Phase::PostcopyPaused {
         return Err(MigrationError::Refused(
             "the switchover is committed: the VM runs on the destination; it cannot be cancelled"
                 .into(),

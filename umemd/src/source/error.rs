@@ -109,6 +109,10 @@ pub enum SourceError {
     /// The destination requested pages outside the layout.
     #[error("destination requested {0}")]
     BadRequest(#[source] MappingError),
+    /// A destination came back but cannot resume this migration (it never ran the VM, or
+    /// lost it): nothing will bring the migration back.
+    #[error("the destination cannot resume this migration: {0}")]
+    NotResumable(String),
     /// A failure after the commit: the VM may already run on the destination.
     #[error("{0}; the switchover was committed, so the VM may run on the destination")]
     AfterCommit(#[source] Box<SourceError>),

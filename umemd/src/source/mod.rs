@@ -104,6 +104,10 @@ pub struct Source {
     /// Recoveries so far, and the time spent paused.
     recoveries: u64,
     paused: Duration,
+    /// The switchover going on is a postcopy one.
+    switching_to_postcopy: bool,
+    /// The link failed right after the commit, before postcopy began: recover first.
+    lost_link: Option<SourceError>,
 }
 
 /// The migration streams towards the destination.
@@ -177,6 +181,8 @@ impl Source {
             dest_recovery: false,
             recoveries: 0,
             paused: Duration::ZERO,
+            switching_to_postcopy: false,
+            lost_link: None,
         })
     }
 

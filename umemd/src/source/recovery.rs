@@ -14,7 +14,6 @@ use super::error::SourceError;
 use super::phase::SourcePhase;
 use super::{Peer, Source};
 use crate::link::send_peer;
-use crate::stream::POSTCOPY_SOCKET_BUFFER;
 
 /// First wait between two connection attempts; it doubles up to [`MAX_BACKOFF`], which is
 /// short: an attempt costs one connection, and pages should flow soon after the link is back.
@@ -25,6 +24,9 @@ impl Source {
     /// Serves requests and pushes pages until the destination has them all, resuming on a new
     /// connection each time the link fails (when the destination can).
     pub(super) fn postcopy_until_done(&mut self, peer: &mut Peer) -> Result<(), SourceError> {
+        if let Some(e) = self.lost_link.take() {
+            self.recover(peer, e)?;
+        }
         loop {
             match self.background(peer) {
                 Ok(()) => return Ok(()),
@@ -62,6 +64,7 @@ impl Source {
             attempts += 1;
             match self.reconnect() {
                 Ok(p) => break p,
+                Err(e @ SourceError::NotResumable(_)) => return Err(e),
                 Err(e) => {
                     debug!("{}: reconnecting (attempt {attempts}): {e}", self.vm);
                     std::thread::sleep(backoff);
@@ -107,6 +110,12 @@ impl Source {
                     ours: VERSION,
                 })
             }
+            PeerMessage::Hello { .. } => {
+                return Err(SourceError::NotResumable(
+                    "it does not offer recovery".into(),
+                ))
+            }
+            PeerMessage::Error(m) => return Err(SourceError::NotResumable(m)),
             other => return Err(SourceError::unexpected("Hello with recovery", other)),
         }
         // The urgent channel first: requests may come as soon as the destination knows that
@@ -137,18 +146,15 @@ impl Source {
                     words,
                 } => held.add(block, first_page, &words)?,
                 PeerMessage::ReceivedEnd => break,
+                // A destination that listens for a new migration, not this one: it never ran
+                // the VM (the commit did not reach it), or lost it.
+                PeerMessage::Error(m) => return Err(SourceError::NotResumable(m)),
                 other => return Err(SourceError::unexpected("Received", other)),
             }
         }
         let resent = held.unsend_missing(|b, first, count| self.sent.unsend(b, first, count));
         send_peer(&mut peer.stream, &PeerMessage::Resumed).map_err(SourceError::Peer)?;
-        if let Err(e) = nix::sys::socket::setsockopt(
-            &peer.stream,
-            nix::sys::socket::sockopt::SndBuf,
-            &POSTCOPY_SOCKET_BUFFER,
-        ) {
-            warn!("{}: shrinking the send buffer: {e}", self.vm);
-        }
+        self.shorten_send_queue(&peer);
         info!(
             "{}: the destination holds all but {} pages; {resent} sent before the link failed go again",
             self.vm,

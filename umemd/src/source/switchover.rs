@@ -16,7 +16,6 @@ use super::{Peer, Source, START_TIMEOUT};
 use crate::bitmap::DirtyBitmap;
 use crate::link::send_peer;
 use crate::priority::lower_priority;
-use crate::stream::POSTCOPY_SOCKET_BUFFER;
 
 impl Source {
     /// The precopy switchover: stops the VM, sends the pages it dirtied since the last round,
@@ -64,6 +63,7 @@ impl Source {
         peer: &mut Peer,
         mut dirty: DirtyBitmap,
     ) -> Result<(), SourceError> {
+        self.switching_to_postcopy = true;
         self.set_phase(SourcePhase::Switchover)?;
         self.progress(true);
         let stopped_at = Instant::now();
@@ -102,13 +102,7 @@ impl Source {
         self.set_phase(SourcePhase::Postcopy)?;
         self.stats.downtime_us = stopped_at.elapsed().as_micros() as u64;
         self.postcopy_ran = true;
-        if let Err(e) = nix::sys::socket::setsockopt(
-            &peer.stream,
-            nix::sys::socket::sockopt::SndBuf,
-            &POSTCOPY_SOCKET_BUFFER,
-        ) {
-            warn!("{}: shrinking the send buffer: {e}", self.vm);
-        }
+        self.shorten_send_queue(peer);
         info!(
             "{}: postcopy: stop, dirty log and state took {} us, the VM ran on the destination after {} us; {} pages to go",
             self.vm,
@@ -152,6 +146,18 @@ impl Source {
         Ok(())
     }
 
+    /// Keeps the main stream's send queue short once postcopy runs: a requested page that the
+    /// background had already claimed waits behind what is queued there.
+    pub(super) fn shorten_send_queue(&self, peer: &Peer) {
+        if let Err(e) = nix::sys::socket::setsockopt(
+            &peer.stream,
+            nix::sys::socket::sockopt::SndBuf,
+            &crate::stream::POSTCOPY_SOCKET_BUFFER,
+        ) {
+            warn!("{}: shrinking the send buffer: {e}", self.vm);
+        }
+    }
+
     /// The switchover's commit: waits until the destination has loaded the machine state, then
     /// tells the VMM that the VM has moved (it must never resume it by itself from now on),
     /// then lets the destination run it, and waits until it says it does.
@@ -175,6 +181,13 @@ impl Source {
         match self.wait_peer(peer, "Started", START_TIMEOUT) {
             Ok(PeerMessage::Started) => Ok(()),
             Ok(other) => Err(SourceError::unexpected("Started", other)),
+            // In postcopy a lost link is recovered from like any later one: the destination
+            // runs the VM (and pauses too), or never got the commit (and says so when the
+            // source comes back).
+            Err(e) if self.switching_to_postcopy && self.dest_recovery && e.is_link_failure() => {
+                self.lost_link = Some(e);
+                Ok(())
+            }
             Err(e) => Err(SourceError::AfterCommit(Box::new(e))),
         }
     }

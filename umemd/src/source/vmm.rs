@@ -7,6 +7,7 @@ use log::{info, warn};
 use proto::local::LocalMessage;
 
 use super::error::SourceError;
+use super::phase::SourcePhase;
 use super::Source;
 use crate::bitmap::DirtyBitmap;
 use crate::link::send_local;
@@ -42,6 +43,12 @@ impl Source {
 
     pub(super) fn control(&mut self, m: LocalMessage) -> Result<(), SourceError> {
         match m {
+            // Giving up a paused postcopy: the VM stays stopped here, and runs on the
+            // destination with whatever pages it has.
+            LocalMessage::Cancel if self.phase == SourcePhase::PostcopyPaused => {
+                warn!("{}: recovery given up by request", self.vm);
+                Err(SourceError::Cancelled)
+            }
             LocalMessage::Cancel if self.phase.is_committed() => {
                 warn!(
                     "{}: cancel refused: the switchover is committed, the VM runs on the destination",
