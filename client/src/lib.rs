@@ -373,6 +373,41 @@ impl OutgoingControl {
     pub fn start_postcopy(&self) -> Result<(), ClientError> {
         send(&self.writer, &LocalMessage::StartPostcopy)
     }
+
+    /// Cuts a running postcopy's link on purpose; umemd pauses and connects again only after
+    /// [`Self::resume`].
+    pub fn pause(&self) -> Result<(), ClientError> {
+        send(&self.writer, &LocalMessage::Pause)
+    }
+
+    /// Lets a paused postcopy connect again, to `uri` from now on.
+    pub fn resume(&self, uri: &str) -> Result<(), ClientError> {
+        send(
+            &self.writer,
+            &LocalMessage::Resume {
+                uri: uri.to_string(),
+            },
+        )
+    }
+}
+
+/// A handle on a running incoming migration, for other threads (a control API).
+#[derive(Debug, Clone)]
+pub struct IncomingControl {
+    writer: Writer,
+}
+
+impl IncomingControl {
+    /// While postcopy is paused, listens for the source on `uri` instead; the new address comes
+    /// back as [`Event::Listening`].
+    pub fn recover(&self, uri: &str) -> Result<(), ClientError> {
+        send(
+            &self.writer,
+            &LocalMessage::Recover {
+                uri: uri.to_string(),
+            },
+        )
+    }
 }
 
 /// The source side of one migration, from the `Outgoing` request to its end.
@@ -533,6 +568,13 @@ impl IncomingSession {
             other => Err(ClientError::Unexpected(format!(
                 "expected Listening, got {other:?}"
             ))),
+        }
+    }
+
+    /// A handle for other threads, to steer the session while [`Self::run`] runs.
+    pub fn control(&self) -> IncomingControl {
+        IncomingControl {
+            writer: self.writer.clone(),
         }
     }
 

@@ -36,6 +36,9 @@ pub mod kind {
     pub const COMMITTED: u8 = 0x69;
     pub const RUN: u8 = 0x6a;
     pub const POSTCOPY_PAUSED: u8 = 0x6b;
+    pub const PAUSE: u8 = 0x4b;
+    pub const RESUME: u8 = 0x4c;
+    pub const RECOVER: u8 = 0x4d;
 }
 
 /// A RAM block as the VMM that owns it sees it.
@@ -140,6 +143,20 @@ pub enum LocalMessage {
     /// umemd (destination): the source committed; the VM may run (unless the VMM was told to
     /// wait for `cont`). Until this arrives a loaded machine state must not run.
     Run,
+    /// VMM (source): cut the postcopy link on purpose and wait for `Resume` before connecting
+    /// again (`migrate-pause`).
+    Pause,
+    /// VMM (source): connect again, to `uri` from now on (`migrate-resume`).
+    Resume {
+        /// Where the destination listens now.
+        uri: String,
+    },
+    /// VMM (destination): while postcopy is paused, listen for the source on `uri` instead
+    /// (`migrate-recover`); umemd answers `Listening`.
+    Recover {
+        /// Where to listen (`tcp:HOST:PORT`, port 0 picks one; or `unix:PATH`).
+        uri: String,
+    },
     /// umemd: postcopy lost its link for this reason and waits for a new connection. The
     /// destination VM keeps running on the pages it has; `Progress` in phase `postcopy` says
     /// when it resumed.
@@ -228,6 +245,9 @@ impl LocalMessage {
             LocalMessage::PostcopyBegin => frame::encode(buf, kind::POSTCOPY_BEGIN, |_| {}),
             LocalMessage::Committed => frame::encode(buf, kind::COMMITTED, |_| {}),
             LocalMessage::Run => frame::encode(buf, kind::RUN, |_| {}),
+            LocalMessage::Pause => frame::encode(buf, kind::PAUSE, |_| {}),
+            LocalMessage::Resume { uri } => frame::encode(buf, kind::RESUME, |w| w.str(uri)),
+            LocalMessage::Recover { uri } => frame::encode(buf, kind::RECOVER, |w| w.str(uri)),
             LocalMessage::PostcopyPaused { reason } => {
                 frame::encode(buf, kind::POSTCOPY_PAUSED, |w| w.str(reason))
             }
@@ -306,6 +326,13 @@ impl LocalMessage {
             kind::POSTCOPY_BEGIN => LocalMessage::PostcopyBegin,
             kind::COMMITTED => LocalMessage::Committed,
             kind::RUN => LocalMessage::Run,
+            kind::PAUSE => LocalMessage::Pause,
+            kind::RESUME => LocalMessage::Resume {
+                uri: r.str("uri")?.to_owned(),
+            },
+            kind::RECOVER => LocalMessage::Recover {
+                uri: r.str("uri")?.to_owned(),
+            },
             kind::POSTCOPY_PAUSED => LocalMessage::PostcopyPaused {
                 reason: r.str("reason")?.to_owned(),
             },
@@ -387,6 +414,13 @@ mod tests {
             LocalMessage::Run,
             LocalMessage::PostcopyPaused {
                 reason: "link".into(),
+            },
+            LocalMessage::Pause,
+            LocalMessage::Resume {
+                uri: "tcp:10.0.0.3:4444".into(),
+            },
+            LocalMessage::Recover {
+                uri: "tcp:0.0.0.0:0".into(),
             },
             LocalMessage::PostcopyProgress(PostcopyStats {
                 faults: 3,

@@ -140,7 +140,7 @@ const PEER_KINDS: [u8; 23] = [
     peer::kind::RESUMED,
 ];
 
-const LOCAL_KINDS: [u8; 20] = [
+const LOCAL_KINDS: [u8; 23] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -161,6 +161,9 @@ const LOCAL_KINDS: [u8; 20] = [
     local::kind::COMMITTED,
     local::kind::RUN,
     local::kind::POSTCOPY_PAUSED,
+    local::kind::PAUSE,
+    local::kind::RESUME,
+    local::kind::RECOVER,
 ];
 
 /// The longest prefix of `chars` that fits in `max` bytes of UTF-8.
@@ -480,6 +483,9 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
         Just(LocalMessage::Committed),
         Just(LocalMessage::Run),
         text(0, MAX_STR).prop_map(|reason| LocalMessage::PostcopyPaused { reason }),
+        Just(LocalMessage::Pause),
+        text(0, MAX_STR).prop_map(|uri| LocalMessage::Resume { uri }),
+        text(0, MAX_STR).prop_map(|uri| LocalMessage::Recover { uri }),
         (
             vec(any::<u64>(), 9 + proto::types::LATENCY_BUCKETS),
             vec(any::<u64>(), 0..=proto::types::MAX_VCPUS)
@@ -584,6 +590,9 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::Committed => COMMITTED,
         LocalMessage::Run => RUN,
         LocalMessage::PostcopyPaused { .. } => POSTCOPY_PAUSED,
+        LocalMessage::Pause => PAUSE,
+        LocalMessage::Resume { .. } => RESUME,
+        LocalMessage::Recover { .. } => RECOVER,
         LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,
     }
 }

@@ -131,6 +131,19 @@ pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
         "migrate-start-postcopy" => migration::start_postcopy(m)
             .map(|_| json!({}))
             .map_err(|e| e.to_string()),
+        "migrate-pause" => migration::pause(m)
+            .map(|_| json!({}))
+            .map_err(|e| e.to_string()),
+        "migrate-resume" => uri_arg(&args, "migrate-resume").and_then(|uri| {
+            migration::resume(m, &uri)
+                .map(|_| json!({}))
+                .map_err(|e| e.to_string())
+        }),
+        "migrate-recover" => uri_arg(&args, "migrate-recover").and_then(|uri| {
+            migration::recover(m, &uri)
+                .map(|_| json!({}))
+                .map_err(|e| e.to_string())
+        }),
         "query-ram-digest" => ram_digest(m, &args),
         other => Err(format!("unknown command \"{other}\"")),
     };
@@ -197,17 +210,23 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
     Ok(json!({ "blocks": blocks }))
 }
 
-fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
+/// The `uri` argument of `cmd`: `tcp:HOST:PORT` or `unix:PATH`.
+fn uri_arg(args: &Value, cmd: &str) -> Result<String, String> {
     let uri = args
         .get("uri")
         .and_then(Value::as_str)
-        .ok_or("migrate needs a string argument \"uri\"")?
+        .ok_or(format!("{cmd} needs a string argument \"uri\""))?
         .to_string();
     if !uri.starts_with("tcp:") && !uri.starts_with("unix:") {
         return Err(format!(
             "unsupported migration uri \"{uri}\" (expected tcp:HOST:PORT or unix:PATH)"
         ));
     }
+    Ok(uri)
+}
+
+fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
+    let uri = uri_arg(args, "migrate")?;
     let current = m.state().params;
     let params = merge_params(current, args)?;
     m.state().params = params;

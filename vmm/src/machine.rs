@@ -63,6 +63,8 @@ pub struct ControlState {
     /// Sends `Cancel`, `SetParams` and `StartPostcopy` to umemd on the running outgoing
     /// migration's connection.
     pub umemd: Option<umem_client::OutgoingControl>,
+    /// Destination: steers the incoming migration's umemd session (`migrate-recover`).
+    pub incoming: Option<umem_client::IncomingControl>,
     /// Whether the guest ran when the outgoing migration began (to resume it on failure).
     pub was_running: bool,
     /// Destination: the userfaultfd over guest RAM, held until every page is present.
@@ -98,6 +100,7 @@ impl Machine {
                 migration: MigrationInfo::default(),
                 params: MigrationParams::default(),
                 umemd: None,
+                incoming: None,
                 was_running: false,
                 uffd: None,
             }),

@@ -232,6 +232,55 @@ pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     Ok(())
 }
 
+/// `migrate-pause`: cuts the running postcopy's link on purpose; umemd connects again only on
+/// `migrate-resume`.
+pub fn pause(m: &Machine) -> Result<(), MigrationError> {
+    let s = m.state();
+    if s.migration.phase != Phase::Postcopy {
+        return Err(MigrationError::Refused(
+            "migrate-pause applies to an outgoing migration in postcopy".into(),
+        ));
+    }
+    let Some(control) = s.umemd.as_ref() else {
+        return Err(MigrationError::Refused(
+            "no outgoing migration is running".into(),
+        ));
+    };
+    Ok(control.pause()?)
+}
+
+/// `migrate-resume`: a paused postcopy connects again, to `uri`.
+pub fn resume(m: &Machine, uri: &str) -> Result<(), MigrationError> {
+    let s = m.state();
+    if s.migration.phase != Phase::PostcopyPaused {
+        return Err(MigrationError::Refused(
+            "migrate-resume applies to an outgoing migration in postcopy-paused".into(),
+        ));
+    }
+    let Some(control) = s.umemd.as_ref() else {
+        return Err(MigrationError::Refused(
+            "no outgoing migration is running".into(),
+        ));
+    };
+    Ok(control.resume(uri)?)
+}
+
+/// `migrate-recover`: a paused incoming postcopy listens for its source on `uri` instead.
+pub fn recover(m: &Machine, uri: &str) -> Result<(), MigrationError> {
+    let s = m.state();
+    if s.migration.phase != Phase::PostcopyPaused {
+        return Err(MigrationError::Refused(
+            "migrate-recover applies to an incoming migration in postcopy-paused".into(),
+        ));
+    }
+    let Some(control) = s.incoming.as_ref() else {
+        return Err(MigrationError::Refused(
+            "no incoming migration is running".into(),
+        ));
+    };
+    Ok(control.recover(uri)?)
+}
+
 /// Asks umemd to switch the running precopy migration to postcopy.
 pub fn start_postcopy(m: &Machine) -> Result<(), MigrationError> {
     let s = m.state();
@@ -277,12 +326,15 @@ pub fn start_incoming(
         s.migration.phase = Phase::Setup;
         s.migration.listen_uri = Some(listen_uri);
         s.uffd = Some(uffd);
+        s.incoming = Some(session.control());
     }
     let m2 = m.clone();
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
-            if let Err(e) = incoming_loop(&m2, session, autostart) {
+            let result = incoming_loop(&m2, session, autostart);
+            m2.state().incoming = None;
+            if let Err(e) = result {
                 error!("incoming migration failed: {e}");
                 let listen_again = {
                     let mut s = m2.state();

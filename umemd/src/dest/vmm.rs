@@ -1,13 +1,17 @@
-//! The link to the destination VMM: loading the machine state, vCPU threads, cancel.
+//! The link to the destination VMM: loading the machine state, vCPU threads, cancel, and a
+//! new address to listen on while postcopy is paused.
 
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::time::Instant;
 
+use log::{info, warn};
 use proto::local::LocalMessage;
 
 use super::error::DestError;
+use super::phase::DestPhase;
 use super::{Dest, LOAD_TIMEOUT};
 use crate::link::send_local;
+use crate::stream::PeerListener;
 
 impl Dest {
     pub(super) fn load_state(&mut self, state: Vec<u8>) -> Result<(), DestError> {
@@ -40,12 +44,38 @@ impl Dest {
         }
     }
 
+    /// `migrate-recover`: the source will come back on `uri`. The old listener stays if the
+    /// new one cannot be bound, and the VMM is told where umemd listens either way.
+    fn listen_instead(&mut self, uri: &str) {
+        match PeerListener::bind(uri) {
+            Ok(l) => {
+                self.listener = l;
+                info!("{}: listening for the source on {uri} instead", self.vm);
+            }
+            Err(e) => warn!("{}: migrate-recover: {e}; listening where it was", self.vm),
+        }
+        if let Ok(uri) = self.listener.uri() {
+            let _ = send_local(&mut self.vmm, &LocalMessage::Listening { uri });
+        }
+    }
+
     pub(super) fn poll_vmm(&mut self) -> Result<(), DestError> {
         loop {
             match self.vmm_rx.try_recv() {
                 Ok(Ok(LocalMessage::VcpuThreads(t))) => self.set_vcpu_threads(t),
                 Ok(Ok(LocalMessage::Cancel)) if !self.phase.running() => {
                     return Err(DestError::Cancelled)
+                }
+                Ok(Ok(LocalMessage::Recover { uri }))
+                    if self.phase == DestPhase::PostcopyPaused =>
+                {
+                    self.listen_instead(&uri);
+                }
+                Ok(Ok(LocalMessage::Recover { uri })) => {
+                    warn!(
+                        "{}: migrate-recover {uri} ignored: postcopy is not paused ({})",
+                        self.vm, self.phase
+                    );
                 }
                 Ok(Ok(other)) => return Err(DestError::VmmUnexpected(format!("{other:?}"))),
                 Ok(Err(e)) => return Err(DestError::VmmLink(e)),

@@ -109,6 +109,9 @@ pub enum SourceError {
     /// The destination requested pages outside the layout.
     #[error("destination requested {0}")]
     BadRequest(#[source] MappingError),
+    /// `migrate-pause`: the link was cut on purpose.
+    #[error("paused by request (migrate-pause)")]
+    PausedByRequest,
     /// A destination came back but cannot resume this migration (it never ran the VM, or
     /// lost it): nothing will bring the migration back.
     #[error("the destination cannot resume this migration: {0}")]
@@ -134,6 +137,7 @@ impl SourceError {
                 | SourceError::PeerClosed
                 | SourceError::Urgent(_)
                 | SourceError::Timeout { .. }
+                | SourceError::PausedByRequest
         )
     }
 

@@ -108,6 +108,8 @@ pub struct Source {
     switching_to_postcopy: bool,
     /// The link failed right after the commit, before postcopy began: recover first.
     lost_link: Option<SourceError>,
+    /// `migrate-pause`: no reconnection before `migrate-resume`.
+    paused_by_request: bool,
 }
 
 /// The migration streams towards the destination.
@@ -183,6 +185,7 @@ impl Source {
             paused: Duration::ZERO,
             switching_to_postcopy: false,
             lost_link: None,
+            paused_by_request: false,
         })
     }
 

@@ -61,6 +61,11 @@ impl Source {
             // A cancel is refused now (the VM runs on the destination); a VMM that went away
             // changes nothing: umemd holds every page.
             self.poll_vmm()?;
+            if self.paused_by_request {
+                // Until migrate-resume says where to.
+                std::thread::sleep(FIRST_BACKOFF);
+                continue;
+            }
             attempts += 1;
             match self.reconnect() {
                 Ok(p) => break p,

@@ -49,6 +49,28 @@ impl Source {
                 warn!("{}: recovery given up by request", self.vm);
                 Err(SourceError::Cancelled)
             }
+            LocalMessage::Pause if self.phase == SourcePhase::Postcopy => {
+                info!("{}: postcopy paused by request", self.vm);
+                self.paused_by_request = true;
+                Err(SourceError::PausedByRequest)
+            }
+            LocalMessage::Pause => {
+                warn!(
+                    "{}: migrate-pause ignored: no postcopy link to pause ({})",
+                    self.vm, self.phase
+                );
+                Ok(())
+            }
+            LocalMessage::Resume { uri } if self.phase.is_committed() => {
+                info!("{}: resuming towards {uri}", self.vm);
+                self.uri = uri;
+                self.paused_by_request = false;
+                Ok(())
+            }
+            LocalMessage::Resume { .. } => {
+                warn!("{}: migrate-resume ignored: nothing to resume", self.vm);
+                Ok(())
+            }
             LocalMessage::Cancel if self.phase.is_committed() => {
                 warn!(
                     "{}: cancel refused: the switchover is committed, the VM runs on the destination",

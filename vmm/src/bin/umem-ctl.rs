@@ -28,8 +28,8 @@ struct Args {
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
     /// A control command (query-status, stop, cont, quit, migrate, migrate-cancel,
-    /// migrate-start-postcopy, migrate-set-parameters, query-migrate, query-migrate-parameters,
-    /// query-ram-digest), or
+    /// migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover,
+    /// migrate-set-parameters, query-migrate, query-migrate-parameters, query-ram-digest), or
     /// wait-migrate (poll until the migration ends, printing progress), or wait-status STATUS.
     command: String,
     /// Arguments as key=value (values are JSON when they parse as JSON, strings otherwise).
