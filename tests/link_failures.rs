@@ -290,3 +290,59 @@ fn a_trickled_handshake_is_bounded_as_a_whole() {
         "{v}"
     );
 }
+
+#[test]
+fn the_source_vmm_killed_mid_precopy_fails_both_sides_cleanly() {
+    if !require_kvm("the_source_vmm_killed_mid_precopy_fails_both_sides_cleanly") {
+        return;
+    }
+    let t = TestEnv::new("kill-src-vmm-precopy");
+    let mut pair = pair_with_guest(&t, "256M");
+    pair.start_migration(json!({"bandwidth_limit": 20_000_000}));
+    wait_until(secs(60), "pages to flow", || {
+        (pair.src.query_migrate()["stats"]["pages_sent"].as_u64() > Some(1000)).then_some(())
+    });
+    pair.src.proc.kill();
+    // The guest died with its VMM before the switchover: the destination never ran it,
+    // says why, and listens again; both umemds serve on.
+    let v = assert_destination_failed_without_running(
+        &mut pair.dst,
+        secs(30),
+        AfterFailure::ListensAgain,
+    );
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("source")),
+        "{v}"
+    );
+    assert!(pair.umemds_serving(), "a umemd died with the source VMM");
+}
+
+#[test]
+fn the_destination_vmm_killed_after_it_ran_never_resumes_the_source() {
+    if !require_kvm("the_destination_vmm_killed_after_it_ran_never_resumes_the_source") {
+        return;
+    }
+    let t = TestEnv::new("kill-dst-vmm-postcopy");
+    let mut pair = pair_with_guest(&t, "256M");
+    pair.start_migration(json!({"mode": "postcopy", "no_background": true}));
+    pair.dst.wait_phase(secs(60), &["postcopy"]);
+    let last = pair.src.last_pass_number();
+    pair.dst.wait_pass(secs(60), last + 1);
+    pair.dst.proc.kill();
+    // The guest's newest state died with the destination: nothing brings it back, and the
+    // source must not pretend otherwise by resuming an older copy.
+    let o = pair.src.wait_migration(secs(60));
+    assert_eq!(o.phase, "failed", "{}", o.raw);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pair.src.status(), "postmigrate");
+    assert_eq!(
+        pair.src.last_pass_number(),
+        last,
+        "the source ran the guest again"
+    );
+    assert!(pair.src.ctl("cont", json!({})).is_err());
+    assert!(
+        pair.umemds_serving(),
+        "a umemd died with the destination VMM"
+    );
+}

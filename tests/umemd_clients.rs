@@ -512,3 +512,68 @@ fn umemd_refuses_a_second_session_over_the_same_ram() {
     u.proc.assert_alive();
     assert!(u.is_serving(), "umemd stopped accepting connections");
 }
+
+/// Tries to connect to `socket` as `nobody` (uid 65534), sends `line` and prints what came back
+/// (or the error) on stdout.
+fn connect_as_nobody(socket: &std::path::Path, line: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    let script = "import socket,sys\n\
+        s=socket.socket(socket.AF_UNIX)\n\
+        s.settimeout(10)\n\
+        try:\n  s.connect(sys.argv[1])\nexcept Exception as e:\n  print('connect:', e); sys.exit(0)\n\
+        s.sendall(sys.argv[2].encode())\n\
+        data=b''\n\
+        try:\n  while True:\n    b=s.recv(4096)\n    if not b: break\n    data+=b\nexcept Exception as e:\n  print('recv:', e)\n\
+        print('reply:', data)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(socket)
+        .arg(line)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("running python3 as nobody");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The umemd socket and a VMM's control socket are their owner's alone, whatever the umask,
+/// and a client of another user that gets in anyway is refused by its credentials.
+#[test]
+fn local_sockets_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_kvm("local_sockets_are_private_to_their_owner") {
+        return;
+    }
+    let t = TestEnv::new("private-sockets");
+    // SAFETY: umask only changes this process's file creation mask; the children started
+    // below inherit it, which is the point.
+    let old = unsafe { libc::umask(0) };
+    let u = t.umemd("umemd");
+    let vm = t
+        .vmm("vm", &u)
+        .mem("64M")
+        .guest("memtouch")
+        .cmdline(MEMTOUCH_CMDLINE)
+        .start();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let vm_socket = t.dir().join("vm.ctl");
+    for (what, path) in [("umemd", u.socket().to_path_buf()), ("control", vm_socket)] {
+        let mode = std::fs::metadata(&path)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{what} socket {} is {mode:o}", path.display());
+        let got = connect_as_nobody(&path, "{\"execute\": \"quit\"}\n");
+        assert!(got.contains("connect:"), "{what}: nobody connected: {got}");
+        // Opened up by mistake: the credentials still keep the stranger out.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let got = connect_as_nobody(&path, "{\"execute\": \"quit\"}\n");
+        assert!(got.contains("not allowed"), "{what}: {got}");
+    }
+    // Neither the VM nor umemd went away because a stranger asked.
+    assert_eq!(vm.status(), "running");
+    let mut u = u;
+    assert!(u.is_serving());
+}

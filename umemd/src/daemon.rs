@@ -34,7 +34,27 @@ pub fn bind(path: &Path) -> io::Result<StdUnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    StdUnixListener::bind(path)
+    let l = StdUnixListener::bind(path)?;
+    // Only its owner may hand umemd a VM, whatever the umask (systemd's socket unit says
+    // SocketMode itself); a client that got in anyway is checked by its credentials.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Root and umemd's own user may use it: the allow list of local clients.
+pub fn client_allowed(conn: &std::os::unix::net::UnixStream) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("reading the client's credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} (pid {}) is not allowed to use umemd (only root and uid {me})",
+            cred.uid(),
+            cred.pid()
+        ))
+    }
 }
 
 fn activated_fd() -> Option<RawFd> {
@@ -84,6 +104,18 @@ fn spawn_session(conn: mio::net::UnixStream) {
     let conn = unsafe { std::os::unix::net::UnixStream::from_raw_fd(conn.into_raw_fd()) };
     if let Err(e) = conn.set_nonblocking(false) {
         warn!("session socket: {e}");
+        return;
+    }
+    if let Err(e) = client_allowed(&conn) {
+        warn!("refusing a local client: {e}");
+        let mut conn = conn;
+        let _ = crate::link::send_local(
+            &mut conn,
+            &proto::local::LocalMessage::Failed {
+                message: e,
+                stats: Default::default(),
+            },
+        );
         return;
     }
     let r = std::thread::Builder::new()

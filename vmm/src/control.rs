@@ -22,7 +22,26 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
-    UnixListener::bind(path)
+    let l = UnixListener::bind(path)?;
+    // The control socket can stop, migrate and quit the VM: its owner's alone, whatever the
+    // umask. A client that got in anyway is checked by its credentials.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Root and the VMM's own user may use the control socket.
+fn client_allowed(conn: &UnixStream) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("reading the client's credentials: {e}"))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if cred.uid() == 0 || cred.uid() == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} is not allowed to control this VM (only root and uid {me})",
+            cred.uid()
+        ))
+    }
 }
 
 /// Serves control connections until the process exits.
@@ -44,6 +63,11 @@ fn handle_client(conn: UnixStream, m: Arc<Machine>) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
+    if let Err(e) = client_allowed(&conn) {
+        warn!("refusing a control client: {e}");
+        let _ = writeln!(out, "{}", error_reply(&e));
+        return;
+    }
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     loop {
