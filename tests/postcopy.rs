@@ -420,108 +420,102 @@ fn postcopy_survives_source_vmm_exit_after_switchover() {
     assert_eq!(pair.dst.status(), "running");
 }
 
-/// Runs a no-background postcopy (so pages are surely missing) and kills the umemd of
-/// `victim` ("destination" or "source") once the guest runs on the destination. Without its
-/// umemd the destination VMM stops its vCPUs (`postcopy-paused`); without its source the
-/// destination pauses the migration and runs on with the pages it has. Either way no page is
-/// lost or read as zeros, and the source never resumes.
-fn umemd_killed_mid_postcopy(victim: &str) {
-    let t = TestEnv::new(&format!("postcopy-kill-{victim}-umemd"));
-    let Pair {
-        src_umemd: mut su,
-        dst_umemd: mut du,
-        mut src,
-        mut dst,
-    } = memtouch_pair(&t, "256M", 1, SMALL_MEMTOUCH);
-    src.wait_pass(secs(60), 3);
-    src.start_migration_to(&mut dst, json!({"mode": "postcopy", "no_background": true}));
-    dst.wait_phase(secs(120), &["postcopy"]);
+/// A no-background postcopy (so pages are surely missing) of a small memtouch guest, running
+/// on the destination.
+fn postcopy_running_on_destination(t: &TestEnv) -> (Pair, u64) {
+    let mut pair = memtouch_pair(t, "256M", 1, SMALL_MEMTOUCH);
+    pair.src.wait_pass(secs(60), 3);
+    pair.start_migration(json!({"mode": "postcopy", "no_background": true}));
+    pair.dst.wait_phase(secs(120), &["postcopy"]);
     wait_until(secs(60), "source to stop", || {
-        (src.status() == "postmigrate").then_some(())
+        (pair.src.status() == "postmigrate").then_some(())
     });
-    let src_last = src.last_pass_number();
-    dst.wait_pass(secs(120), src_last + 2);
-    let v = dst.query_migrate();
+    let src_last = pair.src.last_pass_number();
+    pair.dst.wait_pass(secs(120), src_last + 2);
+    let v = pair.dst.query_migrate();
     assert!(pc(&v, "remaining_pages") > 0, "{v}");
+    (pair, src_last)
+}
 
-    match victim {
-        "destination" => du.proc.kill(),
-        _ => su.proc.kill(),
+#[test]
+fn postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over() {
+    if !require_kvm("postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over")
+    {
+        return;
     }
-    if victim == "destination" {
-        // The destination VMM lost its page server: it stops its vCPUs and keeps its memory.
-        wait_until(secs(60), "destination to pause", || {
-            dst.proc.assert_alive();
-            (dst.status() == "postcopy-paused").then_some(())
-        });
-        let st = dst.ctl("query-status", Value::Null).expect("query-status");
-        assert_eq!(st["running"], false, "{st}");
-        assert!(
-            st["fault"].as_str().is_some_and(|f| !f.is_empty()),
-            "postcopy-paused without a reason: {st}"
-        );
-        eprintln!("destination after losing the {victim} umemd: {st}");
-        assert!(
-            dst.ctl("cont", json!({})).is_err(),
-            "cont resumed a VM whose pages are missing"
-        );
-        // The control socket answers at once, and says why a digest cannot be had.
-        let t0 = std::time::Instant::now();
-        let e = dst
-            .ctl("query-ram-digest", Value::Null)
-            .expect_err("a RAM digest of a VM with missing pages");
-        assert!(e.contains("missing"), "{e}");
-        assert!(
-            t0.elapsed() < secs(5),
-            "query-ram-digest took {:?}",
-            t0.elapsed()
-        );
-        // The source keeps every page and waits to reconnect, until the operator gives up.
-        wait_until(secs(60), "source to pause", || {
-            (src.phase() == "postcopy-paused").then_some(())
-        });
-        src.ctl("migrate-cancel", json!({}))
-            .expect("giving up a paused postcopy");
-    } else {
-        // The destination lost its source: it pauses and waits for it, the VM running on the
-        // pages it has.
-        wait_until(secs(60), "destination to pause", || {
-            dst.proc.assert_alive();
-            (dst.phase() == "postcopy-paused").then_some(())
-        });
-        assert_eq!(dst.status(), "running");
+    let t = TestEnv::new("postcopy-restart-dst-umemd");
+    let (mut pair, _) = postcopy_running_on_destination(&t);
+    pair.dst_umemd.proc.kill();
+    // The destination VMM holds the memfd and the userfaultfd: the VM runs on the pages it
+    // has, and the migration waits for a umemd to take it over.
+    wait_until(secs(30), "both sides to pause", || {
+        (pair.dst.phase() == "postcopy-paused" && pair.src.phase() == "postcopy-paused")
+            .then_some(())
+    });
+    assert_eq!(pair.dst.status(), "running");
+    assert_eq!(pair.src.status(), "postmigrate");
+    // The control socket answers at once, and says why a digest cannot be had.
+    let t0 = std::time::Instant::now();
+    let e = pair
+        .dst
+        .ctl("query-ram-digest", Value::Null)
+        .expect_err("a RAM digest of a VM with missing pages");
+    assert!(e.contains("missing"), "{e}");
+    assert!(
+        t0.elapsed() < secs(5),
+        "query-ram-digest took {:?}",
+        t0.elapsed()
+    );
+
+    // systemd's Restart= in a test: a new umemd on the same socket. The VMM hands it the
+    // migration, the source comes back to it, and every page arrives.
+    std::thread::sleep(secs(1));
+    pair.dst_umemd = t.umemd("umemd-dst");
+    wait_until(secs(30), "both sides to resume", || {
+        (pair.dst.phase() == "postcopy" && pair.src.phase() == "postcopy").then_some(())
+    });
+    // The rest now comes in the background too, so that the migration ends.
+    pair.src
+        .ctl("migrate-set-parameters", json!({"no_background": false}))
+        .expect("migrate-set-parameters");
+    let o = pair.src.wait_migration(secs(180));
+    assert_completed("source", &o);
+    let dv = wait_dest_completed(&mut pair.dst, secs(120));
+    assert!(pc(&dv, "recoveries") >= 1, "{dv}");
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(120));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
+}
+
+#[test]
+fn postcopy_source_umemd_killed_pauses_the_destination_without_zero_pages() {
+    if !require_kvm("postcopy_source_umemd_killed_pauses_the_destination_without_zero_pages") {
+        return;
     }
+    let t = TestEnv::new("postcopy-kill-source-umemd");
+    let (mut pair, _) = postcopy_running_on_destination(&t);
+    pair.src_umemd.proc.kill();
+    // The destination lost its source: it pauses and waits for it, the VM running on the pages
+    // it has.
+    wait_until(secs(60), "destination to pause", || {
+        pair.dst.proc.assert_alive();
+        (pair.dst.phase() == "postcopy-paused").then_some(())
+    });
+    assert_eq!(pair.dst.status(), "running");
 
     // The source's migration ended, but the VM ran on the destination: the source must not
     // run it again.
-    let o = src.wait_migration(secs(120));
-    assert!(
-        matches!(o.phase.as_str(), "failed" | "cancelled"),
-        "source: {}",
-        o.raw
-    );
+    let o = pair.src.wait_migration(secs(120));
+    assert_eq!(o.phase, "failed", "source: {}", o.raw);
     assert_eq!(
-        src.status(),
+        pair.src.status(),
         "postmigrate",
         "the source resumed a VM that moved"
     );
     assert!(
-        src.ctl("cont", json!({})).is_err(),
+        pair.src.ctl("cont", json!({})).is_err(),
         "cont resumed the source copy of a VM that ran on the destination"
     );
-
-    if victim == "destination" {
-        // The guest makes no more progress on either side.
-        std::thread::sleep(secs(1));
-        let before = (src.serial(), dst.serial());
-        std::thread::sleep(secs(3));
-        assert_eq!(
-            before,
-            (src.serial(), dst.serial()),
-            "the guest ran on after postcopy paused"
-        );
-    }
-    let all = combined_passes(&src, &dst);
+    let all = combined_passes(&pair.src, &pair.dst);
     assert_consecutive("source+destination", &all);
     assert_no_bad("source+destination", &all);
 
@@ -529,6 +523,7 @@ fn umemd_killed_mid_postcopy(victim: &str) {
     // kernel refuses a remote fault on a userfaultfd range, fails), and whatever it returns is
     // the source's bytes.
     let off = 128 << 20;
+    let (src, dst) = (&pair.src, &pair.dst);
     let expected = read_process_memory(src.proc.pid(), src.ram_host_addr(off), 4096, secs(10))
         .expect("reading the stopped source's memory timed out")
         .expect("reading the source's memory");
@@ -544,32 +539,9 @@ fn umemd_killed_mid_postcopy(victim: &str) {
         }
         Some(Err(e)) => eprintln!("reading a missing page of the paused destination failed: {e}"),
     }
-    dst.proc.assert_alive();
-    if victim == "destination" {
-        assert_eq!(dst.status(), "postcopy-paused");
-    } else {
-        assert_eq!(dst.phase(), "postcopy-paused");
-    }
-    match victim {
-        "destination" => assert!(su.is_serving(), "source umemd died"),
-        _ => assert!(du.is_serving(), "destination umemd died"),
-    }
-}
-
-#[test]
-fn postcopy_destination_umemd_killed_pauses_without_zero_pages() {
-    if !require_kvm("postcopy_destination_umemd_killed_pauses_without_zero_pages") {
-        return;
-    }
-    umemd_killed_mid_postcopy("destination");
-}
-
-#[test]
-fn postcopy_source_umemd_killed_pauses_without_zero_pages() {
-    if !require_kvm("postcopy_source_umemd_killed_pauses_without_zero_pages") {
-        return;
-    }
-    umemd_killed_mid_postcopy("source");
+    pair.dst.proc.assert_alive();
+    assert_eq!(pair.dst.phase(), "postcopy-paused");
+    assert!(pair.dst_umemd.is_serving(), "destination umemd died");
 }
 
 #[test]

@@ -222,6 +222,9 @@ pub enum Event {
     /// destination VM keeps running on the pages it has). A `Progress` in phase `postcopy`
     /// says when it resumed.
     PostcopyPaused(String),
+    /// The migration's session id: what a umemd started again is told to go on with
+    /// ([`UmemdClient::resume_incoming`]).
+    Session(u64),
     /// The migration completed (`run` returns these statistics next).
     Completed(MigrationStats),
     /// umemd reported a failure (`run` returns [`ClientError::Refused`] next).
@@ -350,6 +353,38 @@ impl UmemdClient {
     }
 }
 
+impl UmemdClient {
+    /// To a umemd started again after the one serving this destination died: go on with
+    /// postcopy session `session_id` (its id came as [`Event::Session`]), whose VM runs here
+    /// with pages still missing, listening on `uri` (where the old umemd listened) for the
+    /// source to come back. The same memfd and userfaultfd ride along.
+    pub fn resume_incoming(
+        self,
+        vm: &str,
+        uri: &str,
+        blocks: Vec<LocalBlock>,
+        memfd: BorrowedFd<'_>,
+        uffd: BorrowedFd<'_>,
+        session_id: u64,
+    ) -> Result<IncomingSession, ClientError> {
+        let msg = LocalMessage::ResumeIncoming {
+            vm: vm.to_string(),
+            uri: uri.to_string(),
+            blocks,
+            session_id,
+        };
+        let (reader, writer) = self.open(&msg, &[memfd.as_raw_fd(), uffd.as_raw_fd()])?;
+        Ok(IncomingSession {
+            reader,
+            writer,
+            body: Vec::new(),
+            // The VM runs already, in postcopy.
+            postcopy: true,
+            state_loaded: true,
+        })
+    }
+}
+
 /// A handle on a running outgoing migration, for other threads (a control API): cheap to
 /// clone, usable while [`OutgoingSession::run`] runs.
 #[derive(Debug, Clone)]
@@ -449,6 +484,7 @@ impl OutgoingSession {
                 LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
                 LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
                 LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
+                LocalMessage::Session(id) => on_event(Event::Session(id)),
                 LocalMessage::Committed => {
                     self.committed = true;
                     info!("switchover committed: the VM moves to the destination");
@@ -597,6 +633,7 @@ impl IncomingSession {
         loop {
             match recv(&mut self.reader, &mut self.body)? {
                 LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
+                LocalMessage::Session(id) => on_event(Event::Session(id)),
                 LocalMessage::PostcopyBegin => {
                     self.postcopy = true;
                     on_event(Event::PostcopyBegin);

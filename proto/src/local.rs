@@ -39,6 +39,8 @@ pub mod kind {
     pub const PAUSE: u8 = 0x4b;
     pub const RESUME: u8 = 0x4c;
     pub const RECOVER: u8 = 0x4d;
+    pub const RESUME_INCOMING: u8 = 0x4e;
+    pub const SESSION: u8 = 0x6c;
 }
 
 /// A RAM block as the VMM that owns it sees it.
@@ -105,6 +107,22 @@ pub enum LocalMessage {
         /// Whether a userfaultfd was passed.
         has_uffd: bool,
     },
+    /// VMM (destination), to a umemd started again: go on with postcopy session `session_id`,
+    /// whose VM runs here with pages still missing. The memfd and the userfaultfd ride along;
+    /// umemd listens on `uri` (where the old one listened) for the source to come back.
+    ResumeIncoming {
+        /// Name of the VM, for logs.
+        vm: String,
+        /// Where to listen (the address the source reconnects to).
+        uri: String,
+        /// RAM layout.
+        blocks: Vec<LocalBlock>,
+        /// The migration to go on with.
+        session_id: u64,
+    },
+    /// umemd: the migration's session id, which a later connection (a recovery, a umemd
+    /// started again) names it by.
+    Session(u64),
     /// VMM: dirty pages of one block, one bit per page from `first_page`.
     DirtyBitmap {
         /// Block index.
@@ -214,6 +232,18 @@ impl LocalMessage {
                 encode_local_blocks(w, blocks);
                 w.bool(*has_uffd);
             }),
+            LocalMessage::ResumeIncoming {
+                vm,
+                uri,
+                blocks,
+                session_id,
+            } => frame::encode(buf, kind::RESUME_INCOMING, |w| {
+                w.str(vm);
+                w.str(uri);
+                encode_local_blocks(w, blocks);
+                w.u64(*session_id);
+            }),
+            LocalMessage::Session(id) => frame::encode(buf, kind::SESSION, |w| w.u64(*id)),
             LocalMessage::DirtyBitmap {
                 block,
                 first_page,
@@ -281,6 +311,13 @@ impl LocalMessage {
                 blocks: decode_local_blocks(&mut r)?,
                 has_uffd: r.bool("has_uffd")?,
             },
+            kind::RESUME_INCOMING => LocalMessage::ResumeIncoming {
+                vm: r.str("vm name")?.to_owned(),
+                uri: r.str("uri")?.to_owned(),
+                blocks: decode_local_blocks(&mut r)?,
+                session_id: r.u64("session_id")?,
+            },
+            kind::SESSION => LocalMessage::Session(r.u64("session_id")?),
             kind::DIRTY_BITMAP => {
                 let block = r.u32("bitmap block")?;
                 let first_page = r.u64("bitmap first page")?;
@@ -394,7 +431,7 @@ mod tests {
             LocalMessage::Incoming {
                 vm: "vm0".into(),
                 uri: "tcp:0.0.0.0:0".into(),
-                blocks,
+                blocks: blocks.clone(),
                 has_uffd: true,
             },
             LocalMessage::DirtyBitmap {
@@ -415,6 +452,13 @@ mod tests {
             LocalMessage::PostcopyPaused {
                 reason: "link".into(),
             },
+            LocalMessage::ResumeIncoming {
+                vm: "vm0".into(),
+                uri: "tcp:0.0.0.0:4444".into(),
+                blocks: blocks.clone(),
+                session_id: 42,
+            },
+            LocalMessage::Session(42),
             LocalMessage::Pause,
             LocalMessage::Resume {
                 uri: "tcp:10.0.0.3:4444".into(),

@@ -140,7 +140,7 @@ const PEER_KINDS: [u8; 23] = [
     peer::kind::RESUMED,
 ];
 
-const LOCAL_KINDS: [u8; 23] = [
+const LOCAL_KINDS: [u8; 25] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -164,6 +164,8 @@ const LOCAL_KINDS: [u8; 23] = [
     local::kind::PAUSE,
     local::kind::RESUME,
     local::kind::RECOVER,
+    local::kind::RESUME_INCOMING,
+    local::kind::SESSION,
 ];
 
 /// The longest prefix of `chars` that fits in `max` bytes of UTF-8.
@@ -457,6 +459,20 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
                 has_uffd,
             }),
         (
+            text(0, MAX_STR),
+            text(0, MAX_STR),
+            sized_vec(local_block(), 1, MAX_BLOCKS),
+            any::<u64>()
+        )
+            .prop_map(
+                |(vm, uri, blocks, session_id)| LocalMessage::ResumeIncoming {
+                    vm,
+                    uri,
+                    blocks,
+                    session_id,
+                }
+            ),
+        (
             any::<u32>(),
             any::<u64>(),
             bulk_vec(any::<u64>().boxed(), |x| x, MAX_BITMAP_WORDS)
@@ -484,6 +500,7 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
         Just(LocalMessage::Run),
         text(0, MAX_STR).prop_map(|reason| LocalMessage::PostcopyPaused { reason }),
         Just(LocalMessage::Pause),
+        any::<u64>().prop_map(LocalMessage::Session),
         text(0, MAX_STR).prop_map(|uri| LocalMessage::Resume { uri }),
         text(0, MAX_STR).prop_map(|uri| LocalMessage::Recover { uri }),
         (
@@ -591,6 +608,8 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::Run => RUN,
         LocalMessage::PostcopyPaused { .. } => POSTCOPY_PAUSED,
         LocalMessage::Pause => PAUSE,
+        LocalMessage::Session(_) => SESSION,
+        LocalMessage::ResumeIncoming { .. } => RESUME_INCOMING,
         LocalMessage::Resume { .. } => RESUME,
         LocalMessage::Recover { .. } => RECOVER,
         LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,

@@ -218,6 +218,40 @@ pub fn run(mut conn: UnixStream) {
                 }
             }
         }
+        LocalMessage::ResumeIncoming {
+            vm,
+            uri,
+            blocks,
+            session_id,
+        } => {
+            if fds.len() != 2 {
+                return refuse(
+                    &mut conn,
+                    OpeningError::FdCount {
+                        message: "ResumeIncoming",
+                        want: "2 fds (the guest RAM memfd and the userfaultfd)",
+                        got: fds.len(),
+                    },
+                );
+            }
+            let memfd = fds.remove(0);
+            let _claim = match MemfdClaim::new(&memfd) {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut conn, e),
+            };
+            let uffd = fds.remove(0);
+            if let Err(e) = check_userfaultfd(&uffd) {
+                return refuse(&mut conn, e);
+            }
+            info!("{vm}: postcopy session {session_id:#x} taken over on {uri}");
+            match dest::Dest::new(conn, vm.clone(), &uri, memfd, Some(uffd), blocks) {
+                Ok(d) => d.run_resumed(session_id),
+                Err((mut c, e)) => {
+                    error!("{vm}: {e}");
+                    refuse(&mut c, e)
+                }
+            }
+        }
         other => refuse(&mut conn, OpeningError::Unexpected(format!("{other:?}"))),
     }
 }

@@ -49,6 +49,8 @@ pub struct MigrationInfo {
     pub failed_attempts: u32,
     /// Source: where it is going.
     pub uri: Option<String>,
+    /// The migration's session id (a umemd started again is told to go on with it).
+    pub session_id: Option<u64>,
 }
 
 /// Mutable state shared by the control API and the migration thread.

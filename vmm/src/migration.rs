@@ -175,6 +175,7 @@ fn outgoing_loop(m: &Machine, mut session: OutgoingSession) -> Result<(), Migrat
         match event {
             Event::Progress(stats) => progress(&mut s.migration, stats),
             Event::PostcopyPaused(reason) => paused(&mut s.migration, reason),
+            Event::Session(id) => s.migration.session_id = Some(id),
             // The destination may run the VM from now on: this copy never runs again by
             // itself, whatever happens to the migration (`cont force=true` is the operator's
             // way out when it is known not to run there).
@@ -328,17 +329,45 @@ pub fn start_incoming(
         s.uffd = Some(uffd);
         s.incoming = Some(session.control());
     }
+    spawn_incoming_thread(m, session, uri, autostart)
+}
+
+/// The thread that answers umemd for an incoming migration, and decides what a failure
+/// means: before the VM ran, listen again; in postcopy after losing umemd itself, wait for
+/// the next umemd and hand it the migration; otherwise stop the VM (postcopy-paused).
+fn spawn_incoming_thread(
+    m: &Arc<Machine>,
+    session: IncomingSession,
+    uri: String,
+    autostart: bool,
+) -> Result<(), MigrationError> {
     let m2 = m.clone();
     std::thread::Builder::new()
         .name("incoming".into())
         .spawn(move || {
             let result = incoming_loop(&m2, session, autostart);
             m2.state().incoming = None;
-            if let Err(e) = result {
-                error!("incoming migration failed: {e}");
-                let listen_again = {
-                    let mut s = m2.state();
-                    let ran = matches!(s.migration.phase, Phase::Postcopy | Phase::PostcopyPaused);
+            let Err(e) = result else {
+                return;
+            };
+            error!("incoming migration failed: {e}");
+            let next = {
+                let mut s = m2.state();
+                let ran = matches!(s.migration.phase, Phase::Postcopy | Phase::PostcopyPaused);
+                let umemd_lost = matches!(
+                    e,
+                    MigrationError::Client(ClientError::UmemdLost | ClientError::Io(_))
+                );
+                if ran && umemd_lost && s.migration.session_id.is_some() {
+                    // Everything the migration needs lives in the memfd and the userfaultfd,
+                    // which this VMM holds: the next umemd takes it over. Meanwhile the vCPUs
+                    // run on the pages present; one that needs a missing page waits.
+                    s.migration.phase = Phase::PostcopyPaused;
+                    s.migration.error = Some(format!(
+                        "{e}; the VM runs on the pages it has until umemd is back"
+                    ));
+                    AfterIncoming::WaitForUmemd
+                } else {
                     s.migration.phase = Phase::Failed;
                     s.migration.error = Some(e.to_string());
                     if ran {
@@ -346,21 +375,78 @@ pub fn start_incoming(
                         // userfaultfd stays registered, so no missing page reads as zeros.
                         m2.vm.fail(format!("postcopy: {e}"));
                         s.status = Status::PostcopyPaused;
-                        false
+                        AfterIncoming::Stop
                     } else if s.status == Status::Inmigrate {
                         s.migration.failed_attempts += 1;
                         s.status = Status::MigrateFailed;
-                        true
+                        AfterIncoming::ListenAgain
                     } else {
-                        false
+                        AfterIncoming::Stop
                     }
-                };
-                if listen_again {
-                    listen_again_after_failure(&m2, &uri, autostart);
                 }
+            };
+            match next {
+                AfterIncoming::ListenAgain => listen_again_after_failure(&m2, &uri, autostart),
+                AfterIncoming::WaitForUmemd => hand_over_to_next_umemd(&m2, uri, autostart),
+                AfterIncoming::Stop => {}
             }
         })?;
     Ok(())
+}
+
+/// What an incoming migration's failure leads to.
+enum AfterIncoming {
+    ListenAgain,
+    WaitForUmemd,
+    Stop,
+}
+
+/// How often a VMM whose umemd died looks for the next one.
+const UMEMD_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Postcopy lost its umemd: hands the migration (memfd, userfaultfd, session id, listen
+/// address) to the next umemd that answers on the socket, for as long as it takes (systemd's
+/// `Restart=` brings one back).
+fn hand_over_to_next_umemd(m: &Arc<Machine>, requested: String, autostart: bool) {
+    loop {
+        std::thread::sleep(UMEMD_RETRY);
+        let attempt = (|| -> Result<IncomingSession, MigrationError> {
+            let s = m.state();
+            let (Some(id), Some(uffd)) = (s.migration.session_id, s.uffd.as_ref()) else {
+                return Err(MigrationError::Refused("nothing left to hand over".into()));
+            };
+            let uri = s
+                .migration
+                .listen_uri
+                .clone()
+                .unwrap_or_else(|| requested.clone());
+            let ram = m.vm.ram();
+            let mut session = connect(m)?.resume_incoming(
+                &m.name,
+                &uri,
+                ram.local_blocks(),
+                ram.memfd_fd(),
+                uffd.as_fd(),
+                id,
+            )?;
+            drop(s);
+            session.wait_listening(std::time::Duration::from_secs(10))?;
+            session.vcpu_threads(m.vm.vcpu_control().thread_ids())?;
+            Ok(session)
+        })();
+        match attempt {
+            Ok(session) => {
+                info!("a new umemd took the migration over");
+                m.state().incoming = Some(session.control());
+                if let Err(e) = spawn_incoming_thread(m, session, requested.clone(), autostart) {
+                    error!("{e}");
+                }
+                return;
+            }
+            Err(MigrationError::Refused(e)) if e == "nothing left to hand over" => return,
+            Err(e) => log::debug!("no umemd to take the migration over yet: {e}"),
+        }
+    }
 }
 
 /// An incoming migration failed before the VM ran: the VM drops whatever pages arrived and
@@ -418,6 +504,7 @@ fn incoming_loop(
             Event::Listening(uri) => s.migration.listen_uri = Some(uri),
             Event::Progress(stats) => progress(&mut s.migration, stats),
             Event::PostcopyPaused(reason) => paused(&mut s.migration, reason),
+            Event::Session(id) => s.migration.session_id = Some(id),
             Event::Completed(stats) => {
                 if let Some(u) = s.uffd.take() {
                     u.release();

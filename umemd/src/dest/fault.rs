@@ -190,6 +190,20 @@ impl FaultHandler {
         &self.pages
     }
 
+    /// Wakes every thread waiting on a fault anywhere in guest RAM: a fault that a umemd read
+    /// before it died was never answered, and its thread faults again (and is read here) if
+    /// its page is still missing.
+    pub fn wake_all(&self) {
+        for b in &self.blocks {
+            if let Err(e) = self
+                .uffd
+                .wake(b.host_addr as *mut libc::c_void, b.desc.size as usize)
+            {
+                log::warn!("waking the faults on {}: {e}", b.desc.name);
+            }
+        }
+    }
+
     /// Makes `serve` return.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);

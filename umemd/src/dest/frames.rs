@@ -40,17 +40,29 @@ impl Dest {
             self.accept_urgent(session_id, deadline)?;
         }
         self.start_heartbeats(writer.clone())?;
+        let _ = send_local(&mut self.vmm, &LocalMessage::Session(session_id));
         self.set_phase(DestPhase::Precopy)?;
         self.progress(true);
+        self.stream_until_done(peer, &writer, session_id)
+    }
+
+    /// Reads the main stream until the migration is complete here, waiting for the source to
+    /// come back each time the link fails while the VM runs.
+    pub(super) fn stream_until_done(
+        &mut self,
+        mut peer: PeerStream,
+        writer: &PeerWriter,
+        session_id: u64,
+    ) -> Result<(), DestError> {
         loop {
-            match self.stream_loop(&mut peer, &writer) {
+            match self.stream_loop(&mut peer, writer) {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if self.phase == DestPhase::Postcopy
                         && self.source_recovery
                         && e.is_link_failure() =>
                 {
-                    peer = self.pause_until_resumed(e, &writer, session_id)?;
+                    peer = self.pause_until_resumed(e, writer, session_id)?;
                 }
                 Err(e) => return Err(e),
             }

@@ -206,9 +206,22 @@ impl Dest {
     }
 
     /// Runs the migration to its end and reports the outcome to the VMM.
-    pub fn run(mut self) {
+    pub fn run(self) {
+        self.run_with(None)
+    }
+
+    /// Takes over postcopy session `session_id` for a VM that runs here already (the umemd
+    /// that served it died), and runs it to its end.
+    pub fn run_resumed(self, session_id: u64) {
+        self.run_with(Some(session_id))
+    }
+
+    fn run_with(mut self, resume: Option<u64>) {
         let mut peer = None;
-        let result = self.receive(&mut peer);
+        let result = match resume {
+            None => self.receive(&mut peer),
+            Some(id) => self.receive_after_restart(&mut peer, id),
+        };
         self.stats.total_us = self.started.elapsed().as_micros() as u64;
         match result {
             Ok(()) => {

@@ -61,6 +61,8 @@ impl DestPhase {
                 | (Postcopy, Completed)
                 | (Postcopy, PostcopyPaused)
                 | (PostcopyPaused, Postcopy)
+                // A umemd started again takes over a postcopy whose VM runs here.
+                | (Setup, PostcopyPaused)
                 | (
                     Setup | Precopy | Switchover | Loaded | Postcopy | PostcopyPaused,
                     Failed
@@ -152,6 +154,7 @@ mod tests {
             (Postcopy, PostcopyPaused),
             (PostcopyPaused, Postcopy),
             (PostcopyPaused, Failed),
+            (Setup, PostcopyPaused),
             (Setup, Failed),
             (Precopy, Failed),
             (Switchover, Failed),

@@ -17,7 +17,7 @@ use super::handshake::{read_frame_by, unexpected};
 use super::pages::PageState;
 use super::phase::DestPhase;
 use super::{write_peer, Dest, PeerWriter, HANDSHAKE_TIMEOUT};
-use crate::link::send_peer;
+use crate::link::{send_local, send_peer};
 use crate::stream::PeerStream;
 
 impl Dest {
@@ -44,13 +44,18 @@ impl Dest {
         }
         self.set_phase(DestPhase::PostcopyPaused)?;
         self.paused_since = Some(Instant::now());
-        let _ = crate::link::send_local(
+        let _ = send_local(
             &mut self.vmm,
             &LocalMessage::PostcopyPaused {
                 reason: cause.to_string(),
             },
         );
         self.progress(true);
+        self.wait_for_source(session_id)
+    }
+
+    /// Accepts connections until the source of `session_id` is back; returns its main stream.
+    fn wait_for_source(&mut self, session_id: u64) -> Result<PeerStream, DestError> {
         loop {
             self.check_threads()?;
             let s = self.accept(None)?;
@@ -59,6 +64,57 @@ impl Dest {
                 Err(e) => warn!("{}: refusing a connection while paused: {e}", self.vm),
             }
         }
+    }
+
+    /// A umemd started again, taking over postcopy session `session_id` from one that died:
+    /// what the memfd holds is what arrived; every thread that waited on a fault the dead
+    /// umemd had read faults again; then the source is waited for as after a lost link.
+    pub(super) fn receive_after_restart(
+        &mut self,
+        writer_slot: &mut Option<PeerWriter>,
+        session_id: u64,
+    ) -> Result<(), DestError> {
+        let uri = self.listener.uri()?;
+        send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
+        let _ = send_local(&mut self.vmm, &LocalMessage::Session(session_id));
+        self.started = Instant::now();
+        let mut present = 0;
+        for (block, b) in self.mem.blocks().iter().enumerate() {
+            for (off, len, data) in self
+                .mem
+                .segments(b.memfd_offset, b.memfd_offset + b.desc.size)
+            {
+                if data {
+                    let first = (off - b.memfd_offset) / proto::PAGE_SIZE;
+                    let count = len / proto::PAGE_SIZE;
+                    self.pages
+                        .set_range(block as u32, first, count, PageState::Present);
+                    present += count;
+                }
+            }
+        }
+        self.switching_to_postcopy = true;
+        self.source_recovery = true;
+        self.set_phase(DestPhase::PostcopyPaused)?;
+        self.paused_since = Some(Instant::now());
+        // Until the source is back, requests go nowhere (the pages stay requested).
+        let (nowhere, _) = std::os::unix::net::UnixStream::pair().map_err(DestError::Peer)?;
+        let writer: PeerWriter =
+            std::sync::Arc::new(std::sync::Mutex::new(PeerStream::Unix(nowhere)));
+        *writer_slot = Some(writer.clone());
+        self.start_fault_thread(writer.clone())?;
+        if let Some(pc) = &self.postcopy {
+            pc.fault.wake_all();
+        }
+        self.start_heartbeats(writer.clone())?;
+        info!(
+            "{}: took over postcopy session {session_id:#x}: {present} pages present, {} to come; waiting for the source",
+            self.vm,
+            self.pages.unresolved()
+        );
+        self.progress(true);
+        let peer = self.wait_for_source(session_id)?;
+        self.stream_until_done(peer, &writer, session_id)
     }
 
     /// The source's hello (the same session, with recovery), its `Resume`, the pages held

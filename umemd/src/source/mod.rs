@@ -268,6 +268,7 @@ impl Source {
         let peer = peer_slot.insert(self.connect()?);
         let session_id = self.session_id;
         self.handshake(peer, session_id)?;
+        self.report(&LocalMessage::Session(session_id));
         if self.params.mode != MigrationMode::Precopy && !self.dest_postcopy {
             return Err(SourceError::NoPostcopy);
         }
