@@ -332,7 +332,7 @@ fn destination_memfd_cannot_shrink_after_handover() {
     let mut state_loaded = false;
     loop {
         match read_local("fake destination", &conn) {
-            LocalMessage::Progress(_) => {}
+            LocalMessage::Progress(_) | LocalMessage::Session(_) => {}
             LocalMessage::Run => assert!(state_loaded, "Run before the machine state"),
             LocalMessage::MachineState(_) => {
                 let mut out = Vec::new();
@@ -415,7 +415,7 @@ fn source_memfd_cannot_shrink_after_handover() {
                 }
                 conn.write_all(&out).expect("answering a harvest");
             }
-            LocalMessage::Progress(_) => {}
+            LocalMessage::Progress(_) | LocalMessage::Session(_) => {}
             other => break other,
         }
     };
@@ -521,7 +521,7 @@ fn connect_as_nobody(socket: &std::path::Path, line: &str) -> String {
         s=socket.socket(socket.AF_UNIX)\n\
         s.settimeout(10)\n\
         try:\n  s.connect(sys.argv[1])\nexcept Exception as e:\n  print('connect:', e); sys.exit(0)\n\
-        s.sendall(sys.argv[2].encode())\n\
+        try:\n  s.sendall(sys.argv[2].encode())\nexcept Exception as e:\n  print('send:', e)\n\
         data=b''\n\
         try:\n  while True:\n    b=s.recv(4096)\n    if not b: break\n    data+=b\nexcept Exception as e:\n  print('recv:', e)\n\
         print('reply:', data)\n";

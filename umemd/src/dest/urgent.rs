@@ -12,7 +12,6 @@ use proto::PAGE_SIZE;
 use super::error::DestError;
 use super::fault::FaultHandler;
 use super::handshake::unexpected;
-use super::place::read_exact;
 use crate::mapping::GuestMapping;
 use crate::stream::PeerStream;
 
@@ -43,12 +42,12 @@ impl UrgentReceiver {
         let mut prefix = [0u8; PREFIX_LEN];
         let mut buf = vec![0u8; MAX_RUN_PAGES as usize * PAGE_SIZE as usize];
         let mut body = Vec::new();
+        // The source closes it when the migration ends, successfully or not, and a lost link
+        // cuts it anywhere, mid-frame too: the main stream tells which, and decides. A read
+        // that fails ends this thread quietly (the pages of a cut frame stay requested).
         loop {
-            match self.stream.read_exact(&mut prefix) {
-                Ok(()) => {}
-                // The source closes it when the migration ends, successfully or not; the main
-                // stream tells which.
-                Err(_) => return Ok(()),
+            if self.stream.read_exact(&mut prefix).is_err() {
+                return Ok(());
             }
             let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
                 context: CONTEXT,
@@ -56,11 +55,15 @@ impl UrgentReceiver {
             })?;
             if p.kind == kind::PAGES {
                 let mut hdr = [0u8; RUN_HEADER_LEN];
-                read_exact(&mut self.stream, &mut hdr)?;
+                if self.stream.read_exact(&mut hdr).is_err() {
+                    return Ok(());
+                }
                 let run = PageRun::decode_pages_header(p, &hdr).map_err(malformed)?;
                 self.check(run.block, run.first, run.count as u64)?;
                 let len = run.data_len();
-                read_exact(&mut self.stream, &mut buf[..len])?;
+                if self.stream.read_exact(&mut buf[..len]).is_err() {
+                    return Ok(());
+                }
                 self.fault.place(run.block, run.first, &buf[..len])?;
                 let c = &self.counters;
                 c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
@@ -71,7 +74,9 @@ impl UrgentReceiver {
                 continue;
             }
             body.resize(p.len as usize, 0);
-            read_exact(&mut self.stream, &mut body)?;
+            if self.stream.read_exact(&mut body).is_err() {
+                return Ok(());
+            }
             match PeerMessage::decode(p.kind, &body).map_err(malformed)? {
                 PeerMessage::ZeroPages(run) => {
                     self.check(run.block, run.first, run.count as u64)?;
