@@ -487,25 +487,21 @@ fn postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over(
 }
 
 #[test]
-fn postcopy_source_umemd_killed_pauses_the_destination_without_zero_pages() {
-    if !require_kvm("postcopy_source_umemd_killed_pauses_the_destination_without_zero_pages") {
+fn postcopy_source_umemd_killed_and_started_again_takes_the_migration_over() {
+    if !require_kvm("postcopy_source_umemd_killed_and_started_again_takes_the_migration_over") {
         return;
     }
-    let t = TestEnv::new("postcopy-kill-source-umemd");
+    let t = TestEnv::new("postcopy-restart-src-umemd");
     let (mut pair, _) = postcopy_running_on_destination(&t);
     pair.src_umemd.proc.kill();
-    // The destination lost its source: it pauses and waits for it, the VM running on the pages
-    // it has.
-    wait_until(secs(60), "destination to pause", || {
+    // The destination lost its source: it pauses and waits for it, the VM running on the
+    // pages it has; the source VMM keeps its memory and waits for a umemd.
+    wait_until(secs(60), "both sides to pause", || {
         pair.dst.proc.assert_alive();
-        (pair.dst.phase() == "postcopy-paused").then_some(())
+        (pair.dst.phase() == "postcopy-paused" && pair.src.phase() == "postcopy-paused")
+            .then_some(())
     });
     assert_eq!(pair.dst.status(), "running");
-
-    // The source's migration ended, but the VM ran on the destination: the source must not
-    // run it again.
-    let o = pair.src.wait_migration(secs(120));
-    assert_eq!(o.phase, "failed", "source: {}", o.raw);
     assert_eq!(
         pair.src.status(),
         "postmigrate",
@@ -539,9 +535,22 @@ fn postcopy_source_umemd_killed_pauses_the_destination_without_zero_pages() {
         }
         Some(Err(e)) => eprintln!("reading a missing page of the paused destination failed: {e}"),
     }
-    pair.dst.proc.assert_alive();
-    assert_eq!(pair.dst.phase(), "postcopy-paused");
-    assert!(pair.dst_umemd.is_serving(), "destination umemd died");
+
+    // systemd's Restart= in a test: a new umemd on the source's socket takes the migration
+    // over from the memfd the source VMM kept, and the destination gets every page.
+    pair.src_umemd = t.umemd("umemd-src");
+    wait_until(secs(30), "both sides to resume", || {
+        (pair.dst.phase() == "postcopy" && pair.src.phase() == "postcopy").then_some(())
+    });
+    pair.src
+        .ctl("migrate-set-parameters", json!({"no_background": false}))
+        .expect("migrate-set-parameters");
+    let o = pair.src.wait_migration(secs(180));
+    assert_completed("source", &o);
+    let dv = wait_dest_completed(&mut pair.dst, secs(120));
+    assert!(pc(&dv, "recoveries") >= 1, "{dv}");
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(120));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
 }
 
 #[test]

@@ -354,6 +354,37 @@ impl UmemdClient {
 }
 
 impl UmemdClient {
+    /// To a umemd started again after the one serving this source died: go on with postcopy
+    /// session `session_id` (its id came as [`Event::Session`]), whose VM runs on the
+    /// destination at `uri`. The memfd rides along; nothing else is asked of the VM.
+    pub fn resume_outgoing(
+        self,
+        vm: &str,
+        uri: &str,
+        params: MigrationParams,
+        blocks: Vec<LocalBlock>,
+        memfd: BorrowedFd<'_>,
+        session_id: u64,
+    ) -> Result<OutgoingSession, ClientError> {
+        let msg = LocalMessage::ResumeOutgoing {
+            vm: vm.to_string(),
+            uri: uri.to_string(),
+            params,
+            blocks: blocks.clone(),
+            session_id,
+        };
+        let (reader, writer) = self.open(&msg, &[memfd.as_raw_fd()])?;
+        Ok(OutgoingSession {
+            reader,
+            writer,
+            blocks,
+            body: Vec::new(),
+            first_harvest: false,
+            // The switchover was committed long ago.
+            committed: true,
+        })
+    }
+
     /// To a umemd started again after the one serving this destination died: go on with
     /// postcopy session `session_id` (its id came as [`Event::Session`]), whose VM runs here
     /// with pages still missing, listening on `uri` (where the old umemd listened) for the

@@ -40,6 +40,7 @@ pub mod kind {
     pub const RESUME: u8 = 0x4c;
     pub const RECOVER: u8 = 0x4d;
     pub const RESUME_INCOMING: u8 = 0x4e;
+    pub const RESUME_OUTGOING: u8 = 0x4f;
     pub const SESSION: u8 = 0x6c;
 }
 
@@ -115,6 +116,21 @@ pub enum LocalMessage {
         vm: String,
         /// Where to listen (the address the source reconnects to).
         uri: String,
+        /// RAM layout.
+        blocks: Vec<LocalBlock>,
+        /// The migration to go on with.
+        session_id: u64,
+    },
+    /// VMM (source), to a umemd started again: go on with postcopy session `session_id`,
+    /// whose VM runs on the destination at `uri`; the memfd rides along. The destination says
+    /// which pages it holds, and the rest is sent.
+    ResumeOutgoing {
+        /// Name of the VM, for logs.
+        vm: String,
+        /// Where the destination listens.
+        uri: String,
+        /// Tunables.
+        params: MigrationParams,
         /// RAM layout.
         blocks: Vec<LocalBlock>,
         /// The migration to go on with.
@@ -243,6 +259,19 @@ impl LocalMessage {
                 encode_local_blocks(w, blocks);
                 w.u64(*session_id);
             }),
+            LocalMessage::ResumeOutgoing {
+                vm,
+                uri,
+                params,
+                blocks,
+                session_id,
+            } => frame::encode(buf, kind::RESUME_OUTGOING, |w| {
+                w.str(vm);
+                w.str(uri);
+                params.encode(w);
+                encode_local_blocks(w, blocks);
+                w.u64(*session_id);
+            }),
             LocalMessage::Session(id) => frame::encode(buf, kind::SESSION, |w| w.u64(*id)),
             LocalMessage::DirtyBitmap {
                 block,
@@ -314,6 +343,13 @@ impl LocalMessage {
             kind::RESUME_INCOMING => LocalMessage::ResumeIncoming {
                 vm: r.str("vm name")?.to_owned(),
                 uri: r.str("uri")?.to_owned(),
+                blocks: decode_local_blocks(&mut r)?,
+                session_id: r.u64("session_id")?,
+            },
+            kind::RESUME_OUTGOING => LocalMessage::ResumeOutgoing {
+                vm: r.str("vm name")?.to_owned(),
+                uri: r.str("uri")?.to_owned(),
+                params: MigrationParams::decode(&mut r)?,
                 blocks: decode_local_blocks(&mut r)?,
                 session_id: r.u64("session_id")?,
             },
@@ -455,6 +491,13 @@ mod tests {
             LocalMessage::ResumeIncoming {
                 vm: "vm0".into(),
                 uri: "tcp:0.0.0.0:4444".into(),
+                blocks: blocks.clone(),
+                session_id: 42,
+            },
+            LocalMessage::ResumeOutgoing {
+                vm: "vm0".into(),
+                uri: "tcp:10.0.0.2:4444".into(),
+                params,
                 blocks: blocks.clone(),
                 session_id: 42,
             },

@@ -140,7 +140,7 @@ const PEER_KINDS: [u8; 23] = [
     peer::kind::RESUMED,
 ];
 
-const LOCAL_KINDS: [u8; 25] = [
+const LOCAL_KINDS: [u8; 26] = [
     local::kind::OUTGOING,
     local::kind::INCOMING,
     local::kind::DIRTY_BITMAP,
@@ -165,6 +165,7 @@ const LOCAL_KINDS: [u8; 25] = [
     local::kind::RESUME,
     local::kind::RECOVER,
     local::kind::RESUME_INCOMING,
+    local::kind::RESUME_OUTGOING,
     local::kind::SESSION,
 ];
 
@@ -465,6 +466,21 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
             any::<u64>()
         )
             .prop_map(
+                |(vm, uri, blocks, session_id)| LocalMessage::ResumeOutgoing {
+                    vm,
+                    uri,
+                    params: MigrationParams::default(),
+                    blocks,
+                    session_id,
+                }
+            ),
+        (
+            text(0, MAX_STR),
+            text(0, MAX_STR),
+            sized_vec(local_block(), 1, MAX_BLOCKS),
+            any::<u64>()
+        )
+            .prop_map(
                 |(vm, uri, blocks, session_id)| LocalMessage::ResumeIncoming {
                     vm,
                     uri,
@@ -610,6 +626,7 @@ fn local_kind(m: &LocalMessage) -> u8 {
         LocalMessage::Pause => PAUSE,
         LocalMessage::Session(_) => SESSION,
         LocalMessage::ResumeIncoming { .. } => RESUME_INCOMING,
+        LocalMessage::ResumeOutgoing { .. } => RESUME_OUTGOING,
         LocalMessage::Resume { .. } => RESUME,
         LocalMessage::Recover { .. } => RECOVER,
         LocalMessage::PostcopyProgress(_) => POSTCOPY_PROGRESS,

@@ -218,6 +218,34 @@ pub fn run(mut conn: UnixStream) {
                 }
             }
         }
+        LocalMessage::ResumeOutgoing {
+            vm,
+            uri,
+            params,
+            blocks,
+            session_id,
+        } => {
+            if fds.len() != 1 {
+                return refuse(
+                    &mut conn,
+                    OpeningError::FdCount {
+                        message: "ResumeOutgoing",
+                        want: "exactly 1 fd (the guest RAM memfd)",
+                        got: fds.len(),
+                    },
+                );
+            }
+            let memfd = fds.remove(0);
+            let _claim = match MemfdClaim::new(&memfd) {
+                Ok(c) => c,
+                Err(e) => return refuse(&mut conn, e),
+            };
+            info!("{vm}: postcopy session {session_id:#x} to {uri} taken over");
+            match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks) {
+                Ok(s) => s.run_resumed(session_id),
+                Err((mut c, e)) => refuse(&mut c, e),
+            }
+        }
         LocalMessage::ResumeIncoming {
             vm,
             uri,

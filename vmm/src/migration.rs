@@ -193,10 +193,35 @@ fn outgoing_loop(m: &Machine, mut session: OutgoingSession) -> Result<(), Migrat
     Ok(())
 }
 
-fn finish_outgoing(m: &Machine, result: Result<(), MigrationError>) {
+fn finish_outgoing(m: &Arc<Machine>, result: Result<(), MigrationError>) {
     let _ = m.vm.set_dirty_logging(false);
     let mut s = m.state();
     s.umemd = None;
+    let umemd_lost = matches!(
+        result,
+        Err(MigrationError::Client(
+            ClientError::UmemdLost | ClientError::Io(_)
+        ))
+    );
+    if umemd_lost
+        && matches!(s.migration.phase, Phase::Postcopy | Phase::PostcopyPaused)
+        && s.migration.session_id.is_some()
+    {
+        // The VM runs on the destination and waits for pages that only this memfd holds: the
+        // next umemd that answers takes the migration over.
+        s.migration.phase = Phase::PostcopyPaused;
+        s.migration.error =
+            Some("umemd lost; the migration waits for umemd to be started again".into());
+        drop(s);
+        let m = m.clone();
+        let spawned = std::thread::Builder::new()
+            .name("umemd-handover".into())
+            .spawn(move || hand_outgoing_to_next_umemd(&m));
+        if let Err(e) = spawned {
+            error!("starting the hand-over thread: {e}");
+        }
+        return;
+    }
     if let Err(e) = result {
         error!("outgoing migration failed: {e}");
         if s.migration.phase != Phase::Cancelled {
@@ -216,6 +241,55 @@ fn finish_outgoing(m: &Machine, result: Result<(), MigrationError>) {
     }
 }
 
+/// Postcopy lost the source's umemd: hands the migration (memfd, session id, destination) to
+/// the next umemd that answers on the socket, for as long as it takes.
+fn hand_outgoing_to_next_umemd(m: &Arc<Machine>) {
+    loop {
+        std::thread::sleep(UMEMD_RETRY);
+        let attempt = (|| -> Result<Option<OutgoingSession>, MigrationError> {
+            let s = m.state();
+            let (Some(id), Some(uri)) = (s.migration.session_id, s.migration.uri.clone()) else {
+                return Ok(None);
+            };
+            if s.migration.phase != Phase::PostcopyPaused {
+                return Ok(None);
+            }
+            let params = s.params;
+            drop(s);
+            let ram = m.vm.ram();
+            let session = connect(m)?.resume_outgoing(
+                &m.name,
+                &uri,
+                params,
+                ram.local_blocks(),
+                ram.memfd_fd(),
+                id,
+            )?;
+            Ok(Some(session))
+        })();
+        match attempt {
+            Ok(Some(session)) => {
+                info!("a new umemd took the outgoing migration over");
+                m.state().umemd = Some(session.control());
+                let m2 = m.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("migration".into())
+                        .spawn(move || {
+                            let result = outgoing_loop(&m2, session);
+                            finish_outgoing(&m2, result);
+                        });
+                if let Err(e) = spawned {
+                    error!("starting the migration thread: {e}");
+                }
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => log::debug!("no umemd to take the outgoing migration over yet: {e}"),
+        }
+    }
+}
+
 /// Asks umemd to cancel the running outgoing migration.
 pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
     let mut s = m.state();
@@ -226,6 +300,11 @@ pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
         ));
     }
     let Some(control) = s.umemd.as_ref() else {
+        if s.migration.phase == Phase::PostcopyPaused {
+            // Waiting for a umemd to take the migration over: stop waiting.
+            s.migration.phase = Phase::Cancelled;
+            return Ok(());
+        }
         return Err(MigrationError::Refused("no migration is running".into()));
     };
     control.cancel()?;

@@ -195,9 +195,22 @@ impl Source {
     }
 
     /// Runs the migration to its end and reports the outcome to the VMM.
-    pub fn run(mut self) {
+    pub fn run(self) {
+        self.run_with(None)
+    }
+
+    /// Takes over postcopy session `session_id` from a umemd that died, for a VM that runs on
+    /// the destination already, and runs it to its end.
+    pub fn run_resumed(self, session_id: u64) {
+        self.run_with(Some(session_id))
+    }
+
+    fn run_with(mut self, resume: Option<u64>) {
         let mut peer = None;
-        let result = self.migrate(&mut peer);
+        let result = match resume {
+            None => self.migrate(&mut peer),
+            Some(id) => self.resume_after_restart(&mut peer, id),
+        };
         self.update_stats();
         match result {
             Ok(()) => {

@@ -60,6 +60,8 @@ impl SourcePhase {
                 | (Postcopy, Completed)
                 | (Postcopy, PostcopyPaused)
                 | (PostcopyPaused, Postcopy)
+                // A umemd started again takes over a postcopy whose VM runs on the destination.
+                | (Setup, PostcopyPaused)
                 | (
                     Setup | Precopy | Switchover | Committed | Postcopy | PostcopyPaused,
                     Failed
@@ -149,6 +151,7 @@ mod tests {
             (Postcopy, PostcopyPaused),
             (PostcopyPaused, Postcopy),
             (PostcopyPaused, Failed),
+            (Setup, PostcopyPaused),
             (Setup, Failed),
             (Precopy, Failed),
             (Switchover, Failed),

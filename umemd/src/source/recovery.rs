@@ -55,9 +55,58 @@ impl Source {
         });
         self.progress(true);
         let paused_at = Instant::now();
+        *peer = self.reconnect_until_back()?;
+        self.recoveries += 1;
+        self.paused += paused_at.elapsed();
+        self.set_phase(SourcePhase::Postcopy)?;
+        info!(
+            "{}: postcopy resumed after {} ms paused; {} pages to go",
+            self.vm,
+            paused_at.elapsed().as_millis(),
+            self.sent.remaining()
+        );
+        self.progress(true);
+        Ok(())
+    }
+
+    /// A umemd started again, taking over postcopy session `session_id` from one that died:
+    /// the VM runs on the destination, which says which pages it holds; every other page is
+    /// sent from the memfd the VMM handed over.
+    pub(super) fn resume_after_restart(
+        &mut self,
+        peer_slot: &mut Option<Peer>,
+        session_id: u64,
+    ) -> Result<(), SourceError> {
+        self.session_id = session_id;
+        // Everything a postcopy needs is here: the machine state went long ago.
+        self.state_taken = true;
+        self.switching_to_postcopy = true;
+        self.dest_postcopy = true;
+        self.dest_recovery = true;
+        self.postcopy_ran = true;
+        self.sender.freeze();
+        self.set_phase(SourcePhase::PostcopyPaused)?;
+        self.report(&LocalMessage::Session(session_id));
+        self.progress(true);
+        info!(
+            "{}: took over postcopy session {session_id:#x}; connecting to {}",
+            self.vm, self.uri
+        );
+        let paused_at = Instant::now();
+        let peer = peer_slot.insert(self.reconnect_until_back()?);
+        self.recoveries += 1;
+        self.paused += paused_at.elapsed();
+        self.set_phase(SourcePhase::Postcopy)?;
+        self.progress(true);
+        crate::priority::lower_priority();
+        self.postcopy_until_done(peer)
+    }
+
+    /// Connects again and again until the destination of this session answers.
+    fn reconnect_until_back(&mut self) -> Result<Peer, SourceError> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u64;
-        let new_peer = loop {
+        loop {
             // A cancel is refused now (the VM runs on the destination); a VMM that went away
             // changes nothing: umemd holds every page.
             self.poll_vmm()?;
@@ -68,7 +117,10 @@ impl Source {
             }
             attempts += 1;
             match self.reconnect() {
-                Ok(p) => break p,
+                Ok(p) => {
+                    debug!("{}: back after {attempts} attempts", self.vm);
+                    return Ok(p);
+                }
                 Err(e @ SourceError::NotResumable(_)) => return Err(e),
                 Err(e) => {
                     debug!("{}: reconnecting (attempt {attempts}): {e}", self.vm);
@@ -76,19 +128,7 @@ impl Source {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
-        };
-        *peer = new_peer;
-        self.recoveries += 1;
-        self.paused += paused_at.elapsed();
-        self.set_phase(SourcePhase::Postcopy)?;
-        info!(
-            "{}: postcopy resumed after {} ms paused ({attempts} attempts); {} pages to go",
-            self.vm,
-            paused_at.elapsed().as_millis(),
-            self.sent.remaining()
-        );
-        self.progress(true);
-        Ok(())
+        }
     }
 
     /// One attempt: a new main stream and urgent channel under the session id, then the
@@ -157,7 +197,14 @@ impl Source {
                 other => return Err(SourceError::unexpected("Received", other)),
             }
         }
-        let resent = held.unsend_missing(|b, first, count| self.sent.unsend(b, first, count));
+        // What the destination holds counts as sent (a umemd started again knows nothing
+        // else); what it does not hold goes again, in flight when the link failed or not.
+        let resent = held.apply(
+            |b, first, count| {
+                self.sent.claim(b, first, count);
+            },
+            |b, first, count| self.sent.unsend(b, first, count),
+        );
         send_peer(&mut peer.stream, &PeerMessage::Resumed).map_err(SourceError::Peer)?;
         self.shorten_send_queue(&peer);
         info!(
@@ -206,24 +253,30 @@ impl HeldPages {
         Ok(())
     }
 
-    /// Calls `unsend` for every run of pages the destination does not hold; returns how many
-    /// pages it said it had been sent already (they go again).
-    fn unsend_missing(&self, mut unsend: impl FnMut(u32, u64, u64) -> u64) -> u64 {
+    /// Calls `held` for every run of pages the destination holds and `unsend` for every run
+    /// it does not; returns the sum of what `unsend` returned (pages sent already that go
+    /// again).
+    fn apply(
+        &self,
+        mut held: impl FnMut(u32, u64, u64),
+        mut unsend: impl FnMut(u32, u64, u64) -> u64,
+    ) -> u64 {
         let mut resent = 0;
         for (b, words) in self.blocks.iter().enumerate() {
             let pages = self.pages[b];
+            let bit = |page: u64| words[(page / 64) as usize] & (1 << (page % 64)) != 0;
             let mut page = 0;
             while page < pages {
-                let held = words[(page / 64) as usize] & (1 << (page % 64)) != 0;
-                if held {
-                    page += 1;
-                    continue;
-                }
                 let first = page;
-                while page < pages && words[(page / 64) as usize] & (1 << (page % 64)) == 0 {
+                let is_held = bit(page);
+                while page < pages && bit(page) == is_held {
                     page += 1;
                 }
-                resent += unsend(b as u32, first, page - first);
+                if is_held {
+                    held(b as u32, first, page - first);
+                } else {
+                    resent += unsend(b as u32, first, page - first);
+                }
             }
         }
         resent
@@ -239,12 +292,16 @@ mod tests {
         let mut h = HeldPages::new(2, |b| if b == 0 { 130 } else { 64 });
         // Block 0 holds pages 0..=63 and 65; block 1 holds nothing.
         h.add(0, 0, &[u64::MAX, 0b10]).unwrap();
-        let mut runs = Vec::new();
-        let resent = h.unsend_missing(|b, first, count| {
-            runs.push((b, first, count));
-            count
-        });
+        let (mut kept, mut runs) = (Vec::new(), Vec::new());
+        let resent = h.apply(
+            |b, first, count| kept.push((b, first, count)),
+            |b, first, count| {
+                runs.push((b, first, count));
+                count
+            },
+        );
         assert_eq!(runs, vec![(0, 64, 1), (0, 66, 64), (1, 0, 64)]);
+        assert_eq!(kept, vec![(0, 0, 64), (0, 65, 1)]);
         assert_eq!(resent, 129);
     }
 
