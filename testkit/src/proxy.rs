@@ -256,8 +256,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
+    // The sender is done (or the link was cut): pass its end on, as TCP does, without cutting
+    // what still travels the other way.
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 #[cfg(test)]
