@@ -346,3 +346,33 @@ fn the_destination_vmm_killed_after_it_ran_never_resumes_the_source() {
         "a umemd died with the destination VMM"
     );
 }
+
+#[test]
+fn migrate_cancel_on_the_destination_ends_a_stuck_incoming_attempt() {
+    if !require_kvm("migrate_cancel_on_the_destination_ends_a_stuck_incoming_attempt") {
+        return;
+    }
+    let t = TestEnv::new("cancel-incoming");
+    let du = t.umemd("umemd-dst");
+    let mut dst = t.vmm("dst", &du).mem("64M").incoming_any().start();
+    let uri = dst.listen_uri();
+    // A source that says hello, then nothing, with a minute of patience asked for.
+    let (mut main, _urgent) = handshake_then_silence(&uri, 64 << 20, 60_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    dst.ctl("migrate-cancel", json!({}))
+        .expect("migrate-cancel on the destination");
+    let v =
+        assert_destination_failed_without_running(&mut dst, secs(10), AfterFailure::ListensAgain);
+    assert!(t0.elapsed() < secs(3), "the cancel took {:?}", t0.elapsed());
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("cancelled")),
+        "{v}"
+    );
+    // The stuck source was let go.
+    main.set_read_timeout(Some(secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let _ = main.read_to_end(&mut rest);
+    // The VM never ran, and waits for the next source.
+    assert_eq!(dst.status(), "inmigrate");
+}

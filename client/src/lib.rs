@@ -464,6 +464,11 @@ pub struct IncomingControl {
 }
 
 impl IncomingControl {
+    /// Ends the incoming migration before the VM ran here (umemd refuses once it runs).
+    pub fn cancel(&self) -> Result<(), ClientError> {
+        send(&self.writer, &LocalMessage::Cancel)
+    }
+
     /// While postcopy is paused, listens for the source on `uri` instead; the new address comes
     /// back as [`Event::Listening`].
     pub fn recover(&self, uri: &str) -> Result<(), ClientError> {

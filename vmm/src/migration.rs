@@ -299,6 +299,14 @@ pub fn cancel(m: &Machine) -> Result<(), MigrationError> {
                 .into(),
         ));
     }
+    if s.status == Status::Inmigrate {
+        // Destination: end this incoming attempt (a stuck or unwanted source); the VM never
+        // ran, so it listens again for the next one.
+        let Some(control) = s.incoming.as_ref() else {
+            return Err(MigrationError::Refused("no migration is running".into()));
+        };
+        return Ok(control.cancel()?);
+    }
     let Some(control) = s.umemd.as_ref() else {
         if s.migration.phase == Phase::PostcopyPaused {
             // Waiting for a umemd to take the migration over: stop waiting.

@@ -91,15 +91,16 @@ impl Dest {
                     write_peer(writer, &PeerMessage::AllReceived)?;
                     return Ok(());
                 }
-                // Keep reporting while the stream is quiet (no-background postcopy).
-                let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
-                if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
-                    if last_rx.elapsed() > self.link_timeout {
-                        return Err(DestError::Silent);
-                    }
-                    self.progress(false);
-                    continue;
+            }
+            // While the stream is quiet the loop still reports, and still hears the VMM (a
+            // cancel, the VMM going away) and notices a silent source.
+            let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
+            if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+                if last_rx.elapsed() > self.link_timeout {
+                    return Err(DestError::Silent);
                 }
+                self.progress(false);
+                continue;
             }
             read_exact(peer, &mut prefix)?;
             last_rx = Instant::now();
