@@ -437,6 +437,24 @@ fn postcopy_running_on_destination(t: &TestEnv) -> (Pair, u64) {
     (pair, src_last)
 }
 
+/// After a umemd was started again: both sides go back to postcopy, the rest of the pages
+/// come (in the background too, so that the no-background migration ends), the migration
+/// completes with a recovery counted, and the guest's memory is right.
+fn assert_resumes_and_completes(pair: &mut Pair) {
+    wait_until(secs(30), "both sides to resume", || {
+        (pair.dst.phase() == "postcopy" && pair.src.phase() == "postcopy").then_some(())
+    });
+    pair.src
+        .ctl("migrate-set-parameters", json!({"no_background": false}))
+        .expect("migrate-set-parameters");
+    let o = pair.src.wait_migration(secs(180));
+    assert_completed("source", &o);
+    let dv = wait_dest_completed(&mut pair.dst, secs(120));
+    assert!(pc(&dv, "recoveries") >= 1, "{dv}");
+    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(120));
+    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
+}
+
 #[test]
 fn postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over() {
     if !require_kvm("postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over")
@@ -471,19 +489,7 @@ fn postcopy_destination_umemd_killed_and_started_again_takes_the_migration_over(
     // migration, the source comes back to it, and every page arrives.
     std::thread::sleep(secs(1));
     pair.dst_umemd = t.umemd("umemd-dst");
-    wait_until(secs(30), "both sides to resume", || {
-        (pair.dst.phase() == "postcopy" && pair.src.phase() == "postcopy").then_some(())
-    });
-    // The rest now comes in the background too, so that the migration ends.
-    pair.src
-        .ctl("migrate-set-parameters", json!({"no_background": false}))
-        .expect("migrate-set-parameters");
-    let o = pair.src.wait_migration(secs(180));
-    assert_completed("source", &o);
-    let dv = wait_dest_completed(&mut pair.dst, secs(120));
-    assert!(pc(&dv, "recoveries") >= 1, "{dv}");
-    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(120));
-    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
+    assert_resumes_and_completes(&mut pair);
 }
 
 #[test]
@@ -539,18 +545,7 @@ fn postcopy_source_umemd_killed_and_started_again_takes_the_migration_over() {
     // systemd's Restart= in a test: a new umemd on the source's socket takes the migration
     // over from the memfd the source VMM kept, and the destination gets every page.
     pair.src_umemd = t.umemd("umemd-src");
-    wait_until(secs(30), "both sides to resume", || {
-        (pair.dst.phase() == "postcopy" && pair.src.phase() == "postcopy").then_some(())
-    });
-    pair.src
-        .ctl("migrate-set-parameters", json!({"no_background": false}))
-        .expect("migrate-set-parameters");
-    let o = pair.src.wait_migration(secs(180));
-    assert_completed("source", &o);
-    let dv = wait_dest_completed(&mut pair.dst, secs(120));
-    assert!(pc(&dv, "recoveries") >= 1, "{dv}");
-    assert_guest_runs_on(&pair.src, &mut pair.dst, 2, secs(120));
-    assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
+    assert_resumes_and_completes(&mut pair);
 }
 
 #[test]

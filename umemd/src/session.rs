@@ -153,28 +153,7 @@ pub fn run(mut conn: UnixStream) {
             uri,
             params,
             blocks,
-        } => {
-            if fds.len() != 1 {
-                return refuse(
-                    &mut conn,
-                    OpeningError::FdCount {
-                        message: "Outgoing",
-                        want: "exactly 1 fd (the guest RAM memfd)",
-                        got: fds.len(),
-                    },
-                );
-            }
-            let memfd = fds.remove(0);
-            let _claim = match MemfdClaim::new(&memfd) {
-                Ok(c) => c,
-                Err(e) => return refuse(&mut conn, e),
-            };
-            info!("{vm}: outgoing migration to {uri} ({:?})", params.mode);
-            match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks) {
-                Ok(s) => s.run(),
-                Err((mut c, e)) => refuse(&mut c, e),
-            }
-        }
+        } => outgoing(conn, fds, vm, uri, params, blocks, None),
         LocalMessage::Incoming {
             vm,
             uri,
@@ -224,28 +203,7 @@ pub fn run(mut conn: UnixStream) {
             params,
             blocks,
             session_id,
-        } => {
-            if fds.len() != 1 {
-                return refuse(
-                    &mut conn,
-                    OpeningError::FdCount {
-                        message: "ResumeOutgoing",
-                        want: "exactly 1 fd (the guest RAM memfd)",
-                        got: fds.len(),
-                    },
-                );
-            }
-            let memfd = fds.remove(0);
-            let _claim = match MemfdClaim::new(&memfd) {
-                Ok(c) => c,
-                Err(e) => return refuse(&mut conn, e),
-            };
-            info!("{vm}: postcopy session {session_id:#x} to {uri} taken over");
-            match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks) {
-                Ok(s) => s.run_resumed(session_id),
-                Err((mut c, e)) => refuse(&mut c, e),
-            }
-        }
+        } => outgoing(conn, fds, vm, uri, params, blocks, Some(session_id)),
         LocalMessage::ResumeIncoming {
             vm,
             uri,
@@ -281,6 +239,49 @@ pub fn run(mut conn: UnixStream) {
             }
         }
         other => refuse(&mut conn, OpeningError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// The source role: a new migration, or (`resume`) a postcopy session taken over from a umemd
+/// that died.
+fn outgoing(
+    mut conn: UnixStream,
+    mut fds: Vec<OwnedFd>,
+    vm: String,
+    uri: String,
+    params: proto::MigrationParams,
+    blocks: Vec<proto::local::LocalBlock>,
+    resume: Option<u64>,
+) {
+    if fds.len() != 1 {
+        return refuse(
+            &mut conn,
+            OpeningError::FdCount {
+                message: if resume.is_some() {
+                    "ResumeOutgoing"
+                } else {
+                    "Outgoing"
+                },
+                want: "exactly 1 fd (the guest RAM memfd)",
+                got: fds.len(),
+            },
+        );
+    }
+    let memfd = fds.remove(0);
+    let _claim = match MemfdClaim::new(&memfd) {
+        Ok(c) => c,
+        Err(e) => return refuse(&mut conn, e),
+    };
+    match resume {
+        None => info!("{vm}: outgoing migration to {uri} ({:?})", params.mode),
+        Some(id) => info!("{vm}: postcopy session {id:#x} to {uri} taken over"),
+    }
+    match source::Source::new(conn, vm, uri, params, memfd, blocks) {
+        Ok(s) => match resume {
+            None => s.run(),
+            Some(id) => s.run_resumed(id),
+        },
+        Err((mut c, e)) => refuse(&mut c, e),
     }
 }
 
