@@ -123,16 +123,7 @@ pub fn start_outgoing(m: &Arc<Machine>, uri: String) -> Result<(), MigrationErro
         (s.params, std::mem::replace(&mut s.migration, reserved))
     };
     match connect_outgoing(m, &uri, params) {
-        Ok(session) => {
-            let m2 = m.clone();
-            std::thread::Builder::new()
-                .name("migration".into())
-                .spawn(move || {
-                    let result = outgoing_loop(&m2, session);
-                    finish_outgoing(&m2, result);
-                })?;
-            Ok(())
-        }
+        Ok(session) => spawn_outgoing_thread(m, session),
         Err(e) => {
             m.state().migration = previous;
             Err(e)
@@ -244,48 +235,64 @@ fn finish_outgoing(m: &Arc<Machine>, result: Result<(), MigrationError>) {
 /// Postcopy lost the source's umemd: hands the migration (memfd, session id, destination) to
 /// the next umemd that answers on the socket, for as long as it takes.
 fn hand_outgoing_to_next_umemd(m: &Arc<Machine>) {
+    let taken = until_a_umemd_takes_it("the outgoing migration", || {
+        let s = m.state();
+        let (Some(id), Some(uri)) = (s.migration.session_id, s.migration.uri.clone()) else {
+            return Ok(None);
+        };
+        if s.migration.phase != Phase::PostcopyPaused {
+            // Cancelled meanwhile.
+            return Ok(None);
+        }
+        let params = s.params;
+        drop(s);
+        let ram = m.vm.ram();
+        let session = connect(m)?.resume_outgoing(
+            &m.name,
+            &uri,
+            params,
+            ram.local_blocks(),
+            ram.memfd_fd(),
+            id,
+        )?;
+        Ok(Some(session))
+    });
+    if let Some(session) = taken {
+        m.state().umemd = Some(session.control());
+        if let Err(e) = spawn_outgoing_thread(m, session) {
+            error!("{e}");
+        }
+    }
+}
+
+/// The thread that answers umemd for an outgoing migration, then settles its outcome.
+fn spawn_outgoing_thread(m: &Arc<Machine>, session: OutgoingSession) -> Result<(), MigrationError> {
+    let m2 = m.clone();
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let result = outgoing_loop(&m2, session);
+            finish_outgoing(&m2, result);
+        })?;
+    Ok(())
+}
+
+/// Offers a migration whose umemd died to the next umemd that answers on the socket, every
+/// [`UMEMD_RETRY`], for as long as it takes (systemd's `Restart=` brings one back): `offer`
+/// returns the new session once one took it, or `None` when there is nothing left to offer.
+fn until_a_umemd_takes_it<S>(
+    what: &str,
+    mut offer: impl FnMut() -> Result<Option<S>, MigrationError>,
+) -> Option<S> {
     loop {
         std::thread::sleep(UMEMD_RETRY);
-        let attempt = (|| -> Result<Option<OutgoingSession>, MigrationError> {
-            let s = m.state();
-            let (Some(id), Some(uri)) = (s.migration.session_id, s.migration.uri.clone()) else {
-                return Ok(None);
-            };
-            if s.migration.phase != Phase::PostcopyPaused {
-                return Ok(None);
-            }
-            let params = s.params;
-            drop(s);
-            let ram = m.vm.ram();
-            let session = connect(m)?.resume_outgoing(
-                &m.name,
-                &uri,
-                params,
-                ram.local_blocks(),
-                ram.memfd_fd(),
-                id,
-            )?;
-            Ok(Some(session))
-        })();
-        match attempt {
+        match offer() {
             Ok(Some(session)) => {
-                info!("a new umemd took the outgoing migration over");
-                m.state().umemd = Some(session.control());
-                let m2 = m.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("migration".into())
-                        .spawn(move || {
-                            let result = outgoing_loop(&m2, session);
-                            finish_outgoing(&m2, result);
-                        });
-                if let Err(e) = spawned {
-                    error!("starting the migration thread: {e}");
-                }
-                return;
+                info!("a new umemd took {what} over");
+                return Some(session);
             }
-            Ok(None) => return,
-            Err(e) => log::debug!("no umemd to take the outgoing migration over yet: {e}"),
+            Ok(None) => return None,
+            Err(e) => log::debug!("no umemd to take {what} over yet: {e}"),
         }
     }
 }
@@ -492,46 +499,36 @@ enum AfterIncoming {
 const UMEMD_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Postcopy lost its umemd: hands the migration (memfd, userfaultfd, session id, listen
-/// address) to the next umemd that answers on the socket, for as long as it takes (systemd's
-/// `Restart=` brings one back).
+/// address) to the next umemd that answers on the socket.
 fn hand_over_to_next_umemd(m: &Arc<Machine>, requested: String, autostart: bool) {
-    loop {
-        std::thread::sleep(UMEMD_RETRY);
-        let attempt = (|| -> Result<IncomingSession, MigrationError> {
-            let s = m.state();
-            let (Some(id), Some(uffd)) = (s.migration.session_id, s.uffd.as_ref()) else {
-                return Err(MigrationError::Refused("nothing left to hand over".into()));
-            };
-            let uri = s
-                .migration
-                .listen_uri
-                .clone()
-                .unwrap_or_else(|| requested.clone());
-            let ram = m.vm.ram();
-            let mut session = connect(m)?.resume_incoming(
-                &m.name,
-                &uri,
-                ram.local_blocks(),
-                ram.memfd_fd(),
-                uffd.as_fd(),
-                id,
-            )?;
-            drop(s);
-            session.wait_listening(std::time::Duration::from_secs(10))?;
-            session.vcpu_threads(m.vm.vcpu_control().thread_ids())?;
-            Ok(session)
-        })();
-        match attempt {
-            Ok(session) => {
-                info!("a new umemd took the migration over");
-                m.state().incoming = Some(session.control());
-                if let Err(e) = spawn_incoming_thread(m, session, requested.clone(), autostart) {
-                    error!("{e}");
-                }
-                return;
-            }
-            Err(MigrationError::Refused(e)) if e == "nothing left to hand over" => return,
-            Err(e) => log::debug!("no umemd to take the migration over yet: {e}"),
+    let taken = until_a_umemd_takes_it("the incoming migration", || {
+        let s = m.state();
+        let (Some(id), Some(uffd)) = (s.migration.session_id, s.uffd.as_ref()) else {
+            return Ok(None);
+        };
+        let uri = s
+            .migration
+            .listen_uri
+            .clone()
+            .unwrap_or_else(|| requested.clone());
+        let ram = m.vm.ram();
+        let mut session = connect(m)?.resume_incoming(
+            &m.name,
+            &uri,
+            ram.local_blocks(),
+            ram.memfd_fd(),
+            uffd.as_fd(),
+            id,
+        )?;
+        drop(s);
+        session.wait_listening(std::time::Duration::from_secs(10))?;
+        session.vcpu_threads(m.vm.vcpu_control().thread_ids())?;
+        Ok(Some(session))
+    });
+    if let Some(session) = taken {
+        m.state().incoming = Some(session.control());
+        if let Err(e) = spawn_incoming_thread(m, session, requested, autostart) {
+            error!("{e}");
         }
     }
 }
