@@ -4,7 +4,7 @@
 //! A page's way from the source VM to the destination VM: [`session`] receives the VMM's memfd,
 //! [`source`] reads the page through [`mapping`] and streams it, [`dest`] writes it into the
 //! destination's memfd. The two roles share only the modules at this level ([`link`],
-//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`], [`error`]); neither imports
+//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`], [`error`], [`phase`]); neither imports
 //! the other.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -14,6 +14,7 @@ pub mod dest;
 pub mod error;
 pub mod link;
 pub mod mapping;
+pub mod phase;
 pub mod priority;
 pub mod session;
 pub mod source;

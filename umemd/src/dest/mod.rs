@@ -38,6 +38,7 @@ use proto::{MigrationStats, Phase, PAGE_SIZE};
 
 use crate::link::{self, send_local, Delivery};
 use crate::mapping::GuestMapping;
+use crate::phase::Transitions;
 use crate::stream::{PeerListener, PeerStream};
 pub use error::{DestError, DestFailure};
 use fault::FaultHandler;

@@ -14,6 +14,8 @@ use std::fmt;
 
 use proto::Phase;
 
+pub use crate::phase::Transitions;
+
 /// Where an incoming migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DestPhase {
@@ -37,19 +39,11 @@ pub enum DestPhase {
     Failed,
 }
 
-/// An illegal phase transition: a bug in the session driver, reported rather than obeyed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("no transition from {from} to {to}")]
-pub struct PhaseError {
-    /// The phase the migration was in.
-    pub from: DestPhase,
-    /// The phase asked for.
-    pub to: DestPhase,
-}
+/// An illegal transition between two phases of this role.
+pub type PhaseError = crate::phase::PhaseError<DestPhase>;
 
-impl DestPhase {
-    /// True if `self` may be followed by `next`.
-    pub fn allows(self, next: DestPhase) -> bool {
+impl Transitions for DestPhase {
+    fn allows(self, next: Self) -> bool {
         use DestPhase::*;
         matches!(
             (self, next),
@@ -69,19 +63,9 @@ impl DestPhase {
                 )
         )
     }
+}
 
-    /// The phase after `self`, if the transition is legal.
-    pub fn advance(self, next: DestPhase) -> Result<DestPhase, PhaseError> {
-        if self.allows(next) {
-            Ok(next)
-        } else {
-            Err(PhaseError {
-                from: self,
-                to: next,
-            })
-        }
-    }
-
+impl DestPhase {
     /// True once the VMM holds the machine state (whether or not the VM runs yet).
     pub fn state_loaded(self) -> bool {
         matches!(
@@ -161,16 +145,7 @@ mod tests {
             (Loaded, Failed),
             (Postcopy, Failed),
         ];
-        for from in DestPhase::ALL {
-            for to in DestPhase::ALL {
-                let want = legal.contains(&(from, to));
-                assert_eq!(from.allows(to), want, "{from} -> {to}");
-                match from.advance(to) {
-                    Ok(p) => assert!(want && p == to, "{from} -> {to}"),
-                    Err(e) => assert_eq!((want, e), (false, PhaseError { from, to })),
-                }
-            }
-        }
+        crate::phase::assert_transitions(&DestPhase::ALL, &legal);
     }
 
     #[test]

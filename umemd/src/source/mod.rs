@@ -39,6 +39,7 @@ use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
+use crate::phase::Transitions;
 use crate::stats::rate;
 use crate::stream::PeerStream;
 pub use error::{SourceError, SourceFailure};

@@ -13,6 +13,8 @@ use std::fmt;
 
 use proto::Phase;
 
+pub use crate::phase::Transitions;
+
 /// Where an outgoing migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourcePhase {
@@ -35,19 +37,11 @@ pub enum SourcePhase {
     Failed,
 }
 
-/// An illegal phase transition: a bug in the session driver, reported rather than obeyed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("no transition from {from} to {to}")]
-pub struct PhaseError {
-    /// The phase the migration was in.
-    pub from: SourcePhase,
-    /// The phase asked for.
-    pub to: SourcePhase,
-}
+/// An illegal transition between two phases of this role.
+pub type PhaseError = crate::phase::PhaseError<SourcePhase>;
 
-impl SourcePhase {
-    /// True if `self` may be followed by `next`.
-    pub fn allows(self, next: SourcePhase) -> bool {
+impl Transitions for SourcePhase {
+    fn allows(self, next: Self) -> bool {
         use SourcePhase::*;
         matches!(
             (self, next),
@@ -68,19 +62,9 @@ impl SourcePhase {
                 )
         )
     }
+}
 
-    /// The phase after `self`, if the transition is legal.
-    pub fn advance(self, next: SourcePhase) -> Result<SourcePhase, PhaseError> {
-        if self.allows(next) {
-            Ok(next)
-        } else {
-            Err(PhaseError {
-                from: self,
-                to: next,
-            })
-        }
-    }
-
+impl SourcePhase {
     /// True once the switchover is committed: the VM may run on the destination.
     pub fn is_committed(self) -> bool {
         matches!(
@@ -158,16 +142,7 @@ mod tests {
             (Committed, Failed),
             (Postcopy, Failed),
         ];
-        for from in SourcePhase::ALL {
-            for to in SourcePhase::ALL {
-                let want = legal.contains(&(from, to));
-                assert_eq!(from.allows(to), want, "{from} -> {to}");
-                match from.advance(to) {
-                    Ok(p) => assert!(want && p == to, "{from} -> {to}"),
-                    Err(e) => assert_eq!((want, e), (false, PhaseError { from, to })),
-                }
-            }
-        }
+        crate::phase::assert_transitions(&SourcePhase::ALL, &legal);
     }
 
     #[test]
