@@ -236,6 +236,41 @@ pub enum Event {
     },
 }
 
+/// What a session does with a message from umemd.
+enum Report {
+    /// A report both roles pass on to `on_event` as it is.
+    Passed,
+    /// The migration ended (and `on_event` heard how).
+    End(Result<MigrationStats, ClientError>),
+    /// A message for the role itself to handle (boxed: the largest message would otherwise
+    /// size every report).
+    Own(Box<LocalMessage>),
+}
+
+/// Handles the messages both roles receive alike: progress, postcopy statistics and pauses,
+/// the session id, and the end of the migration.
+fn report(msg: LocalMessage, on_event: &mut impl FnMut(Event)) -> Report {
+    match msg {
+        LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
+        LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
+        LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
+        LocalMessage::Session(id) => on_event(Event::Session(id)),
+        LocalMessage::Completed(stats) => {
+            on_event(Event::Completed(stats));
+            return Report::End(Ok(stats));
+        }
+        LocalMessage::Failed { message, stats } => {
+            on_event(Event::Failed {
+                message: message.clone(),
+                stats,
+            });
+            return Report::End(Err(ClientError::Refused(message)));
+        }
+        other => return Report::Own(Box::new(other)),
+    }
+    Report::Passed
+}
+
 /// The sending half of a connection, shared by a session and its control handles so that
 /// frames from different threads never interleave.
 type Writer = Arc<Mutex<UnixStream>>;
@@ -515,31 +550,24 @@ impl OutgoingSession {
         mut on_event: impl FnMut(Event),
     ) -> Result<MigrationStats, ClientError> {
         loop {
-            match recv(&mut self.reader, &mut self.body)? {
-                LocalMessage::Harvest { stop } => self.harvest(vm, stop, &mut on_event)?,
-                LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
-                LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
-                LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
-                LocalMessage::Session(id) => on_event(Event::Session(id)),
-                LocalMessage::Committed => {
-                    self.committed = true;
-                    info!("switchover committed: the VM moves to the destination");
-                    on_event(Event::Committed);
-                }
-                LocalMessage::Completed(stats) => {
+            let msg = match report(recv(&mut self.reader, &mut self.body)?, &mut on_event) {
+                Report::Own(msg) => *msg,
+                Report::Passed => continue,
+                Report::End(Ok(stats)) => {
                     info!(
                         "migration completed: {} pages sent, downtime {} us",
                         stats.pages_sent, stats.downtime_us
                     );
-                    on_event(Event::Completed(stats));
                     return Ok(stats);
                 }
-                LocalMessage::Failed { message, stats } => {
-                    on_event(Event::Failed {
-                        message: message.clone(),
-                        stats,
-                    });
-                    return Err(ClientError::Refused(message));
+                Report::End(Err(e)) => return Err(e),
+            };
+            match msg {
+                LocalMessage::Harvest { stop } => self.harvest(vm, stop, &mut on_event)?,
+                LocalMessage::Committed => {
+                    self.committed = true;
+                    info!("switchover committed: the VM moves to the destination");
+                    on_event(Event::Committed);
                 }
                 other => return Err(ClientError::Unexpected(format!("{other:?}"))),
             }
@@ -667,19 +695,24 @@ impl IncomingSession {
         mut on_event: impl FnMut(Event),
     ) -> Result<MigrationStats, ClientError> {
         loop {
-            match recv(&mut self.reader, &mut self.body)? {
-                LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
-                LocalMessage::Session(id) => on_event(Event::Session(id)),
+            let msg = match report(recv(&mut self.reader, &mut self.body)?, &mut on_event) {
+                Report::Own(msg) => *msg,
+                Report::Passed => continue,
+                Report::End(Ok(stats)) => {
+                    info!("incoming migration completed");
+                    return Ok(stats);
+                }
+                Report::End(Err(e)) => return Err(e),
+            };
+            match msg {
                 LocalMessage::PostcopyBegin => {
                     self.postcopy = true;
                     on_event(Event::PostcopyBegin);
                 }
-                LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
                 LocalMessage::Listening { uri } => {
                     info!("waiting for the migration on {uri}");
                     on_event(Event::Listening(uri));
                 }
-                LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
                 LocalMessage::MachineState(blob) => {
                     if let Err(e) = vm.load_state(&blob) {
                         let _ = send(
@@ -701,18 +734,6 @@ impl IncomingSession {
                     on_event(Event::Running {
                         postcopy: self.postcopy,
                     });
-                }
-                LocalMessage::Completed(stats) => {
-                    info!("incoming migration completed");
-                    on_event(Event::Completed(stats));
-                    return Ok(stats);
-                }
-                LocalMessage::Failed { message, stats } => {
-                    on_event(Event::Failed {
-                        message: message.clone(),
-                        stats,
-                    });
-                    return Err(ClientError::Refused(message));
                 }
                 other => {
                     log::warn!("unexpected message from umemd: {other:?}");
