@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use proto::peer::{PeerMessage, VERSION};
 use proto::BlockDesc;
-use serde_json::{json, Value};
+use serde_json::json;
 use umem_testkit::pair::{
     assert_completed, assert_destination_failed_without_running, assert_guest_runs_on,
     AfterFailure, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
 };
 use umem_testkit::proxy::FaultProxy;
 use umem_testkit::{
-    assert_consecutive, assert_no_bad, parse_passes, require_kvm, secs, wait_until, TestEnv, Vmm,
+    assert_consecutive, assert_no_bad, parse_passes, require_kvm, secs, wait_until, TestEnv,
 };
 
 /// The link timeout these tests use.
@@ -44,10 +44,6 @@ fn time_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Durat
     t0.elapsed()
 }
 
-fn phase(vm: &Vmm) -> Value {
-    vm.query_migrate()["phase"].clone()
-}
-
 #[test]
 fn a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout() {
     if !require_kvm("a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout") {
@@ -72,7 +68,7 @@ fn a_stalled_link_in_precopy_is_noticed_by_both_sides_within_the_link_timeout() 
     let (src_took, dst_took) = std::thread::scope(|s| {
         let src = s.spawn(|| {
             time_until(secs(30), "the source noticing", || {
-                phase(&pair.src) == "failed"
+                pair.src.phase() == "failed"
             })
         });
         let dst = s.spawn(|| {
@@ -125,12 +121,12 @@ fn a_stalled_link_in_postcopy_pauses_both_sides_within_the_link_timeout() {
     let (src_took, dst_took) = std::thread::scope(|s| {
         let src = s.spawn(|| {
             time_until(secs(30), "the source pausing", || {
-                phase(&pair.src) == "postcopy-paused"
+                pair.src.phase() == "postcopy-paused"
             })
         });
         let dst = s.spawn(|| {
             time_until(secs(30), "the destination pausing", || {
-                phase(&pair.dst) == "postcopy-paused"
+                pair.dst.phase() == "postcopy-paused"
             })
         });
         (src.join().unwrap(), dst.join().unwrap())

@@ -15,13 +15,6 @@ use umem_testkit::{require_kvm, secs, wait_until, TestEnv, Vmm};
 
 const LINK_TIMEOUT_MS: u64 = 1000;
 
-fn phase(vm: &Vmm) -> String {
-    vm.query_migrate()["phase"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn postcopy_stat(vm: &Vmm, key: &str) -> u64 {
     vm.query_migrate()["postcopy"][key].as_u64().unwrap_or(0)
 }
@@ -50,7 +43,7 @@ fn postcopy_through_proxy(t: &TestEnv) -> (Pair, FaultProxy) {
 /// Both sides show `postcopy-paused` with a reason; the destination VM still runs.
 fn assert_paused(pair: &Pair) {
     wait_until(secs(10), "both sides to pause", || {
-        (phase(&pair.src) == "postcopy-paused" && phase(&pair.dst) == "postcopy-paused")
+        (pair.src.phase() == "postcopy-paused" && pair.dst.phase() == "postcopy-paused")
             .then_some(())
     });
     for vm in [&pair.src, &pair.dst] {
@@ -69,7 +62,7 @@ fn assert_paused(pair: &Pair) {
 /// one recovery counted, and the guest's memory is right.
 fn assert_recovers(pair: &mut Pair, back: Instant) -> Duration {
     wait_until(secs(30), "the source to resume", || {
-        (phase(&pair.src) != "postcopy-paused").then_some(())
+        (pair.src.phase() != "postcopy-paused").then_some(())
     });
     let resumed = back.elapsed();
     let o = pair.src.wait_migration(secs(180));
@@ -97,7 +90,7 @@ fn postcopy_resumes_after_the_link_is_cut_and_back() {
     // Down for a while: the source keeps trying, the destination VM keeps running.
     let passes = pair.dst.last_pass_number();
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(phase(&pair.src), "postcopy-paused");
+    assert_eq!(pair.src.phase(), "postcopy-paused");
     assert!(
         postcopy_stat(&pair.dst, "remaining_pages") > 0,
         "nothing was left to recover (remaining before the cut: {before})"
@@ -155,7 +148,7 @@ fn migrate_pause_then_recover_and_resume_on_a_new_address() {
     assert_paused(&pair);
     // Paused on purpose: the source does not reconnect by itself, though the old path works.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(phase(&pair.src), "postcopy-paused");
+    assert_eq!(pair.src.phase(), "postcopy-paused");
 
     // The destination listens somewhere else, and the source is told to go there.
     let old = pair.dst.listen_uri();

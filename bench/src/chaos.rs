@@ -61,13 +61,6 @@ struct Outcome {
     unfinished: bool,
 }
 
-fn phase(vm: &Vmm) -> String {
-    vm.query_migrate()["phase"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Waits until the source's migration has ended; returns its `query-migrate`.
 fn wait_end(src: &Vmm, timeout: Duration) -> Option<Value> {
     let t0 = Instant::now();
@@ -128,7 +121,7 @@ fn run_once(t: &TestEnv, mode: &str, fault: &str, at: Duration) -> Outcome {
     let Some(v) = wait_end(&pair.src, secs(120)) else {
         // A source still waiting is harmless if the destination completed (its answer was
         // lost with the link); anything else loses the VM.
-        if phase(&pair.dst) == "completed" && pair.src.status() == "postmigrate" {
+        if pair.dst.phase() == "completed" && pair.src.status() == "postmigrate" {
             out.end = "completed, the source still waiting for the last answer".into();
             out.unfinished = true;
         } else {
@@ -163,14 +156,14 @@ fn run_once(t: &TestEnv, mode: &str, fault: &str, at: Duration) -> Outcome {
         out.lost = Some(format!(
             "source {end} ({}), destination {} ({})",
             pair.src.status(),
-            phase(&pair.dst),
+            pair.dst.phase(),
             pair.dst.status()
         ));
         return out;
     }
     // Exactly one host runs the guest, and its passes go on without a bad page.
     let t0 = Instant::now();
-    while phase(&pair.dst) != "completed" && t0.elapsed() < secs(60) {
+    while pair.dst.phase() != "completed" && t0.elapsed() < secs(60) {
         std::thread::sleep(Duration::from_millis(50));
     }
     if pair.dst.status() == "paused" {
