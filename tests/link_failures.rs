@@ -15,7 +15,8 @@ use umem_testkit::pair::{
 };
 use umem_testkit::proxy::FaultProxy;
 use umem_testkit::{
-    assert_consecutive, assert_no_bad, parse_passes, require_kvm, secs, wait_until, TestEnv,
+    assert_consecutive, assert_no_bad, parse_passes, poll_every, require_kvm, secs, wait_until,
+    TestEnv,
 };
 
 /// The link timeout these tests use.
@@ -34,13 +35,8 @@ fn pair_with_guest(t: &TestEnv, mem: &str) -> Pair {
 /// Polls `f` every 20 ms until it is true; returns how long that took (panics after `limit`).
 fn time_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_every(limit, Duration::from_millis(20), || f().then_some(()))
+        .unwrap_or_else(|| panic!("{what} did not happen within {limit:?}"));
     t0.elapsed()
 }
 

@@ -15,12 +15,12 @@
 //! loses the VM when, at the end, the guest does not run on exactly one host, or a page read
 //! wrong. Prints one line per run and a summary; exits 0 only when no VM was lost.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use umem_testkit::pair::{MigrationSetup, Pair, MEMTOUCH_CMDLINE};
 use umem_testkit::proxy::FaultProxy;
-use umem_testkit::{parse_passes, require_kvm, secs, TestEnv, Vmm};
+use umem_testkit::{parse_passes, require_kvm, secs, try_wait_until, TestEnv, Vmm};
 
 const MODES: [&str; 3] = ["precopy", "postcopy", "hybrid"];
 const FAULTS: [&str; 5] = [
@@ -63,18 +63,14 @@ struct Outcome {
 
 /// Waits until the source's migration has ended; returns its `query-migrate`.
 fn wait_end(src: &Vmm, timeout: Duration) -> Option<Value> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
+    try_wait_until(timeout, || {
         let v = src.query_migrate();
-        if matches!(
+        matches!(
             v["phase"].as_str(),
             Some("completed" | "failed" | "cancelled")
-        ) {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+        )
+        .then_some(v)
+    })
 }
 
 fn run_once(t: &TestEnv, mode: &str, fault: &str, at: Duration) -> Outcome {
@@ -162,19 +158,15 @@ fn run_once(t: &TestEnv, mode: &str, fault: &str, at: Duration) -> Outcome {
         return out;
     }
     // Exactly one host runs the guest, and its passes go on without a bad page.
-    let t0 = Instant::now();
-    while pair.dst.phase() != "completed" && t0.elapsed() < secs(60) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    try_wait_until(secs(60), || (pair.dst.phase() == "completed").then_some(()));
     if pair.dst.status() == "paused" {
         let _ = pair.dst.ctl("cont", json!({}));
     }
     let src_status = pair.src.status();
     let last = pair.src.last_pass().map_or(0, |p| p.pass);
-    let t0 = Instant::now();
-    while pair.dst.last_pass().is_none_or(|p| p.pass < last + 2) && t0.elapsed() < secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    try_wait_until(secs(60), || {
+        pair.dst.last_pass().filter(|p| p.pass >= last + 2)
+    });
     let passes = parse_passes(&(pair.src.serial() + &pair.dst.serial()));
     out.bad = passes.iter().map(|p| p.bad).sum();
     out.recoveries = pair.dst.query_migrate()["postcopy"]["recoveries"]
