@@ -3,11 +3,15 @@
 #
 # Each step is a subcommand, so the same script works on one machine or on two hosts:
 #
+#   umem-pair.sh secret /etc/umem/vm0.key    # once; copy the file to the other host (scp)
+#
 #   destination host                          source host
 #   ----------------                          -----------
 #   umem-pair.sh umemd                        umem-pair.sh umemd
+#   SECRET_FILE=/etc/umem/vm0.key \
 #   DEST_LISTEN=tcp:0.0.0.0:4444 \
 #     umem-pair.sh dest                       umem-pair.sh source
+#                                             SECRET_FILE=/etc/umem/vm0.key \
 #                                             DEST_URI=tcp:DEST_HOST:4444 umem-pair.sh migrate
 #   umem-pair.sh cont    (if started paused)
 #   umem-pair.sh stop                         umem-pair.sh stop
@@ -15,6 +19,7 @@
 #   umem-pair.sh local     # all of the above on this machine, over loopback, then a check
 #
 # Subcommands:
+#   secret FILE write a new random secret to FILE (mode 0600) for SECRET_FILE
 #   umemd       start umemd on $UMEMD_SOCK unless one already answers there (e.g. the systemd
 #               unit, whose socket is /run/umem/umemd.sock, the default)
 #   source      start a VM running a built-in guest; control socket $VM_SOCK
@@ -40,15 +45,20 @@
 #   VM_MEM [1G]  VM_VCPUS [2]  VM_GUEST [memtouch]  VM_CMDLINE [pages=4096 pause=1000]
 #   VM_PREFILL      seed for filling RAM before boot, empty for none [1]
 #   DEST_LISTEN     where the destination umemd listens [tcp:0.0.0.0:4444]
+#   SECRET_FILE     the migration's secret, the same file on both hosts, readable only by its
+#                   owner; every connection of the migration proves both sides know it. umemd
+#                   refuses a TCP address beyond loopback without one [none]
+#   INSECURE        1: allow a non-loopback address without SECRET_FILE [0]
 #   DEST_PAUSED     1: the destination stays paused after the switchover until "cont" [0]
 #   DEST_URI        where the source's umemd connects [tcp:127.0.0.1:4444]
 #   MODE            precopy, postcopy or hybrid [precopy]
 #   MIGRATE_PARAMS  extra migrate arguments, key=value separated by spaces [downtime_limit_ms=50]
 #   TIMEOUT         seconds to wait for a migration [600]
 #
-# Between two hosts the migration stream is plain TCP from the source umemd to DEST_LISTEN on the
-# destination: open that port in the firewall, and use a trusted network (there is no
-# authentication or encryption on the stream yet).
+# Between two hosts the migration stream is TCP from the source umemd to DEST_LISTEN on the
+# destination: open that port in the firewall to the source host only. With SECRET_FILE both
+# umemds prove they know the secret on every connection; the stream itself is not encrypted
+# (see "Security model" in the README).
 
 set -euo pipefail
 
@@ -77,6 +87,8 @@ DEST_URI=${DEST_URI:-tcp:127.0.0.1:4444}
 MODE=${MODE:-precopy}
 MIGRATE_PARAMS=${MIGRATE_PARAMS:-downtime_limit_ms=50}
 TIMEOUT=${TIMEOUT:-600}
+SECRET_FILE=${SECRET_FILE:-}
+INSECURE=${INSECURE:-0}
 
 log() { echo "umem-pair: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -161,12 +173,21 @@ cmd_source() {
     log "source VM $VM_NAME runs; serial output in $UMEM_DIR/$VM_NAME.serial"
 }
 
+cmd_secret() {
+    local f=${1:?usage: umem-pair.sh secret FILE}
+    [ -e "$f" ] && die "$f exists; remove it first"
+    (umask 077 && head -c 32 /dev/urandom | base64 >"$f")
+    log "wrote a new secret to $f (mode 0600); give both hosts the same file"
+}
+
 cmd_dest() {
     need vmm umem-ctl
-    local paused=()
+    local paused=() auth=()
     [ "$DEST_PAUSED" = 1 ] && paused=(-S)
+    [ -n "$SECRET_FILE" ] && auth+=(--incoming-secret-file "$SECRET_FILE")
+    [ "$INSECURE" = 1 ] && auth+=(--incoming-insecure)
     spawn "$VM_NAME" "$UMEM_BIN/vmm" --name "$VM_NAME" --mem "$VM_MEM" --vcpus "$VM_VCPUS" \
-        --incoming "$DEST_LISTEN" "${paused[@]}" --control "$VM_SOCK" \
+        --incoming "$DEST_LISTEN" "${auth[@]}" "${paused[@]}" --control "$VM_SOCK" \
         --serial "$UMEM_DIR/$VM_NAME.serial" --umemd "$UMEMD_SOCK"
     wait_socket "$VM_SOCK" "$UMEM_DIR/$VM_NAME.pid"
     local uri="" deadline=$((SECONDS + 30)) m
@@ -186,10 +207,12 @@ cmd_dest() {
 cmd_migrate() {
     need umem-ctl
     local uri=${1:-$DEST_URI}
-    local params
+    local params auth=()
     read -r -a params <<<"$MIGRATE_PARAMS"
-    log "migrating $VM_NAME to $uri ($MODE ${MIGRATE_PARAMS})"
-    ctl migrate "uri=$uri" "mode=$MODE" "${params[@]}" >/dev/null
+    [ -n "$SECRET_FILE" ] && auth+=("secret_file=$SECRET_FILE")
+    [ "$INSECURE" = 1 ] && auth+=(insecure=true)
+    log "migrating $VM_NAME to $uri ($MODE ${MIGRATE_PARAMS}${SECRET_FILE:+, authenticated})"
+    ctl migrate "uri=$uri" "mode=$MODE" "${params[@]}" "${auth[@]}" >/dev/null
     local rc=0
     "$UMEM_BIN/umem-ctl" --timeout "$TIMEOUT" -s "$VM_SOCK" wait-migrate >/dev/null || rc=$?
     local final
@@ -228,6 +251,10 @@ cmd_local() {
     LOCAL_DST="$LOCAL_BASE/dst"
     mkdir -p "$LOCAL_SRC" "$LOCAL_DST"
     trap local_cleanup EXIT
+    # Loopback needs no secret, but the pair runs as it would between hosts.
+    export SECRET_FILE="$LOCAL_BASE/secret"
+    rm -f "$SECRET_FILE"
+    cmd_secret "$SECRET_FILE"
     src_env "$SELF" umemd
     dst_env "$SELF" umemd
     src_env "$SELF" source
@@ -256,6 +283,7 @@ local_cleanup() {
     src_env "$SELF" stop || true
     if [ "$LOCAL_OK" = 1 ] && [ "${KEEP:-0}" != 1 ]; then
         rm -rf "$LOCAL_SRC" "$LOCAL_DST"
+        rm -f "$LOCAL_BASE/secret"
         rmdir "$LOCAL_BASE" 2>/dev/null || true
     else
         log "logs and serial output are in $LOCAL_BASE"
@@ -263,7 +291,7 @@ local_cleanup() {
 }
 
 case "${1:-}" in
-    umemd|source|dest|migrate|status|cont|digest|stop|local)
+    secret|umemd|source|dest|migrate|status|cont|digest|stop|local)
         c=$1
         shift
         "cmd_$c" "$@"

@@ -41,6 +41,7 @@ fn incoming(blocks: Vec<LocalBlock>, has_uffd: bool) -> Vec<u8> {
         uri: "tcp:127.0.0.1:0".into(),
         blocks,
         has_uffd,
+        auth: Default::default(),
     }
     .encode(&mut buf);
     buf
@@ -53,6 +54,7 @@ fn outgoing(blocks: Vec<LocalBlock>) -> Vec<u8> {
         uri: "tcp:127.0.0.1:9".into(),
         params: MigrationParams::default(),
         blocks,
+        auth: Default::default(),
     }
     .encode(&mut buf);
     buf
@@ -386,6 +388,7 @@ fn source_memfd_cannot_shrink_after_handover() {
         uri,
         params: MigrationParams::default(),
         blocks: ram_low(SIZE),
+        auth: Default::default(),
     }
     .encode(&mut msg);
     send_opening(&conn, &msg, &[ram.as_raw_fd()]);
@@ -464,6 +467,7 @@ fn umemd_refuses_a_second_session_over_the_same_ram() {
             uri: uri.into(),
             params: MigrationParams::default(),
             blocks: ram_low(SIZE),
+            auth: Default::default(),
         }
         .encode(&mut buf);
         buf

@@ -133,7 +133,7 @@ use std::time::Instant;
 
 use log::info;
 use proto::frame;
-use proto::local::{LocalMessage, MAX_BITMAP_WORDS};
+use proto::local::{LocalMessage, PeerAuth, MAX_BITMAP_WORDS};
 use sendfd::SendWithFd;
 
 pub use proto::local::LocalBlock;
@@ -298,6 +298,7 @@ fn recv(conn: &mut UnixStream, body: &mut Vec<u8>) -> Result<LocalMessage, Clien
 #[derive(Debug)]
 pub struct UmemdClient {
     conn: UnixStream,
+    auth: PeerAuth,
 }
 
 impl UmemdClient {
@@ -308,12 +309,26 @@ impl UmemdClient {
             path: path.display().to_string(),
             err,
         })?;
-        Ok(UmemdClient { conn })
+        Ok(UmemdClient {
+            conn,
+            auth: PeerAuth::default(),
+        })
     }
 
     /// Uses an already connected stream (an inherited socket, or a test's stub).
     pub fn from_stream(conn: UnixStream) -> Self {
-        UmemdClient { conn }
+        UmemdClient {
+            conn,
+            auth: PeerAuth::default(),
+        }
+    }
+
+    /// How the migration's peer connections authenticate: the secret both hosts were given
+    /// for it (without one, umemd uses its host key file if it has one), and whether a
+    /// non-loopback address may go without any secret. Applies to the request that follows.
+    pub fn with_auth(mut self, auth: PeerAuth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Sends the opening frame with `fds` attached in the same `sendmsg`, and splits the
@@ -345,6 +360,7 @@ impl UmemdClient {
             uri: uri.to_string(),
             params,
             blocks: blocks.clone(),
+            auth: self.auth.clone(),
         };
         let (reader, writer) = self.open(&msg, &[memfd.as_raw_fd()])?;
         Ok(OutgoingSession {
@@ -374,6 +390,7 @@ impl UmemdClient {
             uri: uri.to_string(),
             blocks,
             has_uffd: uffd.is_some(),
+            auth: self.auth.clone(),
         };
         let mut fds = vec![memfd.as_raw_fd()];
         fds.extend(uffd.map(|u| u.as_raw_fd()));
@@ -407,6 +424,7 @@ impl UmemdClient {
             params,
             blocks: blocks.clone(),
             session_id,
+            auth: self.auth.clone(),
         };
         let (reader, writer) = self.open(&msg, &[memfd.as_raw_fd()])?;
         Ok(OutgoingSession {
@@ -438,6 +456,7 @@ impl UmemdClient {
             uri: uri.to_string(),
             blocks,
             session_id,
+            auth: self.auth.clone(),
         };
         let (reader, writer) = self.open(&msg, &[memfd.as_raw_fd(), uffd.as_raw_fd()])?;
         Ok(IncomingSession {

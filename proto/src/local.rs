@@ -4,6 +4,7 @@
 //! `Incoming` (destination), passing its guest-RAM memfd (and, for postcopy, its userfaultfd)
 //! beside that first frame with `SCM_RIGHTS`.
 
+use crate::auth::Secret;
 use crate::frame;
 use crate::types::{
     BlockDesc, MigrationParams, MigrationStats, PostcopyStats, MAX_BLOCKS, MAX_VCPUS,
@@ -83,6 +84,38 @@ fn decode_local_blocks(r: &mut Reader) -> Result<Vec<LocalBlock>, DecodeError> {
     Ok(v)
 }
 
+/// How the peer connections of a session are authenticated: given by the VMM with the request
+/// that opens the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerAuth {
+    /// The migration's shared secret; `None` uses umemd's host key file, if it has one.
+    pub secret: Option<Secret>,
+    /// Allow a TCP migration to or from a non-loopback address without any secret.
+    pub insecure: bool,
+}
+
+impl PeerAuth {
+    fn encode(&self, w: &mut Writer) {
+        w.bytes(self.secret.as_ref().map_or(&[][..], |s| s.as_bytes()));
+        w.bool(self.insecure);
+    }
+
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        let bytes = r.bytes("secret")?;
+        let secret = match bytes.len() {
+            0 => None,
+            _ => Some(
+                Secret::new(bytes.to_vec())
+                    .map_err(|e| DecodeError::invalid("secret", e.to_string()))?,
+            ),
+        };
+        Ok(PeerAuth {
+            secret,
+            insecure: r.bool("insecure")?,
+        })
+    }
+}
+
 /// A message on a VMM's connection to umemd, in either direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalMessage {
@@ -96,6 +129,8 @@ pub enum LocalMessage {
         params: MigrationParams,
         /// RAM layout.
         blocks: Vec<LocalBlock>,
+        /// How the connections to the destination authenticate.
+        auth: PeerAuth,
     },
     /// VMM: receive a VM on `uri`. The memfd (and the userfaultfd when `has_uffd`) ride along.
     Incoming {
@@ -107,6 +142,8 @@ pub enum LocalMessage {
         blocks: Vec<LocalBlock>,
         /// Whether a userfaultfd was passed.
         has_uffd: bool,
+        /// How the source's connections must authenticate.
+        auth: PeerAuth,
     },
     /// VMM (destination), to a umemd started again: go on with postcopy session `session_id`,
     /// whose VM runs here with pages still missing. The memfd and the userfaultfd ride along;
@@ -120,6 +157,8 @@ pub enum LocalMessage {
         blocks: Vec<LocalBlock>,
         /// The migration to go on with.
         session_id: u64,
+        /// How the peer connections authenticate.
+        auth: PeerAuth,
     },
     /// VMM (source), to a umemd started again: go on with postcopy session `session_id`,
     /// whose VM runs on the destination at `uri`; the memfd rides along. The destination says
@@ -135,6 +174,8 @@ pub enum LocalMessage {
         blocks: Vec<LocalBlock>,
         /// The migration to go on with.
         session_id: u64,
+        /// How the peer connections authenticate.
+        auth: PeerAuth,
     },
     /// umemd: the migration's session id, which a later connection (a recovery, a umemd
     /// started again) names it by.
@@ -231,33 +272,39 @@ impl LocalMessage {
                 uri,
                 params,
                 blocks,
+                auth,
             } => frame::encode(buf, kind::OUTGOING, |w| {
                 w.str(vm);
                 w.str(uri);
                 params.encode(w);
                 encode_local_blocks(w, blocks);
+                auth.encode(w);
             }),
             LocalMessage::Incoming {
                 vm,
                 uri,
                 blocks,
                 has_uffd,
+                auth,
             } => frame::encode(buf, kind::INCOMING, |w| {
                 w.str(vm);
                 w.str(uri);
                 encode_local_blocks(w, blocks);
                 w.bool(*has_uffd);
+                auth.encode(w);
             }),
             LocalMessage::ResumeIncoming {
                 vm,
                 uri,
                 blocks,
                 session_id,
+                auth,
             } => frame::encode(buf, kind::RESUME_INCOMING, |w| {
                 w.str(vm);
                 w.str(uri);
                 encode_local_blocks(w, blocks);
                 w.u64(*session_id);
+                auth.encode(w);
             }),
             LocalMessage::ResumeOutgoing {
                 vm,
@@ -265,12 +312,14 @@ impl LocalMessage {
                 params,
                 blocks,
                 session_id,
+                auth,
             } => frame::encode(buf, kind::RESUME_OUTGOING, |w| {
                 w.str(vm);
                 w.str(uri);
                 params.encode(w);
                 encode_local_blocks(w, blocks);
                 w.u64(*session_id);
+                auth.encode(w);
             }),
             LocalMessage::Session(id) => frame::encode(buf, kind::SESSION, |w| w.u64(*id)),
             LocalMessage::DirtyBitmap {
@@ -333,18 +382,21 @@ impl LocalMessage {
                 uri: r.str("uri")?.to_owned(),
                 params: MigrationParams::decode(&mut r)?,
                 blocks: decode_local_blocks(&mut r)?,
+                auth: PeerAuth::decode(&mut r)?,
             },
             kind::INCOMING => LocalMessage::Incoming {
                 vm: r.str("vm name")?.to_owned(),
                 uri: r.str("uri")?.to_owned(),
                 blocks: decode_local_blocks(&mut r)?,
                 has_uffd: r.bool("has_uffd")?,
+                auth: PeerAuth::decode(&mut r)?,
             },
             kind::RESUME_INCOMING => LocalMessage::ResumeIncoming {
                 vm: r.str("vm name")?.to_owned(),
                 uri: r.str("uri")?.to_owned(),
                 blocks: decode_local_blocks(&mut r)?,
                 session_id: r.u64("session_id")?,
+                auth: PeerAuth::decode(&mut r)?,
             },
             kind::RESUME_OUTGOING => LocalMessage::ResumeOutgoing {
                 vm: r.str("vm name")?.to_owned(),
@@ -352,6 +404,7 @@ impl LocalMessage {
                 params: MigrationParams::decode(&mut r)?,
                 blocks: decode_local_blocks(&mut r)?,
                 session_id: r.u64("session_id")?,
+                auth: PeerAuth::decode(&mut r)?,
             },
             kind::SESSION => LocalMessage::Session(r.u64("session_id")?),
             kind::DIRTY_BITMAP => {
@@ -463,12 +516,17 @@ mod tests {
                 uri: "tcp:127.0.0.1:4444".into(),
                 params,
                 blocks: blocks.clone(),
+                auth: PeerAuth::default(),
             },
             LocalMessage::Incoming {
                 vm: "vm0".into(),
                 uri: "tcp:0.0.0.0:0".into(),
                 blocks: blocks.clone(),
                 has_uffd: true,
+                auth: PeerAuth {
+                    secret: Some(Secret::new(b"0123456789abcdef".to_vec()).unwrap()),
+                    insecure: true,
+                },
             },
             LocalMessage::DirtyBitmap {
                 block: 1,
@@ -493,6 +551,7 @@ mod tests {
                 uri: "tcp:0.0.0.0:4444".into(),
                 blocks: blocks.clone(),
                 session_id: 42,
+                auth: PeerAuth::default(),
             },
             LocalMessage::ResumeOutgoing {
                 vm: "vm0".into(),
@@ -500,6 +559,7 @@ mod tests {
                 params,
                 blocks: blocks.clone(),
                 session_id: 42,
+                auth: PeerAuth::default(),
             },
             LocalMessage::Session(42),
             LocalMessage::Pause,

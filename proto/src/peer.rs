@@ -1,6 +1,8 @@
 //! Messages of the TCP migration stream between the source and the destination `umemd`.
 //!
-//! The source opens the connection and sends [`PeerMessage::Hello`]; the destination answers
+//! Every connection opens with the authentication exchange of [`crate::auth`]
+//! ([`PeerMessage::AuthHello`], [`PeerMessage::AuthChallenge`], [`PeerMessage::AuthProof`]).
+//! Then the source sends [`PeerMessage::Hello`]; the destination answers
 //! with its own `Hello` or an `Error`. Then the source sends its [`PeerMessage::Layout`], which
 //! the destination checks against its VMM's before any page moves. Page runs name a block by its
 //! index in that layout: the name crosses the wire once per migration instead of once per run.
@@ -11,6 +13,7 @@
 //! destination run the VM and answer [`PeerMessage::Started`]. A message lost anywhere in that
 //! exchange leaves the VM stopped on both sides, never running on both.
 
+use crate::auth::{AuthMethod, NONCE_LEN, PROOF_LEN};
 use crate::frame::{self, FramePrefix, PREFIX_LEN};
 use crate::types::{decode_blocks, encode_blocks, BlockDesc, PAGE_SIZE};
 use crate::wire::{DecodeError, Reader, Writer};
@@ -18,7 +21,7 @@ use crate::wire::{DecodeError, Reader, Writer};
 /// First bytes of every `Hello`.
 pub const MAGIC: [u8; 4] = *b"UMEM";
 /// Protocol version spoken by this build.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Capability: the peer can run postcopy.
 pub const CAP_POSTCOPY: u64 = 1 << 0;
 /// Capability: the peer can resume an interrupted migration on a new connection.
@@ -58,6 +61,9 @@ pub mod kind {
     pub const RECEIVED: u8 = 0x15;
     pub const RECEIVED_END: u8 = 0x16;
     pub const RESUMED: u8 = 0x17;
+    pub const AUTH_HELLO: u8 = 0x18;
+    pub const AUTH_CHALLENGE: u8 = 0x19;
+    pub const AUTH_PROOF: u8 = 0x1a;
 }
 
 /// Most bitmap words in one `Received` (4 GiB of guest RAM).
@@ -144,7 +150,27 @@ pub const PAGES_HEADER_LEN: usize = PREFIX_LEN + RUN_HEADER_LEN;
 /// value: they follow the header in the stream (see [`PageRun::encode_pages_header`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMessage {
-    /// Opens a connection, in both directions.
+    /// Source: the first frame of every connection: how it authenticates, and its nonce.
+    AuthHello {
+        /// `None` when the source has no secret.
+        method: AuthMethod,
+        /// Fresh random bytes.
+        nonce: [u8; NONCE_LEN],
+    },
+    /// Destination, answering an `AuthHello` with a secret: its own nonce, and its proof that
+    /// it knows the secret.
+    AuthChallenge {
+        /// Fresh random bytes.
+        nonce: [u8; NONCE_LEN],
+        /// The destination's proof over both nonces.
+        proof: [u8; PROOF_LEN],
+    },
+    /// Source: its proof over both nonces. The destination acts on nothing before it checks.
+    AuthProof {
+        /// The source's proof.
+        proof: [u8; PROOF_LEN],
+    },
+    /// After authentication, from the source; the destination answers with its own.
     Hello {
         /// Protocol version.
         version: u16,
@@ -242,10 +268,32 @@ pub enum PeerMessage {
     },
 }
 
+/// Reads exactly `N` bytes.
+fn fixed<const N: usize>(r: &mut Reader, field: &'static str) -> Result<[u8; N], DecodeError> {
+    let b = r.take(N, field)?;
+    let mut a = [0u8; N];
+    a.copy_from_slice(b);
+    Ok(a)
+}
+
 impl PeerMessage {
     /// Appends this message as one frame. For `Pages` only the header is written.
     pub fn encode(&self, buf: &mut Vec<u8>) {
         match self {
+            PeerMessage::AuthHello { method, nonce } => frame::encode(buf, kind::AUTH_HELLO, |w| {
+                w.raw(&MAGIC);
+                w.u8(method.to_u8());
+                w.raw(nonce);
+            }),
+            PeerMessage::AuthChallenge { nonce, proof } => {
+                frame::encode(buf, kind::AUTH_CHALLENGE, |w| {
+                    w.raw(nonce);
+                    w.raw(proof);
+                })
+            }
+            PeerMessage::AuthProof { proof } => {
+                frame::encode(buf, kind::AUTH_PROOF, |w| w.raw(proof))
+            }
             PeerMessage::Hello {
                 version,
                 capabilities,
@@ -332,6 +380,22 @@ impl PeerMessage {
     pub fn decode(kind: u8, body: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
         let msg = match kind {
+            kind::AUTH_HELLO => {
+                if r.take(4, "magic")? != MAGIC {
+                    return Err(DecodeError::invalid("magic", "not a umem peer"));
+                }
+                PeerMessage::AuthHello {
+                    method: AuthMethod::from_u8(r.u8("auth method")?)?,
+                    nonce: fixed(&mut r, "source nonce")?,
+                }
+            }
+            kind::AUTH_CHALLENGE => PeerMessage::AuthChallenge {
+                nonce: fixed(&mut r, "destination nonce")?,
+                proof: fixed(&mut r, "destination proof")?,
+            },
+            kind::AUTH_PROOF => PeerMessage::AuthProof {
+                proof: fixed(&mut r, "source proof")?,
+            },
             kind::HELLO => {
                 if r.take(4, "magic")? != MAGIC {
                     return Err(DecodeError::invalid("magic", "not a umem peer"));

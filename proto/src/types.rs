@@ -276,6 +276,9 @@ pub struct MigrationStats {
     pub downtime_us: u64,
     /// Time since the migration started, microseconds.
     pub total_us: u64,
+    /// Destination: connections dropped before they proved to be this migration's source
+    /// (failed authentication, garbage, another session's connection).
+    pub rejected_peers: u64,
 }
 
 impl MigrationStats {
@@ -294,6 +297,7 @@ impl MigrationStats {
             self.expected_downtime_us,
             self.downtime_us,
             self.total_us,
+            self.rejected_peers,
         ] {
             w.u64(v);
         }
@@ -314,6 +318,7 @@ impl MigrationStats {
             expected_downtime_us: r.u64("expected_downtime_us")?,
             downtime_us: r.u64("downtime_us")?,
             total_us: r.u64("total_us")?,
+            rejected_peers: r.u64("rejected_peers")?,
         })
     }
 }

@@ -17,8 +17,9 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
 
+use proto::auth::{AuthMethod, Secret, MAX_SECRET_LEN, MIN_SECRET_LEN, NONCE_LEN, PROOF_LEN};
 use proto::frame::{self, FrameError, FramePrefix, MAX_FRAME, PREFIX_LEN};
-use proto::local::{self, LocalBlock, LocalMessage, MAX_BITMAP_WORDS};
+use proto::local::{self, LocalBlock, LocalMessage, PeerAuth, MAX_BITMAP_WORDS};
 use proto::peer::{
     self, PageRun, PeerMessage, MAX_DISCARD_RANGES, MAX_ERROR_LEN, MAX_RUN_PAGES, RUN_HEADER_LEN,
 };
@@ -114,7 +115,7 @@ const PHASES: [Phase; 9] = [
     Phase::PostcopyPaused,
 ];
 
-const PEER_KINDS: [u8; 23] = [
+const PEER_KINDS: [u8; 26] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -138,6 +139,9 @@ const PEER_KINDS: [u8; 23] = [
     peer::kind::RECEIVED,
     peer::kind::RECEIVED_END,
     peer::kind::RESUMED,
+    peer::kind::AUTH_HELLO,
+    peer::kind::AUTH_CHALLENGE,
+    peer::kind::AUTH_PROOF,
 ];
 
 const LOCAL_KINDS: [u8; 26] = [
@@ -356,7 +360,7 @@ fn params() -> BoxedStrategy<MigrationParams> {
 }
 
 fn stats() -> BoxedStrategy<MigrationStats> {
-    (select(PHASES.to_vec()), any::<u32>(), any::<[u64; 11]>())
+    (select(PHASES.to_vec()), any::<u32>(), any::<[u64; 12]>())
         .prop_map(|(phase, rounds, v)| MigrationStats {
             phase,
             rounds,
@@ -371,6 +375,7 @@ fn stats() -> BoxedStrategy<MigrationStats> {
             expected_downtime_us: v[8],
             downtime_us: v[9],
             total_us: v[10],
+            rejected_peers: v[11],
         })
         .boxed()
 }
@@ -378,6 +383,19 @@ fn stats() -> BoxedStrategy<MigrationStats> {
 /// Every `PeerMessage` variant with valid fields.
 fn peer_message() -> BoxedStrategy<PeerMessage> {
     prop_oneof![
+        (any::<bool>(), any::<[u8; NONCE_LEN]>()).prop_map(|(hmac, nonce)| {
+            PeerMessage::AuthHello {
+                method: if hmac {
+                    AuthMethod::HmacSha256
+                } else {
+                    AuthMethod::None
+                },
+                nonce,
+            }
+        }),
+        (any::<[u8; NONCE_LEN]>(), any::<[u8; PROOF_LEN]>())
+            .prop_map(|(nonce, proof)| PeerMessage::AuthChallenge { nonce, proof }),
+        any::<[u8; PROOF_LEN]>().prop_map(|proof| PeerMessage::AuthProof { proof }),
         (any::<u16>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
             |(version, capabilities, session_id, link_timeout_ms)| PeerMessage::Hello {
                 version,
@@ -432,6 +450,19 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
     .boxed()
 }
 
+/// No secret, or one of any valid length.
+fn peer_auth() -> BoxedStrategy<PeerAuth> {
+    (
+        proptest::option::of(vec(any::<u8>(), MIN_SECRET_LEN..=MAX_SECRET_LEN)),
+        any::<bool>(),
+    )
+        .prop_map(|(secret, insecure)| PeerAuth {
+            secret: secret.map(|b| Secret::new(b).expect("length within bounds")),
+            insecure,
+        })
+        .boxed()
+}
+
 /// Every `LocalMessage` variant with valid fields.
 fn local_message() -> BoxedStrategy<LocalMessage> {
     prop_oneof![
@@ -439,53 +470,61 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
             text(0, MAX_STR),
             text(0, MAX_STR),
             params(),
-            sized_vec(local_block(), 1, MAX_BLOCKS)
+            sized_vec(local_block(), 1, MAX_BLOCKS),
+            peer_auth()
         )
-            .prop_map(|(vm, uri, params, blocks)| LocalMessage::Outgoing {
+            .prop_map(|(vm, uri, params, blocks, auth)| LocalMessage::Outgoing {
                 vm,
                 uri,
                 params,
                 blocks,
+                auth,
             }),
         (
             text(0, MAX_STR),
             text(0, MAX_STR),
             sized_vec(local_block(), 1, MAX_BLOCKS),
-            any::<bool>()
+            any::<bool>(),
+            peer_auth()
         )
-            .prop_map(|(vm, uri, blocks, has_uffd)| LocalMessage::Incoming {
+            .prop_map(|(vm, uri, blocks, has_uffd, auth)| LocalMessage::Incoming {
                 vm,
                 uri,
                 blocks,
                 has_uffd,
+                auth,
             }),
         (
             text(0, MAX_STR),
             text(0, MAX_STR),
             sized_vec(local_block(), 1, MAX_BLOCKS),
-            any::<u64>()
+            any::<u64>(),
+            peer_auth()
         )
             .prop_map(
-                |(vm, uri, blocks, session_id)| LocalMessage::ResumeOutgoing {
+                |(vm, uri, blocks, session_id, auth)| LocalMessage::ResumeOutgoing {
                     vm,
                     uri,
                     params: MigrationParams::default(),
                     blocks,
                     session_id,
+                    auth,
                 }
             ),
         (
             text(0, MAX_STR),
             text(0, MAX_STR),
             sized_vec(local_block(), 1, MAX_BLOCKS),
-            any::<u64>()
+            any::<u64>(),
+            peer_auth()
         )
             .prop_map(
-                |(vm, uri, blocks, session_id)| LocalMessage::ResumeIncoming {
+                |(vm, uri, blocks, session_id, auth)| LocalMessage::ResumeIncoming {
                     vm,
                     uri,
                     blocks,
                     session_id,
+                    auth,
                 }
             ),
         (
@@ -575,6 +614,9 @@ fn stream_bytes() -> BoxedStrategy<Vec<u8>> {
 fn peer_kind(m: &PeerMessage) -> u8 {
     use peer::kind::*;
     match m {
+        PeerMessage::AuthHello { .. } => AUTH_HELLO,
+        PeerMessage::AuthChallenge { .. } => AUTH_CHALLENGE,
+        PeerMessage::AuthProof { .. } => AUTH_PROOF,
         PeerMessage::Hello { .. } => HELLO,
         PeerMessage::Layout { .. } => LAYOUT,
         PeerMessage::LayoutAccepted => LAYOUT_ACCEPTED,
@@ -1287,6 +1329,10 @@ fn largest_valid_frames_round_trip() {
                 };
                 MAX_BLOCKS
             ],
+            auth: PeerAuth {
+                secret: Some(Secret::new(vec![0xa5; MAX_SECRET_LEN]).unwrap()),
+                insecure: true,
+            },
         },
         LocalMessage::Failed {
             message: filled(MAX_STR, 'z'),

@@ -51,7 +51,22 @@ impl TestEnv {
         Umemd::start(&self.dir, name)
     }
 
-    /// A builder for a vmm named `name` that talks to `umemd`.
+    /// Writes `secret` to a file `name` of this test, readable by its owner only, as a secret
+    /// file must be.
+    pub fn secret_file(&self, name: &str, secret: &str) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir().join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        std::io::Write::write_all(&mut f, secret.as_bytes()).expect("writing the secret");
+        path
+    }
+
+    /// A vmm of this test, using `umemd` (see [`VmmBuilder`]).
     pub fn vmm(&self, name: &str, umemd: &Umemd) -> VmmBuilder {
         VmmBuilder::new(&self.dir, name, umemd.socket())
     }

@@ -42,6 +42,7 @@
 //! | `guest_ram` | where guest RAM lies in a vmm process, and reading it from outside |
 //! | [`pair`] | the two sides of a migration and the checks every migration test makes |
 //! | [`proxy`] | a TCP proxy between the umemds that drops a chosen frame and cuts or restores the link |
+//! | [`peer`] | a source driven by hand, authentication included, for tests of hostile or broken peers |
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -50,6 +51,7 @@ mod binaries;
 mod env;
 mod guest_ram;
 pub mod pair;
+pub mod peer;
 mod process;
 pub mod proxy;
 mod serial;

@@ -29,6 +29,7 @@ pub struct VmmBuilder {
     prefill: Option<u64>,
     incoming: Option<String>,
     paused: bool,
+    extra: Vec<String>,
 }
 
 impl VmmBuilder {
@@ -45,6 +46,7 @@ impl VmmBuilder {
             prefill: None,
             incoming: None,
             paused: false,
+            extra: Vec::new(),
         }
     }
     /// `--mem` (e.g. "1G").
@@ -87,6 +89,12 @@ impl VmmBuilder {
         self
     }
 
+    /// One more command-line argument (e.g. `--incoming-secret-file`), after the others.
+    pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.extra.push(a.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
     /// Starts the vmm and waits until its control socket answers.
     pub fn start(self) -> Vmm {
         let control = self.dir.join(format!("{}.ctl", self.name));
@@ -119,6 +127,7 @@ impl VmmBuilder {
         if self.paused {
             cmd.arg("-S");
         }
+        cmd.args(&self.extra);
         let log = self.dir.join(format!("{}.log", self.name));
         let proc = Proc::spawn(&self.name, cmd, &log);
         let mut vm = Vmm {

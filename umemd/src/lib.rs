@@ -8,6 +8,7 @@
 //! the other.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod auth;
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;

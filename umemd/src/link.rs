@@ -85,6 +85,61 @@ fn writev(fd: BorrowedFd<'_>, head: &[u8], data: &VolatileSlice<'_>) -> io::Resu
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
+/// Why a frame did not arrive by its deadline.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadByError {
+    /// The deadline passed first.
+    #[error("timed out")]
+    Timeout,
+    /// The peer closed the connection.
+    #[error("connection closed")]
+    Closed,
+    /// Reading failed.
+    #[error("{0}")]
+    Io(io::Error),
+    /// The frame's prefix is invalid.
+    #[error("{0}")]
+    Frame(frame::FrameError),
+}
+
+/// Reads one frame into `body`, all of it before `deadline`: a peer that trickles bytes cannot
+/// stretch the wait, as a timeout per read would let it. Heartbeats are skipped (a peer waiting
+/// for an answer keeps the link alive meanwhile). Leaves a read timeout set on `peer`.
+pub fn read_frame_by(
+    peer: &mut PeerStream,
+    body: &mut Vec<u8>,
+    deadline: std::time::Instant,
+) -> Result<proto::FramePrefix, ReadByError> {
+    let mut read_by = |buf: &mut [u8]| -> Result<(), ReadByError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(ReadByError::Timeout);
+            }
+            peer.set_read_timeout(Some(left)).map_err(ReadByError::Io)?;
+            match peer.read(&mut buf[done..]) {
+                Ok(0) => return Err(ReadByError::Closed),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(ReadByError::Timeout),
+                Err(e) => return Err(ReadByError::Io(e)),
+            }
+        }
+        Ok(())
+    };
+    loop {
+        let mut prefix = [0u8; proto::PREFIX_LEN];
+        read_by(&mut prefix)?;
+        let p = proto::FramePrefix::parse(&prefix).map_err(ReadByError::Frame)?;
+        body.resize(p.len as usize, 0);
+        read_by(body)?;
+        if p.kind != proto::peer::kind::HEARTBEAT {
+            return Ok(p);
+        }
+    }
+}
+
 /// Why a reader thread's connection ended.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {

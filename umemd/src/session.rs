@@ -153,12 +153,14 @@ pub fn run(mut conn: UnixStream) {
             uri,
             params,
             blocks,
-        } => outgoing(conn, fds, vm, uri, params, blocks, None),
+            auth,
+        } => outgoing(conn, fds, vm, uri, params, blocks, auth, None),
         LocalMessage::Incoming {
             vm,
             uri,
             blocks,
             has_uffd,
+            auth,
         } => {
             if fds.len() != 1 + has_uffd as usize {
                 return refuse(
@@ -189,7 +191,7 @@ pub fn run(mut conn: UnixStream) {
                 "{vm}: incoming migration on {uri}{}",
                 if has_uffd { " (postcopy capable)" } else { "" }
             );
-            match dest::Dest::new(conn, vm.clone(), &uri, memfd, uffd, blocks) {
+            match dest::Dest::new(conn, vm.clone(), &uri, memfd, uffd, blocks, auth) {
                 Ok(d) => d.run(),
                 Err((mut c, e)) => {
                     error!("{vm}: {e}");
@@ -203,12 +205,14 @@ pub fn run(mut conn: UnixStream) {
             params,
             blocks,
             session_id,
-        } => outgoing(conn, fds, vm, uri, params, blocks, Some(session_id)),
+            auth,
+        } => outgoing(conn, fds, vm, uri, params, blocks, auth, Some(session_id)),
         LocalMessage::ResumeIncoming {
             vm,
             uri,
             blocks,
             session_id,
+            auth,
         } => {
             if fds.len() != 2 {
                 return refuse(
@@ -230,7 +234,7 @@ pub fn run(mut conn: UnixStream) {
                 return refuse(&mut conn, e);
             }
             info!("{vm}: postcopy session {session_id:#x} taken over on {uri}");
-            match dest::Dest::new(conn, vm.clone(), &uri, memfd, Some(uffd), blocks) {
+            match dest::Dest::new(conn, vm.clone(), &uri, memfd, Some(uffd), blocks, auth) {
                 Ok(d) => d.run_resumed(session_id),
                 Err((mut c, e)) => {
                     error!("{vm}: {e}");
@@ -244,6 +248,7 @@ pub fn run(mut conn: UnixStream) {
 
 /// The source role: a new migration, or (`resume`) a postcopy session taken over from a umemd
 /// that died.
+#[allow(clippy::too_many_arguments)]
 fn outgoing(
     mut conn: UnixStream,
     mut fds: Vec<OwnedFd>,
@@ -251,6 +256,7 @@ fn outgoing(
     uri: String,
     params: proto::MigrationParams,
     blocks: Vec<proto::local::LocalBlock>,
+    auth: proto::local::PeerAuth,
     resume: Option<u64>,
 ) {
     if fds.len() != 1 {
@@ -276,7 +282,7 @@ fn outgoing(
         None => info!("{vm}: outgoing migration to {uri} ({:?})", params.mode),
         Some(id) => info!("{vm}: postcopy session {id:#x} to {uri} taken over"),
     }
-    match source::Source::new(conn, vm, uri, params, memfd, blocks) {
+    match source::Source::new(conn, vm, uri, params, memfd, blocks, auth) {
         Ok(s) => match resume {
             None => s.run(),
             Some(id) => s.run_resumed(id),

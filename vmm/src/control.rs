@@ -8,6 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use log::{debug, warn};
+use proto::auth::Secret;
+use proto::local::PeerAuth;
 use proto::MigrationParams;
 use serde_json::{json, Value};
 
@@ -134,6 +136,7 @@ pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
             .map(|_| json!({})),
         "quit" => return (ok(json!({})), true),
         "migrate" => migrate(m, &args),
+        "migrate-incoming" => migrate_incoming(m, &args),
         "migrate-cancel" => migration::cancel(m)
             .map(|_| json!({}))
             .map_err(|e| e.to_string()),
@@ -184,7 +187,7 @@ fn merge_params(base: MigrationParams, args: &Value) -> Result<MigrationParams, 
         return Err("parameters must be an object".into());
     };
     for (k, val) in a {
-        if k == "uri" {
+        if ["uri", "secret", "secret_file", "insecure"].contains(&k.as_str()) {
             continue;
         }
         if !obj.contains_key(k) {
@@ -223,7 +226,13 @@ fn ram_digest(m: &Machine, args: &Value) -> Result<Value, String> {
                     .into(),
             );
         }
+        // Before the VM ran here a hole is a page that has not arrived: zeros so far, and
+        // nothing would serve a read of it through the userfaultfd yet.
         s.uffd.is_none()
+            || matches!(
+                s.status,
+                crate::machine::Status::Inmigrate | crate::machine::Status::MigrateFailed
+            )
     };
     let blocks: Vec<Value> =
         m.vm.ram()
@@ -251,17 +260,86 @@ fn uri_arg(args: &Value, cmd: &str) -> Result<String, String> {
 
 fn migrate(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
     let uri = uri_arg(args, "migrate")?;
+    let auth = peer_auth(args)?;
     let current = m.state().params;
     let params = merge_params(current, args)?;
     m.state().params = params;
-    migration::start_outgoing(m, uri)
+    migration::start_outgoing(m, uri, auth)
         .map(|_| json!({}))
         .map_err(|e| e.to_string())
+}
+
+/// `migrate-incoming`: where a VMM started with `--incoming defer` listens, and with which
+/// secret; once.
+fn migrate_incoming(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
+    let uri = uri_arg(args, "migrate-incoming")?;
+    let auth = peer_auth(args)?;
+    let autostart = m.state().deferred_incoming.take().ok_or(
+        "migrate-incoming applies once, to a VMM started with --incoming defer".to_string(),
+    )?;
+    migration::start_incoming(m, uri, auth, autostart)
+        .map(|_| json!({}))
+        .map_err(|e| {
+            // Nothing listens: the operator may try again.
+            m.state().deferred_incoming = Some(autostart);
+            e.to_string()
+        })
+}
+
+/// How the migration's peers authenticate: `secret` (the text itself) or `secret_file` (a
+/// file only its owner can read; its trailing newline is not part of the secret), and
+/// `insecure`, which allows a non-loopback address without a secret.
+pub fn peer_auth(args: &Value) -> Result<PeerAuth, String> {
+    let text = |key: &str| -> Result<Option<&str>, String> {
+        match args.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or(format!("\"{key}\" must be a string")),
+        }
+    };
+    let secret = match (text("secret")?, text("secret_file")?) {
+        (Some(_), Some(_)) => return Err("give \"secret\" or \"secret_file\", not both".into()),
+        (Some(s), None) => Some(Secret::new(s.as_bytes().to_vec()).map_err(|e| e.to_string())?),
+        (None, Some(f)) => {
+            Some(Secret::from_file(std::path::Path::new(f)).map_err(|e| e.to_string())?)
+        }
+        (None, None) => None,
+    };
+    let insecure = match args.get("insecure") {
+        None => false,
+        Some(v) => v
+            .as_bool()
+            .ok_or("\"insecure\" must be true or false".to_string())?,
+    };
+    Ok(PeerAuth { secret, insecure })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_auth_takes_a_secret_or_a_file_never_both() {
+        assert_eq!(peer_auth(&json!({})).unwrap(), PeerAuth::default());
+        let a = peer_auth(&json!({"secret": "0123456789abcdef", "insecure": true})).unwrap();
+        assert_eq!(a.secret.unwrap().as_bytes(), b"0123456789abcdef");
+        assert!(a.insecure);
+        assert!(peer_auth(&json!({"secret": "short"}))
+            .unwrap_err()
+            .contains("at least 16"));
+        assert!(peer_auth(&json!({"secret": "0123456789abcdef", "secret_file": "/x"})).is_err());
+        assert!(peer_auth(&json!({"secret_file": "/nonexistent/key"})).is_err());
+        assert!(peer_auth(&json!({"insecure": "yes"})).is_err());
+        // The secret is no migration parameter: it is never stored with them, nor shown.
+        let p = merge_params(
+            MigrationParams::default(),
+            &json!({"secret": "0123456789abcdef", "secret_file": "/x", "insecure": true}),
+        )
+        .unwrap();
+        assert_eq!(p, MigrationParams::default());
+    }
 
     #[test]
     fn params_merge_and_refuse_unknown() {

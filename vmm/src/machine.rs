@@ -71,6 +71,12 @@ pub struct ControlState {
     pub was_running: bool,
     /// Destination: the userfaultfd over guest RAM, held until every page is present.
     pub uffd: Option<crate::uffd::RamUffd>,
+    /// How the current (or last) migration's peer connections authenticate; kept so that a
+    /// umemd taking the migration over, or listening again, uses the same secret.
+    pub peer_auth: proto::local::PeerAuth,
+    /// Started with `--incoming defer`: `migrate-incoming` has yet to say where to listen;
+    /// whether to run the VM once it arrived.
+    pub deferred_incoming: Option<bool>,
 }
 
 /// A VM under control.
@@ -105,6 +111,8 @@ impl Machine {
                 incoming: None,
                 was_running: false,
                 uffd: None,
+                peer_auth: Default::default(),
+                deferred_incoming: None,
             }),
         })
     }

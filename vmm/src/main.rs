@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::{error, info};
+use proto::auth::Secret;
+use proto::local::PeerAuth;
 use vmm::devices::SerialOut;
 use vmm::machine::{Machine, Status};
 use vmm::memory::GuestRam;
@@ -43,9 +45,18 @@ struct Args {
     #[arg(long, default_value = "/run/umem/umemd.sock")]
     umemd: PathBuf,
     /// Receive the VM from a migration listening here: tcp:HOST:PORT (port 0 picks one) between
-    /// hosts, or unix:PATH within one host.
+    /// hosts, or unix:PATH within one host; or "defer", to say where (and with which secret)
+    /// later with the control command migrate-incoming.
     #[arg(long)]
     incoming: Option<String>,
+    /// The incoming migration's secret, in a file only its owner can read: the source must
+    /// prove it knows the same one (its migrate command's secret or secret_file).
+    #[arg(long, requires = "incoming")]
+    incoming_secret_file: Option<PathBuf>,
+    /// Allow --incoming on a TCP address beyond loopback without any secret: anybody who
+    /// reaches the port could then send this VM its memory and registers.
+    #[arg(long, requires = "incoming")]
+    incoming_insecure: bool,
     /// Do not start the vCPUs (at boot, or after an incoming migration) until "cont".
     #[arg(long, short = 'S')]
     paused: bool,
@@ -131,8 +142,17 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
     let machine = Machine::new(vm, args.name.clone(), args.umemd.clone(), status);
-    if let Some(uri) = args.incoming.clone() {
-        migration::start_incoming(&machine, uri, !args.paused).map_err(|e| e.to_string())?;
+    if args.incoming.as_deref() == Some("defer") {
+        machine.state().deferred_incoming = Some(!args.paused);
+    } else if let Some(uri) = args.incoming.clone() {
+        let auth = PeerAuth {
+            secret: match &args.incoming_secret_file {
+                Some(f) => Some(Secret::from_file(f).map_err(|e| e.to_string())?),
+                None => None,
+            },
+            insecure: args.incoming_insecure,
+        };
+        migration::start_incoming(&machine, uri, auth, !args.paused).map_err(|e| e.to_string())?;
     } else if status == Status::Running {
         machine.vm.resume();
     }

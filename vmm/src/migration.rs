@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use log::{error, info};
+use proto::local::PeerAuth;
 use proto::{MigrationParams, Phase};
 use umem_client::{
     BoxError, ClientError, Event, IncomingSession, MigrationSource, MigrationTarget,
@@ -94,14 +95,15 @@ impl MigrationTarget for Target<'_> {
     }
 }
 
-fn connect(m: &Machine) -> Result<UmemdClient, MigrationError> {
-    Ok(UmemdClient::connect(&m.umemd_socket)?)
+/// A connection to umemd whose next request authenticates its peers as `auth` says.
+fn connect(m: &Machine, auth: &PeerAuth) -> Result<UmemdClient, MigrationError> {
+    Ok(UmemdClient::connect(&m.umemd_socket)?.with_auth(auth.clone()))
 }
 
 /// Starts an outgoing migration to `uri` in the background. At most one runs at a time: the
 /// check and the reservation happen under one lock, so two racing `migrate` commands cannot
 /// both proceed.
-pub fn start_outgoing(m: &Arc<Machine>, uri: String) -> Result<(), MigrationError> {
+pub fn start_outgoing(m: &Arc<Machine>, uri: String, auth: PeerAuth) -> Result<(), MigrationError> {
     let (params, previous) = {
         let mut s = m.state();
         if s.migration.phase.is_active() || s.umemd.is_some() {
@@ -120,9 +122,10 @@ pub fn start_outgoing(m: &Arc<Machine>, uri: String) -> Result<(), MigrationErro
             uri: Some(uri.clone()),
             ..Default::default()
         };
+        s.peer_auth = auth.clone();
         (s.params, std::mem::replace(&mut s.migration, reserved))
     };
-    match connect_outgoing(m, &uri, params) {
+    match connect_outgoing(m, &uri, params, &auth) {
         Ok(session) => spawn_outgoing_thread(m, session),
         Err(e) => {
             m.state().migration = previous;
@@ -136,8 +139,9 @@ fn connect_outgoing(
     m: &Machine,
     uri: &str,
     params: MigrationParams,
+    auth: &PeerAuth,
 ) -> Result<OutgoingSession, MigrationError> {
-    let client = connect(m)?;
+    let client = connect(m, auth)?;
     // Log from now on, so every page written after the first full pass is seen dirty.
     m.vm.set_dirty_logging(true)?;
     let opened = (0..m.vm.ram().blocks().len())
@@ -244,10 +248,10 @@ fn hand_outgoing_to_next_umemd(m: &Arc<Machine>) {
             // Cancelled meanwhile.
             return Ok(None);
         }
-        let params = s.params;
+        let (params, auth) = (s.params, s.peer_auth.clone());
         drop(s);
         let ram = m.vm.ram();
-        let session = connect(m)?.resume_outgoing(
+        let session = connect(m, &auth)?.resume_outgoing(
             &m.name,
             &uri,
             params,
@@ -401,9 +405,10 @@ pub fn set_params(m: &Machine, p: MigrationParams) -> Result<(), MigrationError>
 pub fn start_incoming(
     m: &Arc<Machine>,
     uri: String,
+    auth: PeerAuth,
     autostart: bool,
 ) -> Result<(), MigrationError> {
-    let client = connect(m)?;
+    let client = connect(m, &auth)?;
     // Registered before any state can be loaded: loading may touch guest RAM.
     let uffd = RamUffd::new(m.vm.ram())?;
     let ram = m.vm.ram();
@@ -422,6 +427,7 @@ pub fn start_incoming(
         s.migration.listen_uri = Some(listen_uri);
         s.uffd = Some(uffd);
         s.incoming = Some(session.control());
+        s.peer_auth = auth;
     }
     spawn_incoming_thread(m, session, uri, autostart)
 }
@@ -512,7 +518,7 @@ fn hand_over_to_next_umemd(m: &Arc<Machine>, requested: String, autostart: bool)
             .clone()
             .unwrap_or_else(|| requested.clone());
         let ram = m.vm.ram();
-        let mut session = connect(m)?.resume_incoming(
+        let mut session = connect(m, &s.peer_auth)?.resume_incoming(
             &m.name,
             &uri,
             ram.local_blocks(),
@@ -537,20 +543,24 @@ fn hand_over_to_next_umemd(m: &Arc<Machine>, requested: String, autostart: bool)
 /// listens again where it listened (the port umemd picked, if it picked one), so that the
 /// source can simply retry. Stays `migrate-failed` when that is impossible (umemd is gone).
 fn listen_again_after_failure(m: &Arc<Machine>, requested: &str, autostart: bool) {
-    let uri = {
+    let (uri, auth) = {
         let mut s = m.state();
         // The new session registers a userfaultfd of its own; this one must let go first.
         if let Some(u) = s.uffd.take() {
             u.release();
         }
-        s.migration.listen_uri.clone()
-    }
-    .unwrap_or_else(|| requested.to_string());
+        let uri = s
+            .migration
+            .listen_uri
+            .clone()
+            .unwrap_or_else(|| requested.to_string());
+        (uri, s.peer_auth.clone())
+    };
     let reset = m.vm.ram().discard_all();
     // The failed session's umemd thread may still hold the address for a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let result = reset.map_err(MigrationError::from).and_then(|()| loop {
-        match start_incoming(m, uri.clone(), autostart) {
+        match start_incoming(m, uri.clone(), auth.clone(), autostart) {
             // Until the failed session has ended in umemd, it holds the RAM and the address.
             Err(MigrationError::Client(ClientError::Refused(e)))
                 if (e.contains("in use") || e.contains("already in a migration"))

@@ -64,6 +64,9 @@ pub enum DestError {
     /// The source failed and said why.
     #[error("source failed: {0}")]
     PeerFailed(String),
+    /// The address may not be used without a secret.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     /// Accepting the source's connection failed.
     #[error("accepting the source: {0}")]
     Accept(#[source] io::Error),

@@ -26,16 +26,16 @@ impl Dest {
         &mut self,
         writer_slot: &mut Option<PeerWriter>,
     ) -> Result<(), DestError> {
-        let uri = self.listener.uri()?;
+        let uri = self.listen_uri.clone();
         send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
-        let mut peer = self.accept(None)?;
+        let (mut peer, hello) = self.accept_source()?;
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
         // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
         let writer: PeerWriter = Arc::new(Mutex::new(peer.try_clone().map_err(DestError::Peer)?));
         *writer_slot = Some(writer.clone());
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let session_id = self.handshake(&mut peer, deadline)?;
+        let session_id = self.handshake(&mut peer, hello, deadline)?;
         if self.postcopy.is_some() {
             self.accept_urgent(session_id, deadline)?;
         }

@@ -1,83 +1,109 @@
-//! Accepting the source: its connections, its hello and its RAM layout.
+//! Accepting the source: its connections (each through the [`super::gate`]), its hello and its RAM
+//! layout.
 
-use std::io::Read;
-use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use log::info;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 use proto::types::{MAX_LINK_TIMEOUT_MS, MIN_LINK_TIMEOUT_MS};
 use proto::BlockDesc;
 
 use super::error::{DestError, LayoutMismatch};
+
 use super::{Dest, HANDSHAKE_TIMEOUT};
-use crate::link::send_peer;
+use crate::link::{self, send_peer, ReadByError};
 use crate::stream::PeerStream;
 
 impl Dest {
-    /// Waits for the source (until `deadline`, if any), giving up if the VMM goes away
-    /// meanwhile.
-    pub(super) fn accept(&mut self, deadline: Option<Instant>) -> Result<PeerStream, DestError> {
+    /// Waits (until `deadline`, if any) for a connection that authenticates and whose first
+    /// message `expect` accepts, giving up if the VMM goes away meanwhile. Every other
+    /// connection is told why, dropped, logged and counted, and the wait goes on: no stranger
+    /// can end it. `waiting_for` names the connection, for logs and the timeout's error.
+    pub(super) fn accept(
+        &mut self,
+        deadline: Option<Instant>,
+        waiting_for: &'static str,
+        expect: impl Fn(&PeerMessage) -> Result<(), String>,
+    ) -> Result<(PeerStream, PeerMessage), DestError> {
         loop {
             self.poll_vmm()?;
-            match self.listener.accept() {
-                Ok((s, from)) => {
-                    info!("{}: migration stream from {from}", self.vm);
-                    return Ok(s);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if deadline.is_some_and(|d| Instant::now() > d) {
-                        return Err(DestError::Timeout {
-                            waiting_for: "the source's second connection",
-                            secs: HANDSHAKE_TIMEOUT.as_secs(),
-                        });
+            let admitted = self.gate.next(Duration::from_millis(10));
+            if let Some(a) = admitted {
+                match expect(&a.first) {
+                    Ok(()) => {
+                        info!("{}: {waiting_for} from {}", self.vm, a.from);
+                        self.count_rejected();
+                        return Ok((a.stream, a.first));
                     }
-                    let mut fds = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-                    let _ = poll(&mut fds, PollTimeout::from(100u16));
+                    Err(why) => self.gate.reject(a, &why),
                 }
-                Err(e) => return Err(DestError::Accept(e)),
+            }
+            self.count_rejected();
+            if deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(DestError::Timeout {
+                    waiting_for,
+                    secs: HANDSHAKE_TIMEOUT.as_secs(),
+                });
             }
         }
     }
 
-    /// Checks the source's hello and layout, all before `deadline`; returns the session id.
-    /// Adopts the source's link timeout (within bounds) for the rest of the session.
-    pub(super) fn handshake(
-        &mut self,
-        peer: &mut PeerStream,
-        deadline: Instant,
-    ) -> Result<u64, DestError> {
-        const CONTEXT: &str = "source handshake";
-        let mut body = Vec::new();
-        let p = read_frame_by(peer, &mut body, deadline, CONTEXT)?;
-        let session_id = match PeerMessage::decode(p.kind, &body) {
-            Ok(PeerMessage::Hello {
-                version,
+    /// Connections dropped at the door are counted in the statistics the VMM reports
+    /// (`rejected_peers`), at once.
+    fn count_rejected(&mut self) {
+        let n = self.gate.rejected();
+        if n != self.stats.rejected_peers {
+            self.stats.rejected_peers = n;
+            self.progress(true);
+        }
+    }
+
+    /// Waits for the source's main stream: a connection that authenticates and says `Hello`
+    /// in this protocol version.
+    pub(super) fn accept_source(&mut self) -> Result<(PeerStream, SourceHello), DestError> {
+        let (s, first) = self.accept(None, "migration stream", |m| match m {
+            PeerMessage::Hello { version, .. } if *version == VERSION => Ok(()),
+            PeerMessage::Hello { version, .. } => Err(DestError::Version {
+                theirs: *version,
+                ours: VERSION,
+            }
+            .to_string()),
+            other => Err(unexpected("Hello", other).to_string()),
+        })?;
+        match first {
+            PeerMessage::Hello {
                 session_id,
                 link_timeout_ms,
                 capabilities,
-            }) if version == VERSION => {
-                self.source_recovery = capabilities & CAP_RECOVERY != 0;
-                self.link_timeout = Duration::from_millis(
-                    link_timeout_ms.clamp(MIN_LINK_TIMEOUT_MS, MAX_LINK_TIMEOUT_MS) as u64,
-                );
-                session_id
-            }
-            Ok(PeerMessage::Hello { version, .. }) => {
-                return Err(DestError::Version {
-                    theirs: version,
-                    ours: VERSION,
-                })
-            }
-            Ok(other) => return Err(unexpected("Hello", &other)),
-            Err(err) => {
-                return Err(DestError::Malformed {
-                    context: CONTEXT,
-                    err,
-                })
-            }
-        };
+                ..
+            } => Ok((
+                s,
+                SourceHello {
+                    session_id,
+                    link_timeout_ms,
+                    capabilities,
+                },
+            )),
+            other => Err(unexpected("Hello", &other)),
+        }
+    }
+
+    /// Answers the source's hello and checks its layout, all before `deadline`; returns the
+    /// session id. Adopts the source's link timeout (within bounds) for the rest of the
+    /// session.
+    pub(super) fn handshake(
+        &mut self,
+        peer: &mut PeerStream,
+        hello: SourceHello,
+        deadline: Instant,
+    ) -> Result<u64, DestError> {
+        self.source_recovery = hello.capabilities & CAP_RECOVERY != 0;
+        self.link_timeout = Duration::from_millis(
+            hello
+                .link_timeout_ms
+                .clamp(MIN_LINK_TIMEOUT_MS, MAX_LINK_TIMEOUT_MS) as u64,
+        );
+        let session_id = hello.session_id;
         send_peer(
             peer,
             &PeerMessage::Hello {
@@ -92,6 +118,7 @@ impl Dest {
             },
         )
         .map_err(DestError::Peer)?;
+        let mut body = Vec::new();
         let p = read_frame_by(peer, &mut body, deadline, "source layout")?;
         let blocks = match PeerMessage::decode(p.kind, &body) {
             Ok(PeerMessage::Layout { blocks }) => blocks,
@@ -120,26 +147,15 @@ impl Dest {
         session_id: u64,
         deadline: Instant,
     ) -> Result<(), DestError> {
-        const CONTEXT: &str = "urgent channel handshake";
         // The source opens it right after the handshake.
-        let mut s = self.accept(Some(deadline))?;
-        let mut body = Vec::new();
-        let p = read_frame_by(&mut s, &mut body, deadline, CONTEXT)?;
-        match PeerMessage::decode(p.kind, &body) {
-            Ok(PeerMessage::UrgentChannel { session_id: id }) if id == session_id => {}
-            Ok(other) => {
-                return Err(unexpected(
-                    &format!("the urgent channel of session {session_id:#x}"),
-                    &other,
-                ))
-            }
-            Err(err) => {
-                return Err(DestError::Malformed {
-                    context: CONTEXT,
-                    err,
-                })
-            }
-        }
+        let (s, _) = self.accept(Some(deadline), "urgent channel", |m| match m {
+            PeerMessage::UrgentChannel { session_id: id } if *id == session_id => Ok(()),
+            other => Err(unexpected(
+                &format!("the urgent channel of session {session_id:#x}"),
+                other,
+            )
+            .to_string()),
+        })?;
         // Requested pages come when they come: no read timeout here; the main stream tells
         // whether the source lives, and the session shuts this one down when it ends.
         s.set_read_timeout(None)
@@ -150,48 +166,29 @@ impl Dest {
     }
 }
 
-/// Reads one frame into `body`, all of it before `deadline`: a peer that trickles bytes cannot
-/// stretch the wait, as a timeout per read would let it.
+/// What the source's `Hello` says.
+pub(super) struct SourceHello {
+    pub(super) session_id: u64,
+    pub(super) link_timeout_ms: u32,
+    pub(super) capabilities: u64,
+}
+
+/// Reads one frame into `body`, all of it before `deadline` (see [`link::read_frame_by`]).
 pub(super) fn read_frame_by(
     peer: &mut PeerStream,
     body: &mut Vec<u8>,
     deadline: Instant,
     context: &'static str,
 ) -> Result<proto::FramePrefix, DestError> {
-    let timeout = || DestError::Timeout {
-        waiting_for: context,
-        secs: HANDSHAKE_TIMEOUT.as_secs(),
-    };
-    let mut read_by = |buf: &mut [u8]| -> Result<(), DestError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(timeout());
-            }
-            peer.set_read_timeout(Some(left)).map_err(DestError::Peer)?;
-            match peer.read(&mut buf[done..]) {
-                Ok(0) => return Err(DestError::PeerClosed),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if crate::link::is_timeout(&e) => return Err(timeout()),
-                Err(e) => return Err(DestError::Peer(e)),
-            }
-        }
-        Ok(())
-    };
-    loop {
-        let mut prefix = [0u8; proto::PREFIX_LEN];
-        read_by(&mut prefix)?;
-        let p =
-            proto::FramePrefix::parse(&prefix).map_err(|err| DestError::Frame { context, err })?;
-        body.resize(p.len as usize, 0);
-        read_by(body)?;
-        // A source waiting for an answer keeps the link alive meanwhile.
-        if p.kind != proto::peer::kind::HEARTBEAT {
-            return Ok(p);
-        }
-    }
+    link::read_frame_by(peer, body, deadline).map_err(|e| match e {
+        ReadByError::Timeout => DestError::Timeout {
+            waiting_for: context,
+            secs: HANDSHAKE_TIMEOUT.as_secs(),
+        },
+        ReadByError::Closed => DestError::PeerClosed,
+        ReadByError::Io(e) => DestError::Peer(e),
+        ReadByError::Frame(err) => DestError::Frame { context, err },
+    })
 }
 
 /// The error for `got` arriving where `expected` should.

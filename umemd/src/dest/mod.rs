@@ -4,7 +4,8 @@
 //! [`FaultHandler`] until every page is present.
 //!
 //! This module drives one incoming migration ([`Dest::run`]); its parts live beside it:
-//! [`handshake`] (accepting the source, version and layout), [`frames`] (the main stream's
+//! [`gate`] (every connection authenticates before the session sees it), [`handshake`]
+//! (accepting the source, version and layout), [`frames`] (the main stream's
 //! frame loop), [`place`] (where a page goes: `pwrite` before the VM runs, `UFFDIO_COPY`
 //! after), [`threads`] (the fault and urgent-channel threads), [`urgent`] (the urgent
 //! receiver), [`fault`] (the userfaultfd), [`vmm`] (the VMM link), [`stats`], and [`pages`]
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod fault;
 mod frames;
+mod gate;
 pub mod handshake;
 pub mod pages;
 pub mod phase;
@@ -32,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use proto::local::{LocalBlock, LocalMessage};
+use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::{PeerMessage, MAX_RUN_PAGES};
 use proto::{MigrationStats, Phase, PAGE_SIZE};
 
@@ -89,7 +91,8 @@ pub struct Dest {
     vmm: UnixStream,
     vmm_rx: Receiver<Delivery<LocalMessage>>,
     vm: String,
-    listener: PeerListener,
+    /// Where the source connects (the listener itself is the [`gate`]'s).
+    listen_uri: String,
     mem: Arc<GuestMapping>,
     pages: Arc<PageTable>,
     postcopy: Option<Postcopy>,
@@ -116,6 +119,10 @@ pub struct Dest {
     recoveries: u64,
     paused: Duration,
     paused_since: Option<Instant>,
+    /// Where every new connection authenticates.
+    gate: gate::Gate,
+    /// The operator allowed a non-loopback address without a secret.
+    insecure: bool,
 }
 
 impl Dest {
@@ -127,15 +134,26 @@ impl Dest {
         memfd: OwnedFd,
         uffd: Option<OwnedFd>,
         blocks: Vec<LocalBlock>,
+        auth: PeerAuth,
     ) -> Result<Self, (UnixStream, DestFailure)> {
-        let setup = || -> Result<(GuestMapping, PeerListener, UnixStream), DestError> {
+        let secret = crate::auth::session_secret(&auth);
+        let mut gate = gate::Gate::new(vm.clone(), secret.clone());
+        let setup = || -> Result<(GuestMapping, String, UnixStream), DestError> {
+            crate::auth::check_exposure(
+                uri,
+                secret.is_some(),
+                auth.insecure,
+                crate::auth::Side::Listen,
+            )?;
             let mem = GuestMapping::new(memfd, blocks)?;
             let listener = PeerListener::bind(uri)?;
+            let listen_uri = listener.uri()?;
+            gate.open(listener).map_err(DestError::Accept)?;
             let reader = vmm.try_clone().map_err(DestError::Vmm)?;
-            Ok((mem, listener, reader))
+            Ok((mem, listen_uri, reader))
         };
         match setup() {
-            Ok((mem, listener, reader)) => {
+            Ok((mem, listen_uri, reader)) => {
                 let pages = Arc::new(PageTable::new(mem.blocks()));
                 let postcopy = uffd.map(|fd| {
                     let (report_error, errors) = mpsc::channel();
@@ -162,7 +180,7 @@ impl Dest {
                     vmm_rx: link::local_reader(reader),
                     vmm,
                     vm,
-                    listener,
+                    listen_uri,
                     mem: Arc::new(mem),
                     pages,
                     postcopy,
@@ -178,6 +196,8 @@ impl Dest {
                     recoveries: 0,
                     paused: Duration::ZERO,
                     paused_since: None,
+                    gate,
+                    insecure: auth.insecure,
                 })
             }
             Err(cause) => Err((

@@ -58,7 +58,24 @@ impl Dest {
     fn wait_for_source(&mut self, session_id: u64) -> Result<PeerStream, DestError> {
         loop {
             self.check_threads()?;
-            let s = self.accept(None)?;
+            let (s, _) = self.accept(None, "the source back", |m| match m {
+                PeerMessage::Hello {
+                    version,
+                    capabilities,
+                    session_id: id,
+                    ..
+                } if *version == VERSION
+                    && *id == session_id
+                    && capabilities & CAP_RECOVERY != 0 =>
+                {
+                    Ok(())
+                }
+                other => Err(unexpected(
+                    &format!("the hello of session {session_id:#x} with recovery"),
+                    other,
+                )
+                .to_string()),
+            })?;
             match self.resume_handshake(s, session_id) {
                 Ok(s) => return Ok(s),
                 Err(e) => warn!("{}: refusing a connection while paused: {e}", self.vm),
@@ -74,7 +91,7 @@ impl Dest {
         writer_slot: &mut Option<PeerWriter>,
         session_id: u64,
     ) -> Result<(), DestError> {
-        let uri = self.listener.uri()?;
+        let uri = self.listen_uri.clone();
         send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
         let _ = send_local(&mut self.vmm, &LocalMessage::Session(session_id));
         self.started = Instant::now();
@@ -117,8 +134,9 @@ impl Dest {
         self.stream_until_done(peer, &writer, session_id)
     }
 
-    /// The source's hello (the same session, with recovery), its `Resume`, the pages held
-    /// here, and its new urgent channel, all within the handshake deadline.
+    /// Answers the source's hello (the same session, with recovery: [`Self::accept`] checked
+    /// it), then its `Resume`, the pages held here, and its new urgent channel, all within the
+    /// handshake deadline.
     fn resume_handshake(
         &mut self,
         mut s: PeerStream,
@@ -127,27 +145,6 @@ impl Dest {
         const CONTEXT: &str = "resume handshake";
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let mut body = Vec::new();
-        let p = read_frame_by(&mut s, &mut body, deadline, CONTEXT)?;
-        match PeerMessage::decode(p.kind, &body) {
-            Ok(PeerMessage::Hello {
-                version,
-                capabilities,
-                session_id: id,
-                ..
-            }) if version == VERSION && id == session_id && capabilities & CAP_RECOVERY != 0 => {}
-            Ok(other) => {
-                return Err(unexpected(
-                    &format!("the hello of session {session_id:#x} with recovery"),
-                    &other,
-                ))
-            }
-            Err(err) => {
-                return Err(DestError::Malformed {
-                    context: CONTEXT,
-                    err,
-                })
-            }
-        }
         send_peer(
             &mut s,
             &PeerMessage::Hello {

@@ -47,16 +47,28 @@ impl Dest {
     /// `migrate-recover`: the source will come back on `uri`. The old listener stays if the
     /// new one cannot be bound, and the VMM is told where umemd listens either way.
     fn listen_instead(&mut self, uri: &str) {
-        match PeerListener::bind(uri) {
-            Ok(l) => {
-                self.listener = l;
+        let exposed = crate::auth::check_exposure(
+            uri,
+            self.gate.has_secret(),
+            self.insecure,
+            crate::auth::Side::Listen,
+        );
+        let bound = exposed
+            .map_err(DestError::from)
+            .and_then(|()| PeerListener::bind(uri).map_err(DestError::from))
+            .and_then(|l| Ok((l.uri()?, l)));
+        match bound.and_then(|(new_uri, l)| {
+            self.gate.open(l).map_err(DestError::Accept)?;
+            Ok(new_uri)
+        }) {
+            Ok(new_uri) => {
+                self.listen_uri = new_uri;
                 info!("{}: listening for the source on {uri} instead", self.vm);
             }
             Err(e) => warn!("{}: migrate-recover: {e}; listening where it was", self.vm),
         }
-        if let Ok(uri) = self.listener.uri() {
-            let _ = send_local(&mut self.vmm, &LocalMessage::Listening { uri });
-        }
+        let uri = self.listen_uri.clone();
+        let _ = send_local(&mut self.vmm, &LocalMessage::Listening { uri });
     }
 
     pub(super) fn poll_vmm(&mut self) -> Result<(), DestError> {

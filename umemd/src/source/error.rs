@@ -6,6 +6,7 @@ use std::io;
 use proto::peer::PeerMessage;
 
 use super::phase::{PhaseError, SourcePhase};
+use crate::auth::AuthError;
 use crate::bitmap::BitmapError;
 use crate::error::SessionError;
 use crate::link::LinkError;
@@ -61,6 +62,10 @@ pub enum SourceError {
     /// The destination cannot be reached.
     #[error(transparent)]
     Connect(#[from] StreamError),
+    /// A connection to the destination did not authenticate, or the address may not be used
+    /// without a secret.
+    #[error("authenticating the destination: {0}")]
+    Auth(#[from] AuthError),
     /// Writing to the destination failed.
     #[error("destination connection: {0}")]
     Peer(#[source] io::Error),

@@ -33,10 +33,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use proto::local::{LocalBlock, LocalMessage};
+use proto::auth::Secret;
+use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::PeerMessage;
 use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 
+use crate::auth::{self, Side};
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::phase::Transitions;
@@ -111,6 +113,11 @@ pub struct Source {
     lost_link: Option<SourceError>,
     /// `migrate-pause`: no reconnection before `migrate-resume`.
     paused_by_request: bool,
+    /// Every connection to the destination proves it knows this, and checks that the
+    /// destination does.
+    secret: Option<Secret>,
+    /// The operator allowed a non-loopback address without a secret.
+    insecure: bool,
 }
 
 /// The migration streams towards the destination.
@@ -133,11 +140,16 @@ impl Source {
         params: MigrationParams,
         memfd: OwnedFd,
         blocks: Vec<LocalBlock>,
+        auth: PeerAuth,
     ) -> Result<Self, (UnixStream, SourceFailure)> {
         let setup = |cause| SourceFailure {
             phase: SourcePhase::Setup,
             cause,
         };
+        let secret = auth::session_secret(&auth);
+        if let Err(e) = auth::check_exposure(&uri, secret.is_some(), auth.insecure, Side::Connect) {
+            return Err((vmm, setup(e.into())));
+        }
         let mem = match GuestMapping::new(memfd, blocks) {
             Ok(m) => m,
             Err(e) => return Err((vmm, setup(e.into()))),
@@ -187,6 +199,8 @@ impl Source {
             switching_to_postcopy: false,
             lost_link: None,
             paused_by_request: false,
+            secret,
+            insecure: auth.insecure,
         })
     }
 

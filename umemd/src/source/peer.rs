@@ -9,15 +9,21 @@ use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 
 use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
+use crate::auth;
 use crate::link::{self, send_peer};
 use crate::stream::PeerStream;
 
 impl Source {
+    /// Connects to the destination and authenticates, within one link timeout. Every
+    /// connection of the session comes from here: the main stream, the urgent channel and
+    /// those of a recovery.
     pub(super) fn open_stream(&self) -> Result<PeerStream, SourceError> {
-        let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
+        let mut stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
         stream
             .set_link_timeout(self.link_timeout())
             .map_err(SourceError::Peer)?;
+        let deadline = Instant::now() + self.link_timeout();
+        auth::authenticate_to_destination(&mut stream, self.secret.as_ref(), deadline)?;
         Ok(stream)
     }
 

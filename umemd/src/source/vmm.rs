@@ -62,6 +62,15 @@ impl Source {
                 Ok(())
             }
             LocalMessage::Resume { uri } if self.phase.is_committed() => {
+                if let Err(e) = crate::auth::check_exposure(
+                    &uri,
+                    self.secret.is_some(),
+                    self.insecure,
+                    crate::auth::Side::Connect,
+                ) {
+                    warn!("{}: migrate-resume refused: {e}", self.vm);
+                    return Ok(());
+                }
                 info!("{}: resuming towards {uri}", self.vm);
                 self.uri = uri;
                 self.paused_by_request = false;

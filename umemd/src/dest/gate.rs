@@ -1,0 +1,297 @@
+//! The destination's door: a thread of its own accepts every connection to the listener, and
+//! each connection authenticates ([`crate::auth::authenticate_source`]) and sends its first
+//! frame in a thread of its own, under a deadline, before the session looks at it. A port
+//! scan, garbage, a peer that trickles bytes or one without the secret is dropped, logged with
+//! its address and counted, and the destination goes on listening for its source: no such peer
+//! can spoil the migration or hold up the real source. Connections are admitted whatever the
+//! session is doing meanwhile: a source authenticating its urgent channel gets its challenge
+//! while the session still reads the main stream.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use proto::auth::Secret;
+use proto::peer::PeerMessage;
+
+use crate::auth::{self, AuthError};
+use crate::link::{self, send_peer};
+use crate::stream::{PeerListener, PeerStream};
+
+/// How long a new connection has to authenticate and send its first frame.
+pub(super) const ADMISSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections authenticating, or admitted and not yet taken, at once; more are dropped at
+/// once, so that a flood costs at most this many threads and sockets.
+pub(super) const MAX_PENDING: usize = 16;
+
+/// A connection that authenticated, with its first frame.
+pub(super) struct Admitted {
+    pub(super) stream: PeerStream,
+    /// The peer's address, for logs.
+    pub(super) from: String,
+    pub(super) first: PeerMessage,
+}
+
+/// What the acceptor and the admission threads share.
+struct Door {
+    vm: String,
+    secret: Option<Secret>,
+    admitted: SyncSender<Admitted>,
+    /// Connections between accept and being taken by the session.
+    pending: AtomicUsize,
+    /// Connections dropped so far.
+    rejected: AtomicU64,
+}
+
+impl Door {
+    fn reject(&self, from: &str, why: &str) {
+        warn!("{}: dropped a connection from {from}: {why}", self.vm);
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts admitting `stream`, unless too many are pending already.
+    fn admit(self: &Arc<Self>, mut stream: PeerStream, from: String) {
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return self.reject(
+                &from,
+                &format!("{MAX_PENDING} connections are pending already"),
+            );
+        }
+        let door = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("admission".into())
+            .spawn(move || {
+                let deadline = Instant::now() + ADMISSION_TIMEOUT;
+                match admit(&mut stream, door.secret.as_ref(), deadline) {
+                    Ok(first) => {
+                        // Still pending until the session takes it; the channel holds at most
+                        // MAX_PENDING, as `pending` does.
+                        let _ = door.admitted.send(Admitted {
+                            stream,
+                            from,
+                            first,
+                        });
+                    }
+                    Err(e) => {
+                        // The peer learns why: a source given the wrong secret says so to its
+                        // operator.
+                        turn_away(stream, &e.to_string());
+                        door.reject(&from, &e.to_string());
+                        door.pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.reject("?", &format!("starting an admission thread: {e}"));
+        }
+    }
+}
+
+/// The door of one incoming migration.
+pub(super) struct Gate {
+    door: Arc<Door>,
+    rx: Receiver<Admitted>,
+    /// The thread accepting on the current listener, and its stop flag.
+    acceptor: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+impl Gate {
+    pub(super) fn new(vm: String, secret: Option<Secret>) -> Self {
+        let (admitted, rx) = mpsc::sync_channel(MAX_PENDING);
+        Gate {
+            door: Arc::new(Door {
+                vm,
+                secret,
+                admitted,
+                pending: AtomicUsize::new(0),
+                rejected: AtomicU64::new(0),
+            }),
+            rx,
+            acceptor: None,
+        }
+    }
+
+    /// Accepts on `listener` from now on, instead of the previous one (which closes).
+    pub(super) fn open(&mut self, listener: PeerListener) -> std::io::Result<()> {
+        self.close();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (door, flag) = (self.door.clone(), stop.clone());
+        let handle = std::thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((s, from)) => door.admit(s, from),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                            let _ = poll(&mut fds, PollTimeout::from(50u16));
+                        }
+                        Err(e) => {
+                            // Out of fds, say: the listener itself is fine; try again soon.
+                            warn!("{}: accepting: {e}", door.vm);
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })?;
+        self.acceptor = Some((stop, handle));
+        Ok(())
+    }
+
+    /// Stops accepting; the listener closes.
+    fn close(&mut self) {
+        if let Some((stop, handle)) = self.acceptor.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+        }
+    }
+
+    /// Whether connections must prove they know a secret.
+    pub(super) fn has_secret(&self) -> bool {
+        self.door.secret.is_some()
+    }
+
+    /// Connections dropped so far.
+    pub(super) fn rejected(&self) -> u64 {
+        self.door.rejected.load(Ordering::Relaxed)
+    }
+
+    /// Drops an admitted connection that is not the one awaited, telling it why.
+    pub(super) fn reject(&self, a: Admitted, why: &str) {
+        turn_away(a.stream, why);
+        self.door.reject(&a.from, why);
+    }
+
+    /// The next admitted connection, waiting up to `timeout`.
+    pub(super) fn next(&self, timeout: Duration) -> Option<Admitted> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(a) => {
+                self.door.pending.fetch_sub(1, Ordering::SeqCst);
+                Some(a)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Tells an authenticated peer why it is not the connection awaited, and drops it. A short
+/// write timeout keeps a peer that reads nothing from holding the caller.
+pub(super) fn turn_away(mut stream: PeerStream, why: &str) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = send_peer(&mut stream, &PeerMessage::Error(why.to_string()));
+}
+
+/// Authenticates, then reads the first frame, all before `deadline`.
+fn admit(
+    stream: &mut PeerStream,
+    secret: Option<&Secret>,
+    deadline: Instant,
+) -> Result<PeerMessage, AuthError> {
+    auth::authenticate_source(stream, secret, deadline)?;
+    let mut body = Vec::new();
+    let p = link::read_frame_by(stream, &mut body, deadline).map_err(|err| AuthError::Read {
+        context: "the first message",
+        err,
+    })?;
+    PeerMessage::decode(p.kind, &body).map_err(|err| AuthError::Malformed {
+        context: "first message",
+        err,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn gate(secret: Option<Secret>) -> (Gate, String) {
+        let mut g = Gate::new("test".into(), secret);
+        let l = PeerListener::bind("tcp:127.0.0.1:0").unwrap();
+        let uri = l.uri().unwrap();
+        g.open(l).unwrap();
+        (g, uri.trim_start_matches("tcp:").to_string())
+    }
+
+    fn connect(addr: &str) -> PeerStream {
+        PeerStream::Tcp(std::net::TcpStream::connect(addr).unwrap())
+    }
+
+    fn wait_rejected(g: &Gate, n: u64) {
+        let t = Instant::now();
+        while g.rejected() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{} rejected",
+                g.rejected()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_peer_that_authenticates_is_admitted_with_its_first_frame() {
+        let k = Secret::new(b"a-secret-of-this-migration".to_vec()).unwrap();
+        let (g, addr) = gate(Some(k.clone()));
+        let mut a = connect(&addr);
+        auth::authenticate_to_destination(
+            &mut a,
+            Some(&k),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        send_peer(&mut a, &PeerMessage::UrgentChannel { session_id: 7 }).unwrap();
+        let adm = g.next(Duration::from_secs(5)).expect("admitted");
+        assert_eq!(adm.first, PeerMessage::UrgentChannel { session_id: 7 });
+        assert_eq!(g.rejected(), 0);
+    }
+
+    #[test]
+    fn garbage_is_rejected_and_told_why() {
+        let (g, addr) = gate(None);
+        let mut a = std::net::TcpStream::connect(&addr).unwrap();
+        a.write_all(&[0x10, 0, 0, 0, 0x04]).unwrap();
+        a.write_all(&[0xee; 16]).unwrap();
+        wait_rejected(&g, 1);
+        assert!(g.next(Duration::from_millis(50)).is_none());
+        let mut got = Vec::new();
+        let _ = a.read_to_end(&mut got);
+        assert!(!got.is_empty(), "the peer is told why");
+    }
+
+    #[test]
+    fn a_flood_is_bounded_and_its_places_come_back() {
+        let (g, addr) = gate(None);
+        let keep: Vec<_> = (0..MAX_PENDING)
+            .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+            .collect();
+        // Wait until all are pending, then one more is turned away at once.
+        let t = Instant::now();
+        while g.door.pending.load(Ordering::SeqCst) < MAX_PENDING {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _extra = std::net::TcpStream::connect(&addr).unwrap();
+        wait_rejected(&g, 1);
+        // Closing the waiting peers frees their places.
+        drop(keep);
+        wait_rejected(&g, 1 + MAX_PENDING as u64);
+        let mut a = connect(&addr);
+        auth::authenticate_to_destination(&mut a, None, Instant::now() + Duration::from_secs(5))
+            .unwrap();
+        send_peer(&mut a, &PeerMessage::Resumed).unwrap();
+        assert!(g.next(Duration::from_secs(5)).is_some());
+    }
+}
