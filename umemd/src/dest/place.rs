@@ -38,8 +38,9 @@ impl Dest {
     }
 
     /// Pages that read as zero: before the VM runs they become holes; afterwards they are
-    /// placed only if a vCPU touches them.
-    pub(super) fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
+    /// placed only if a vCPU touches them. Public, like [`Dest::receive_pages`] and
+    /// [`Dest::discard`], so that the stable fuzzer (`fuzz/`) can drive it.
+    pub fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
         self.check_pages_allowed()?;
         let off = self.checked_offset(block, first, count)?;
         if self.phase.running() {
@@ -57,8 +58,9 @@ impl Dest {
         Ok(())
     }
 
-    /// Reads a run's data into a buffer, then places it.
-    pub(super) fn receive_pages(
+    /// Reads the header and data of a `PAGES` frame whose prefix `p` was read, then places
+    /// the run.
+    pub fn receive_pages(
         &mut self,
         peer: &mut PeerStream,
         p: FramePrefix,
@@ -76,6 +78,26 @@ impl Dest {
         self.place(run, off, len)?;
         self.stats.pages_sent += run.count as u64;
         self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + len) as u64;
+        Ok(())
+    }
+
+    /// Drops pages the source sent earlier and dirtied since: they are holes and missing
+    /// again. Only before the VM runs: afterwards a page once placed stays.
+    pub fn discard(&mut self, block: u32, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+        if self.phase.running() {
+            return Err(DestError::Protocol(
+                "the source discarded pages after the VM started",
+            ));
+        }
+        for &(first, count) in ranges {
+            let off = self
+                .mem
+                .offset_of(block, first, count as u64)
+                .map_err(DestError::BadDiscard)?;
+            self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
+            self.pages
+                .set_range(block, first, count as u64, PageState::Missing);
+        }
         Ok(())
     }
 
