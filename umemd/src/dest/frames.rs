@@ -10,10 +10,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::local::LocalMessage;
 use proto::peer::{kind, PeerMessage};
-use proto::PAGE_SIZE;
 
 use super::error::DestError;
-use super::pages::PageState;
 use super::phase::DestPhase;
 use super::place::read_exact;
 use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT, HANDSHAKE_TIMEOUT};
@@ -133,22 +131,7 @@ impl Dest {
                     self.zero(block, first, count)?;
                     self.stats.holes_skipped += count;
                 }
-                PeerMessage::Discard { block, ranges } => {
-                    if self.phase.running() {
-                        return Err(DestError::Protocol(
-                            "the source discarded pages after the VM started",
-                        ));
-                    }
-                    for (first, count) in ranges {
-                        let off = self
-                            .mem
-                            .offset_of(block, first, count as u64)
-                            .map_err(DestError::BadDiscard)?;
-                        self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
-                        self.pages
-                            .set_range(block, first, count as u64, PageState::Missing);
-                    }
-                }
+                PeerMessage::Discard { block, ranges } => self.discard(block, &ranges)?,
                 PeerMessage::RoundEnd { round } => {
                     self.stats.rounds = round;
                     self.progress(true);
