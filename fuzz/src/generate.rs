@@ -3,7 +3,8 @@
 //! encoded. Byte-level mutation ([`crate::mutate`]) takes them apart from there.
 
 use arbitrary::{Result, Unstructured};
-use proto::local::{LocalBlock, LocalMessage, MAX_BITMAP_WORDS};
+use proto::auth::{AuthMethod, Secret, MAX_SECRET_LEN, MIN_SECRET_LEN};
+use proto::local::{LocalBlock, LocalMessage, PeerAuth, MAX_BITMAP_WORDS};
 use proto::peer::{
     PageRun, PeerMessage, MAX_DISCARD_RANGES, MAX_ERROR_LEN, MAX_RECEIVED_WORDS, MAX_RUN_PAGES,
 };
@@ -11,7 +12,7 @@ use proto::types::{PostcopyStats, LATENCY_BUCKETS, MAX_BLOCKS, MAX_NAME_LEN, MAX
 use proto::{BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PAGE_SIZE};
 
 /// Number of `PeerMessage` variants [`peer_message_of`] builds.
-pub const PEER_VARIANTS: u32 = 23;
+pub const PEER_VARIANTS: u32 = 26;
 /// Number of `LocalMessage` variants [`local_message_of`] builds.
 pub const LOCAL_VARIANTS: u32 = 26;
 
@@ -158,6 +159,22 @@ fn params(u: &mut Unstructured) -> Result<MigrationParams> {
     })
 }
 
+/// No secret, or one of a valid length.
+fn peer_auth(u: &mut Unstructured) -> Result<PeerAuth> {
+    let secret = if u.arbitrary()? {
+        let n = u.int_in_range(MIN_SECRET_LEN..=MAX_SECRET_LEN)?;
+        let mut b = vec![0u8; n];
+        u.fill_buffer(&mut b)?;
+        Secret::new(b).ok()
+    } else {
+        None
+    };
+    Ok(PeerAuth {
+        secret,
+        insecure: u.arbitrary()?,
+    })
+}
+
 fn stats(u: &mut Unstructured) -> Result<MigrationStats> {
     Ok(MigrationStats {
         phase: *u.choose(&[
@@ -183,6 +200,7 @@ fn stats(u: &mut Unstructured) -> Result<MigrationStats> {
         expected_downtime_us: u.arbitrary()?,
         downtime_us: u.arbitrary()?,
         total_us: u.arbitrary()?,
+        rejected_peers: u.arbitrary()?,
     })
 }
 
@@ -274,6 +292,21 @@ pub fn peer_message_of(u: &mut Unstructured, variant: u32) -> Result<PeerMessage
             words: words(u, MAX_RECEIVED_WORDS)?,
         },
         21 => PeerMessage::ReceivedEnd,
+        22 => PeerMessage::AuthHello {
+            method: if u.arbitrary()? {
+                AuthMethod::HmacSha256
+            } else {
+                AuthMethod::None
+            },
+            nonce: u.arbitrary()?,
+        },
+        23 => PeerMessage::AuthChallenge {
+            nonce: u.arbitrary()?,
+            proof: u.arbitrary()?,
+        },
+        24 => PeerMessage::AuthProof {
+            proof: u.arbitrary()?,
+        },
         _ => PeerMessage::Resumed,
     })
 }
@@ -293,18 +326,21 @@ pub fn local_message_of(u: &mut Unstructured, variant: u32) -> Result<LocalMessa
             uri: text(u, MAX_STR)?,
             params: params(u)?,
             blocks: local_blocks(u)?,
+            auth: peer_auth(u)?,
         },
         1 => LocalMessage::Incoming {
             vm: text(u, MAX_STR)?,
             uri: text(u, MAX_STR)?,
             blocks: local_blocks(u)?,
             has_uffd: u.arbitrary()?,
+            auth: peer_auth(u)?,
         },
         2 => LocalMessage::ResumeIncoming {
             vm: text(u, MAX_STR)?,
             uri: text(u, MAX_STR)?,
             blocks: local_blocks(u)?,
             session_id: u.arbitrary()?,
+            auth: peer_auth(u)?,
         },
         3 => LocalMessage::ResumeOutgoing {
             vm: text(u, MAX_STR)?,
@@ -312,6 +348,7 @@ pub fn local_message_of(u: &mut Unstructured, variant: u32) -> Result<LocalMessa
             params: params(u)?,
             blocks: local_blocks(u)?,
             session_id: u.arbitrary()?,
+            auth: peer_auth(u)?,
         },
         4 => LocalMessage::Session(u.arbitrary()?),
         5 => LocalMessage::DirtyBitmap {

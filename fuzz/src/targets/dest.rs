@@ -372,6 +372,7 @@ impl DestPlacement {
             memfd,
             None,
             self.layout.clone(),
+            Default::default(),
         )
         .map_err(|(_, f)| format!("setting up the destination: {f}"))?;
 

@@ -7,7 +7,7 @@
 //! session is doing meanwhile: a source authenticating its urgent channel gets its challenge
 //! while the session still reads the main stream.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -98,8 +98,8 @@ impl Door {
 pub(super) struct Gate {
     door: Arc<Door>,
     rx: Receiver<Admitted>,
-    /// The thread accepting on the current listener, and its stop flag.
-    acceptor: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    /// The thread accepting on the current listener, the listener, and the thread's stop flag.
+    acceptor: Option<(Arc<PeerListener>, Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 impl Gate {
@@ -122,17 +122,19 @@ impl Gate {
     pub(super) fn open(&mut self, listener: PeerListener) -> std::io::Result<()> {
         self.close();
         let stop = Arc::new(AtomicBool::new(false));
-        let (door, flag) = (self.door.clone(), stop.clone());
+        let listener = Arc::new(listener);
+        let (door, flag, l) = (self.door.clone(), stop.clone(), listener.clone());
         let handle = std::thread::Builder::new()
             .name("acceptor".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    match listener.accept() {
+                    match l.accept() {
                         Ok((s, from)) => door.admit(s, from),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                            let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
                             let _ = poll(&mut fds, PollTimeout::from(50u16));
                         }
+                        Err(_) if flag.load(Ordering::Relaxed) => break,
                         Err(e) => {
                             // Out of fds, say: the listener itself is fine; try again soon.
                             warn!("{}: accepting: {e}", door.vm);
@@ -141,14 +143,19 @@ impl Gate {
                     }
                 }
             })?;
-        self.acceptor = Some((stop, handle));
+        self.acceptor = Some((listener, stop, handle));
         Ok(())
     }
 
-    /// Stops accepting; the listener closes.
+    /// Stops accepting; the listener closes. Shutting the listening socket down wakes the
+    /// acceptor's `poll` at once, so that the address is free when this returns.
     fn close(&mut self) {
-        if let Some((stop, handle)) = self.acceptor.take() {
+        if let Some((listener, stop, handle)) = self.acceptor.take() {
             stop.store(true, Ordering::Relaxed);
+            let _ = nix::sys::socket::shutdown(
+                listener.as_fd().as_raw_fd(),
+                nix::sys::socket::Shutdown::Both,
+            );
             let _ = handle.join();
         }
     }
@@ -269,6 +276,26 @@ mod tests {
         let mut got = Vec::new();
         let _ = a.read_to_end(&mut got);
         assert!(!got.is_empty(), "the peer is told why");
+    }
+
+    #[test]
+    fn closing_frees_the_address_at_once() {
+        for uri in ["tcp:127.0.0.1:0", "unix:/tmp/umemd-gate-test.sock"] {
+            let _ = std::fs::remove_file("/tmp/umemd-gate-test.sock");
+            let mut g = Gate::new("test".into(), None);
+            let l = PeerListener::bind(uri).unwrap();
+            let bound = l.uri().unwrap();
+            g.open(l).unwrap();
+            let t = Instant::now();
+            drop(g);
+            assert!(
+                t.elapsed() < Duration::from_millis(40),
+                "{uri}: {:?}",
+                t.elapsed()
+            );
+            // The same address binds again.
+            drop(PeerListener::bind(&bound).unwrap());
+        }
     }
 
     #[test]

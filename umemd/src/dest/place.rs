@@ -174,6 +174,7 @@ mod tests {
             file.try_clone().unwrap().into(),
             None,
             blocks(&[pages]),
+            Default::default(),
         )
         .map_err(|(_, f)| f)
         .unwrap();
