@@ -134,11 +134,7 @@ impl Dest {
                     self.stats.holes_skipped += count;
                 }
                 PeerMessage::Discard { block, ranges } => {
-                    if self.phase.running() {
-                        return Err(DestError::Protocol(
-                            "the source discarded pages after the VM started",
-                        ));
-                    }
+                    self.check_discard(&ranges)?;
                     for (first, count) in ranges {
                         let off = self
                             .mem

@@ -25,6 +25,14 @@ impl Dest {
         Ok(())
     }
 
+    /// Pages are dropped only before the machine state: a dropped page reads as zeros, so once
+    /// the state is loaded a discard would change RAM under it (the commit would then run the
+    /// VM over the hole), and once the VM runs it would lose a page the VM wrote. The ranges
+    /// are checked too: an empty one is no page the source ever sent.
+    pub(super) fn check_discard(&self, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+        check_discard(self.phase, ranges)
+    }
+
     /// The memfd offset of pages the source sent, checked against the layout.
     pub(super) fn checked_offset(
         &self,
@@ -105,7 +113,58 @@ impl Dest {
     }
 }
 
+/// See [`Dest::check_discard`].
+fn check_discard(phase: DestPhase, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+    if phase.running() {
+        return Err(DestError::Protocol(
+            "the source discarded pages after the VM started",
+        ));
+    }
+    if phase.state_loaded() {
+        return Err(DestError::Protocol(
+            "the source discarded pages after the machine state",
+        ));
+    }
+    if ranges.iter().any(|&(_, count)| count == 0) {
+        return Err(DestError::Protocol(
+            "the source discarded an empty range of pages",
+        ));
+    }
+    Ok(())
+}
+
 /// Reads exactly `buf.len()` bytes from the source.
 pub(super) fn read_exact(peer: &mut PeerStream, buf: &mut [u8]) -> Result<(), DestError> {
     peer.read_exact(buf).map_err(DestError::read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discards_stop_at_the_machine_state() {
+        for phase in DestPhase::ALL {
+            let r = check_discard(phase, &[(0, 1)]);
+            match phase {
+                DestPhase::Loaded => assert!(
+                    r.as_ref()
+                        .is_err_and(|e| e.to_string().contains("after the machine state")),
+                    "{phase}: {r:?}"
+                ),
+                DestPhase::Postcopy | DestPhase::PostcopyPaused => assert!(
+                    r.as_ref()
+                        .is_err_and(|e| e.to_string().contains("after the VM started")),
+                    "{phase}: {r:?}"
+                ),
+                _ => assert!(r.is_ok(), "{phase}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_discard_range_is_refused() {
+        let e = check_discard(DestPhase::Precopy, &[(3, 1), (5, 0)]).unwrap_err();
+        assert!(e.to_string().contains("empty range"), "{e}");
+    }
 }
