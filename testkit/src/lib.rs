@@ -42,6 +42,7 @@
 //! | `guest_ram` | where guest RAM lies in a vmm process, and reading it from outside |
 //! | [`pair`] | the two sides of a migration and the checks every migration test makes |
 //! | [`proxy`] | a TCP proxy between the umemds that drops a chosen frame and cuts or restores the link |
+//! | [`hostile`] | a source that misbehaves on purpose against a real destination umemd |
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -49,6 +50,7 @@
 mod binaries;
 mod env;
 mod guest_ram;
+pub mod hostile;
 pub mod pair;
 mod process;
 pub mod proxy;
@@ -59,7 +61,7 @@ mod vmm;
 
 pub use binaries::{bin_dir, binary};
 pub use env::{closed_port, require_kvm, TestEnv};
-pub use guest_ram::{read_process_memory, RamMapping};
+pub use guest_ram::{read_process_memory, RamFileDigest, RamMapping};
 pub use process::Proc;
 pub use serial::{assert_consecutive, assert_no_bad, complete_lines, parse_passes, Pass};
 pub use timing::{poll_every, secs, timeout_scale, try_wait_until, wait_until};
