@@ -1,5 +1,6 @@
 //! Guest RAM seen from outside a vmm: where the `guest-ram` memfd is mapped in the process
-//! (`/proc/PID/maps`), and reading it through `/proc/PID/mem`.
+//! (`/proc/PID/maps`), reading it through `/proc/PID/mem`, and a digest of the memfd itself
+//! (`/proc/PID/fd`).
 
 use std::time::Duration;
 
@@ -41,7 +42,59 @@ pub fn read_process_memory(
     rx.recv_timeout(timeout).ok()
 }
 
+/// What the guest-RAM memfd of a vmm holds, read through the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamFileDigest {
+    /// Bytes in the memfd.
+    pub len: u64,
+    /// SHA-256 of all of them, hex-encoded.
+    pub sha256: String,
+    /// Pages that are not all zero.
+    pub nonzero_pages: u64,
+}
+
 impl Vmm {
+    /// A digest of the whole guest-RAM memfd, read through the file rather than the vmm's
+    /// mapping: an incoming vmm's userfaultfd covers the mapping, and `query-ram-digest` would
+    /// wait there for ever on a missing page, while a read of the file sees a missing page as
+    /// the zeros it holds.
+    pub fn ram_file_digest(&self) -> RamFileDigest {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::FileExt;
+        let pid = self.proc.pid();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|e| panic!("vmm {}: listing its fds: {e}", self.name));
+        let path = fds
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                std::fs::read_link(p)
+                    .is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:guest-ram"))
+            })
+            .unwrap_or_else(|| panic!("vmm {}: no guest-ram memfd among its fds", self.name));
+        let f = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("vmm {}: opening {}: {e}", self.name, path.display()));
+        let len = f.metadata().map_or(0, |m| m.len());
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut off, mut nonzero_pages) = (0u64, 0u64);
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off)
+                .unwrap_or_else(|e| panic!("vmm {}: reading guest RAM: {e}", self.name));
+            h.update(&buf[..n]);
+            nonzero_pages += buf[..n]
+                .chunks(4096)
+                .filter(|p| p.iter().any(|&b| b != 0))
+                .count() as u64;
+            off += n as u64;
+        }
+        RamFileDigest {
+            len,
+            sha256: h.finalize().iter().map(|b| format!("{b:02x}")).collect(),
+            nonzero_pages,
+        }
+    }
+
     /// The mappings of guest RAM (the memfd `guest-ram`) in the process, from
     /// `/proc/<pid>/maps`, in address order.
     pub fn ram_mappings(&self) -> Vec<RamMapping> {

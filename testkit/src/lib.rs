@@ -43,6 +43,7 @@
 //! | [`pair`] | the two sides of a migration and the checks every migration test makes |
 //! | [`proxy`] | a TCP proxy between the umemds that drops a chosen frame and cuts or restores the link |
 //! | [`peer`] | a source driven by hand, authentication included, for tests of hostile or broken peers |
+//! | [`hostile`] | a source that misbehaves on purpose against a real destination umemd |
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -50,6 +51,7 @@
 mod binaries;
 mod env;
 mod guest_ram;
+pub mod hostile;
 pub mod pair;
 pub mod peer;
 mod process;
@@ -61,7 +63,7 @@ mod vmm;
 
 pub use binaries::{bin_dir, binary};
 pub use env::{closed_port, require_kvm, TestEnv};
-pub use guest_ram::{read_process_memory, RamMapping};
+pub use guest_ram::{read_process_memory, RamFileDigest, RamMapping};
 pub use process::Proc;
 pub use serial::{assert_consecutive, assert_no_bad, complete_lines, parse_passes, Pass};
 pub use timing::{poll_every, secs, timeout_scale, try_wait_until, wait_until};

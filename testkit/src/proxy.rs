@@ -4,7 +4,8 @@
 //!   lose exactly one message of a protocol exchange;
 //! - cuts every connection now; while it is down it closes every new connection at once;
 //! - stalls: holds every byte without closing anything, as a partitioned link does;
-//! - delays each frame, or caps the bandwidth of each direction.
+//! - delays each frame, or caps the bandwidth of each direction;
+//! - keeps a copy of one frame (a real machine state, say, to replay elsewhere).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -43,6 +44,10 @@ struct Shared {
     latency_us: AtomicU64,
     /// Bytes per second in each direction, 0 for no cap.
     bandwidth: AtomicU64,
+    /// Copy the body of the next frame of this kind travelling this way (once).
+    capture: Mutex<Option<(Direction, u8)>>,
+    /// The body copied for `capture`, once all of it has passed.
+    captured: Mutex<Option<Vec<u8>>>,
     stop: AtomicBool,
 }
 
@@ -129,6 +134,17 @@ impl FaultProxy {
     /// Caps each direction at `bytes_per_sec` (0: no cap).
     pub fn set_bandwidth(&self, bytes_per_sec: u64) {
         self.shared.bandwidth.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Keeps a copy of the body of the next frame of `kind` travelling in `dir`; the frame is
+    /// forwarded as usual.
+    pub fn capture_frame(&self, dir: Direction, kind: u8) {
+        *self.shared.capture.lock().unwrap() = Some((dir, kind));
+    }
+
+    /// The body kept by [`Self::capture_frame`], once the whole frame has passed.
+    pub fn captured(&self) -> Option<Vec<u8>> {
+        self.shared.captured.lock().unwrap().clone()
     }
 
     /// The kinds of the frames forwarded in `dir` so far, in order.
@@ -228,6 +244,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
             }
         }
         shared.frames.lock().unwrap().push((dir, kind));
+        let mut copy = {
+            let mut rule = shared.capture.lock().unwrap();
+            (*rule == Some((dir, kind))).then(|| {
+                *rule = None;
+                Vec::with_capacity(len)
+            })
+        };
         if to.write_all(&prefix).is_err() {
             break;
         }
@@ -242,6 +265,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
                 let _ = from.shutdown(Shutdown::Both);
                 return;
             }
+            if let Some(c) = copy.as_mut() {
+                c.extend_from_slice(&buf[..n]);
+            }
             left -= n;
             let cap = shared.bandwidth.load(Ordering::SeqCst);
             if cap > 0 {
@@ -254,6 +280,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
                     (since, sent) = (Instant::now(), 0);
                 }
             }
+        }
+        if let Some(c) = copy {
+            *shared.captured.lock().unwrap() = Some(c);
         }
     }
     // The sender is done (or the link was cut): pass its end on, as TCP does, without cutting
@@ -308,6 +337,25 @@ mod tests {
         proxy.cut();
         proxy.restore();
         assert!(TcpStream::connect(proxy.addr).is_ok());
+    }
+
+    #[test]
+    fn a_captured_frame_is_kept_and_forwarded() {
+        let (addr, accepted) = listen_once();
+        let proxy = FaultProxy::start(addr);
+        proxy.capture_frame(Direction::ToDestination, 5);
+        let mut client = TcpStream::connect(proxy.addr).unwrap();
+        let mut server = accepted.join().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let big = vec![0x5a; 200 << 10];
+        let sent: Vec<u8> = [frame(4, b"before"), frame(5, &big), frame(5, b"later")].concat();
+        client.write_all(&sent).unwrap();
+        let mut got = vec![0u8; sent.len()];
+        server.read_exact(&mut got).unwrap();
+        assert!(got == sent, "the proxy changed what it forwarded");
+        assert_eq!(proxy.captured(), Some(big));
     }
 
     #[test]

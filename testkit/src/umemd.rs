@@ -47,10 +47,47 @@ impl Umemd {
             .unwrap_or(0)
     }
 
+    /// Resident memory of the process in KiB (`VmRSS` of `/proc/PID/status`); 0 once it is gone.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process ever had, in KiB (`VmHWM`); 0 once it is gone.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
+            .ok()
+            .and_then(|s| status_kib(&s, field))
+            .unwrap_or(0)
+    }
+
     /// Threads of the process.
     pub fn thread_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.proc.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+}
+
+/// The value of `field` (`VmRSS:`), in KiB, in a `/proc/PID/status` text.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_figures_are_read_from_the_status_text() {
+        let status = "Name:\tumemd\nVmHWM:\t  9000 kB\nVmRSS:\t    5432 kB\nThreads:\t3\n";
+        assert_eq!(super::status_kib(status, "VmRSS:"), Some(5432));
+        assert_eq!(super::status_kib(status, "VmHWM:"), Some(9000));
+        assert_eq!(super::status_kib("Name:\tzombie\n", "VmRSS:"), None);
     }
 }

@@ -148,7 +148,7 @@ fn read(
     context: &'static str,
 ) -> Result<PeerMessage, AuthError> {
     let mut body = Vec::new();
-    let p = link::read_frame_by(peer, &mut body, deadline)
+    let p = link::read_frame_by(peer, &mut body, deadline, link::MAX_OPENING_FRAME)
         .map_err(|err| AuthError::Read { context, err })?;
     PeerMessage::decode(p.kind, &body).map_err(|err| AuthError::Malformed { context, err })
 }

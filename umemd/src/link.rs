@@ -100,15 +100,29 @@ pub enum ReadByError {
     /// The frame's prefix is invalid.
     #[error("{0}")]
     Frame(frame::FrameError),
+    /// The frame is longer than any message expected here.
+    #[error("a frame of {len} bytes where at most {limit} are expected")]
+    TooLong {
+        /// Its announced length.
+        len: u32,
+        /// The most expected.
+        limit: u32,
+    },
 }
+
+/// The longest frame a peer may send before it is admitted: the authentication messages and
+/// the first message are all far shorter, so an unauthenticated peer costs no large buffer.
+pub const MAX_OPENING_FRAME: u32 = 256;
 
 /// Reads one frame into `body`, all of it before `deadline`: a peer that trickles bytes cannot
 /// stretch the wait, as a timeout per read would let it. Heartbeats are skipped (a peer waiting
-/// for an answer keeps the link alive meanwhile). Leaves a read timeout set on `peer`.
+/// for an answer keeps the link alive meanwhile). A frame longer than `limit` is refused
+/// before its body is read. Leaves a read timeout set on `peer`.
 pub fn read_frame_by(
     peer: &mut PeerStream,
     body: &mut Vec<u8>,
     deadline: std::time::Instant,
+    limit: u32,
 ) -> Result<proto::FramePrefix, ReadByError> {
     let mut read_by = |buf: &mut [u8]| -> Result<(), ReadByError> {
         let mut done = 0;
@@ -132,6 +146,9 @@ pub fn read_frame_by(
         let mut prefix = [0u8; proto::PREFIX_LEN];
         read_by(&mut prefix)?;
         let p = proto::FramePrefix::parse(&prefix).map_err(ReadByError::Frame)?;
+        if p.len > limit {
+            return Err(ReadByError::TooLong { len: p.len, limit });
+        }
         body.resize(p.len as usize, 0);
         read_by(body)?;
         if p.kind != proto::peer::kind::HEARTBEAT {

@@ -152,6 +152,9 @@ impl DestPlacement {
             Ok(PeerMessage::Discard { block, ranges }) => {
                 let mut effects = Vec::with_capacity(ranges.len());
                 for (first, count) in ranges {
+                    if count == 0 {
+                        return Expect::Refused;
+                    }
                     match Self::inside(block, first, count as u64) {
                         Some(off) => effects.push((off, Effect::Zero(count as usize * PAGE))),
                         None => return Expect::Refused,
@@ -532,11 +535,11 @@ mod tests {
         assert_eq!(run(&input).map(|o| o.len()), Ok(5));
     }
 
-    /// Found by this target: an empty range failed the whole discard (fallocate refuses a
-    /// length of 0), and a range outside the block was refused only after the ranges before it
-    /// had been dropped.
+    /// Found by this target: a range outside the block was refused only after the ranges
+    /// before it had been dropped, and an empty range failed in fallocate after them too. Both
+    /// refuse the frame whole now, before any page is dropped.
     #[test]
-    fn discards_are_refused_whole_and_empty_ranges_drop_nothing() {
+    fn discards_are_refused_whole() {
         let input = stream(&[
             PeerMessage::Discard {
                 block: 0,

@@ -209,10 +209,12 @@ fn admit(
 ) -> Result<PeerMessage, AuthError> {
     auth::authenticate_source(stream, secret, deadline)?;
     let mut body = Vec::new();
-    let p = link::read_frame_by(stream, &mut body, deadline).map_err(|err| AuthError::Read {
-        context: "the first message",
-        err,
-    })?;
+    let p = link::read_frame_by(stream, &mut body, deadline, link::MAX_OPENING_FRAME).map_err(
+        |err| AuthError::Read {
+            context: "the first message",
+            err,
+        },
+    )?;
     PeerMessage::decode(p.kind, &body).map_err(|err| AuthError::Malformed {
         context: "first message",
         err,

@@ -180,7 +180,7 @@ pub(super) fn read_frame_by(
     deadline: Instant,
     context: &'static str,
 ) -> Result<proto::FramePrefix, DestError> {
-    link::read_frame_by(peer, body, deadline).map_err(|e| match e {
+    link::read_frame_by(peer, body, deadline, proto::MAX_FRAME).map_err(|e| match e {
         ReadByError::Timeout => DestError::Timeout {
             waiting_for: context,
             secs: HANDSHAKE_TIMEOUT.as_secs(),
@@ -188,6 +188,7 @@ pub(super) fn read_frame_by(
         ReadByError::Closed => DestError::PeerClosed,
         ReadByError::Io(e) => DestError::Peer(e),
         ReadByError::Frame(err) => DestError::Frame { context, err },
+        e @ ReadByError::TooLong { .. } => DestError::Peer(std::io::Error::other(e.to_string())),
     })
 }
 

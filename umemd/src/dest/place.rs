@@ -25,6 +25,14 @@ impl Dest {
         Ok(())
     }
 
+    /// Pages are dropped only before the machine state: a dropped page reads as zeros, so once
+    /// the state is loaded a discard would change RAM under it (the commit would then run the
+    /// VM over the hole), and once the VM runs it would lose a page the VM wrote. The ranges
+    /// are checked too: an empty one is no page the source ever sent.
+    pub(super) fn check_discard(&self, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+        check_discard(self.phase, ranges)
+    }
+
     /// The memfd offset of pages the source sent, checked against the layout.
     pub(super) fn checked_offset(
         &self,
@@ -82,25 +90,16 @@ impl Dest {
     }
 
     /// Drops pages the source sent earlier and dirtied since: they are holes and missing
-    /// again. Only before the VM runs: afterwards a page once placed stays. A frame with a
-    /// range outside the layout is refused whole, before any page is dropped; an empty range
-    /// drops nothing.
+    /// again. Only before the machine state (see [`Dest::check_discard`]). A frame with an
+    /// empty range or one outside the layout is refused whole, before any page is dropped.
     pub fn discard(&mut self, block: u32, ranges: &[(u64, u32)]) -> Result<(), DestError> {
-        if self.phase.running() {
-            return Err(DestError::Protocol(
-                "the source discarded pages after the VM started",
-            ));
-        }
+        self.check_discard(ranges)?;
         for &(first, count) in ranges {
             self.mem
                 .offset_of(block, first, count as u64)
                 .map_err(DestError::BadDiscard)?;
         }
         for &(first, count) in ranges {
-            if count == 0 {
-                // fallocate refuses a length of 0 (EINVAL).
-                continue;
-            }
             let off = self
                 .mem
                 .offset_of(block, first, count as u64)
@@ -136,6 +135,26 @@ impl Dest {
         }
         Ok(())
     }
+}
+
+/// See [`Dest::check_discard`].
+fn check_discard(phase: DestPhase, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+    if phase.running() {
+        return Err(DestError::Protocol(
+            "the source discarded pages after the VM started",
+        ));
+    }
+    if phase.state_loaded() {
+        return Err(DestError::Protocol(
+            "the source discarded pages after the machine state",
+        ));
+    }
+    if ranges.iter().any(|&(_, count)| count == 0) {
+        return Err(DestError::Protocol(
+            "the source discarded an empty range of pages",
+        ));
+    }
+    Ok(())
 }
 
 /// Reads exactly `buf.len()` bytes from the source.
@@ -200,11 +219,38 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_discard_range_drops_nothing() {
+    fn an_empty_discard_range_refuses_the_frame_and_drops_nothing() {
         let (mut d, file, _vmm) = dest(8);
-        d.discard(0, &[(3, 0), (8, 0), (5, 2)]).unwrap();
+        let e = d.discard(0, &[(5, 2), (3, 0)]).unwrap_err();
+        assert!(e.to_string().contains("empty range"), "{e}");
+        assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 6, 7, 8]);
+        d.discard(0, &[(5, 2)]).unwrap();
         assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 0, 0, 8]);
-        assert_eq!(d.pages.unresolved(), 8);
-        assert!(d.discard(0, &[(9, 0)]).is_err());
+    }
+
+    #[test]
+    fn discards_stop_at_the_machine_state() {
+        for phase in DestPhase::ALL {
+            let r = check_discard(phase, &[(0, 1)]);
+            match phase {
+                DestPhase::Loaded => assert!(
+                    r.as_ref()
+                        .is_err_and(|e| e.to_string().contains("after the machine state")),
+                    "{phase}: {r:?}"
+                ),
+                DestPhase::Postcopy | DestPhase::PostcopyPaused => assert!(
+                    r.as_ref()
+                        .is_err_and(|e| e.to_string().contains("after the VM started")),
+                    "{phase}: {r:?}"
+                ),
+                _ => assert!(r.is_ok(), "{phase}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_discard_range_is_refused() {
+        let e = check_discard(DestPhase::Precopy, &[(3, 1), (5, 0)]).unwrap_err();
+        assert!(e.to_string().contains("empty range"), "{e}");
     }
 }
