@@ -14,6 +14,7 @@
 pub mod frame;
 pub mod local;
 pub mod peer;
+pub mod peercred;
 pub mod types;
 pub mod wire;
 
