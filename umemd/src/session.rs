@@ -58,6 +58,12 @@ pub enum OpeningError {
     /// The second fd of `Incoming` is something else.
     #[error("the second fd of Incoming must be a userfaultfd, got {0}")]
     NotUserfaultfd(String),
+    /// The memfd cannot be mapped.
+    #[error(transparent)]
+    Memfd(#[from] crate::mapping::MappingError),
+    /// The declared blocks do not fit the memfd or overlap.
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
 }
 
 /// Most file descriptors a VMM may pass (memfd and userfaultfd).
@@ -185,6 +191,9 @@ pub fn run(mut conn: UnixStream) {
                     return refuse(&mut conn, e);
                 }
             }
+            if let Err(e) = check_layout(&vm, &memfd, &blocks) {
+                return refuse(&mut conn, e);
+            }
             info!(
                 "{vm}: incoming migration on {uri}{}",
                 if has_uffd { " (postcopy capable)" } else { "" }
@@ -227,6 +236,9 @@ pub fn run(mut conn: UnixStream) {
             };
             let uffd = fds.remove(0);
             if let Err(e) = check_userfaultfd(&uffd) {
+                return refuse(&mut conn, e);
+            }
+            if let Err(e) = check_layout(&vm, &memfd, &blocks) {
                 return refuse(&mut conn, e);
             }
             info!("{vm}: postcopy session {session_id:#x} taken over on {uri}");
@@ -272,6 +284,9 @@ fn outgoing(
         Ok(c) => c,
         Err(e) => return refuse(&mut conn, e),
     };
+    if let Err(e) = check_layout(&vm, &memfd, &blocks) {
+        return refuse(&mut conn, e);
+    }
     match resume {
         None => info!("{vm}: outgoing migration to {uri} ({:?})", params.mode),
         Some(id) => info!("{vm}: postcopy session {id:#x} to {uri} taken over"),
@@ -283,6 +298,20 @@ fn outgoing(
         },
         Err((mut c, e)) => refuse(&mut c, e),
     }
+}
+
+/// Checks the declared blocks against the memfd before anything is sized from them, and logs
+/// what the session will hold per page (bounded by the memfd's size once the blocks pass).
+fn check_layout(
+    vm: &str,
+    memfd: &OwnedFd,
+    blocks: &[proto::local::LocalBlock],
+) -> Result<(), OpeningError> {
+    use std::os::fd::AsFd;
+    let len = crate::mapping::check_memfd(memfd.as_fd())?;
+    let footprint = crate::layout::validate(blocks, len)?;
+    info!("{vm}: RAM layout {footprint}");
+    Ok(())
 }
 
 /// The second fd of an `Incoming` must be a userfaultfd: anything else would make every fault
