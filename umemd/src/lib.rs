@@ -5,9 +5,11 @@
 //! [`source`] reads the page through [`mapping`] and streams it, [`dest`] writes it into the
 //! destination's memfd. The two roles share only the modules at this level ([`link`],
 //! [`stream`], [`mapping`], [`layout`], [`bitmap`], [`stats`], [`priority`], [`error`],
-//! [`phase`]); neither imports the other.
+//! [`phase`]); neither imports the other. [`daemon`] and [`admission`] decide which local
+//! clients get a [`session`] at all.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod admission;
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;
