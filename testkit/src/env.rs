@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::binaries::bin_dir;
 use crate::process::tail;
-use crate::umemd::Umemd;
+use crate::umemd::{Umemd, UmemdBuilder};
 use crate::vmm::VmmBuilder;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -49,6 +49,11 @@ impl TestEnv {
     /// Starts a umemd named `name` (socket `<dir>/<name>.sock`).
     pub fn umemd(&self, name: &str) -> Umemd {
         Umemd::start(&self.dir, name)
+    }
+
+    /// A builder for a umemd named `name`, for arguments or a user of its own.
+    pub fn umemd_builder(&self, name: &str) -> UmemdBuilder {
+        UmemdBuilder::new(&self.dir, name)
     }
 
     /// A builder for a vmm named `name` that talks to `umemd`.

@@ -29,6 +29,7 @@ pub struct VmmBuilder {
     prefill: Option<u64>,
     incoming: Option<String>,
     paused: bool,
+    args: Vec<String>,
 }
 
 impl VmmBuilder {
@@ -45,6 +46,7 @@ impl VmmBuilder {
             prefill: None,
             incoming: None,
             paused: false,
+            args: Vec::new(),
         }
     }
     /// `--mem` (e.g. "1G").
@@ -87,6 +89,12 @@ impl VmmBuilder {
         self
     }
 
+    /// One more command-line argument (after the others).
+    pub fn arg(mut self, a: &str) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
     /// Starts the vmm and waits until its control socket answers.
     pub fn start(self) -> Vmm {
         let control = self.dir.join(format!("{}.ctl", self.name));
@@ -119,6 +127,7 @@ impl VmmBuilder {
         if self.paused {
             cmd.arg("-S");
         }
+        cmd.args(&self.args);
         let log = self.dir.join(format!("{}.log", self.name));
         let proc = Proc::spawn(&self.name, cmd, &log);
         let mut vm = Vmm {
@@ -191,6 +200,11 @@ impl Vmm {
                 self.name
             )
         }
+    }
+
+    /// Its control socket.
+    pub fn control_path(&self) -> &Path {
+        &self.control
     }
 
     /// Sends one raw request line and reads one reply line.
