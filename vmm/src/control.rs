@@ -57,6 +57,7 @@ fn handle_client(conn: UnixStream, m: Arc<Machine>, allow: &AllowList) {
     if let Err(e) = allowed {
         warn!("refusing a control client: {e}");
         let _ = writeln!(out, "{}", error_reply(&e.to_string()));
+        linger(&conn);
         return;
     }
     let mut reader = BufReader::new(conn);
@@ -85,6 +86,26 @@ fn handle_client(conn: UnixStream, m: Arc<Machine>, allow: &AllowList) {
         if quit {
             let _ = out.flush();
             std::process::exit(0);
+        }
+    }
+}
+
+/// Waits briefly for a refused client's request before closing: closed at once, the client's
+/// request would fail to send (EPIPE), and many clients report that instead of the reply that
+/// says why.
+fn linger(conn: &UnixStream) {
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    if conn
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .is_ok()
+    {
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_LINE;
+        while left > 0 {
+            match std::io::Read::read(&mut &*conn, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
         }
     }
 }
