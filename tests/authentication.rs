@@ -304,3 +304,50 @@ fn a_deferred_incoming_takes_its_address_and_secret_from_migrate_incoming() {
     dst.wait_phase(secs(60), &["completed"]);
     assert_guest_runs_on(&src, &mut dst, 2, secs(60));
 }
+
+#[test]
+fn a_host_secret_file_of_umemd_serves_every_migration_without_one() {
+    if !require_kvm("a_host_secret_file_of_umemd_serves_every_migration_without_one") {
+        return;
+    }
+    let t = TestEnv::new("auth-host-key");
+    let key = t.secret_file("host.key", SECRET);
+    let keyed = |name: &str| {
+        t.umemd_builder(name)
+            .arg("--secret-file")
+            .arg(key.as_os_str())
+            .start()
+    };
+    let (su, du) = (keyed("umemd-src"), keyed("umemd-dst"));
+    let plain = t.umemd("umemd-plain");
+    let mut src = source(&t, &su);
+    // Beyond loopback is allowed: the host's secret guards it.
+    let mut dst = t
+        .vmm("dst", &du)
+        .mem("128M")
+        .incoming("tcp:0.0.0.0:0")
+        .start();
+    let port = dst.listen_uri().rsplit(':').next().unwrap().to_string();
+    let uri = format!("tcp:127.0.0.1:{port}");
+    // A source host without the secret is turned away.
+    let mut stranger = t
+        .vmm("stranger", &plain)
+        .mem("128M")
+        .guest("memtouch")
+        .start();
+    stranger.migrate(&uri, json!({})).expect("migrate");
+    let o = stranger.wait_migration(secs(60));
+    assert!(
+        o.error
+            .as_deref()
+            .is_some_and(|e| e.contains("authentication required")),
+        "{:?}",
+        o.raw
+    );
+    src.migrate(&uri, json!({"mode": "postcopy"}))
+        .expect("migrate");
+    assert_completed("source", &src.wait_migration(secs(120)));
+    dst.wait_phase(secs(60), &["completed"]);
+    assert!(rejected(&dst) >= 1);
+    assert_guest_runs_on(&src, &mut dst, 2, secs(60));
+}

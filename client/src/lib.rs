@@ -336,12 +336,32 @@ impl UmemdClient {
     fn open(self, msg: &LocalMessage, fds: &[RawFd]) -> Result<(UnixStream, Writer), ClientError> {
         let mut buf = Vec::new();
         msg.encode(&mut buf);
-        let n = self.conn.send_with_fd(&buf, fds)?;
-        if n < buf.len() {
-            (&self.conn).write_all(&buf[n..])?;
+        let sent = self.conn.send_with_fd(&buf, fds).and_then(|n| {
+            if n < buf.len() {
+                (&self.conn).write_all(&buf[n..])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = sent {
+            // umemd may refuse a client as soon as it connects (not allowed, too many
+            // sessions) and close: its reason is waiting to be read, and says more than EPIPE.
+            return Err(self.refusal().unwrap_or(ClientError::Io(e)));
         }
         let writer = Arc::new(Mutex::new(self.conn.try_clone()?));
         Ok((self.conn, writer))
+    }
+
+    /// The `Failed` umemd sent before closing, if it did.
+    fn refusal(&self) -> Option<ClientError> {
+        self.conn
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .ok()?;
+        let mut conn = self.conn.try_clone().ok()?;
+        let mut body = Vec::new();
+        match recv(&mut conn, &mut body) {
+            Ok(LocalMessage::Failed { message, .. }) => Some(ClientError::Refused(message)),
+            _ => None,
+        }
     }
 
     /// Source: asks umemd to migrate the VM `vm` out to `uri` (`tcp:HOST:PORT`), handing it

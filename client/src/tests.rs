@@ -479,3 +479,28 @@ fn wait_listening_returns_the_address_or_the_refusal() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_refusal_before_the_opening_is_reported_as_umemd_said_it() {
+    // umemd answers some clients as soon as they connect (not allowed, over a session cap) and
+    // closes: the client's opening then fails to send, and the reason is what it reports.
+    let (client, mut stub) = pair();
+    stub.send(LocalMessage::Failed {
+        message: "uid 0 already has 16 sessions on umemd, its limit (--max-sessions-per-uid)"
+            .into(),
+        stats: Default::default(),
+    });
+    drop(stub);
+    let memfd = devnull();
+    let r = client.incoming(
+        "vm1",
+        "tcp:127.0.0.1:0",
+        vec![block("ram", 64)],
+        memfd.as_fd(),
+        None,
+    );
+    match r {
+        Err(ClientError::Refused(m)) => assert!(m.contains("--max-sessions-per-uid"), "{m}"),
+        other => panic!("expected umemd's refusal, got {other:?}"),
+    }
+}

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod frame;
 pub mod local;
 pub mod peer;
+pub mod peercred;
 pub mod types;
 pub mod wire;
 

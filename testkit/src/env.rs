@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::binaries::bin_dir;
 use crate::process::tail;
-use crate::umemd::Umemd;
+use crate::umemd::{Umemd, UmemdBuilder};
 use crate::vmm::VmmBuilder;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -66,7 +66,12 @@ impl TestEnv {
         path
     }
 
-    /// A vmm of this test, using `umemd` (see [`VmmBuilder`]).
+    /// A builder for a umemd named `name`, for arguments or a user of its own.
+    pub fn umemd_builder(&self, name: &str) -> UmemdBuilder {
+        UmemdBuilder::new(&self.dir, name)
+    }
+
+    /// A builder for a vmm named `name` that talks to `umemd`.
     pub fn vmm(&self, name: &str, umemd: &Umemd) -> VmmBuilder {
         VmmBuilder::new(&self.dir, name, umemd.socket())
     }

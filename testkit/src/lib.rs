@@ -36,7 +36,8 @@
 //! | `binaries` | finding the `vmm` and `umemd` binaries, building them first |
 //! | `process` | a child process killed by PID and reaped when dropped, with its log |
 //! | `env` | one test's lock and temporary directory; whether KVM is there |
-//! | `umemd` | a running umemd |
+//! | `umemd` | a running umemd, and its options (arguments, another user) |
+//! | [`users`] | whether the kit may act as another user, and processes and raw clients run as one |
 //! | `vmm` | a running vmm: its control socket, migration phases, serial output |
 //! | `serial` | memtouch's pass lines and the checks made on them |
 //! | `guest_ram` | where guest RAM lies in a vmm process, and reading it from outside |
@@ -59,6 +60,7 @@ pub mod proxy;
 mod serial;
 mod timing;
 mod umemd;
+pub mod users;
 mod vmm;
 
 pub use binaries::{bin_dir, binary};
@@ -67,5 +69,5 @@ pub use guest_ram::{read_process_memory, RamFileDigest, RamMapping};
 pub use process::Proc;
 pub use serial::{assert_consecutive, assert_no_bad, complete_lines, parse_passes, Pass};
 pub use timing::{poll_every, secs, timeout_scale, try_wait_until, wait_until};
-pub use umemd::Umemd;
+pub use umemd::{Umemd, UmemdBuilder};
 pub use vmm::{MigrationOutcome, Vmm, VmmBuilder};

@@ -1,6 +1,7 @@
 //! A umemd of the kit: started on a socket in the test directory, ready once it accepts
 //! connections, and watched from `/proc` for leaked descriptors and threads.
 
+use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +9,68 @@ use std::process::Command;
 use crate::binaries::binary;
 use crate::process::Proc;
 use crate::timing::{secs, wait_until};
+
+/// Options for a umemd; see [`TestEnv::umemd_builder`](crate::TestEnv::umemd_builder).
+pub struct UmemdBuilder {
+    dir: PathBuf,
+    name: String,
+    args: Vec<OsString>,
+    user: Option<(u32, u32)>,
+}
+
+impl UmemdBuilder {
+    /// A umemd named `name` with its socket, log and files in `dir`.
+    pub fn new(dir: &Path, name: &str) -> UmemdBuilder {
+        UmemdBuilder {
+            dir: dir.into(),
+            name: name.into(),
+            args: Vec::new(),
+            user: None,
+        }
+    }
+
+    /// One more command-line argument (after `--socket`).
+    pub fn arg(mut self, a: impl Into<OsString>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Runs umemd as `uid`:`gid` with no supplementary groups (the test process must be root).
+    /// Its socket is then in a directory of its own that this user owns, `<dir>/<name>.run/`.
+    pub fn user(mut self, uid: u32, gid: u32) -> Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    /// Starts `umemd --socket <socket> ARGS...` and waits until it accepts connections.
+    pub fn start(self) -> Umemd {
+        let sock_dir = match self.user {
+            None => self.dir.clone(),
+            Some((uid, gid)) => {
+                let d = self.dir.join(format!("{}.run", self.name));
+                std::fs::create_dir_all(&d).expect("creating umemd's socket directory");
+                std::os::unix::fs::chown(&d, Some(uid), Some(gid))
+                    .unwrap_or_else(|e| panic!("chown {} to {uid}:{gid}: {e}", d.display()));
+                d
+            }
+        };
+        let socket = sock_dir.join(format!("{}.sock", self.name));
+        let mut cmd = Command::new(binary("umemd"));
+        cmd.arg("--socket").arg(&socket).args(&self.args);
+        if let Some((uid, gid)) = self.user {
+            // std drops the supplementary groups too when it changes the uid as root.
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
+        }
+        let name = self.name;
+        let mut proc = Proc::spawn(&name, cmd, &self.dir.join(format!("{name}.log")));
+        wait_until(secs(30), &format!("umemd {name} to listen"), || {
+            proc.assert_alive();
+            UnixStream::connect(&socket).ok().map(|_| ())
+        });
+        Umemd { proc, socket }
+    }
+}
 
 /// A umemd process.
 pub struct Umemd {
@@ -19,15 +82,7 @@ pub struct Umemd {
 impl Umemd {
     /// Starts `umemd --socket <dir>/<name>.sock` and waits until it accepts connections.
     pub fn start(dir: &Path, name: &str) -> Umemd {
-        let socket = dir.join(format!("{name}.sock"));
-        let mut cmd = Command::new(binary("umemd"));
-        cmd.arg("--socket").arg(&socket);
-        let mut proc = Proc::spawn(name, cmd, &dir.join(format!("{name}.log")));
-        wait_until(secs(30), &format!("umemd {name} to listen"), || {
-            proc.assert_alive();
-            UnixStream::connect(&socket).ok().map(|_| ())
-        });
-        Umemd { proc, socket }
+        UmemdBuilder::new(dir, name).start()
     }
 
     /// Its socket.
@@ -69,6 +124,11 @@ impl Umemd {
         std::fs::read_dir(format!("/proc/{}/task", self.proc.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// The process's real, effective, saved and filesystem uids (`/proc/PID/status`).
+    pub fn uids(&self) -> Vec<u32> {
+        crate::users::proc_ids(self.proc.pid(), "Uid:")
     }
 }
 

@@ -202,6 +202,11 @@ impl Vmm {
         }
     }
 
+    /// Its control socket.
+    pub fn control_path(&self) -> &Path {
+        &self.control
+    }
+
     /// Sends one raw request line and reads one reply line.
     pub fn raw_request(&self, line: &str) -> Result<Value, String> {
         let mut s = UnixStream::connect(&self.control).map_err(|e| format!("connect: {e}"))?;

@@ -4,15 +4,18 @@
 //! A page's way from the source VM to the destination VM: [`session`] receives the VMM's memfd,
 //! [`source`] reads the page through [`mapping`] and streams it, [`dest`] writes it into the
 //! destination's memfd. The two roles share only the modules at this level ([`link`],
-//! [`stream`], [`mapping`], [`bitmap`], [`stats`], [`priority`], [`error`], [`phase`]); neither imports
-//! the other.
+//! [`stream`], [`mapping`], [`layout`], [`bitmap`], [`stats`], [`priority`], [`error`],
+//! [`phase`]); neither imports the other. [`daemon`] and [`admission`] decide which local
+//! clients get a [`session`] at all.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod admission;
 pub mod auth;
 pub mod bitmap;
 pub mod daemon;
 pub mod dest;
 pub mod error;
+pub mod layout;
 pub mod link;
 pub mod mapping;
 pub mod phase;

@@ -1,9 +1,12 @@
 //! `umemd` command line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use log::{error, info};
+use proto::peercred::{self, AllowList};
+use umemd::admission::{self, Limits};
 
 /// The umem migration daemon.
 #[derive(Debug, Parser)]
@@ -12,18 +15,66 @@ struct Args {
     /// Socket on which VMMs connect (ignored when systemd passes one).
     #[arg(long, default_value = "/run/umem/umemd.sock")]
     socket: PathBuf,
+    /// Make the socket 0660 and owned by this group (name or gid) instead of 0600; the allow
+    /// list still decides who is served.
+    #[arg(long, value_name = "NAME|GID")]
+    socket_group: Option<String>,
+    /// Also serve clients of this uid (root and umemd's own uid always are); repeatable.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// Also serve clients whose primary group is this one (name or gid); repeatable.
+    #[arg(long, value_name = "NAME|GID")]
+    allow_gid: Vec<String>,
+    /// Drop a client whose whole opening message has not arrived this long after it connected.
+    #[arg(long, value_name = "MS", default_value_t = admission::DEFAULT_OPENING_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    opening_timeout_ms: u64,
+    /// Most sessions at once; a client over it gets Failed.
+    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: u64,
+    /// Most sessions at once of one client uid (VMMs that all run as root share it).
+    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS_PER_UID as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions_per_uid: u64,
+    /// The host's migration secret, in a file only its owner can read: every migration whose
+    /// VMM gave no secret of its own authenticates its peers with it.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
+}
+
+fn fail(what: &str) -> ! {
+    error!("{what}");
+    eprintln!("umemd: {what}");
+    std::process::exit(1);
 }
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    let listener = match umemd::daemon::bind(&args.socket) {
+    let group = args.socket_group.as_deref().map(|g| {
+        peercred::resolve_group(g).unwrap_or_else(|e| fail(&format!("--socket-group: {e}")))
+    });
+    let gids = args
+        .allow_gid
+        .iter()
+        .map(|g| peercred::resolve_group(g).unwrap_or_else(|e| fail(&format!("--allow-gid: {e}"))))
+        .collect();
+    if let Some(f) = &args.secret_file {
+        let secret = proto::auth::Secret::from_file(f)
+            .unwrap_or_else(|e| fail(&format!("--secret-file: {e}")));
+        umemd::auth::set_host_secret(secret);
+        info!("peers authenticate with the secret in {}", f.display());
+    }
+    let limits = Limits {
+        allow: AllowList::for_this_process(args.allow_uid.clone(), gids),
+        opening_timeout: Duration::from_millis(args.opening_timeout_ms),
+        max_sessions: usize::try_from(args.max_sessions).unwrap_or(usize::MAX),
+        max_sessions_per_uid: usize::try_from(args.max_sessions_per_uid).unwrap_or(usize::MAX),
+    };
+    let listener = match umemd::daemon::bind_for_group(&args.socket, group) {
         Ok(l) => l,
-        Err(e) => {
-            error!("control socket {}: {e}", args.socket.display());
-            eprintln!("umemd: control socket {}: {e}", args.socket.display());
-            std::process::exit(1);
-        }
+        Err(e) => fail(&format!("control socket {}: {e}", args.socket.display())),
     };
     match listener
         .local_addr()
@@ -33,8 +84,7 @@ fn main() {
         Some(p) => info!("umemd listening on {}", p.display()),
         None => info!("umemd listening on the socket it was given"),
     }
-    if let Err(e) = umemd::daemon::serve(listener) {
-        error!("event loop: {e}");
-        std::process::exit(1);
+    if let Err(e) = umemd::daemon::serve_with(listener, limits) {
+        fail(&format!("event loop: {e}"));
     }
 }

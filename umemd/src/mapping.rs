@@ -2,7 +2,7 @@
 //! plus the layout that says which part of it is which block.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -17,14 +17,10 @@ pub enum MappingError {
     /// The fd is not a usable memfd.
     #[error("guest RAM fd: {0}")]
     BadFd(String),
-    /// The layout does not fit the memfd.
-    #[error("RAM block {name}: {reason}")]
-    BadBlock {
-        /// Block name.
-        name: String,
-        /// What is wrong.
-        reason: String,
-    },
+    /// The layout does not fit the memfd, or its blocks overlap (boxed: it names two blocks,
+    /// and every session error carries a `MappingError`).
+    #[error(transparent)]
+    Layout(Box<crate::layout::LayoutError>),
     /// `mmap` failed.
     #[error("mapping guest RAM: {0}")]
     Map(nix::Error),
@@ -70,6 +66,12 @@ pub enum MappingError {
     },
 }
 
+impl From<crate::layout::LayoutError> for MappingError {
+    fn from(e: crate::layout::LayoutError) -> Self {
+        MappingError::Layout(Box::new(e))
+    }
+}
+
 /// Extents of the memfd found by earlier `lseek` calls: `[from, to)` of data and of hole.
 /// Data stays data on a source memfd; a hole can fill while the guest runs, so a cache lives
 /// for one pass over memory at most (a page written meanwhile is dirty and sent later).
@@ -97,42 +99,13 @@ unsafe impl Send for GuestMapping {}
 unsafe impl Sync for GuestMapping {}
 
 impl GuestMapping {
-    /// Maps `fd` read-only, checking that it is a sealed memfd that holds every block. umemd
-    /// only reads guest RAM through it; pages are written with `pwrite` or `UFFDIO_COPY`.
+    /// Maps `fd` read-only, checking that it is a sealed memfd that holds every block, apart
+    /// from each other ([`crate::layout::validate`]). umemd only reads guest RAM through it;
+    /// pages are written with `pwrite` or `UFFDIO_COPY`.
     pub fn new(fd: OwnedFd, blocks: Vec<LocalBlock>) -> Result<Self, MappingError> {
         let file = File::from(fd);
-        let meta = file
-            .metadata()
-            .map_err(|e| MappingError::BadFd(format!("fstat: {e}")))?;
-        if !meta.file_type().is_file() {
-            return Err(MappingError::BadFd(
-                "not a memfd or regular file (wrong fd passed?)".into(),
-            ));
-        }
-        let len = meta.len() as usize;
-        if len == 0 {
-            return Err(MappingError::BadFd("the memfd is empty".into()));
-        }
-        // A memfd that can shrink would turn umemd's reads of it into SIGBUS.
-        let seals = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
-            .map_err(|e| MappingError::BadFd(format!("not a sealable memfd: {e}")))?;
-        if seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(MappingError::BadFd(
-                "the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into(),
-            ));
-        }
-        for b in &blocks {
-            let end = b.memfd_offset.checked_add(b.desc.size);
-            if b.memfd_offset % PAGE_SIZE != 0 || end.is_none_or(|e| e > len as u64) {
-                return Err(MappingError::BadBlock {
-                    name: b.desc.name.clone(),
-                    reason: format!(
-                        "offset {:#x} size {:#x} outside the {len:#x}-byte memfd",
-                        b.memfd_offset, b.desc.size
-                    ),
-                });
-            }
-        }
+        let len = check_memfd(file.as_fd())? as usize;
+        crate::layout::validate(&blocks, len as u64)?;
         let size = std::num::NonZeroUsize::new(len)
             .ok_or_else(|| MappingError::BadFd("the memfd is empty".into()))?;
         // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
@@ -303,6 +276,30 @@ impl GuestMapping {
         )
         .map_err(|err| MappingError::PunchHole { off, len, err })
     }
+}
+
+/// The size of the guest-RAM memfd `fd`, after checking that umemd may map it: a regular file
+/// (a memfd), not empty, and sealed against shrinking, since a memfd that can shrink would turn
+/// umemd's reads of it into SIGBUS.
+pub fn check_memfd(fd: BorrowedFd<'_>) -> Result<u64, MappingError> {
+    let st = nix::sys::stat::fstat(fd).map_err(|e| MappingError::BadFd(format!("fstat: {e}")))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(MappingError::BadFd(
+            "not a memfd or regular file (wrong fd passed?)".into(),
+        ));
+    }
+    let len = u64::try_from(st.st_size).unwrap_or(0);
+    if len == 0 {
+        return Err(MappingError::BadFd("the memfd is empty".into()));
+    }
+    let seals = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map_err(|e| MappingError::BadFd(format!("not a sealable memfd: {e}")))?;
+    if seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(MappingError::BadFd(
+            "the memfd is not sealed against shrinking (F_SEAL_SHRINK)".into(),
+        ));
+    }
+    Ok(len)
 }
 
 impl Drop for GuestMapping {

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use proto::frame;
@@ -21,6 +22,9 @@ pub enum OpeningError {
     /// Reading the opening message failed.
     #[error("reading the opening message: {0}")]
     Read(#[source] std::io::Error),
+    /// The whole opening message did not arrive in time.
+    #[error("no complete opening message within {} ms (--opening-timeout-ms)", .0.as_millis())]
+    Timeout(Duration),
     /// The VMM closed the connection first.
     #[error("VMM closed the connection before its opening message")]
     Closed,
@@ -58,6 +62,12 @@ pub enum OpeningError {
     /// The second fd of `Incoming` is something else.
     #[error("the second fd of Incoming must be a userfaultfd, got {0}")]
     NotUserfaultfd(String),
+    /// The memfd cannot be mapped.
+    #[error(transparent)]
+    Memfd(#[from] crate::mapping::MappingError),
+    /// The declared blocks do not fit the memfd or overlap.
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
 }
 
 /// Most file descriptors a VMM may pass (memfd and userfaultfd).
@@ -92,13 +102,32 @@ impl Drop for MemfdClaim {
     }
 }
 
-/// Reads the opening frame and its fds.
-fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), OpeningError> {
+/// Reads the opening frame and its fds, all of it within `timeout`: a client that sends
+/// nothing, or a byte now and then, holds a thread and a session slot only that long.
+fn read_opening(
+    conn: &UnixStream,
+    timeout: Duration,
+) -> Result<(LocalMessage, Vec<OwnedFd>), OpeningError> {
+    let deadline = Instant::now() + timeout;
+    // Each read may wait only for what is left of the whole deadline.
+    let arm = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(OpeningError::Timeout(timeout));
+        }
+        conn.set_read_timeout(Some(left))
+            .map_err(OpeningError::Read)
+    };
+    let read_error = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            OpeningError::Timeout(timeout)
+        }
+        _ => OpeningError::Read(e),
+    };
     let mut buf = vec![0u8; 64 * 1024];
     let mut raw: [RawFd; MAX_FDS + 2] = [-1; MAX_FDS + 2];
-    let (mut n, nfds) = conn
-        .recv_with_fd(&mut buf, &mut raw)
-        .map_err(OpeningError::Read)?;
+    arm()?;
+    let (mut n, nfds) = conn.recv_with_fd(&mut buf, &mut raw).map_err(read_error)?;
     let fds: Vec<OwnedFd> = raw[..nfds]
         .iter()
         // SAFETY: these descriptors were just received with SCM_RIGHTS; nothing else owns them.
@@ -111,13 +140,16 @@ fn read_opening(conn: &UnixStream) -> Result<(LocalMessage, Vec<OwnedFd>), Openi
                     return Err(OpeningError::TrailingData);
                 }
                 let msg = LocalMessage::decode(p.kind, body).map_err(OpeningError::Malformed)?;
+                // The session's own reads have deadlines of their own, or none.
+                conn.set_read_timeout(None).map_err(OpeningError::Read)?;
                 return Ok((msg, fds));
             }
             Ok(None) => {
                 if n == buf.len() {
                     buf.resize(buf.len() * 2, 0);
                 }
-                let m = (&*conn).read(&mut buf[n..]).map_err(OpeningError::Read)?;
+                arm()?;
+                let m = (&*conn).read(&mut buf[n..]).map_err(read_error)?;
                 if m == 0 {
                     return Err(OpeningError::Closed);
                 }
@@ -142,10 +174,16 @@ fn refuse(conn: &mut UnixStream, why: impl std::fmt::Display) {
 }
 
 /// Serves one VMM connection to its end. Never panics on input; errors go back to the VMM.
-pub fn run(mut conn: UnixStream) {
-    let (msg, mut fds) = match read_opening(&conn) {
+/// `client` names it in the log; its opening message must arrive within `opening_timeout`.
+pub fn run(mut conn: UnixStream, opening_timeout: Duration, client: &str) {
+    let (msg, mut fds) = match read_opening(&conn, opening_timeout) {
         Ok(x) => x,
-        Err(e) => return refuse(&mut conn, e),
+        Err(e) => {
+            if matches!(e, OpeningError::Timeout(_)) {
+                warn!("dropping {client}: {e}");
+            }
+            return refuse(&mut conn, e);
+        }
     };
     match msg {
         LocalMessage::Outgoing {
@@ -186,6 +224,9 @@ pub fn run(mut conn: UnixStream) {
                 if let Err(e) = check_userfaultfd(fd) {
                     return refuse(&mut conn, e);
                 }
+            }
+            if let Err(e) = check_layout(&vm, &memfd, &blocks) {
+                return refuse(&mut conn, e);
             }
             info!(
                 "{vm}: incoming migration on {uri}{}",
@@ -233,6 +274,9 @@ pub fn run(mut conn: UnixStream) {
             if let Err(e) = check_userfaultfd(&uffd) {
                 return refuse(&mut conn, e);
             }
+            if let Err(e) = check_layout(&vm, &memfd, &blocks) {
+                return refuse(&mut conn, e);
+            }
             info!("{vm}: postcopy session {session_id:#x} taken over on {uri}");
             match dest::Dest::new(conn, vm.clone(), &uri, memfd, Some(uffd), blocks, auth) {
                 Ok(d) => d.run_resumed(session_id),
@@ -278,6 +322,9 @@ fn outgoing(
         Ok(c) => c,
         Err(e) => return refuse(&mut conn, e),
     };
+    if let Err(e) = check_layout(&vm, &memfd, &blocks) {
+        return refuse(&mut conn, e);
+    }
     match resume {
         None => info!("{vm}: outgoing migration to {uri} ({:?})", params.mode),
         Some(id) => info!("{vm}: postcopy session {id:#x} to {uri} taken over"),
@@ -289,6 +336,20 @@ fn outgoing(
         },
         Err((mut c, e)) => refuse(&mut c, e),
     }
+}
+
+/// Checks the declared blocks against the memfd before anything is sized from them, and logs
+/// what the session will hold per page (bounded by the memfd's size once the blocks pass).
+fn check_layout(
+    vm: &str,
+    memfd: &OwnedFd,
+    blocks: &[proto::local::LocalBlock],
+) -> Result<(), OpeningError> {
+    use std::os::fd::AsFd;
+    let len = crate::mapping::check_memfd(memfd.as_fd())?;
+    let footprint = crate::layout::validate(blocks, len)?;
+    info!("{vm}: RAM layout {footprint}");
+    Ok(())
 }
 
 /// The second fd of an `Incoming` must be a userfaultfd: anything else would make every fault
@@ -317,7 +378,7 @@ mod tests {
         LocalMessage::Cancel.encode(&mut buf);
         let f = std::fs::File::open("/dev/null").unwrap();
         a.send_with_fd(&buf, &[f.as_raw_fd()]).unwrap();
-        let (msg, fds) = read_opening(&b).unwrap();
+        let (msg, fds) = read_opening(&b, Duration::from_secs(5)).unwrap();
         assert_eq!(msg, LocalMessage::Cancel);
         assert_eq!(fds.len(), 1);
     }
@@ -362,9 +423,57 @@ mod tests {
     fn garbage_opening_is_refused_with_a_reason() {
         let (mut a, b) = UnixStream::pair().unwrap();
         std::io::Write::write_all(&mut a, &[3, 0, 0, 0, 0x41, 1, 2, 3]).unwrap();
-        let e = read_opening(&b).unwrap_err();
+        let e = read_opening(&b, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, OpeningError::Malformed(_)), "{e}");
         assert!(e.to_string().contains("malformed"), "{e}");
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped_at_the_deadline() {
+        let (_a, b) = UnixStream::pair().unwrap();
+        let t0 = Instant::now();
+        let e = read_opening(&b, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(e, OpeningError::Timeout(_)), "{e}");
+        assert!(e.to_string().contains("300 ms"), "{e}");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
+
+    #[test]
+    fn a_trickling_client_is_dropped_at_the_whole_deadline() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut msg = Vec::new();
+        LocalMessage::Cancel.encode(&mut msg);
+        // A byte every 100 ms: each read is quick, the whole message never comes in time.
+        let trickle = std::thread::spawn(move || {
+            for byte in msg.iter().take(msg.len() - 1) {
+                if std::io::Write::write_all(&mut a, &[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        let t0 = Instant::now();
+        let e = read_opening(&b, Duration::from_millis(400)).unwrap_err();
+        let waited = t0.elapsed();
+        assert!(matches!(e, OpeningError::Timeout(_)), "{e}");
+        assert!(waited < Duration::from_millis(1400), "{waited:?}");
+        drop(b);
+        let _ = trickle.join();
+    }
+
+    #[test]
+    fn the_deadline_is_lifted_once_the_opening_arrived() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut buf = Vec::new();
+        LocalMessage::Cancel.encode(&mut buf);
+        std::io::Write::write_all(&mut &a, &buf).unwrap();
+        read_opening(&b, Duration::from_millis(200)).unwrap();
+        assert_eq!(b.read_timeout().unwrap(), None);
     }
 
     #[test]
@@ -373,7 +482,7 @@ mod tests {
         let mut buf = Vec::new();
         LocalMessage::Cancel.encode(&mut buf);
         std::io::Write::write_all(&mut a, &buf).unwrap();
-        run(b);
+        run(b, Duration::from_secs(5), "a test client");
         let mut body = Vec::new();
         let p = frame::read(&mut a, &mut body).unwrap();
         match LocalMessage::decode(p.kind, &body).unwrap() {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use proto::auth::Secret;
 use proto::local::PeerAuth;
+use proto::peercred::{self, AllowList};
 use proto::MigrationParams;
 use serde_json::{json, Value};
 
@@ -19,55 +20,46 @@ use crate::migration;
 /// Longest request line accepted.
 const MAX_LINE: usize = 64 * 1024;
 
-/// Binds the control socket at `path`, replacing a stale socket file.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Binds the control socket at `path`, replacing a stale socket file. The file is `0600`, or
+/// `0660` and owned by `group` when one is given.
+pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<UnixListener> {
     if path.exists() {
         std::fs::remove_file(path)?;
     }
     let l = UnixListener::bind(path)?;
-    // The control socket can stop, migrate and quit the VM: its owner's alone, whatever the
-    // umask. A client that got in anyway is checked by its credentials.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // The control socket can stop, migrate and quit the VM: its owner's (and the group's)
+    // alone, whatever the umask. A client that got in anyway is checked by its credentials.
+    peercred::restrict_socket(path, group).map_err(std::io::Error::other)?;
     Ok(l)
 }
 
-/// Root and the VMM's own user may use the control socket.
-fn client_allowed(conn: &UnixStream) -> Result<(), String> {
-    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("reading the client's credentials: {e}"))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if cred.uid() == 0 || cred.uid() == me {
-        Ok(())
-    } else {
-        Err(format!(
-            "uid {} is not allowed to control this VM (only root and uid {me})",
-            cred.uid()
-        ))
-    }
-}
-
-/// Serves control connections until the process exits.
-pub fn serve(listener: UnixListener, machine: Arc<Machine>) {
+/// Serves control connections until the process exits; only clients on `allow` are served.
+pub fn serve(listener: UnixListener, machine: Arc<Machine>, allow: AllowList) {
+    let allow = Arc::new(allow);
     for conn in listener.incoming() {
         match conn {
             Ok(c) => {
                 let m = machine.clone();
+                let allow = allow.clone();
                 let _ = std::thread::Builder::new()
                     .name("control".into())
-                    .spawn(move || handle_client(c, m));
+                    .spawn(move || handle_client(c, m, &allow));
             }
             Err(e) => warn!("control socket accept: {e}"),
         }
     }
 }
 
-fn handle_client(conn: UnixStream, m: Arc<Machine>) {
+fn handle_client(conn: UnixStream, m: Arc<Machine>, allow: &AllowList) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
-    if let Err(e) = client_allowed(&conn) {
+    let allowed =
+        peercred::peer_of(&conn).and_then(|peer| allow.check(&peer, "this VM's control socket"));
+    if let Err(e) = allowed {
         warn!("refusing a control client: {e}");
-        let _ = writeln!(out, "{}", error_reply(&e));
+        let _ = writeln!(out, "{}", error_reply(&e.to_string()));
+        linger(&conn);
         return;
     }
     let mut reader = BufReader::new(conn);
@@ -96,6 +88,26 @@ fn handle_client(conn: UnixStream, m: Arc<Machine>) {
         if quit {
             let _ = out.flush();
             std::process::exit(0);
+        }
+    }
+}
+
+/// Waits briefly for a refused client's request before closing: closed at once, the client's
+/// request would fail to send (EPIPE), and many clients report that instead of the reply that
+/// says why.
+fn linger(conn: &UnixStream) {
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    if conn
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .is_ok()
+    {
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_LINE;
+        while left > 0 {
+            match std::io::Read::read(&mut &*conn, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
         }
     }
 }

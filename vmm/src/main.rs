@@ -7,6 +7,7 @@ use clap::Parser;
 use log::{error, info};
 use proto::auth::Secret;
 use proto::local::PeerAuth;
+use proto::peercred::{self, AllowList};
 use vmm::devices::SerialOut;
 use vmm::machine::{Machine, Status};
 use vmm::memory::GuestRam;
@@ -38,6 +39,17 @@ struct Args {
     /// Control socket path (JSON lines).
     #[arg(long, required_unless_present_any = ["list_guests", "export_guest"])]
     control: Option<PathBuf>,
+    /// Make the control socket 0660 and owned by this group (name or gid) instead of 0600; the
+    /// allow list still decides who is served.
+    #[arg(long, value_name = "NAME|GID")]
+    control_group: Option<String>,
+    /// Also serve control clients of this uid (root and the VMM's own uid always are);
+    /// repeatable.
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+    /// Also serve control clients whose primary group is this one (name or gid); repeatable.
+    #[arg(long, value_name = "NAME|GID")]
+    allow_gid: Vec<String>,
     /// Where guest serial output goes: a file path, "stdout" or "none".
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -114,6 +126,20 @@ fn run(args: Args) -> Result<(), String> {
     if image.is_none() && args.incoming.is_none() {
         return Err("give --guest, --kernel or --incoming".into());
     }
+    // Before anything is built: a mistyped group is an error at once.
+    let control_group = args
+        .control_group
+        .as_deref()
+        .map(peercred::resolve_group)
+        .transpose()
+        .map_err(|e| format!("--control-group: {e}"))?;
+    let allow_gids = args
+        .allow_gid
+        .iter()
+        .map(|g| peercred::resolve_group(g))
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(|e| format!("--allow-gid: {e}"))?;
+    let allow = AllowList::for_this_process(args.allow_uid.clone(), allow_gids);
     let ram = GuestRam::new(args.mem).map_err(|e| e.to_string())?;
     if args.incoming.is_none() {
         if let Some(seed) = args.prefill {
@@ -125,7 +151,7 @@ fn run(args: Args) -> Result<(), String> {
         serial_out(&args.serial).map_err(|e| format!("serial output {}: {e}", args.serial))?;
     let vm = Vm::new(ram.clone(), args.vcpus, out).map_err(|e| e.to_string())?;
     let control_path = args.control.clone().ok_or("--control is required")?;
-    let listener = control::bind(&control_path)
+    let listener = control::bind(&control_path, control_group)
         .map_err(|e| format!("control socket {}: {e}", control_path.display()))?;
 
     let status = if args.incoming.is_some() {
@@ -163,7 +189,7 @@ fn run(args: Args) -> Result<(), String> {
         args.vcpus,
         control_path.display()
     );
-    control::serve(listener, machine);
+    control::serve(listener, machine, allow);
     Ok(())
 }
 
