@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
     /// A control command (query-status, stop, cont, quit, migrate, migrate-cancel,
-    /// migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover,
+    /// migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover, migrate-incoming,
     /// migrate-set-parameters, query-migrate, query-migrate-parameters, query-ram-digest), or
     /// wait-migrate (poll until the migration ends, printing progress), or wait-status STATUS.
     command: String,
