@@ -43,6 +43,14 @@ fn destination(t: &TestEnv, du: &Umemd, key: &PathBuf) -> Vmm {
         .start()
 }
 
+/// Migrates `src` to `dst` at `uri` with `args`, and checks the guest runs on there.
+fn migrate_and_run_on(src: &mut Vmm, dst: &mut Vmm, uri: &str, args: serde_json::Value) {
+    src.migrate(uri, args).expect("migrate");
+    assert_completed("source", &src.wait_migration(secs(120)));
+    dst.wait_phase(secs(60), &["completed"]);
+    assert_guest_runs_on(src, dst, 2, secs(60));
+}
+
 fn rejected(vm: &Vmm) -> u64 {
     vm.query_migrate()["stats"]["rejected_peers"]
         .as_u64()
@@ -115,11 +123,7 @@ fn a_wrong_or_missing_secret_is_refused_and_the_destination_keeps_listening() {
         before,
         "a refused peer changed the destination's RAM"
     );
-    src.migrate(&uri, json!({"secret": SECRET}))
-        .expect("migrate");
-    assert_completed("source", &src.wait_migration(secs(120)));
-    dst.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(&src, &mut dst, 2, secs(60));
+    migrate_and_run_on(&mut src, &mut dst, &uri, json!({"secret": SECRET}));
 }
 
 #[test]
@@ -298,11 +302,7 @@ fn a_deferred_incoming_takes_its_address_and_secret_from_migrate_incoming() {
         .unwrap_err();
     assert!(e.contains("once"), "{e}");
     let uri = dst.listen_uri();
-    src.migrate(&uri, json!({"secret": SECRET}))
-        .expect("migrate");
-    assert_completed("source", &src.wait_migration(secs(120)));
-    dst.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(&src, &mut dst, 2, secs(60));
+    migrate_and_run_on(&mut src, &mut dst, &uri, json!({"secret": SECRET}));
 }
 
 #[test]

@@ -48,12 +48,7 @@ impl Target for LocalDecode {
     }
 
     fn run(&mut self, input: &[u8], outcomes: &mut Vec<u64>) -> Result<(), String> {
-        let mut rest = input;
-        while let Ok(Some((prefix, body, tail))) = frame::split(rest) {
-            check(prefix, body, outcomes)?;
-            rest = tail;
-        }
-        Ok(())
+        super::each_frame(input, outcomes, check)
     }
 
     fn max_len(&self) -> usize {

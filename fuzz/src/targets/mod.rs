@@ -25,3 +25,20 @@ pub fn by_name(name: &str) -> std::io::Result<Box<dyn Target>> {
         }
     })
 }
+
+/// Checks one frame, recording its outcome.
+pub(crate) type FrameCheck = fn(proto::FramePrefix, &[u8], &mut Vec<u64>) -> Result<(), String>;
+
+/// Runs `check` on each whole frame of `input` in turn, up to the first that is not whole.
+pub(crate) fn each_frame(
+    input: &[u8],
+    outcomes: &mut Vec<u64>,
+    check: FrameCheck,
+) -> Result<(), String> {
+    let mut rest = input;
+    while let Ok(Some((prefix, body, tail))) = proto::frame::split(rest) {
+        check(prefix, body, outcomes)?;
+        rest = tail;
+    }
+    Ok(())
+}
