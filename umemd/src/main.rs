@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info};
+use log::info;
 use proto::peercred::{self, AllowList};
 use umemd::admission::{self, Limits};
 
@@ -44,7 +44,7 @@ struct Args {
 }
 
 fn fail(what: &str) -> ! {
-    error!("{what}");
+    // Once, whatever RUST_LOG says: the reason umemd stops.
     eprintln!("umemd: {what}");
     std::process::exit(1);
 }

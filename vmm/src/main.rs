@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use log::{error, info};
+use log::info;
 use proto::auth::Secret;
 use proto::local::PeerAuth;
 use proto::peercred::{self, AllowList};
@@ -196,7 +196,7 @@ fn run(args: Args) -> Result<(), String> {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     if let Err(e) = run(Args::parse()) {
-        error!("{e}");
+        // Once, whatever RUST_LOG says: the reason the VMM did not start.
         eprintln!("vmm: {e}");
         std::process::exit(1);
     }

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 /// Talk to a vmm control socket.
 #[derive(Debug, Parser)]
-#[command(version, trailing_var_arg = true)]
+#[command(name = "umem-ctl", version, trailing_var_arg = true)]
 struct Args {
     /// The VMM's control socket.
     #[arg(short, long)]
