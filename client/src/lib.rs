@@ -146,7 +146,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// umemd could not be reached.
-    #[error("connecting to umemd at {path}: {err}")]
+    #[error("connecting to umemd at {path}: {err}{}", connect_hint(err))]
     Connect {
         /// Socket path.
         path: String,
@@ -292,6 +292,19 @@ fn recv(conn: &mut UnixStream, body: &mut Vec<u8>) -> Result<LocalMessage, Clien
         }
     })?;
     LocalMessage::decode(p.kind, body).map_err(|e| ClientError::Frame(e.into()))
+}
+
+/// What to do about a socket nobody answers on, or one this user may not use.
+fn connect_hint(err: &std::io::Error) -> &'static str {
+    match err.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            " (is umemd running? start it with `umemd --socket PATH`, or `systemctl enable --now umemd.socket`)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (umemd serves root and the users it allows: run as root, or start umemd with --allow-uid/--allow-gid)"
+        }
+        _ => "",
+    }
 }
 
 /// A connection to umemd, before the migration request that opens it.

@@ -504,3 +504,14 @@ fn a_refusal_before_the_opening_is_reported_as_umemd_said_it() {
         other => panic!("expected umemd's refusal, got {other:?}"),
     }
 }
+
+#[test]
+fn a_socket_nobody_serves_says_how_to_start_umemd() {
+    let e = UmemdClient::connect("/nonexistent/umemd.sock")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/nonexistent/umemd.sock") && e.contains("is umemd running"),
+        "{e}"
+    );
+}

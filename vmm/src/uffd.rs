@@ -13,7 +13,7 @@ use crate::memory::GuestRam;
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// The kernel refused the userfaultfd.
-    #[error("creating a userfaultfd: {0}")]
+    #[error("creating a userfaultfd: {0} (a destination VMM needs one: run it as root, or allow unprivileged userfaultfds with sysctl vm.unprivileged_userfaultfd=1)")]
     Create(String),
     /// Registering a RAM block failed.
     #[error("registering {block} with the userfaultfd: {err}")]

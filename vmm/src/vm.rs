@@ -21,7 +21,7 @@ use crate::vcpu::{install_kick_handler, VcpuControl, Vcpus};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// `/dev/kvm` could not be opened.
-    #[error("opening /dev/kvm: {0}")]
+    #[error("opening /dev/kvm: {0} (a VM needs /dev/kvm read-write: run as root, or as a member of the group that owns it)")]
     Kvm(kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("{what}: {err}")]

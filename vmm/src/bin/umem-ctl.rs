@@ -117,6 +117,11 @@ fn print_human(v: &Value, prefix: &str) {
                 print_human(x, &p);
             }
         }
+        // A list of plain values (a histogram, per-vCPU times) reads best on one line.
+        Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) => {
+            let items: Vec<String> = a.iter().map(Value::to_string).collect();
+            println!("{prefix}: [{}]", items.join(", "));
+        }
         Value::Array(a) => {
             for (i, x) in a.iter().enumerate() {
                 print_human(x, &format!("{prefix}[{i}]"));
