@@ -153,6 +153,14 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         o.raw
     );
     assert!(o.stat("downtime_us") > 0, "{}", o.raw);
+    // The destination reports its side too: the time from the source's switchover to the VM
+    // running here (at most the source's whole downtime, plus its own clock's slack), and the
+    // bytes per second it received.
+    let (dst_downtime, dst_rate) = (
+        dv["stats"]["downtime_us"].as_u64().unwrap_or(0),
+        dv["stats"]["throughput_bps"].as_u64().unwrap_or(0),
+    );
+    assert!(dst_downtime > 0 && dst_rate > 0, "{dv}");
     assert_dest_postcopy_stats(&dv, 2);
     // The destination counts zero records among urgent pages but not among pushed ones.
     let dest_zero = dv["stats"]["zero_pages"].as_u64().unwrap_or(0)

@@ -148,6 +148,7 @@ impl Dest {
                         ));
                     }
                     self.switching_to_postcopy = postcopy;
+                    self.switchover_at = Some(Instant::now());
                     self.set_phase(DestPhase::Switchover)?;
                 }
                 PeerMessage::MachineState(_) if self.phase.state_loaded() => {
@@ -198,6 +199,9 @@ impl Dest {
                 PeerMessage::Commit => {
                     ready_at = None;
                     send_local(&mut self.vmm, &LocalMessage::Run).map_err(DestError::Vmm)?;
+                    if let Some(t) = self.switchover_at {
+                        self.stats.downtime_us = t.elapsed().as_micros() as u64;
+                    }
                     write_peer(writer, &PeerMessage::Started)?;
                     info!("{}: the source committed; the VM runs here", self.vm);
                     if !self.switching_to_postcopy {

@@ -105,6 +105,12 @@ pub struct Dest {
     stats: MigrationStats,
     started: Instant,
     last_progress: Instant,
+    /// Bytes received by `rate_since`, for the throughput of the last interval.
+    rate_bytes: u64,
+    rate_since: Instant,
+    /// When the source's switchover arrived: the VM stopped there; its downtime as seen here
+    /// ends when it runs here.
+    switchover_at: Option<Instant>,
     buf: Vec<u8>,
     /// How long the source may stay silent: its `Hello` says, within bounds.
     link_timeout: Duration,
@@ -188,6 +194,9 @@ impl Dest {
                     phase: DestPhase::Setup,
                     started: Instant::now(),
                     last_progress: Instant::now(),
+                    rate_bytes: 0,
+                    rate_since: Instant::now(),
+                    switchover_at: None,
                     buf: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
                     link_timeout: DEFAULT_LINK_TIMEOUT,
                     urgent_stream: None,
@@ -249,6 +258,9 @@ impl Dest {
                 let ran = self.phase.running();
                 self.end(DestPhase::Completed);
                 self.stats.remaining_pages = 0;
+                // The whole migration's average, as the source reports it.
+                self.stats.throughput_bps =
+                    crate::stats::rate(self.reported_stats().bytes_sent, self.started.elapsed());
                 info!(
                     "{}: incoming migration completed: {} pages, {} zero pages in {} ms",
                     self.vm,

@@ -8,6 +8,7 @@ use proto::{MigrationStats, PostcopyStats};
 
 use super::{Dest, PROGRESS_EVERY};
 use crate::link::send_local;
+use crate::stats::rate;
 
 impl Dest {
     pub(super) fn postcopy_stats(&self) -> PostcopyStats {
@@ -27,6 +28,14 @@ impl Dest {
         if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
             self.last_progress = Instant::now();
             self.stats.total_us = self.started.elapsed().as_micros() as u64;
+            let bytes = self.reported_stats().bytes_sent;
+            if self.rate_since.elapsed() >= PROGRESS_EVERY {
+                self.stats.throughput_bps = rate(
+                    bytes.saturating_sub(self.rate_bytes),
+                    self.rate_since.elapsed(),
+                );
+                (self.rate_bytes, self.rate_since) = (bytes, Instant::now());
+            }
             self.stats.remaining_pages = self.pages.unresolved();
             if self.phase.running() {
                 let s = self.postcopy_stats();
