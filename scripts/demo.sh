@@ -15,7 +15,8 @@
 #      correctly on the destination (memtouch: no bad pages and passes keep coming;
 #      digest: the final value equals a reference computed here),
 #   6. prints ONE JSON line on stdout:
-#      {"result":"ok"|"<error>","mode":...,"ram_bytes":...,"transferred_bytes":...,
+#      {"result":"ok"|"<error>","mode":...,"switchover":"precopy"|"postcopy","ram_bytes":...,
+#       "transferred_bytes":...,
 #       "total_ms":...,"downtime_ms":...,"guest_bad_pages":...,"digest_match":...}
 #   and exits non-zero unless result is "ok". Every process it started is stopped by PID on
 #   exit, on failure and on Ctrl-C.
@@ -109,6 +110,7 @@ RAM_BYTES=null
 TRANSFERRED=null
 TOTAL_MS=null
 DOWNTIME_MS_OUT=null
+SWITCHOVER=
 BAD_PAGES=null
 DIGEST_MATCH=false
 EMITTED=0
@@ -119,6 +121,7 @@ emit() {
     local result=${ERROR:-ok}
     RESULT="$result" MODE="$MODE" GUEST="$GUEST" RAM_BYTES="$RAM_BYTES" TRANSFERRED="$TRANSFERRED" \
     TOTAL_MS="$TOTAL_MS" DOWNTIME="$DOWNTIME_MS_OUT" BAD="$BAD_PAGES" MATCH="$DIGEST_MATCH" \
+    SWITCHOVER="$SWITCHOVER" \
     python3 - >&3 <<'EOF'
 import json, os
 def num(k):
@@ -129,6 +132,7 @@ def num(k):
 print(json.dumps({
     "result": os.environ["RESULT"],
     "mode": os.environ["MODE"],
+    "switchover": os.environ["SWITCHOVER"] or None,
     "guest": os.environ["GUEST"],
     "ram_bytes": num("RAM_BYTES"),
     "transferred_bytes": num("TRANSFERRED"),
@@ -334,6 +338,7 @@ RAM_BYTES=$(json 'j["stats"]["total_pages"] * 4096' <<<"$FINAL") || STATS_OK=0
 TRANSFERRED=$(json 'j["stats"]["bytes_sent"]' <<<"$FINAL") || STATS_OK=0
 TOTAL_MS=$(json 'round(j["stats"]["total_us"] / 1000, 3)' <<<"$FINAL") || STATS_OK=0
 DOWNTIME_MS_OUT=$(json 'round(j["stats"]["downtime_us"] / 1000, 3)' <<<"$FINAL") || STATS_OK=0
+SWITCHOVER=$(json 'j.get("switchover") or ""' <<<"$FINAL") || STATS_OK=0
 [ "$STATS_OK" = 1 ] || fail "could not read the migration statistics: $FINAL"
 if [ "$PHASE" != completed ]; then
     fail "migration $PHASE: $(json 'j.get("error") or "no reason given"' <<<"$FINAL")"

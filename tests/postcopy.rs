@@ -268,6 +268,7 @@ fn hybrid_fast_dirtier(name: &str, postcopy_after_rounds: u32) -> MigrationOutco
         "hybrid never switched to postcopy: {}",
         o.raw
     );
+    assert_eq!(o.raw["switchover"], "postcopy", "{}", o.raw);
     assert_eq!(pc(&o.raw, "remaining_pages"), 0, "{}", o.raw);
     // Every page went once in the first round; what the guest dirtied since went again, in
     // later rounds or after the switchover.
@@ -279,6 +280,7 @@ fn hybrid_fast_dirtier(name: &str, postcopy_after_rounds: u32) -> MigrationOutco
     let dv = wait_dest_completed(&mut pair.dst, secs(60));
     assert_eq!(dv["stats"]["rounds"], o.raw["stats"]["rounds"], "{dv}");
     assert!(dv["postcopy"].is_object(), "destination: {dv}");
+    assert_eq!(dv["switchover"], "postcopy", "{dv}");
     assert_eq!(pc(&dv, "remaining_pages"), 0, "{dv}");
     assert_fast_dirtier_continues(&mut pair);
     o

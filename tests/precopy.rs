@@ -55,6 +55,7 @@ fn precopy_memtouch_1g_prefilled_two_vcpus() {
 
     let o = pair.migrate_and_wait(json!({"downtime_limit_ms": 50}), secs(240));
     assert_completed("source", &o);
+    assert_eq!(o.raw["switchover"], "precopy", "{}", o.raw);
 
     // Source stopped for good, destination holds the same memory and has not run yet.
     assert_eq!(pair.src.status(), "postmigrate");

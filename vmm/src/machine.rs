@@ -31,6 +31,17 @@ pub enum Status {
     PostcopyPaused,
 }
 
+/// How the VM moved: which kind of switchover really happened (a hybrid migration whose
+/// precopy converged ends in a precopy one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switchover {
+    /// Every page moved before the VM ran on the destination.
+    Precopy,
+    /// The VM ran on the destination while pages still came.
+    Postcopy,
+}
+
 /// What the control API reports about the current or last migration.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MigrationInfo {
@@ -51,6 +62,9 @@ pub struct MigrationInfo {
     pub uri: Option<String>,
     /// The migration's session id (a umemd started again is told to go on with it).
     pub session_id: Option<u64>,
+    /// The switchover that happened, once known: `postcopy` from the moment the VM runs on
+    /// the destination with pages missing, `precopy` when the migration completed without.
+    pub switchover: Option<Switchover>,
 }
 
 /// Mutable state shared by the control API and the migration thread.

@@ -14,7 +14,7 @@ use umem_client::{
     OutgoingSession, UmemdClient,
 };
 
-use crate::machine::{Machine, Status};
+use crate::machine::{Machine, Status, Switchover};
 use crate::state::MachineState;
 use crate::uffd::{RamUffd, UffdError};
 
@@ -177,8 +177,7 @@ fn outgoing_loop(m: &Machine, mut session: OutgoingSession) -> Result<(), Migrat
             Event::Committed => s.status = Status::Postmigrate,
             Event::PostcopyProgress(p) => s.migration.postcopy = Some(p),
             Event::Completed(stats) => {
-                s.migration.phase = Phase::Completed;
-                s.migration.stats = stats;
+                completed(&mut s.migration, stats);
                 s.status = Status::Postmigrate;
             }
             Event::Failed { stats, .. } => s.migration.stats = stats,
@@ -603,8 +602,7 @@ fn incoming_loop(
                 if let Some(u) = s.uffd.take() {
                     u.release();
                 }
-                s.migration.phase = Phase::Completed;
-                s.migration.stats = stats;
+                completed(&mut s.migration, stats);
             }
             Event::Failed { stats, .. } => s.migration.stats = stats,
             _ => {}
@@ -619,7 +617,17 @@ fn progress(info: &mut crate::machine::MigrationInfo, stats: proto::MigrationSta
         log::info!("postcopy resumed");
         info.error = None;
     }
+    if matches!(stats.phase, Phase::Postcopy | Phase::PostcopyPaused) {
+        info.switchover = Some(Switchover::Postcopy);
+    }
     info.phase = stats.phase;
+    info.stats = stats;
+}
+
+/// The migration completed: without a postcopy phase, its switchover was a precopy one.
+fn completed(info: &mut crate::machine::MigrationInfo, stats: proto::MigrationStats) {
+    info.switchover.get_or_insert(Switchover::Precopy);
+    info.phase = Phase::Completed;
     info.stats = stats;
 }
 
