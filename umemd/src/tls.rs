@@ -758,3 +758,279 @@ pub fn check_host_creds(dir: &Path) -> Result<(), TlsError> {
         (Err(e), Err(_)) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::os::unix::fs::PermissionsExt;
+    use std::thread::JoinHandle;
+
+    use umem_testkit::tls::make_creds;
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("umemd-tls-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn deadline() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// A TLS pair over loopback TCP: (source end, destination end).
+    fn pair(client_dir: &Path, server_dir: &Path) -> (TlsStream, TlsStream) {
+        let (c, s) = try_pair(client_dir, server_dir, "127.0.0.1");
+        (c.unwrap(), s.unwrap())
+    }
+
+    fn try_pair(
+        client_dir: &Path,
+        server_dir: &Path,
+        name: &str,
+    ) -> (Result<TlsStream, TlsError>, Result<TlsStream, TlsError>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = server_config(server_dir).unwrap();
+        let dest = std::thread::spawn(move || accept(l.accept().unwrap().0, server, deadline()));
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        let c = connect(
+            TcpStream::connect(addr).unwrap(),
+            client_config(client_dir).unwrap(),
+            name,
+            deadline(),
+        );
+        (c, dest.join().unwrap())
+    }
+
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Writes `data` on one handle and reads as much on a clone, in two threads.
+    fn send_and_receive(
+        mut w: UnixStream,
+        mut r: UnixStream,
+        data: Vec<u8>,
+    ) -> (JoinHandle<()>, JoinHandle<Vec<u8>>) {
+        let len = data.len();
+        let writer = std::thread::spawn(move || w.write_all(&data).unwrap());
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; len];
+            r.read_exact(&mut got).unwrap();
+            got
+        });
+        (writer, reader)
+    }
+
+    #[test]
+    fn credentials_load_and_each_bad_file_is_named() {
+        let dir = make_creds(&temp("creds"), &["127.0.0.1"]);
+        assert!(client_config(&dir).is_ok());
+        assert!(server_config(&dir).is_ok());
+        assert!(check_host_creds(&dir).is_ok());
+
+        // A key others can read.
+        let key = dir.join(CLIENT_KEY);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = client_config(&dir).unwrap_err();
+        assert!(matches!(e, TlsError::KeyExposed { .. }), "{e}");
+        assert!(e.to_string().contains("client-key.pem"), "{e}");
+        // The destination's side does not need the client's key.
+        assert!(server_config(&dir).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        // A missing file, an unreadable one, and one that holds no certificate.
+        std::fs::rename(dir.join(SERVER_CERT), dir.join("moved.pem")).unwrap();
+        let e = server_config(&dir).unwrap_err();
+        assert!(
+            matches!(&e, TlsError::Read { path, .. } if path.ends_with("server-cert.pem")),
+            "{e}"
+        );
+        std::fs::write(dir.join(SERVER_CERT), "not a certificate\n").unwrap();
+        let e = server_config(&dir).unwrap_err();
+        assert!(matches!(&e, TlsError::Pem { path, .. } if path.ends_with("server-cert.pem")));
+        // A key that is not the certificate's.
+        std::fs::rename(dir.join("moved.pem"), dir.join(SERVER_CERT)).unwrap();
+        std::fs::copy(dir.join(CLIENT_KEY), dir.join(SERVER_KEY)).unwrap();
+        let e = server_config(&dir).unwrap_err();
+        assert!(matches!(e, TlsError::Config { .. }), "{e}");
+        // Neither role loads: the host directory is refused.
+        assert!(check_host_creds(&temp("nowhere")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn server_names_come_from_the_uri() {
+        assert!(server_name("tcp:127.0.0.1:4444").is_ok());
+        assert!(server_name("tcp:[::1]:4444").is_ok());
+        assert!(server_name("tcp:dest.example:4444").is_ok());
+        assert!(matches!(
+            server_name("unix:/run/x.sock"),
+            Err(TlsError::ServerName(_))
+        ));
+    }
+
+    #[test]
+    fn the_pump_carries_megabytes_both_ways_at_once() {
+        let dir = make_creds(&temp("echo"), &["127.0.0.1"]);
+        let (c, s) = pair(&dir, &dir);
+        let up = pattern(6 << 20, 1);
+        let down = pattern(5 << 20, 2);
+        let (w1, r1) = send_and_receive(
+            c.local.try_clone().unwrap(),
+            s.local.try_clone().unwrap(),
+            up.clone(),
+        );
+        let (w2, r2) = send_and_receive(
+            s.local.try_clone().unwrap(),
+            c.local.try_clone().unwrap(),
+            down.clone(),
+        );
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert!(r1.join().unwrap() == up, "source to destination differs");
+        assert!(r2.join().unwrap() == down, "destination to source differs");
+        // Closing one end ends the stream on the other after what was written.
+        let mut cl = c.local.try_clone().unwrap();
+        cl.write_all(b"last words").unwrap();
+        drop(cl);
+        drop(c);
+        let mut rest = Vec::new();
+        let mut sl = s.local.try_clone().unwrap();
+        sl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        sl.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"last words");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_gone_mid_stream_closes_the_local_end() {
+        let dir = make_creds(&temp("cut"), &["127.0.0.1"]);
+        let (c, s) = pair(&dir, &dir);
+        let mut cl = c.local.try_clone().unwrap();
+        cl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        cl.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        (&s.local).write_all(&pattern(1 << 20, 3)[..]).unwrap();
+        let mut got = vec![0u8; 100 << 10];
+        cl.read_exact(&mut got).unwrap();
+        // The destination's TCP connection goes away under its pump, mid-stream.
+        s.tcp.shutdown(Shutdown::Both).unwrap();
+        let t = Instant::now();
+        let mut sink = vec![0u8; 1 << 20];
+        loop {
+            match cl.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => panic!("expected the end of the stream, got {e}"),
+            }
+        }
+        // And the source's writes fail rather than vanish.
+        let chunk = pattern(1 << 20, 4);
+        let failed = (0..64).any(|_| cl.write_all(&chunk).is_err());
+        assert!(failed, "writes to a dead connection kept succeeding");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_or_name_is_refused() {
+        let ours = make_creds(&temp("ours"), &["127.0.0.1"]);
+        let theirs = make_creds(&temp("theirs"), &["127.0.0.1"]);
+        // A source whose client certificate another CA signed.
+        let foreign = temp("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::copy(ours.join(CA_CERT), foreign.join(CA_CERT)).unwrap();
+        std::fs::copy(theirs.join(CLIENT_CERT), foreign.join(CLIENT_CERT)).unwrap();
+        std::fs::copy(theirs.join(CLIENT_KEY), foreign.join(CLIENT_KEY)).unwrap();
+        let (c, s) = try_pair(&foreign, &ours, "127.0.0.1");
+        let e = s.unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        // The source finished its half; its first read says the destination refused.
+        let mut cl = c.unwrap().local;
+        cl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut body = Vec::new();
+        let p = proto::frame::read(&mut cl, &mut body).unwrap();
+        let m = PeerMessage::decode(p.kind, &body).unwrap();
+        assert!(
+            matches!(&m, PeerMessage::Error(e) if e.starts_with("TLS:")),
+            "{m:?}"
+        );
+        // A destination whose certificate another CA signed, or for another name.
+        let (c, _) = try_pair(&ours, &theirs, "127.0.0.1");
+        assert!(matches!(c, Err(TlsError::Handshake(_))), "{c:?}");
+        let (c, _) = try_pair(&ours, &ours, "elsewhere.example");
+        let e = c.unwrap_err();
+        assert!(e.to_string().contains("certificate"), "{e}");
+        for d in [ours, theirs, foreign] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_plain_peer_on_either_side_is_told_apart() {
+        let dir = make_creds(&temp("plain"), &["127.0.0.1"]);
+        // A plain source at a TLS destination: refused, and told so in plain protocol.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = server_config(&dir).unwrap();
+        let dest = std::thread::spawn(move || accept(l.accept().unwrap().0, server, deadline()));
+        let mut plain = TcpStream::connect(addr).unwrap();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut hello = Vec::new();
+        PeerMessage::Heartbeat.encode(&mut hello);
+        plain.write_all(&hello).unwrap();
+        assert!(matches!(dest.join().unwrap(), Err(TlsError::PlainPeer)));
+        let mut body = Vec::new();
+        let p = proto::frame::read(&mut plain, &mut body).unwrap();
+        let m = PeerMessage::decode(p.kind, &body).unwrap();
+        assert!(
+            matches!(&m, PeerMessage::Error(e) if e.contains("requires TLS")),
+            "{m:?}"
+        );
+        // A TLS source at a plain destination, which answers in plain protocol.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let dest = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = Vec::new();
+            PeerMessage::Error("no TLS here".into()).encode(&mut buf);
+            s.write_all(&buf).unwrap();
+        });
+        let c = connect(
+            TcpStream::connect(addr).unwrap(),
+            client_config(&dir).unwrap(),
+            ServerName::try_from("127.0.0.1").unwrap(),
+            deadline(),
+        );
+        dest.join().unwrap();
+        let e = c.unwrap_err();
+        assert!(
+            matches!(&e, TlsError::PlainDestination { said } if said == "no TLS here"),
+            "{e}"
+        );
+        // Silence is bounded by the deadline.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let t = Instant::now();
+        let r = connect(
+            silent,
+            client_config(&dir).unwrap(),
+            ServerName::try_from("127.0.0.1").unwrap(),
+            Instant::now() + Duration::from_millis(300),
+        );
+        assert!(matches!(r, Err(TlsError::Timeout)), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
