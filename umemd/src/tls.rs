@@ -17,7 +17,7 @@
 //! `server-cert.pem` and `server-key.pem` (destination), `client-cert.pem` and
 //! `client-key.pem` (source).
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -52,7 +52,7 @@ pub const CLIENT_KEY: &str = "client-key.pem";
 /// never waits for umemd nor umemd for the pump while pages stream.
 const PAIR_BUFFER: usize = 4 << 20;
 /// Bytes moved per read, each way.
-const CHUNK: usize = 256 << 10;
+const CHUNK: usize = 64 << 10;
 /// How long a pump whose umemd end is gone still tries to deliver what umemd wrote last (an
 /// error message, say) before it drops the connection.
 const LINGER: Duration = Duration::from_secs(2);
@@ -544,7 +544,7 @@ impl Pump {
             debug!("TLS connection ends: {why}");
             // A refusal before anything reached umemd (the destination rejected this host's
             // certificate, say) goes to umemd as the destination's error, which it reports.
-            if !self.delivered && self.plain_in.len() == self.plain_in_at {
+            if !self.delivered {
                 let mut buf = Vec::new();
                 PeerMessage::Error(format!("TLS: {why}")).encode(&mut buf);
                 let _ = self.local.set_nonblocking(false);
@@ -589,17 +589,13 @@ impl Pump {
                 self.tcp_shut = true;
             }
             // In: plaintext waiting for umemd first, then more from the peer.
-            match self.deliver_in() {
-                Ok(p) => progress |= p,
-                Err(e) => return PumpEnd::Failed(e),
-            }
-            if self.plain_in_at == self.plain_in.len() && !self.tcp_eof {
-                match self.receive() {
-                    Ok(p) => progress |= p,
-                    Err(e) => return PumpEnd::Failed(e),
+            let in_drained = match self.receive() {
+                Ok((p, drained)) => {
+                    progress |= p;
+                    drained
                 }
-            }
-            let in_drained = self.plain_in_at == self.plain_in.len();
+                Err(e) => return PumpEnd::Failed(e),
+            };
             if self.tcp_eof && in_drained {
                 // The peer is done: umemd reads the end of the stream.
                 let _ = self.local.shutdown(Shutdown::Write);
@@ -674,8 +670,9 @@ impl Pump {
         Ok(false)
     }
 
-    /// Writes decrypted plaintext to umemd's end; true if some went.
-    fn deliver_in(&mut self) -> Result<bool, String> {
+    /// Writes decrypted plaintext to umemd's end: what came with the handshake, then what
+    /// rustls holds, straight from its buffer. Returns whether some went, and whether all did.
+    fn deliver_in(&mut self) -> Result<(bool, bool), String> {
         let mut progress = false;
         while self.plain_in_at < self.plain_in.len() {
             match (&*self.local).write(&self.plain_in[self.plain_in_at..]) {
@@ -684,52 +681,86 @@ impl Pump {
                     self.delivered = true;
                     progress = true;
                 }
-                Err(e) if retry(&e) => break,
+                Err(e) if retry(&e) => return Ok((progress, false)),
                 Err(e) => return Err(format!("writing to umemd: {e}")),
             }
         }
-        if self.plain_in_at == self.plain_in.len() {
-            self.plain_in.clear();
-            self.plain_in_at = 0;
+        loop {
+            let mut r = self.conn.reader();
+            let chunk = match r.fill_buf() {
+                Ok(c) if !c.is_empty() => c,
+                // Nothing decrypted is waiting (or the peer closed, which `receive` notes).
+                _ => return Ok((progress, true)),
+            };
+            match (&*self.local).write(chunk) {
+                Ok(n) => {
+                    r.consume(n);
+                    self.delivered = true;
+                    progress = true;
+                }
+                Err(e) if retry(&e) => return Ok((progress, false)),
+                Err(e) => return Err(format!("writing to umemd: {e}")),
+            }
         }
-        Ok(progress)
     }
 
-    /// Reads ciphertext from TCP and decrypts it into `plain_in`; true if anything came.
-    fn receive(&mut self) -> Result<bool, String> {
-        if self.tls_in_at.0 == self.tls_in_at.1 {
-            match (&*self.tcp).read(&mut self.tls_in) {
-                Ok(0) => {
-                    self.tcp_eof = true;
-                    return Ok(true);
+    /// Delivers decrypted plaintext, then decrypts more, a record at a time, reading TCP once
+    /// when everything read so far went. Returns whether anything moved, and whether nothing
+    /// waits for umemd any more.
+    fn receive(&mut self) -> Result<(bool, bool), String> {
+        let mut progress = false;
+        let mut read_tcp = false;
+        loop {
+            let (p, drained) = self.deliver_in()?;
+            progress |= p;
+            if !drained || self.tcp_eof {
+                return Ok((progress, drained));
+            }
+            if self.tls_in_at.0 == self.tls_in_at.1 {
+                if read_tcp {
+                    // Give the other direction a turn.
+                    return Ok((progress, true));
                 }
-                Ok(n) => self.tls_in_at = (0, n),
-                Err(e) if retry(&e) => return Ok(false),
-                Err(e) => return Err(format!("TCP connection: {e}")),
-            }
-        }
-        let (from, to) = self.tls_in_at;
-        let mut data = &self.tls_in[from..to];
-        while !data.is_empty() {
-            if let Err(e) = self.conn.read_tls(&mut data) {
-                return Err(format!("receiving: {e}"));
-            }
-            match self.conn.process_new_packets() {
-                Ok(state) => {
-                    drain_plaintext(&mut self.conn, &mut self.plain_in);
-                    if state.peer_has_closed() {
+                read_tcp = true;
+                match (&*self.tcp).read(&mut self.tls_in) {
+                    Ok(0) => {
                         self.tcp_eof = true;
+                        return Ok((true, true));
                     }
+                    Ok(n) => self.tls_in_at = (0, n),
+                    Err(e) if retry(&e) => return Ok((progress, true)),
+                    Err(e) => return Err(format!("TCP connection: {e}")),
                 }
+            }
+            // rustls takes at most a few KiB per call and decrypts every whole record it holds;
+            // its plaintext is delivered before it takes more.
+            let (from, to) = self.tls_in_at;
+            let mut data = &self.tls_in[from..to];
+            let taken = match self.conn.read_tls(&mut data) {
+                Ok(n) => n,
+                Err(e) => return Err(format!("receiving: {e}")),
+            };
+            self.tls_in_at.0 += taken;
+            progress = true;
+            match self.conn.process_new_packets() {
+                Ok(state) if state.peer_has_closed() => self.tcp_eof = true,
+                Ok(_) => {}
                 Err(e) => {
                     // Tell the peer why (an alert), as far as it still listens.
                     let _ = self.flush_out();
-                    return Err(e.to_string());
+                    let peer = match self.conn {
+                        Connection::Client(_) => "the destination",
+                        Connection::Server(_) => "the source",
+                    };
+                    return Err(match e {
+                        rustls::Error::AlertReceived(a) => {
+                            format!("{peer} refused the connection (alert {a:?})")
+                        }
+                        e => format!("from {peer}: {e}"),
+                    });
                 }
             }
         }
-        self.tls_in_at = (0, 0);
-        Ok(true)
     }
 }
 
