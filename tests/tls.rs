@@ -319,4 +319,17 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
         .expect("migrate");
     assert_fails_with(&mut stranger, &["requires TLS"]);
     assert!(rejected(&dst2) >= 1);
+    // Within one host (`unix:`) the connections stay plain, host credentials or not.
+    let sock = t.dir().join("local-migration.sock");
+    let mut local = t
+        .vmm("local", &du)
+        .mem("128M")
+        .incoming(&format!("unix:{}", sock.display()))
+        .start();
+    let mut src2 = source(&t, &su, "src2");
+    src2.migrate(&local.listen_uri(), json!({"mode": "postcopy"}))
+        .expect("migrate");
+    assert_completed("source", &src2.wait_migration(secs(120)));
+    local.wait_phase(secs(60), &["completed"]);
+    assert_guest_runs_on(&src2, &mut local, 2, secs(60));
 }

@@ -26,9 +26,12 @@ impl Source {
         let deadline = Instant::now() + self.link_timeout();
         let mut stream = match &self.tls {
             Some(config) => {
-                let name = tls::server_name(&self.uri).map_err(AuthError::from)?;
+                // Only a TCP connection is upgraded: `unix:` stays plain.
                 let s = stream
-                    .upgrade(|tcp| tls::connect(tcp, config.clone(), name, deadline))
+                    .upgrade(|tcp| {
+                        let name = tls::server_name(&self.uri)?;
+                        tls::connect(tcp, config.clone(), name, deadline)
+                    })
                     .map_err(AuthError::from)?;
                 // The write timeout now bounds writes to the pump.
                 s.set_link_timeout(self.link_timeout())
