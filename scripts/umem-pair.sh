@@ -48,7 +48,9 @@
 #   SECRET_FILE     the migration's secret, the same file on both hosts, readable only by its
 #                   owner; every connection of the migration proves both sides know it. umemd
 #                   refuses a TCP address beyond loopback without one [none]
-#   INSECURE        1: allow a non-loopback address without SECRET_FILE [0]
+#   TLS_CREDS       a TLS credentials directory (see "Encryption" in the README): every TCP
+#                   connection runs TLS 1.3, both umemds presenting a certificate of its CA [none]
+#   INSECURE        1: allow a non-loopback address without SECRET_FILE or TLS_CREDS [0]
 #   DEST_PAUSED     1: the destination stays paused after the switchover until "cont" [0]
 #   DEST_URI        where the source's umemd connects [tcp:127.0.0.1:4444]
 #   MODE            precopy, postcopy or hybrid [precopy]
@@ -57,8 +59,8 @@
 #
 # Between two hosts the migration stream is TCP from the source umemd to DEST_LISTEN on the
 # destination: open that port in the firewall to the source host only. With SECRET_FILE both
-# umemds prove they know the secret on every connection; the stream itself is not encrypted
-# (see "Security model" in the README).
+# umemds prove they know the secret on every connection; the stream itself is encrypted only
+# with TLS_CREDS (see "Security model" in the README).
 
 set -euo pipefail
 
@@ -88,6 +90,7 @@ MODE=${MODE:-precopy}
 MIGRATE_PARAMS=${MIGRATE_PARAMS:-downtime_limit_ms=50}
 TIMEOUT=${TIMEOUT:-600}
 SECRET_FILE=${SECRET_FILE:-}
+TLS_CREDS=${TLS_CREDS:-}
 INSECURE=${INSECURE:-0}
 
 log() { echo "umem-pair: $*" >&2; }
@@ -185,6 +188,7 @@ cmd_dest() {
     local paused=() auth=()
     [ "$DEST_PAUSED" = 1 ] && paused=(-S)
     [ -n "$SECRET_FILE" ] && auth+=(--incoming-secret-file "$SECRET_FILE")
+    [ -n "$TLS_CREDS" ] && auth+=(--incoming-tls-creds "$TLS_CREDS")
     [ "$INSECURE" = 1 ] && auth+=(--incoming-insecure)
     spawn "$VM_NAME" "$UMEM_BIN/vmm" --name "$VM_NAME" --mem "$VM_MEM" --vcpus "$VM_VCPUS" \
         --incoming "$DEST_LISTEN" "${auth[@]}" "${paused[@]}" --control "$VM_SOCK" \
@@ -210,6 +214,7 @@ cmd_migrate() {
     local params auth=()
     read -r -a params <<<"$MIGRATE_PARAMS"
     [ -n "$SECRET_FILE" ] && auth+=("secret_file=$SECRET_FILE")
+    [ -n "$TLS_CREDS" ] && auth+=("tls_creds=$TLS_CREDS")
     [ "$INSECURE" = 1 ] && auth+=(insecure=true)
     log "migrating $VM_NAME to $uri ($MODE ${MIGRATE_PARAMS}${SECRET_FILE:+, authenticated})"
     ctl migrate "uri=$uri" "mode=$MODE" "${params[@]}" "${auth[@]}" >/dev/null

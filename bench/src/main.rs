@@ -7,6 +7,9 @@
 //! cargo run --release --bin umem-bench -- postcopy  # scenarios whose name contains "postcopy"
 //! ```
 //!
+//! The `*-tls` scenarios run every connection over TLS 1.3 (certificates made for the run),
+//! next to the same scenario in plain TCP.
+//!
 //! The `qemu-*` scenarios are the baseline: QEMU's own migration of the same guest (the ELF
 //! `vmm --export-guest` writes), in the same run, next to the umem scenario of the same name
 //! without the prefix (see `qemu.rs`). Without `qemu-system-x86_64` (or `UMEM_BENCH_QEMU`) they
@@ -58,6 +61,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
     },
     || Scenario {
         engine: Engine::Umem,
+        name: "precopy-1g-prefilled-idle-tls",
+        mode: "precopy",
+        mem: "1G",
+        prefill: true,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({"downtime_limit_ms": 50, "tls": true}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
         name: "precopy-4g-sparse-idle",
         mode: "precopy",
         mem: "4G",
@@ -75,6 +88,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-prefilled-random-touch-tls",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: true,
+        cmdline: "pages=65536 random=1",
+        ready: "memtouch base",
+        extra: json!({"tls": true}),
     },
     || Scenario {
         engine: Engine::Umem,
@@ -182,14 +205,25 @@ fn run(s: &Scenario) -> Value {
         b = b.prefill(1);
     }
     let mut src = b.start();
-    let mut dst = t.vmm("dst", &du).mem(s.mem).vcpus(1).incoming_any().start();
-    src.wait_serial_prefix(secs(120), s.ready);
-    let uri = dst.listen_uri();
     let mut params = s.extra.clone();
     let stop_after = params
         .as_object_mut()
         .and_then(|o| o.remove("stop_after_s"))
         .and_then(|v| v.as_u64());
+    // TLS on every connection, with certificates made for this run.
+    let tls = params
+        .as_object_mut()
+        .and_then(|o| o.remove("tls"))
+        .is_some_and(|v| v == json!(true))
+        .then(|| umem_testkit::tls::make_creds(&t.dir().join("tls"), &["127.0.0.1"]));
+    let mut d = t.vmm("dst", &du).mem(s.mem).vcpus(1).incoming_any();
+    if let Some(dir) = &tls {
+        d = d.arg("--incoming-tls-creds").arg(dir);
+        params["tls_creds"] = json!(dir.to_str().expect("a UTF-8 path"));
+    }
+    let mut dst = d.start();
+    src.wait_serial_prefix(secs(120), s.ready);
+    let uri = dst.listen_uri();
     params["mode"] = json!(s.mode);
     let t0 = Instant::now();
     src.migrate(&uri, params).expect("migrate");

@@ -159,7 +159,7 @@ fn params(u: &mut Unstructured) -> Result<MigrationParams> {
     })
 }
 
-/// No secret, or one of a valid length.
+/// No secret, or one of a valid length; no TLS directory, or one.
 fn peer_auth(u: &mut Unstructured) -> Result<PeerAuth> {
     let secret = if u.arbitrary()? {
         let n = u.int_in_range(MIN_SECRET_LEN..=MAX_SECRET_LEN)?;
@@ -169,9 +169,16 @@ fn peer_auth(u: &mut Unstructured) -> Result<PeerAuth> {
     } else {
         None
     };
+    let insecure = u.arbitrary()?;
+    let tls_creds = if u.arbitrary()? {
+        Some(format!("/etc/umem/tls-{}", u.int_in_range(0..=999u32)?))
+    } else {
+        None
+    };
     Ok(PeerAuth {
         secret,
-        insecure: u.arbitrary()?,
+        insecure,
+        tls_creds,
     })
 }
 

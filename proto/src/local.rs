@@ -92,12 +92,16 @@ pub struct PeerAuth {
     pub secret: Option<Secret>,
     /// Allow a TCP migration to or from a non-loopback address without any secret.
     pub insecure: bool,
+    /// Run every TCP connection over TLS with the certificates in this directory (umemd reads
+    /// it); `None` uses umemd's host directory, if it has one.
+    pub tls_creds: Option<String>,
 }
 
 impl PeerAuth {
     fn encode(&self, w: &mut Writer) {
         w.bytes(self.secret.as_ref().map_or(&[][..], |s| s.as_bytes()));
         w.bool(self.insecure);
+        w.str(self.tls_creds.as_deref().unwrap_or(""));
     }
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -109,9 +113,15 @@ impl PeerAuth {
                     .map_err(|e| DecodeError::invalid("secret", e.to_string()))?,
             ),
         };
+        let insecure = r.bool("insecure")?;
+        let tls_creds = match r.str("tls_creds")? {
+            "" => None,
+            dir => Some(dir.to_owned()),
+        };
         Ok(PeerAuth {
             secret,
-            insecure: r.bool("insecure")?,
+            insecure,
+            tls_creds,
         })
     }
 }
@@ -526,6 +536,7 @@ mod tests {
                 auth: PeerAuth {
                     secret: Some(Secret::new(b"0123456789abcdef".to_vec()).unwrap()),
                     insecure: true,
+                    tls_creds: Some("/etc/umem/tls".into()),
                 },
             },
             LocalMessage::DirtyBitmap {

@@ -450,15 +450,17 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
     .boxed()
 }
 
-/// No secret, or one of any valid length.
+/// No secret, or one of any valid length; no TLS directory, or a path of any valid length.
 fn peer_auth() -> BoxedStrategy<PeerAuth> {
     (
         proptest::option::of(vec(any::<u8>(), MIN_SECRET_LEN..=MAX_SECRET_LEN)),
         any::<bool>(),
+        proptest::option::of(text(1, MAX_STR)),
     )
-        .prop_map(|(secret, insecure)| PeerAuth {
+        .prop_map(|(secret, insecure, tls_creds)| PeerAuth {
             secret: secret.map(|b| Secret::new(b).expect("length within bounds")),
             insecure,
+            tls_creds,
         })
         .boxed()
 }
@@ -1332,6 +1334,7 @@ fn largest_valid_frames_round_trip() {
             auth: PeerAuth {
                 secret: Some(Secret::new(vec![0xa5; MAX_SECRET_LEN]).unwrap()),
                 insecure: true,
+                tls_creds: Some(filled(MAX_STR, 'w')),
             },
         },
         LocalMessage::Failed {

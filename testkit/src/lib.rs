@@ -42,9 +42,10 @@
 //! | `serial` | memtouch's pass lines and the checks made on them |
 //! | `guest_ram` | where guest RAM lies in a vmm process, and reading it from outside |
 //! | [`pair`] | the two sides of a migration and the checks every migration test makes |
-//! | [`proxy`] | a TCP proxy between the umemds that drops a chosen frame and cuts or restores the link |
+//! | [`proxy`] | a TCP proxy between the umemds that drops a chosen frame and cuts or restores the link (or, for TLS, forwards bytes) |
 //! | [`peer`] | a source driven by hand, authentication included, for tests of hostile or broken peers |
 //! | [`hostile`] | a source that misbehaves on purpose against a real destination umemd |
+//! | [`tls`] | a CA and certificates of the test's own, laid out as umemd reads them |
 
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -59,6 +60,7 @@ mod process;
 pub mod proxy;
 mod serial;
 mod timing;
+pub mod tls;
 mod umemd;
 pub mod users;
 mod vmm;

@@ -6,6 +6,9 @@
 //! - stalls: holds every byte without closing anything, as a partitioned link does;
 //! - delays each frame, or caps the bandwidth of each direction;
 //! - keeps a copy of one frame (a real machine state, say, to replay elsewhere).
+//!
+//! In front of a TLS connection there are no frames to see: [`FaultProxy::bytes_in_front_of`]
+//! forwards bytes as they come, and only cuts, stalls, latency and bandwidth apply.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -44,6 +47,8 @@ struct Shared {
     latency_us: AtomicU64,
     /// Bytes per second in each direction, 0 for no cap.
     bandwidth: AtomicU64,
+    /// Forward bytes as they come instead of whole frames (the stream is encrypted).
+    bytes: AtomicBool,
     /// Copy the body of the next frame of this kind travelling this way (once).
     capture: Mutex<Option<(Direction, u8)>>,
     /// The body copied for `capture`, once all of it has passed.
@@ -85,11 +90,21 @@ impl FaultProxy {
 
     /// Starts a proxy in front of a destination that listens on `uri` (`tcp:HOST:PORT`).
     pub fn in_front_of(uri: &str) -> FaultProxy {
-        let target = uri
-            .strip_prefix("tcp:")
+        Self::start(Self::target(uri))
+    }
+
+    /// Starts a proxy that forwards bytes, not frames, in front of a destination that listens
+    /// on `uri`: for TLS connections, whose frames it cannot see. Frame rules never fire.
+    pub fn bytes_in_front_of(uri: &str) -> FaultProxy {
+        let p = Self::start(Self::target(uri));
+        p.shared.bytes.store(true, Ordering::SeqCst);
+        p
+    }
+
+    fn target(uri: &str) -> SocketAddr {
+        uri.strip_prefix("tcp:")
             .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("not a tcp: uri: {uri}"));
-        Self::start(target)
+            .unwrap_or_else(|| panic!("not a tcp: uri: {uri}"))
     }
 
     /// The uri the source should migrate to.
@@ -219,6 +234,9 @@ fn wait_while_stalled(shared: &Shared) -> bool {
 
 /// Forwards whole frames from `from` to `to` until either side closes or the link is cut.
 fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shared>) {
+    if shared.bytes.load(Ordering::SeqCst) {
+        return pump_bytes(from, to, &shared);
+    }
     let mut prefix = [0u8; PREFIX_LEN];
     let mut buf = vec![0u8; 64 << 10];
     // Bandwidth accounting: bytes forwarded since `since`.
@@ -287,6 +305,42 @@ fn pump(mut from: TcpStream, mut to: TcpStream, dir: Direction, shared: Arc<Shar
     }
     // The sender is done (or the link was cut): pass its end on, as TCP does, without cutting
     // what still travels the other way.
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// Forwards bytes as they come from `from` to `to`, with the same cuts, stalls, latency and
+/// bandwidth as [`pump`].
+fn pump_bytes(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut since, mut sent) = (Instant::now(), 0u64);
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !wait_while_stalled(shared) {
+            break;
+        }
+        let latency = shared.latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            std::thread::sleep(Duration::from_micros(latency));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            let _ = from.shutdown(Shutdown::Both);
+            return;
+        }
+        let cap = shared.bandwidth.load(Ordering::SeqCst);
+        if cap > 0 {
+            sent += n as u64;
+            let due = Duration::from_secs_f64(sent as f64 / cap as f64);
+            if let Some(wait) = due.checked_sub(since.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            if since.elapsed() > Duration::from_secs(1) {
+                (since, sent) = (Instant::now(), 0);
+            }
+        }
+    }
     let _ = to.shutdown(Shutdown::Write);
 }
 
@@ -380,6 +434,27 @@ mod tests {
             .unwrap();
         server.read_exact(&mut got).unwrap();
         assert_eq!(&got[..], &frame(2, b"held")[..]);
+    }
+
+    #[test]
+    fn bytes_pass_as_they_come_and_a_cut_closes_them() {
+        let (addr, accepted) = listen_once();
+        let proxy = FaultProxy::bytes_in_front_of(&format!("tcp:{addr}"));
+        let mut client = TcpStream::connect(proxy.addr).unwrap();
+        let mut server = accepted.join().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // A TLS record header read as a frame prefix would announce 66 KiB.
+        client
+            .write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2])
+            .unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(got, [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2]);
+        proxy.cut();
+        let mut rest = Vec::new();
+        assert_eq!(server.read_to_end(&mut rest).unwrap_or(0), 0, "{rest:?}");
     }
 
     #[test]

@@ -64,11 +64,14 @@ pub enum AuthError {
         /// Why.
         err: std::io::Error,
     },
+    /// The TLS layer failed, or one side uses TLS and the other does not.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The system gave no random bytes.
     #[error("drawing a nonce: {0}")]
     Random(String),
-    /// A TCP address beyond loopback, and no secret.
-    #[error("{uri} is not a loopback address and this migration has no secret: anybody who reaches it could {what}. Give both sides the same secret (secret-file=, or umemd --secret-file), or say insecure=true")]
+    /// A TCP address beyond loopback, and neither a secret nor TLS.
+    #[error("{uri} is not a loopback address and this migration has no secret and no TLS credentials: anybody who reaches it could {what}. Give both sides the same secret (secret-file=, or umemd --secret-file) or TLS certificates of one CA (tls_creds=, or umemd --tls-creds), or say insecure=true")]
     Exposed {
         /// The URI.
         uri: String,
@@ -99,17 +102,18 @@ pub enum Side {
     Connect,
 }
 
-/// Refuses a TCP address that is not loopback when there is no secret, unless `insecure`:
-/// without a secret, whoever reaches a listening destination can write the VM's memory and set
-/// its registers, and whoever answers at a source's address receives the VM's memory. `unix:`
-/// addresses are guarded by file permissions.
+/// Refuses a TCP address that is not loopback when there is neither a secret nor TLS (whose
+/// certificates authenticate both sides), unless `insecure`: without either, whoever reaches a
+/// listening destination can write the VM's memory and set its registers, and whoever answers
+/// at a source's address receives the VM's memory. `unix:` addresses are guarded by file
+/// permissions.
 pub fn check_exposure(
     uri: &str,
-    has_secret: bool,
+    authenticated: bool,
     insecure: bool,
     side: Side,
 ) -> Result<(), AuthError> {
-    if has_secret || insecure {
+    if authenticated || insecure {
         return Ok(());
     }
     let Ok(Endpoint::Tcp(addr)) = Endpoint::parse(uri) else {

@@ -26,3 +26,4 @@ pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod testutil;
+pub mod tls;

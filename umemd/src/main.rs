@@ -41,6 +41,12 @@ struct Args {
     /// VMM gave no secret of its own authenticates its peers with it.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
+    /// The host's TLS credentials: a directory with ca-cert.pem, server-cert.pem and
+    /// server-key.pem (to receive), client-cert.pem and client-key.pem (to send). Every
+    /// migration whose VMM gave no directory of its own runs its TCP connections over TLS 1.3
+    /// with them, both sides presenting a certificate of the CA.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
 }
 
 fn fail(what: &str) -> ! {
@@ -65,6 +71,14 @@ fn main() {
             .unwrap_or_else(|e| fail(&format!("--secret-file: {e}")));
         umemd::auth::set_host_secret(secret);
         info!("peers authenticate with the secret in {}", f.display());
+    }
+    if let Some(dir) = &args.tls_creds {
+        umemd::tls::check_host_creds(dir).unwrap_or_else(|e| fail(&format!("--tls-creds: {e}")));
+        umemd::tls::set_host_creds(dir.clone());
+        info!(
+            "peer connections run TLS with the credentials in {}",
+            dir.display()
+        );
     }
     let limits = Limits {
         allow: AllowList::for_this_process(args.allow_uid.clone(), gids),

@@ -1,5 +1,6 @@
-//! The migration stream's transport: TCP between hosts (`tcp:HOST:PORT`), or a Unix socket for
-//! a migration within one host (`unix:PATH`). Everything above it reads and writes bytes.
+//! The migration stream's transport: TCP between hosts (`tcp:HOST:PORT`), TLS over it when the
+//! migration has TLS credentials (see [`crate::tls`]), or a Unix socket for a migration within
+//! one host (`unix:PATH`). Everything above it reads and writes bytes.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
@@ -7,6 +8,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::tls::{TlsError, TlsStream};
 
 /// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
 /// requested page that the background had already claimed waits behind what is queued there,
@@ -101,6 +104,22 @@ pub enum PeerStream {
     Tcp(TcpStream),
     /// Within a host.
     Unix(UnixStream),
+    /// Between hosts, encrypted: umemd reads and writes a Unix socket that a pump serves.
+    Tls(TlsStream),
+}
+
+/// Keepalive and `TCP_USER_TIMEOUT` for [`PeerStream::set_link_timeout`].
+fn tcp_link_timeout(s: &TcpStream, timeout: Duration) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    // Keepalive in whole seconds: first probe after a third of the timeout.
+    let idle = (timeout.as_secs() / 3).max(1) as u32;
+    setsockopt(s, sockopt::KeepAlive, &true)
+        .and_then(|_| setsockopt(s, sockopt::TcpKeepIdle, &idle))
+        .and_then(|_| setsockopt(s, sockopt::TcpKeepInterval, &1))
+        .and_then(|_| setsockopt(s, sockopt::TcpKeepCount, &3))
+        .and_then(|_| setsockopt(s, sockopt::TcpUserTimeout, &ms))
+        .map_err(io::Error::from)
 }
 
 impl PeerStream {
@@ -147,8 +166,46 @@ impl PeerStream {
 
     /// Small frames (requests, acknowledgements) must not wait for Nagle's algorithm.
     fn tune(&self) {
-        if let PeerStream::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
+        match self {
+            PeerStream::Tcp(s) => drop(s.set_nodelay(true)),
+            PeerStream::Tls(s) => drop(s.tcp.set_nodelay(true)),
+            PeerStream::Unix(_) => {}
+        }
+    }
+
+    /// Turns a TCP connection into a TLS one (the handshake and its pump are the caller's);
+    /// any other connection is handed back.
+    pub fn upgrade(
+        self,
+        f: impl FnOnce(TcpStream) -> Result<TlsStream, TlsError>,
+    ) -> Result<Self, TlsError> {
+        match self {
+            PeerStream::Tcp(s) => {
+                let s = PeerStream::Tls(f(s)?);
+                s.tune();
+                Ok(s)
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Caps the bytes written and not yet on their way (`SO_SNDBUF`; with TLS, also those the
+    /// pump has not taken).
+    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        match self {
+            PeerStream::Tls(s) => s.set_send_buffer(bytes),
+            other => setsockopt(other, sockopt::SndBuf, &bytes).map_err(io::Error::from),
+        }
+    }
+
+    /// Caps the bytes received and not yet read (`SO_RCVBUF`; with TLS, also those the pump
+    /// has decrypted ahead).
+    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        match self {
+            PeerStream::Tls(s) => s.set_recv_buffer(bytes),
+            other => setsockopt(other, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
         }
     }
 
@@ -156,20 +213,16 @@ impl PeerStream {
     /// for that long fails (`SO_SNDTIMEO`, and on TCP `TCP_USER_TIMEOUT` for data the peer never
     /// acknowledges), and TCP keepalive probes an idle connection. Reads are bounded by the
     /// callers, who know when silence is normal.
+    /// With TLS the pump fails as soon as the TCP connection does, and closes umemd's end.
     pub fn set_link_timeout(&self, timeout: Duration) -> io::Result<()> {
-        use nix::sys::socket::{setsockopt, sockopt};
         match self {
             PeerStream::Tcp(s) => {
                 s.set_write_timeout(Some(timeout))?;
-                let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-                // Keepalive in whole seconds: first probe after a third of the timeout.
-                let idle = (timeout.as_secs() / 3).max(1) as u32;
-                setsockopt(s, sockopt::KeepAlive, &true)
-                    .and_then(|_| setsockopt(s, sockopt::TcpKeepIdle, &idle))
-                    .and_then(|_| setsockopt(s, sockopt::TcpKeepInterval, &1))
-                    .and_then(|_| setsockopt(s, sockopt::TcpKeepCount, &3))
-                    .and_then(|_| setsockopt(s, sockopt::TcpUserTimeout, &ms))
-                    .map_err(io::Error::from)
+                tcp_link_timeout(s, timeout)
+            }
+            PeerStream::Tls(s) => {
+                s.local.set_write_timeout(Some(timeout))?;
+                tcp_link_timeout(&s.tcp, timeout)
             }
             PeerStream::Unix(s) => s.set_write_timeout(Some(timeout)),
         }
@@ -180,14 +233,17 @@ impl PeerStream {
         Ok(match self {
             PeerStream::Tcp(s) => PeerStream::Tcp(s.try_clone()?),
             PeerStream::Unix(s) => PeerStream::Unix(s.try_clone()?),
+            PeerStream::Tls(s) => PeerStream::Tls(s.try_clone()?),
         })
     }
 
-    /// Shuts the connection down in one or both directions.
+    /// Shuts the connection down in one or both directions. With TLS the pump still sends
+    /// what was written before, then `close_notify`, and closes the TCP connection.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             PeerStream::Tcp(s) => s.shutdown(how),
             PeerStream::Unix(s) => s.shutdown(how),
+            PeerStream::Tls(s) => s.local.shutdown(how),
         }
     }
 
@@ -196,6 +252,7 @@ impl PeerStream {
         match self {
             PeerStream::Tcp(s) => s.set_read_timeout(t),
             PeerStream::Unix(s) => s.set_read_timeout(t),
+            PeerStream::Tls(s) => s.local.set_read_timeout(t),
         }
     }
 
@@ -204,6 +261,7 @@ impl PeerStream {
         match self {
             PeerStream::Tcp(s) => s.set_write_timeout(t),
             PeerStream::Unix(s) => s.set_write_timeout(t),
+            PeerStream::Tls(s) => s.local.set_write_timeout(t),
         }
     }
 }
@@ -213,6 +271,7 @@ impl Read for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.read(buf),
             PeerStream::Unix(s) => s.read(buf),
+            PeerStream::Tls(s) => s.local.read(buf),
         }
     }
 }
@@ -222,6 +281,7 @@ impl Write for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.write(buf),
             PeerStream::Unix(s) => s.write(buf),
+            PeerStream::Tls(s) => s.local.write(buf),
         }
     }
 
@@ -229,6 +289,7 @@ impl Write for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.write_vectored(bufs),
             PeerStream::Unix(s) => s.write_vectored(bufs),
+            PeerStream::Tls(s) => s.local.write_vectored(bufs),
         }
     }
 
@@ -242,6 +303,7 @@ impl AsFd for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.as_fd(),
             PeerStream::Unix(s) => s.as_fd(),
+            PeerStream::Tls(s) => s.local.as_fd(),
         }
     }
 }

@@ -199,7 +199,7 @@ fn merge_params(base: MigrationParams, args: &Value) -> Result<MigrationParams, 
         return Err("parameters must be an object".into());
     };
     for (k, val) in a {
-        if ["uri", "secret", "secret_file", "insecure"].contains(&k.as_str()) {
+        if ["uri", "secret", "secret_file", "insecure", "tls_creds"].contains(&k.as_str()) {
             continue;
         }
         if !obj.contains_key(k) {
@@ -299,8 +299,9 @@ fn migrate_incoming(m: &Arc<Machine>, args: &Value) -> Result<Value, String> {
 }
 
 /// How the migration's peers authenticate: `secret` (the text itself) or `secret_file` (a
-/// file only its owner can read; its trailing newline is not part of the secret), and
-/// `insecure`, which allows a non-loopback address without a secret.
+/// file only its owner can read; its trailing newline is not part of the secret),
+/// `tls_creds` (a directory of certificates and keys that umemd reads: TLS on every TCP
+/// connection), and `insecure`, which allows a non-loopback address without a secret or TLS.
 pub fn peer_auth(args: &Value) -> Result<PeerAuth, String> {
     let text = |key: &str| -> Result<Option<&str>, String> {
         match args.get(key) {
@@ -325,7 +326,24 @@ pub fn peer_auth(args: &Value) -> Result<PeerAuth, String> {
             .as_bool()
             .ok_or("\"insecure\" must be true or false".to_string())?,
     };
-    Ok(PeerAuth { secret, insecure })
+    let tls_creds = match text("tls_creds")? {
+        Some("") => return Err("\"tls_creds\" must name a directory".into()),
+        Some(dir) => Some(absolute(dir)?),
+        None => None,
+    };
+    Ok(PeerAuth {
+        secret,
+        insecure,
+        tls_creds,
+    })
+}
+
+/// umemd reads the directory from its own working directory: a relative path is made absolute
+/// here, where the operator meant it.
+fn absolute(dir: &str) -> Result<String, String> {
+    std::path::absolute(dir)
+        .map(|p| p.display().to_string())
+        .map_err(|e| format!("\"tls_creds\": {dir}: {e}"))
 }
 
 #[cfg(test)]
@@ -344,10 +362,19 @@ mod tests {
         assert!(peer_auth(&json!({"secret": "0123456789abcdef", "secret_file": "/x"})).is_err());
         assert!(peer_auth(&json!({"secret_file": "/nonexistent/key"})).is_err());
         assert!(peer_auth(&json!({"insecure": "yes"})).is_err());
+        let t = peer_auth(&json!({"tls_creds": "/etc/umem/tls"})).unwrap();
+        assert_eq!(t.tls_creds.as_deref(), Some("/etc/umem/tls"));
+        assert!(peer_auth(&json!({"tls_creds": "relative"}))
+            .unwrap()
+            .tls_creds
+            .is_some_and(|d| d.starts_with('/') && d.ends_with("/relative")));
+        assert!(peer_auth(&json!({"tls_creds": ""})).is_err());
+        assert!(peer_auth(&json!({"tls_creds": 1})).is_err());
         // The secret is no migration parameter: it is never stored with them, nor shown.
         let p = merge_params(
             MigrationParams::default(),
-            &json!({"secret": "0123456789abcdef", "secret_file": "/x", "insecure": true}),
+            &json!({"secret": "0123456789abcdef", "secret_file": "/x", "insecure": true,
+                    "tls_creds": "/etc/umem/tls"}),
         )
         .unwrap();
         assert_eq!(p, MigrationParams::default());

@@ -57,15 +57,20 @@ struct Args {
     #[arg(long, default_value = "/run/umem/umemd.sock")]
     umemd: PathBuf,
     /// Receive the VM from a migration listening here: tcp:HOST:PORT (port 0 picks one) between
-    /// hosts, or unix:PATH within one host; or "defer", to say where (and with which secret)
-    /// later with the control command migrate-incoming.
+    /// hosts, or unix:PATH within one host; or "defer", to say where (and with which secret or
+    /// TLS credentials) later with the control command migrate-incoming.
     #[arg(long)]
     incoming: Option<String>,
     /// The incoming migration's secret, in a file only its owner can read: the source must
     /// prove it knows the same one (its migrate command's secret or secret_file).
     #[arg(long, requires = "incoming")]
     incoming_secret_file: Option<PathBuf>,
-    /// Allow --incoming on a TCP address beyond loopback without any secret: anybody who
+    /// Run the incoming migration's TCP connections over TLS with the certificates in this
+    /// directory (ca-cert.pem, server-cert.pem, server-key.pem; umemd reads them): the source
+    /// must present a client certificate of the same CA (its migrate command's tls_creds).
+    #[arg(long, requires = "incoming", value_name = "DIR")]
+    incoming_tls_creds: Option<PathBuf>,
+    /// Allow --incoming on a TCP address beyond loopback without any secret or TLS: anybody who
     /// reaches the port could then send this VM its memory and registers.
     #[arg(long, requires = "incoming")]
     incoming_insecure: bool,
@@ -177,6 +182,15 @@ fn run(args: Args) -> Result<(), String> {
                 None => None,
             },
             insecure: args.incoming_insecure,
+            tls_creds: match &args.incoming_tls_creds {
+                Some(d) => Some(
+                    std::path::absolute(d)
+                        .map_err(|e| format!("--incoming-tls-creds {}: {e}", d.display()))?
+                        .display()
+                        .to_string(),
+                ),
+                None => None,
+            },
         };
         migration::start_incoming(&machine, uri, auth, !args.paused).map_err(|e| e.to_string())?;
     } else if status == Status::Running {

@@ -166,11 +166,7 @@ impl Dest {
                     if self.switching_to_postcopy {
                         // A short receive queue keeps requested pages from waiting long
                         // behind background pages the source had already queued.
-                        if let Err(e) = nix::sys::socket::setsockopt(
-                            &*peer,
-                            nix::sys::socket::sockopt::RcvBuf,
-                            &POSTCOPY_SOCKET_BUFFER,
-                        ) {
+                        if let Err(e) = peer.set_recv_buffer(POSTCOPY_SOCKET_BUFFER) {
                             warn!("{}: shrinking the receive buffer: {e}", self.vm);
                         }
                         self.start_fault_thread(writer.clone())?;

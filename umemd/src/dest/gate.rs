@@ -41,6 +41,8 @@ pub(super) struct Admitted {
 struct Door {
     vm: String,
     secret: Option<Secret>,
+    /// Every TCP connection must run TLS with a client certificate of this configuration's CA.
+    tls: Option<Arc<rustls::ServerConfig>>,
     admitted: SyncSender<Admitted>,
     /// Connections between accept and being taken by the session.
     pending: AtomicUsize,
@@ -55,7 +57,7 @@ impl Door {
     }
 
     /// Starts admitting `stream`, unless too many are pending already.
-    fn admit(self: &Arc<Self>, mut stream: PeerStream, from: String) {
+    fn admit(self: &Arc<Self>, stream: PeerStream, from: String) {
         if self.pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return self.reject(
@@ -68,8 +70,8 @@ impl Door {
             .name("admission".into())
             .spawn(move || {
                 let deadline = Instant::now() + ADMISSION_TIMEOUT;
-                match admit(&mut stream, door.secret.as_ref(), deadline) {
-                    Ok(first) => {
+                match admit(stream, door.secret.as_ref(), door.tls.as_ref(), deadline) {
+                    Ok((stream, first)) => {
                         // Still pending until the session takes it; the channel holds at most
                         // MAX_PENDING, as `pending` does.
                         let _ = door.admitted.send(Admitted {
@@ -78,10 +80,13 @@ impl Door {
                             first,
                         });
                     }
-                    Err(e) => {
+                    Err((stream, e)) => {
                         // The peer learns why: a source given the wrong secret says so to its
-                        // operator.
-                        turn_away(stream, &e.to_string());
+                        // operator. One that failed the TLS handshake got an alert instead, or,
+                        // without TLS, a message in the plain protocol.
+                        if let Some(stream) = stream {
+                            turn_away(stream, &e.to_string());
+                        }
                         door.reject(&from, &e.to_string());
                         door.pending.fetch_sub(1, Ordering::SeqCst);
                     }
@@ -103,12 +108,17 @@ pub(super) struct Gate {
 }
 
 impl Gate {
-    pub(super) fn new(vm: String, secret: Option<Secret>) -> Self {
+    pub(super) fn new(
+        vm: String,
+        secret: Option<Secret>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let (admitted, rx) = mpsc::sync_channel(MAX_PENDING);
         Gate {
             door: Arc::new(Door {
                 vm,
                 secret,
+                tls,
                 admitted,
                 pending: AtomicUsize::new(0),
                 rejected: AtomicU64::new(0),
@@ -160,9 +170,9 @@ impl Gate {
         }
     }
 
-    /// Whether connections must prove they know a secret.
-    pub(super) fn has_secret(&self) -> bool {
-        self.door.secret.is_some()
+    /// Whether connections must prove they know a secret, or present a certificate.
+    pub(super) fn authenticates(&self) -> bool {
+        self.door.secret.is_some() || self.door.tls.is_some()
     }
 
     /// Connections dropped so far.
@@ -201,8 +211,32 @@ pub(super) fn turn_away(mut stream: PeerStream, why: &str) {
     let _ = send_peer(&mut stream, &PeerMessage::Error(why.to_string()));
 }
 
-/// Authenticates, then reads the first frame, all before `deadline`.
+/// Runs TLS over a TCP connection when the destination has credentials, authenticates, then
+/// reads the first frame, all before `deadline`. On failure, the stream to tell why, if there
+/// is one to tell.
 fn admit(
+    stream: PeerStream,
+    secret: Option<&Secret>,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    deadline: Instant,
+) -> Result<(PeerStream, PeerMessage), (Option<PeerStream>, AuthError)> {
+    let mut stream = match tls {
+        Some(config) => stream
+            .upgrade(|tcp| crate::tls::accept(tcp, config.clone(), deadline))
+            .map_err(|e| (None, e.into()))?,
+        None => stream,
+    };
+    match opening(&mut stream, secret, deadline) {
+        Ok(first) => Ok((stream, first)),
+        Err(e) if tls.is_none() && speaks_tls(&e) => {
+            Err((Some(stream), crate::tls::TlsError::TlsPeer.into()))
+        }
+        Err(e) => Err((Some(stream), e)),
+    }
+}
+
+/// The authentication exchange and the first frame.
+fn opening(
     stream: &mut PeerStream,
     secret: Option<&Secret>,
     deadline: Instant,
@@ -221,13 +255,30 @@ fn admit(
     })
 }
 
+/// Whether the first bytes a peer sent, read as a frame's length, start a TLS handshake
+/// record (0x16 0x03): a TLS source at a destination without TLS.
+fn speaks_tls(e: &AuthError) -> bool {
+    let len = match e {
+        AuthError::Read {
+            err: link::ReadByError::TooLong { len, .. },
+            ..
+        }
+        | AuthError::Read {
+            err: link::ReadByError::Frame(proto::frame::FrameError::TooLarge(len)),
+            ..
+        } => *len,
+        _ => return false,
+    };
+    len & 0xffff == 0x0316
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
 
     fn gate(secret: Option<Secret>) -> (Gate, String) {
-        let mut g = Gate::new("test".into(), secret);
+        let mut g = Gate::new("test".into(), secret, None);
         let l = PeerListener::bind("tcp:127.0.0.1:0").unwrap();
         let uri = l.uri().unwrap();
         g.open(l).unwrap();
@@ -284,7 +335,7 @@ mod tests {
     fn closing_frees_the_address_at_once() {
         for uri in ["tcp:127.0.0.1:0", "unix:/tmp/umemd-gate-test.sock"] {
             let _ = std::fs::remove_file("/tmp/umemd-gate-test.sock");
-            let mut g = Gate::new("test".into(), None);
+            let mut g = Gate::new("test".into(), None, None);
             let l = PeerListener::bind(uri).unwrap();
             let bound = l.uri().unwrap();
             g.open(l).unwrap();

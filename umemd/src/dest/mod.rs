@@ -143,11 +143,15 @@ impl Dest {
         auth: PeerAuth,
     ) -> Result<Self, (UnixStream, DestFailure)> {
         let secret = crate::auth::session_secret(&auth);
-        let mut gate = gate::Gate::new(vm.clone(), secret.clone());
-        let setup = || -> Result<(GuestMapping, String, UnixStream), DestError> {
+        let tls = crate::tls::session_creds(auth.tls_creds.as_deref())
+            .map(|dir| crate::tls::server_config(&dir))
+            .transpose();
+        let setup = || -> Result<(GuestMapping, String, UnixStream, gate::Gate), DestError> {
+            let tls = tls.map_err(crate::auth::AuthError::from)?;
+            let mut gate = gate::Gate::new(vm.clone(), secret.clone(), tls);
             crate::auth::check_exposure(
                 uri,
-                secret.is_some(),
+                gate.authenticates(),
                 auth.insecure,
                 crate::auth::Side::Listen,
             )?;
@@ -156,10 +160,10 @@ impl Dest {
             let listen_uri = listener.uri()?;
             gate.open(listener).map_err(DestError::Accept)?;
             let reader = vmm.try_clone().map_err(DestError::Vmm)?;
-            Ok((mem, listen_uri, reader))
+            Ok((mem, listen_uri, reader, gate))
         };
         match setup() {
-            Ok((mem, listen_uri, reader)) => {
+            Ok((mem, listen_uri, reader, gate)) => {
                 let pages = Arc::new(PageTable::new(mem.blocks()));
                 let postcopy = uffd.map(|fd| {
                     let (report_error, errors) = mpsc::channel();

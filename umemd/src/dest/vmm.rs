@@ -49,7 +49,7 @@ impl Dest {
     fn listen_instead(&mut self, uri: &str) {
         let exposed = crate::auth::check_exposure(
             uri,
-            self.gate.has_secret(),
+            self.gate.authenticates(),
             self.insecure,
             crate::auth::Side::Listen,
         );

@@ -38,12 +38,13 @@ use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::PeerMessage;
 use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 
-use crate::auth::{self, Side};
+use crate::auth::{self, AuthError, Side};
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::phase::Transitions;
 use crate::stats::rate;
 use crate::stream::PeerStream;
+use crate::tls;
 pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
@@ -118,6 +119,9 @@ pub struct Source {
     secret: Option<Secret>,
     /// The operator allowed a non-loopback address without a secret.
     insecure: bool,
+    /// Every TCP connection runs TLS with this configuration (the CA and this host's client
+    /// certificate).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The migration streams towards the destination.
@@ -147,7 +151,14 @@ impl Source {
             cause,
         };
         let secret = auth::session_secret(&auth);
-        if let Err(e) = auth::check_exposure(&uri, secret.is_some(), auth.insecure, Side::Connect) {
+        let tls =
+            match tls::session_creds(auth.tls_creds.as_deref()).map(|d| tls::client_config(&d)) {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => return Err((vmm, setup(AuthError::from(e).into()))),
+            };
+        let authenticated = secret.is_some() || tls.is_some();
+        if let Err(e) = auth::check_exposure(&uri, authenticated, auth.insecure, Side::Connect) {
             return Err((vmm, setup(e.into())));
         }
         let mem = match GuestMapping::new(memfd, blocks) {
@@ -201,6 +212,7 @@ impl Source {
             paused_by_request: false,
             secret,
             insecure: auth.insecure,
+            tls,
         })
     }
 

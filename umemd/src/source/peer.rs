@@ -9,20 +9,37 @@ use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 
 use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
-use crate::auth;
+use crate::auth::{self, AuthError};
 use crate::link::{self, send_peer};
 use crate::stream::PeerStream;
+use crate::tls;
 
 impl Source {
-    /// Connects to the destination and authenticates, within one link timeout. Every
-    /// connection of the session comes from here: the main stream, the urgent channel and
-    /// those of a recovery.
+    /// Connects to the destination, runs TLS over TCP when the session has TLS credentials,
+    /// and authenticates, within one link timeout. Every connection of the session comes from
+    /// here: the main stream, the urgent channel and those of a recovery.
     pub(super) fn open_stream(&self) -> Result<PeerStream, SourceError> {
-        let mut stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
+        let stream = PeerStream::connect(&self.uri, CONNECT_TIMEOUT)?;
         stream
             .set_link_timeout(self.link_timeout())
             .map_err(SourceError::Peer)?;
         let deadline = Instant::now() + self.link_timeout();
+        let mut stream = match &self.tls {
+            Some(config) => {
+                // Only a TCP connection is upgraded: `unix:` stays plain.
+                let s = stream
+                    .upgrade(|tcp| {
+                        let name = tls::server_name(&self.uri)?;
+                        tls::connect(tcp, config.clone(), name, deadline)
+                    })
+                    .map_err(AuthError::from)?;
+                // The write timeout now bounds writes to the pump.
+                s.set_link_timeout(self.link_timeout())
+                    .map_err(SourceError::Peer)?;
+                s
+            }
+            None => stream,
+        };
         auth::authenticate_to_destination(&mut stream, self.secret.as_ref(), deadline)?;
         Ok(stream)
     }

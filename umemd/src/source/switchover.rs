@@ -149,11 +149,10 @@ impl Source {
     /// Keeps the main stream's send queue short once postcopy runs: a requested page that the
     /// background had already claimed waits behind what is queued there.
     pub(super) fn shorten_send_queue(&self, peer: &Peer) {
-        if let Err(e) = nix::sys::socket::setsockopt(
-            &peer.stream,
-            nix::sys::socket::sockopt::SndBuf,
-            &crate::stream::POSTCOPY_SOCKET_BUFFER,
-        ) {
+        if let Err(e) = peer
+            .stream
+            .set_send_buffer(crate::stream::POSTCOPY_SOCKET_BUFFER)
+        {
             warn!("{}: shrinking the send buffer: {e}", self.vm);
         }
     }

@@ -64,7 +64,7 @@ impl Source {
             LocalMessage::Resume { uri } if self.phase.is_committed() => {
                 if let Err(e) = crate::auth::check_exposure(
                     &uri,
-                    self.secret.is_some(),
+                    self.secret.is_some() || self.tls.is_some(),
                     self.insecure,
                     crate::auth::Side::Connect,
                 ) {
