@@ -11,7 +11,7 @@ use proto::auth::Secret;
 use proto::peer::{PeerMessage, VERSION};
 use serde_json::json;
 use umem_testkit::pair::{
-    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, MEMTOUCH_CMDLINE,
+    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, memtouch_source,
     MEMTOUCH_PAGES,
 };
 use umem_testkit::peer::RawSource;
@@ -19,19 +19,6 @@ use umem_testkit::proxy::FaultProxy;
 use umem_testkit::{binary, require_kvm, secs, wait_until, TestEnv, Umemd, Vmm};
 
 const SECRET: &str = "correct horse battery staple";
-
-/// A memtouch source on 128 MiB of prefilled RAM, running.
-fn source(t: &TestEnv, su: &Umemd) -> Vmm {
-    let mut src = t
-        .vmm("src", su)
-        .mem("128M")
-        .guest("memtouch")
-        .cmdline(MEMTOUCH_CMDLINE)
-        .prefill(1)
-        .start();
-    src.wait_pass(secs(60), 1);
-    src
-}
 
 /// A destination whose incoming migration requires the secret in `key`.
 fn destination(t: &TestEnv, du: &Umemd, key: &PathBuf) -> Vmm {
@@ -51,12 +38,6 @@ fn migrate_and_run_on(src: &mut Vmm, dst: &mut Vmm, uri: &str, args: serde_json:
     assert_guest_runs_on(src, dst, 2, secs(60));
 }
 
-fn rejected(vm: &Vmm) -> u64 {
-    vm.query_migrate()["stats"]["rejected_peers"]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 #[test]
 fn the_same_secret_migrates_in_postcopy_with_every_connection_authenticated() {
     if !require_kvm("the_same_secret_migrates_in_postcopy_with_every_connection_authenticated") {
@@ -65,7 +46,7 @@ fn the_same_secret_migrates_in_postcopy_with_every_connection_authenticated() {
     let t = TestEnv::new("auth-postcopy");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let key = t.secret_file("vm.key", &format!("{SECRET}\n"));
-    let mut src = source(&t, &su);
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = destination(&t, &du, &key);
     let uri = dst.listen_uri();
     src.migrate(
@@ -76,7 +57,7 @@ fn the_same_secret_migrates_in_postcopy_with_every_connection_authenticated() {
     assert_completed("source", &src.wait_migration(secs(120)));
     dst.wait_phase(secs(60), &["completed"]);
     // The urgent channel went through the same door: nothing was turned away.
-    assert_eq!(rejected(&dst), 0, "{}", dst.query_migrate());
+    assert_eq!(dst.rejected_peers(), 0, "{}", dst.query_migrate());
     assert_guest_runs_on(&src, &mut dst, 2, secs(60));
     assert_same_ram_outside_working_set(&src, &dst, MEMTOUCH_PAGES);
 }
@@ -89,7 +70,7 @@ fn a_wrong_or_missing_secret_is_refused_and_the_destination_keeps_listening() {
     let t = TestEnv::new("auth-wrong-secret");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let key = t.secret_file("vm.key", SECRET);
-    let mut src = source(&t, &su);
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = destination(&t, &du, &key);
     let uri = dst.listen_uri();
     let before = dst.digest();
@@ -113,7 +94,7 @@ fn a_wrong_or_missing_secret_is_refused_and_the_destination_keeps_listening() {
     // Both were dropped at the door; the destination never left setup, nothing was written,
     // and it still waits: the real source then migrates.
     wait_until(secs(10), "both peers counted", || {
-        (rejected(&dst) >= 2).then_some(())
+        (dst.rejected_peers() >= 2).then_some(())
     });
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
@@ -157,14 +138,14 @@ fn a_recorded_exchange_replayed_to_a_destination_is_refused() {
         (dst.status() == "inmigrate").then_some(())
     });
     let uri = dst.listen_uri();
-    let rejected_before = rejected(&dst);
+    let rejected_before = dst.rejected_peers();
     let mut replay = RawSource::connect_bare(&uri).unwrap();
     use std::io::{Read, Write};
     replay.stream.write_all(&recorded).unwrap();
     let mut answer = Vec::new();
     let _ = replay.stream.read_to_end(&mut answer);
     wait_until(secs(10), "the replay to be counted", || {
-        (rejected(&dst) > rejected_before).then_some(())
+        (dst.rejected_peers() > rejected_before).then_some(())
     });
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
@@ -180,7 +161,7 @@ fn recovery_connections_authenticate_too() {
     let t = TestEnv::new("auth-recovery");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let key = t.secret_file("vm.key", SECRET);
-    let mut src = source(&t, &su);
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = destination(&t, &du, &key);
     let proxy = FaultProxy::in_front_of(&dst.listen_uri());
     src.migrate(
@@ -196,13 +177,13 @@ fn recovery_connections_authenticate_too() {
     });
     // While it waits, a stranger without the secret knocks, and is turned away.
     let uri = dst.listen_uri();
-    let rejected_before = rejected(&dst);
+    let rejected_before = dst.rejected_peers();
     let mut stranger = RawSource::connect(&uri, None).expect("connect");
     assert!(
         matches!(stranger.read(), Ok(PeerMessage::Error(e)) if e.contains("authentication required"))
     );
     wait_until(secs(10), "the stranger to be counted", || {
-        (rejected(&dst) > rejected_before).then_some(())
+        (dst.rejected_peers() > rejected_before).then_some(())
     });
     assert_eq!(dst.phase(), "postcopy-paused");
     let back = Instant::now();
@@ -281,7 +262,7 @@ fn a_deferred_incoming_takes_its_address_and_secret_from_migrate_incoming() {
     }
     let t = TestEnv::new("auth-defer");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
-    let mut src = source(&t, &su);
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = t.vmm("dst", &du).mem("128M").incoming("defer").start();
     assert_eq!(dst.status(), "inmigrate");
     assert!(dst.query_migrate()["listen_uri"].is_null());
@@ -320,7 +301,7 @@ fn a_host_secret_file_of_umemd_serves_every_migration_without_one() {
     };
     let (su, du) = (keyed("umemd-src"), keyed("umemd-dst"));
     let plain = t.umemd("umemd-plain");
-    let mut src = source(&t, &su);
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     // Beyond loopback is allowed: the host's secret guards it.
     let mut dst = t
         .vmm("dst", &du)
@@ -348,6 +329,6 @@ fn a_host_secret_file_of_umemd_serves_every_migration_without_one() {
         .expect("migrate");
     assert_completed("source", &src.wait_migration(secs(120)));
     dst.wait_phase(secs(60), &["completed"]);
-    assert!(rejected(&dst) >= 1);
+    assert!(dst.rejected_peers() >= 1);
     assert_guest_runs_on(&src, &mut dst, 2, secs(60));
 }

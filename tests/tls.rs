@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use umem_testkit::pair::{
-    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, MEMTOUCH_CMDLINE,
+    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, memtouch_source,
     MEMTOUCH_PAGES,
 };
 use umem_testkit::proxy::FaultProxy;
@@ -30,19 +30,6 @@ fn arg(dir: &Path) -> &str {
     dir.to_str().expect("a UTF-8 path")
 }
 
-/// A memtouch source on 128 MiB of prefilled RAM, running.
-fn source(t: &TestEnv, su: &Umemd, name: &str) -> Vmm {
-    let mut src = t
-        .vmm(name, su)
-        .mem("128M")
-        .guest("memtouch")
-        .cmdline(MEMTOUCH_CMDLINE)
-        .prefill(1)
-        .start();
-    src.wait_pass(secs(60), 1);
-    src
-}
-
 /// A destination that requires TLS with the credentials in `dir`.
 fn destination(t: &TestEnv, du: &Umemd, dir: &Path) -> Vmm {
     t.vmm("dst", du)
@@ -51,12 +38,6 @@ fn destination(t: &TestEnv, du: &Umemd, dir: &Path) -> Vmm {
         .arg("--incoming-tls-creds")
         .arg(dir)
         .start()
-}
-
-fn rejected(vm: &Vmm) -> u64 {
-    vm.query_migrate()["stats"]["rejected_peers"]
-        .as_u64()
-        .unwrap_or(0)
 }
 
 fn postcopy_stat(vm: &Vmm, key: &str) -> u64 {
@@ -79,7 +60,7 @@ fn assert_fails_with(src: &mut Vmm, words: &[&str]) -> String {
 /// The destination turned `n` peers away at the gate and still waits, untouched.
 fn assert_still_waiting(dst: &Vmm, n: u64, before: &[(String, String)]) {
     wait_until(secs(10), "the refused peers to be counted", || {
-        (rejected(dst) >= n).then_some(())
+        (dst.rejected_peers() >= n).then_some(())
     });
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
@@ -100,7 +81,7 @@ fn postcopy_over_tls_completes_with_the_same_ram_and_the_guest_running() {
     let t = TestEnv::new("tls-postcopy");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let dir = creds(&t, "tls");
-    let mut src = source(&t, &su, "src");
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     // TLS authenticates both sides: every address, and no secret, is allowed.
     let mut dst = t
         .vmm("dst", &du)
@@ -118,7 +99,7 @@ fn postcopy_over_tls_completes_with_the_same_ram_and_the_guest_running() {
     assert_completed("source", &src.wait_migration(secs(120)));
     dst.wait_phase(secs(60), &["completed"]);
     // The urgent channel went through the same door: nothing was turned away.
-    assert_eq!(rejected(&dst), 0, "{}", dst.query_migrate());
+    assert_eq!(dst.rejected_peers(), 0, "{}", dst.query_migrate());
     assert!(
         postcopy_stat(&dst, "pages_urgent") > 0,
         "{}",
@@ -136,7 +117,7 @@ fn a_postcopy_link_cut_and_restored_recovers_over_tls() {
     let t = TestEnv::new("tls-recovery");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let dir = creds(&t, "tls");
-    let mut src = source(&t, &su, "src");
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = destination(&t, &du, &dir);
     let proxy = FaultProxy::bytes_in_front_of(&dst.listen_uri());
     src.migrate(
@@ -206,7 +187,7 @@ fn a_client_certificate_of_another_ca_is_refused_and_the_destination_keeps_liste
     ] {
         std::fs::copy(from.join(f), foreign.join(f)).unwrap();
     }
-    let mut src = source(&t, &su, "src");
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = destination(&t, &du, &ours);
     let uri = dst.listen_uri();
     let before = dst.digest();
@@ -238,7 +219,7 @@ fn a_plain_source_at_a_tls_destination_and_the_reverse_fail_clearly() {
     let t = TestEnv::new("tls-mismatch");
     let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
     let dir = creds(&t, "tls");
-    let mut src = source(&t, &su, "src");
+    let mut src = memtouch_source(&t, &su, "src", "128M");
 
     // A plain source at a TLS destination.
     let mut dst = destination(&t, &du, &dir);
@@ -284,7 +265,7 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
     };
     let (su, du) = (with_creds("umemd-src"), with_creds("umemd-dst"));
     let key = t.secret_file("vm.key", SECRET);
-    let mut src = source(&t, &su, "src");
+    let mut src = memtouch_source(&t, &su, "src", "128M");
     let mut dst = t
         .vmm("dst", &du)
         .mem("128M")
@@ -307,18 +288,18 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
     assert_completed("source", &src.wait_migration(secs(120)));
     dst.wait_phase(secs(60), &["completed"]);
     let v: Value = dst.query_migrate();
-    assert_eq!(rejected(&dst), 1, "{v}");
+    assert_eq!(dst.rejected_peers(), 1, "{v}");
     assert_guest_runs_on(&src, &mut dst, 2, secs(60));
     assert_same_ram_outside_working_set(&src, &dst, MEMTOUCH_PAGES);
     // A source host without the credentials cannot reach a destination of this host.
     let plain = t.umemd("umemd-plain");
-    let mut stranger = source(&t, &plain, "stranger");
+    let mut stranger = memtouch_source(&t, &plain, "stranger", "128M");
     let mut dst2 = t.vmm("dst2", &du).mem("128M").incoming_any().start();
     stranger
         .migrate(&dst2.listen_uri(), json!({}))
         .expect("migrate");
     assert_fails_with(&mut stranger, &["requires TLS"]);
-    assert!(rejected(&dst2) >= 1);
+    assert!(dst2.rejected_peers() >= 1);
     // Within one host (`unix:`) the connections stay plain, host credentials or not.
     let sock = t.dir().join("local-migration.sock");
     let mut local = t
@@ -326,7 +307,7 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
         .mem("128M")
         .incoming(&format!("unix:{}", sock.display()))
         .start();
-    let mut src2 = source(&t, &su, "src2");
+    let mut src2 = memtouch_source(&t, &su, "src2", "128M");
     src2.migrate(&local.listen_uri(), json!({"mode": "postcopy"}))
         .expect("migrate");
     assert_completed("source", &src2.wait_migration(secs(120)));

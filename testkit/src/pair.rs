@@ -36,6 +36,20 @@ pub fn memtouch_exclude(pages: u64) -> Vec<(u64, u64)> {
     vec![(0, 2 << 20), (MEMTOUCH_BASE, pages * PAGE_SIZE)]
 }
 
+/// A vmm `name` of `mem` running memtouch ([`MEMTOUCH_CMDLINE`]) on prefilled RAM, once its
+/// first pass is done: a source whose pages all differ from a fresh destination's.
+pub fn memtouch_source(env: &TestEnv, umemd: &Umemd, name: &str, mem: &str) -> Vmm {
+    let mut src = env
+        .vmm(name, umemd)
+        .mem(mem)
+        .guest("memtouch")
+        .cmdline(MEMTOUCH_CMDLINE)
+        .prefill(1)
+        .start();
+    src.wait_pass(secs(60), 1);
+    src
+}
+
 /// The machine both sides of a migration have, and the guest the source runs.
 pub struct MigrationSetup<'a> {
     env: &'a TestEnv,

@@ -309,6 +309,13 @@ impl Vmm {
         self.ctl("migrate", args)
     }
 
+    /// Destination: connections its umemd turned away before one proved to be the source.
+    pub fn rejected_peers(&self) -> u64 {
+        self.query_migrate()["stats"]["rejected_peers"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// Waits until the migration is completed, failed or cancelled.
     pub fn wait_migration(&mut self, timeout: Duration) -> MigrationOutcome {
         let name = self.name.clone();
