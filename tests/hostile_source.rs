@@ -873,7 +873,8 @@ fn garbage_before_the_handshake_is_refused() {
         ])
         .collect();
     for (what, bytes) in garbage {
-        d.attack(&what, Opening::Connected, &["authhello"], |p| {
+        // A TLS ClientHello is recognised as such: this destination has no TLS credentials.
+        d.attack(&what, Opening::Connected, &["authhello", "uses tls"], |p| {
             let _ = p.send_raw(&bytes);
             let _ = p.shutdown_write();
         });
