@@ -4,7 +4,8 @@
 //! exchange, so a peer that trickles bytes cannot hold it open.
 
 use std::net::ToSocketAddrs;
-use std::sync::OnceLock;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use proto::auth::{AuthMethod, Role, Secret, NONCE_LEN};
@@ -88,9 +89,45 @@ pub fn set_host_secret(secret: Secret) {
     let _ = HOST_SECRET.set(secret);
 }
 
-/// The secret a session uses: its own, else the host's.
-pub fn session_secret(auth: &PeerAuth) -> Option<Secret> {
-    auth.secret.clone().or_else(|| HOST_SECRET.get().cloned())
+/// How a session's peer connections are authenticated: what its VMM asked for, completed with
+/// the host's defaults (`umemd --secret-file`, `--tls-creds`). `T` is the TLS configuration of
+/// the session's role.
+#[derive(Debug)]
+pub struct PeerTrust<T> {
+    /// Every connection proves both sides know it.
+    pub secret: Option<Secret>,
+    /// Every TCP connection runs TLS with certificates on both sides.
+    pub tls: Option<Arc<T>>,
+    /// The operator allowed a non-loopback address with neither.
+    pub insecure: bool,
+}
+
+impl<T> PeerTrust<T> {
+    /// The session's own secret and credentials, else the host's; `tls_config` loads a
+    /// credentials directory for this role.
+    pub fn resolve(
+        auth: &PeerAuth,
+        tls_config: impl FnOnce(&Path) -> Result<Arc<T>, crate::tls::TlsError>,
+    ) -> Result<Self, AuthError> {
+        let tls = crate::tls::session_creds(auth.tls_creds.as_deref())
+            .map(|dir| tls_config(&dir))
+            .transpose()?;
+        Ok(PeerTrust {
+            secret: auth.secret.clone().or_else(|| HOST_SECRET.get().cloned()),
+            tls,
+            insecure: auth.insecure,
+        })
+    }
+
+    /// Whether a peer must prove who it is: by the secret, or by a certificate.
+    pub fn authenticates(&self) -> bool {
+        self.secret.is_some() || self.tls.is_some()
+    }
+
+    /// [`check_exposure`] of `uri` for this session.
+    pub fn check_exposure(&self, uri: &str, side: Side) -> Result<(), AuthError> {
+        check_exposure(uri, self.authenticates(), self.insecure, side)
+    }
 }
 
 /// Which side of a migration checks an address, for the wording of [`AuthError::Exposed`].

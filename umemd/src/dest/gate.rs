@@ -19,7 +19,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::auth::Secret;
 use proto::peer::PeerMessage;
 
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, PeerTrust};
 use crate::link::{self, send_peer};
 use crate::stream::{PeerListener, PeerStream};
 
@@ -40,9 +40,9 @@ pub(super) struct Admitted {
 /// What the acceptor and the admission threads share.
 struct Door {
     vm: String,
-    secret: Option<Secret>,
-    /// Every TCP connection must run TLS with a client certificate of this configuration's CA.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The secret to prove, and the TLS configuration every TCP connection must run (a client
+    /// certificate of its CA).
+    trust: PeerTrust<rustls::ServerConfig>,
     admitted: SyncSender<Admitted>,
     /// Connections between accept and being taken by the session.
     pending: AtomicUsize,
@@ -70,7 +70,7 @@ impl Door {
             .name("admission".into())
             .spawn(move || {
                 let deadline = Instant::now() + ADMISSION_TIMEOUT;
-                match admit(stream, door.secret.as_ref(), door.tls.as_ref(), deadline) {
+                match admit(stream, &door.trust, deadline) {
                     Ok((stream, first)) => {
                         // Still pending until the session takes it; the channel holds at most
                         // MAX_PENDING, as `pending` does.
@@ -108,17 +108,12 @@ pub(super) struct Gate {
 }
 
 impl Gate {
-    pub(super) fn new(
-        vm: String,
-        secret: Option<Secret>,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Self {
+    pub(super) fn new(vm: String, trust: PeerTrust<rustls::ServerConfig>) -> Self {
         let (admitted, rx) = mpsc::sync_channel(MAX_PENDING);
         Gate {
             door: Arc::new(Door {
                 vm,
-                secret,
-                tls,
+                trust,
                 admitted,
                 pending: AtomicUsize::new(0),
                 rejected: AtomicU64::new(0),
@@ -170,9 +165,9 @@ impl Gate {
         }
     }
 
-    /// Whether connections must prove they know a secret, or present a certificate.
-    pub(super) fn authenticates(&self) -> bool {
-        self.door.secret.is_some() || self.door.tls.is_some()
+    /// How connections authenticate here.
+    pub(super) fn trust(&self) -> &PeerTrust<rustls::ServerConfig> {
+        &self.door.trust
     }
 
     /// Connections dropped so far.
@@ -216,19 +211,18 @@ pub(super) fn turn_away(mut stream: PeerStream, why: &str) {
 /// is one to tell.
 fn admit(
     stream: PeerStream,
-    secret: Option<&Secret>,
-    tls: Option<&Arc<rustls::ServerConfig>>,
+    trust: &PeerTrust<rustls::ServerConfig>,
     deadline: Instant,
 ) -> Result<(PeerStream, PeerMessage), (Option<PeerStream>, AuthError)> {
-    let mut stream = match tls {
+    let mut stream = match &trust.tls {
         Some(config) => stream
             .upgrade(|tcp| crate::tls::accept(tcp, config.clone(), deadline))
             .map_err(|e| (None, e.into()))?,
         None => stream,
     };
-    match opening(&mut stream, secret, deadline) {
+    match opening(&mut stream, trust.secret.as_ref(), deadline) {
         Ok(first) => Ok((stream, first)),
-        Err(e) if tls.is_none() && speaks_tls(&e) => {
+        Err(e) if trust.tls.is_none() && speaks_tls(&e) => {
             Err((Some(stream), crate::tls::TlsError::TlsPeer.into()))
         }
         Err(e) => Err((Some(stream), e)),
@@ -277,8 +271,16 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    fn trust(secret: Option<Secret>) -> PeerTrust<rustls::ServerConfig> {
+        PeerTrust {
+            secret,
+            tls: None,
+            insecure: false,
+        }
+    }
+
     fn gate(secret: Option<Secret>) -> (Gate, String) {
-        let mut g = Gate::new("test".into(), secret, None);
+        let mut g = Gate::new("test".into(), trust(secret));
         let l = PeerListener::bind("tcp:127.0.0.1:0").unwrap();
         let uri = l.uri().unwrap();
         g.open(l).unwrap();
@@ -335,7 +337,7 @@ mod tests {
     fn closing_frees_the_address_at_once() {
         for uri in ["tcp:127.0.0.1:0", "unix:/tmp/umemd-gate-test.sock"] {
             let _ = std::fs::remove_file("/tmp/umemd-gate-test.sock");
-            let mut g = Gate::new("test".into(), None, None);
+            let mut g = Gate::new("test".into(), trust(None));
             let l = PeerListener::bind(uri).unwrap();
             let bound = l.uri().unwrap();
             g.open(l).unwrap();

@@ -127,8 +127,6 @@ pub struct Dest {
     paused_since: Option<Instant>,
     /// Where every new connection authenticates.
     gate: gate::Gate,
-    /// The operator allowed a non-loopback address without a secret.
-    insecure: bool,
 }
 
 impl Dest {
@@ -142,19 +140,10 @@ impl Dest {
         blocks: Vec<LocalBlock>,
         auth: PeerAuth,
     ) -> Result<Self, (UnixStream, DestFailure)> {
-        let secret = crate::auth::session_secret(&auth);
-        let tls = crate::tls::session_creds(auth.tls_creds.as_deref())
-            .map(|dir| crate::tls::server_config(&dir))
-            .transpose();
         let setup = || -> Result<(GuestMapping, String, UnixStream, gate::Gate), DestError> {
-            let tls = tls.map_err(crate::auth::AuthError::from)?;
-            let mut gate = gate::Gate::new(vm.clone(), secret.clone(), tls);
-            crate::auth::check_exposure(
-                uri,
-                gate.authenticates(),
-                auth.insecure,
-                crate::auth::Side::Listen,
-            )?;
+            let trust = crate::auth::PeerTrust::resolve(&auth, crate::tls::server_config)?;
+            trust.check_exposure(uri, crate::auth::Side::Listen)?;
+            let mut gate = gate::Gate::new(vm.clone(), trust);
             let mem = GuestMapping::new(memfd, blocks)?;
             let listener = PeerListener::bind(uri)?;
             let listen_uri = listener.uri()?;
@@ -210,7 +199,6 @@ impl Dest {
                     paused: Duration::ZERO,
                     paused_since: None,
                     gate,
-                    insecure: auth.insecure,
                 })
             }
             Err(cause) => Err((

@@ -47,12 +47,10 @@ impl Dest {
     /// `migrate-recover`: the source will come back on `uri`. The old listener stays if the
     /// new one cannot be bound, and the VMM is told where umemd listens either way.
     fn listen_instead(&mut self, uri: &str) {
-        let exposed = crate::auth::check_exposure(
-            uri,
-            self.gate.authenticates(),
-            self.insecure,
-            crate::auth::Side::Listen,
-        );
+        let exposed = self
+            .gate
+            .trust()
+            .check_exposure(uri, crate::auth::Side::Listen);
         let bound = exposed
             .map_err(DestError::from)
             .and_then(|()| PeerListener::bind(uri).map_err(DestError::from))

@@ -33,12 +33,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use proto::auth::Secret;
 use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::PeerMessage;
 use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 
-use crate::auth::{self, AuthError, Side};
+use crate::auth::{PeerTrust, Side};
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
 use crate::phase::Transitions;
@@ -114,14 +113,9 @@ pub struct Source {
     lost_link: Option<SourceError>,
     /// `migrate-pause`: no reconnection before `migrate-resume`.
     paused_by_request: bool,
-    /// Every connection to the destination proves it knows this, and checks that the
-    /// destination does.
-    secret: Option<Secret>,
-    /// The operator allowed a non-loopback address without a secret.
-    insecure: bool,
-    /// Every TCP connection runs TLS with this configuration (the CA and this host's client
-    /// certificate).
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// How every connection to the destination authenticates: the secret both sides prove
+    /// they know, and TLS with the CA and this host's client certificate.
+    trust: PeerTrust<rustls::ClientConfig>,
 }
 
 /// The migration streams towards the destination.
@@ -150,15 +144,11 @@ impl Source {
             phase: SourcePhase::Setup,
             cause,
         };
-        let secret = auth::session_secret(&auth);
-        let tls =
-            match tls::session_creds(auth.tls_creds.as_deref()).map(|d| tls::client_config(&d)) {
-                None => None,
-                Some(Ok(c)) => Some(c),
-                Some(Err(e)) => return Err((vmm, setup(AuthError::from(e).into()))),
-            };
-        let authenticated = secret.is_some() || tls.is_some();
-        if let Err(e) = auth::check_exposure(&uri, authenticated, auth.insecure, Side::Connect) {
+        let trust = match PeerTrust::resolve(&auth, tls::client_config) {
+            Ok(t) => t,
+            Err(e) => return Err((vmm, setup(e.into()))),
+        };
+        if let Err(e) = trust.check_exposure(&uri, Side::Connect) {
             return Err((vmm, setup(e.into())));
         }
         let mem = match GuestMapping::new(memfd, blocks) {
@@ -210,9 +200,7 @@ impl Source {
             switching_to_postcopy: false,
             lost_link: None,
             paused_by_request: false,
-            secret,
-            insecure: auth.insecure,
-            tls,
+            trust,
         })
     }
 

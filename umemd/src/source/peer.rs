@@ -24,7 +24,7 @@ impl Source {
             .set_link_timeout(self.link_timeout())
             .map_err(SourceError::Peer)?;
         let deadline = Instant::now() + self.link_timeout();
-        let mut stream = match &self.tls {
+        let mut stream = match &self.trust.tls {
             Some(config) => {
                 // Only a TCP connection is upgraded: `unix:` stays plain.
                 let s = stream
@@ -40,7 +40,7 @@ impl Source {
             }
             None => stream,
         };
-        auth::authenticate_to_destination(&mut stream, self.secret.as_ref(), deadline)?;
+        auth::authenticate_to_destination(&mut stream, self.trust.secret.as_ref(), deadline)?;
         Ok(stream)
     }
 

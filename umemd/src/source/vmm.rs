@@ -62,12 +62,7 @@ impl Source {
                 Ok(())
             }
             LocalMessage::Resume { uri } if self.phase.is_committed() => {
-                if let Err(e) = crate::auth::check_exposure(
-                    &uri,
-                    self.secret.is_some() || self.tls.is_some(),
-                    self.insecure,
-                    crate::auth::Side::Connect,
-                ) {
+                if let Err(e) = self.trust.check_exposure(&uri, crate::auth::Side::Connect) {
                     warn!("{}: migrate-resume refused: {e}", self.vm);
                     return Ok(());
                 }
