@@ -8,9 +8,7 @@ use proto::local::LocalMessage;
 use proto::peer::PeerMessage;
 use proto::DecodeError;
 
-use super::peer::error_class;
-use crate::alloc::{decode_bound, measure};
-use crate::engine::{signature, Target};
+use crate::engine::Target;
 use crate::generate;
 
 /// The local connection's decoder.
@@ -58,19 +56,7 @@ impl Target for LocalDecode {
 }
 
 fn check(prefix: FramePrefix, body: &[u8], outcomes: &mut Vec<u64>) -> Result<(), String> {
-    let (decoded, allocated) = measure(|| LocalMessage::decode(prefix.kind, body));
-    if allocated > decode_bound(body.len()) {
-        return Err(format!(
-            "local decode allocated: {allocated} bytes for kind {:#04x} of {} bytes",
-            prefix.kind,
-            body.len()
-        ));
-    }
-    outcomes.push(signature((
-        "local",
-        prefix.kind,
-        decoded.as_ref().err().map(error_class),
-    )));
+    let decoded = super::decode_measured("local", prefix, body, outcomes, LocalMessage::decode)?;
     let Ok(m) = decoded else { return Ok(()) };
     match PeerMessage::decode(prefix.kind, body) {
         Err(DecodeError::UnknownKind(_)) => {}

@@ -42,3 +42,28 @@ pub(crate) fn each_frame(
     }
     Ok(())
 }
+
+/// Decodes `body` with `decode`, failing when the decoder allocates more than its bound, and
+/// records the outcome under `what` ("peer", "local").
+pub(crate) fn decode_measured<M>(
+    what: &str,
+    prefix: proto::FramePrefix,
+    body: &[u8],
+    outcomes: &mut Vec<u64>,
+    decode: impl FnOnce(u8, &[u8]) -> Result<M, proto::DecodeError>,
+) -> Result<Result<M, proto::DecodeError>, String> {
+    let (decoded, allocated) = crate::alloc::measure(|| decode(prefix.kind, body));
+    if allocated > crate::alloc::decode_bound(body.len()) {
+        return Err(format!(
+            "{what} decode allocated: {allocated} bytes for kind {:#04x} of {} bytes",
+            prefix.kind,
+            body.len()
+        ));
+    }
+    outcomes.push(crate::engine::signature((
+        what,
+        prefix.kind,
+        decoded.as_ref().err().map(peer::error_class),
+    )));
+    Ok(decoded)
+}

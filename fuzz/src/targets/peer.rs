@@ -9,8 +9,7 @@ use proto::local::LocalMessage;
 use proto::peer::{kind, PageRun, PeerMessage, RUN_HEADER_LEN};
 use proto::DecodeError;
 
-use crate::alloc::{decode_bound, measure};
-use crate::engine::{signature, Target};
+use crate::engine::Target;
 use crate::generate::{self, encode_peer};
 
 /// The peer stream's decoders.
@@ -68,19 +67,7 @@ impl Target for PeerDecode {
 }
 
 fn check(prefix: FramePrefix, body: &[u8], outcomes: &mut Vec<u64>) -> Result<(), String> {
-    let (decoded, allocated) = measure(|| PeerMessage::decode(prefix.kind, body));
-    if allocated > decode_bound(body.len()) {
-        return Err(format!(
-            "peer decode allocated: {allocated} bytes for kind {:#04x} of {} bytes",
-            prefix.kind,
-            body.len()
-        ));
-    }
-    outcomes.push(signature((
-        "peer",
-        prefix.kind,
-        decoded.as_ref().err().map(error_class),
-    )));
+    let decoded = super::decode_measured("peer", prefix, body, outcomes, PeerMessage::decode)?;
 
     if prefix.kind == kind::PAGES {
         let header = body.first_chunk::<RUN_HEADER_LEN>();
