@@ -12,7 +12,7 @@ use proto::peer::{PeerMessage, VERSION};
 use serde_json::json;
 use umem_testkit::pair::{
     assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, memtouch_source,
-    MEMTOUCH_PAGES,
+    migrate_and_run_on, MEMTOUCH_PAGES,
 };
 use umem_testkit::peer::RawSource;
 use umem_testkit::proxy::FaultProxy;
@@ -28,14 +28,6 @@ fn destination(t: &TestEnv, du: &Umemd, key: &PathBuf) -> Vmm {
         .arg("--incoming-secret-file")
         .arg(key)
         .start()
-}
-
-/// Migrates `src` to `dst` at `uri` with `args`, and checks the guest runs on there.
-fn migrate_and_run_on(src: &mut Vmm, dst: &mut Vmm, uri: &str, args: serde_json::Value) {
-    src.migrate(uri, args).expect("migrate");
-    assert_completed("source", &src.wait_migration(secs(120)));
-    dst.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(src, dst, 2, secs(60));
 }
 
 #[test]

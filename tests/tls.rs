@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use umem_testkit::pair::{
     assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, memtouch_source,
-    MEMTOUCH_PAGES,
+    migrate_and_run_on, MEMTOUCH_PAGES,
 };
 use umem_testkit::proxy::FaultProxy;
 use umem_testkit::tls::make_creds;
@@ -204,11 +204,8 @@ fn a_client_certificate_of_another_ca_is_refused_and_the_destination_keeps_liste
     assert_still_waiting(&dst, 2, &before);
 
     // The real source then migrates.
-    src.migrate(&uri, json!({"mode": "postcopy", "tls_creds": arg(&ours)}))
-        .expect("migrate");
-    assert_completed("source", &src.wait_migration(secs(120)));
-    dst.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(&src, &mut dst, 2, secs(60));
+    let args = json!({"mode": "postcopy", "tls_creds": arg(&ours)});
+    migrate_and_run_on(&mut src, &mut dst, &uri, args);
 }
 
 #[test]
@@ -243,10 +240,7 @@ fn a_plain_source_at_a_tls_destination_and_the_reverse_fail_clearly() {
     eprintln!("a TLS source at a plain destination: {e}");
     assert_still_waiting(&plain, 1, &before);
     // Both plain: it migrates.
-    src.migrate(&uri, json!({})).expect("migrate");
-    assert_completed("source", &src.wait_migration(secs(120)));
-    plain.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(&src, &mut plain, 2, secs(60));
+    migrate_and_run_on(&mut src, &mut plain, &uri, json!({}));
 }
 
 #[test]
@@ -308,9 +302,6 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
         .incoming(&format!("unix:{}", sock.display()))
         .start();
     let mut src2 = memtouch_source(&t, &su, "src2", "128M");
-    src2.migrate(&local.listen_uri(), json!({"mode": "postcopy"}))
-        .expect("migrate");
-    assert_completed("source", &src2.wait_migration(secs(120)));
-    local.wait_phase(secs(60), &["completed"]);
-    assert_guest_runs_on(&src2, &mut local, 2, secs(60));
+    let uri = local.listen_uri();
+    migrate_and_run_on(&mut src2, &mut local, &uri, json!({"mode": "postcopy"}));
 }

@@ -290,6 +290,15 @@ pub fn assert_guest_continues(src: &Vmm, dst: &mut Vmm, more: u64, timeout: Dura
     assert_eq!(src.status(), "postmigrate");
 }
 
+/// Migrates `src` to `dst`, listening at `uri`, with `args`; asserts both sides complete and
+/// the guest runs on at the destination.
+pub fn migrate_and_run_on(src: &mut Vmm, dst: &mut Vmm, uri: &str, args: Value) {
+    src.migrate(uri, args).expect("migrate");
+    assert_completed("source", &src.wait_migration(secs(120)));
+    dst.wait_phase(secs(60), &["completed"]);
+    assert_guest_runs_on(src, dst, 2, secs(60));
+}
+
 /// Asserts that all of guest RAM is the same on both sides; returns the source's digest.
 pub fn assert_same_ram(src: &Vmm, dst: &Vmm) -> Vec<(String, String)> {
     let digest = src.digest();
