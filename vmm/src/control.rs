@@ -312,21 +312,38 @@ pub fn peer_auth(args: &Value) -> Result<PeerAuth, String> {
                 .ok_or(format!("\"{key}\" must be a string")),
         }
     };
-    let secret = match (text("secret")?, text("secret_file")?) {
-        (Some(_), Some(_)) => return Err("give \"secret\" or \"secret_file\", not both".into()),
-        (Some(s), None) => Some(Secret::new(s.as_bytes().to_vec()).map_err(|e| e.to_string())?),
-        (None, Some(f)) => {
-            Some(Secret::from_file(std::path::Path::new(f)).map_err(|e| e.to_string())?)
-        }
-        (None, None) => None,
-    };
+    if text("secret")?.is_some() && text("secret_file")?.is_some() {
+        return Err("give \"secret\" or \"secret_file\", not both".into());
+    }
     let insecure = match args.get("insecure") {
         None => false,
         Some(v) => v
             .as_bool()
             .ok_or("\"insecure\" must be true or false".to_string())?,
     };
-    let tls_creds = match text("tls_creds")? {
+    build_peer_auth(
+        text("secret")?,
+        text("secret_file")?.map(std::path::Path::new),
+        text("tls_creds")?,
+        insecure,
+    )
+}
+
+/// The [`PeerAuth`] of a migration, from the control API's arguments or the command line:
+/// the secret (its text, or a file only its owner can read), the TLS credentials directory
+/// (made absolute), and `insecure`.
+pub fn build_peer_auth(
+    secret: Option<&str>,
+    secret_file: Option<&std::path::Path>,
+    tls_creds: Option<&str>,
+    insecure: bool,
+) -> Result<PeerAuth, String> {
+    let secret = match (secret, secret_file) {
+        (Some(s), _) => Some(Secret::new(s.as_bytes().to_vec()).map_err(|e| e.to_string())?),
+        (None, Some(f)) => Some(Secret::from_file(f).map_err(|e| e.to_string())?),
+        (None, None) => None,
+    };
+    let tls_creds = match tls_creds {
         Some("") => return Err("\"tls_creds\" must name a directory".into()),
         Some(dir) => Some(absolute(dir)?),
         None => None,

@@ -5,8 +5,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 use log::info;
-use proto::auth::Secret;
-use proto::local::PeerAuth;
 use proto::peercred::{self, AllowList};
 use vmm::devices::SerialOut;
 use vmm::machine::{Machine, Status};
@@ -176,22 +174,17 @@ fn run(args: Args) -> Result<(), String> {
     if args.incoming.as_deref() == Some("defer") {
         machine.state().deferred_incoming = Some(!args.paused);
     } else if let Some(uri) = args.incoming.clone() {
-        let auth = PeerAuth {
-            secret: match &args.incoming_secret_file {
-                Some(f) => Some(Secret::from_file(f).map_err(|e| e.to_string())?),
-                None => None,
-            },
-            insecure: args.incoming_insecure,
-            tls_creds: match &args.incoming_tls_creds {
-                Some(d) => Some(
-                    std::path::absolute(d)
-                        .map_err(|e| format!("--incoming-tls-creds {}: {e}", d.display()))?
-                        .display()
-                        .to_string(),
-                ),
-                None => None,
-            },
-        };
+        let tls_creds = args
+            .incoming_tls_creds
+            .as_ref()
+            .map(|d| d.display().to_string());
+        let auth = control::build_peer_auth(
+            None,
+            args.incoming_secret_file.as_deref(),
+            tls_creds.as_deref(),
+            args.incoming_insecure,
+        )
+        .map_err(|e| format!("incoming migration: {e}"))?;
         migration::start_incoming(&machine, uri, auth, !args.paused).map_err(|e| e.to_string())?;
     } else if status == Status::Running {
         machine.vm.resume();
