@@ -130,7 +130,7 @@ fn a_postcopy_link_cut_and_restored_recovers_over_tls() {
     let last = src.last_pass().map_or(0, |p| p.pass);
     dst.wait_pass(secs(60), last + 1);
 
-    // A silent link is noticed within the link timeout on both sides, through the pumps.
+    // A silent link is noticed within the link timeout on both sides, through TLS.
     proxy.stall();
     let t0 = Instant::now();
     wait_until(secs(30), "both sides to pause", || {

@@ -9,7 +9,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::tls::{TlsError, TlsStream};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vm_memory::VolatileSlice;
+
+use crate::tls::{Plain, TlsError, TlsStream};
 
 /// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
 /// requested page that the background had already claimed waits behind what is queued there,
@@ -104,7 +107,7 @@ pub enum PeerStream {
     Tcp(TcpStream),
     /// Within a host.
     Unix(UnixStream),
-    /// Between hosts, encrypted: umemd reads and writes a Unix socket that a pump serves.
+    /// Between hosts, encrypted: records sealed and opened by the threads that use it.
     Tls(TlsStream),
 }
 
@@ -173,7 +176,7 @@ impl PeerStream {
         }
     }
 
-    /// Turns a TCP connection into a TLS one (the handshake and its pump are the caller's);
+    /// Turns a TCP connection into a TLS one (the handshake is the caller's);
     /// any other connection is handed back.
     pub fn upgrade(
         self,
@@ -189,23 +192,23 @@ impl PeerStream {
         }
     }
 
-    /// Caps the bytes written and not yet on their way (`SO_SNDBUF`; with TLS, also those the
-    /// pump has not taken).
+    /// Caps the bytes written and not yet on their way (`SO_SNDBUF`).
     pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
         match self {
             PeerStream::Tls(s) => s.set_send_buffer(bytes),
-            other => setsockopt(other, sockopt::SndBuf, &bytes).map_err(io::Error::from),
+            PeerStream::Tcp(t) => setsockopt(t, sockopt::SndBuf, &bytes).map_err(io::Error::from),
+            PeerStream::Unix(u) => setsockopt(u, sockopt::SndBuf, &bytes).map_err(io::Error::from),
         }
     }
 
-    /// Caps the bytes received and not yet read (`SO_RCVBUF`; with TLS, also those the pump
-    /// has decrypted ahead).
+    /// Caps the bytes received and not yet read (`SO_RCVBUF`).
     pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
         match self {
             PeerStream::Tls(s) => s.set_recv_buffer(bytes),
-            other => setsockopt(other, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
+            PeerStream::Tcp(t) => setsockopt(t, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
+            PeerStream::Unix(u) => setsockopt(u, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
         }
     }
 
@@ -213,7 +216,6 @@ impl PeerStream {
     /// for that long fails (`SO_SNDTIMEO`, and on TCP `TCP_USER_TIMEOUT` for data the peer never
     /// acknowledges), and TCP keepalive probes an idle connection. Reads are bounded by the
     /// callers, who know when silence is normal.
-    /// With TLS the pump fails as soon as the TCP connection does, and closes umemd's end.
     pub fn set_link_timeout(&self, timeout: Duration) -> io::Result<()> {
         match self {
             PeerStream::Tcp(s) => {
@@ -221,7 +223,7 @@ impl PeerStream {
                 tcp_link_timeout(s, timeout)
             }
             PeerStream::Tls(s) => {
-                s.local.set_write_timeout(Some(timeout))?;
+                s.tcp.set_write_timeout(Some(timeout))?;
                 tcp_link_timeout(&s.tcp, timeout)
             }
             PeerStream::Unix(s) => s.set_write_timeout(Some(timeout)),
@@ -237,13 +239,13 @@ impl PeerStream {
         })
     }
 
-    /// Shuts the connection down in one or both directions. With TLS the pump still sends
-    /// what was written before, then `close_notify`, and closes the TCP connection.
+    /// Shuts the connection down in one or both directions. With TLS, shutting down writing
+    /// sends `close_notify` after what was written before.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             PeerStream::Tcp(s) => s.shutdown(how),
             PeerStream::Unix(s) => s.shutdown(how),
-            PeerStream::Tls(s) => s.local.shutdown(how),
+            PeerStream::Tls(s) => s.shutdown(how),
         }
     }
 
@@ -252,7 +254,7 @@ impl PeerStream {
         match self {
             PeerStream::Tcp(s) => s.set_read_timeout(t),
             PeerStream::Unix(s) => s.set_read_timeout(t),
-            PeerStream::Tls(s) => s.local.set_read_timeout(t),
+            PeerStream::Tls(s) => s.tcp.set_read_timeout(t),
         }
     }
 
@@ -261,7 +263,7 @@ impl PeerStream {
         match self {
             PeerStream::Tcp(s) => s.set_write_timeout(t),
             PeerStream::Unix(s) => s.set_write_timeout(t),
-            PeerStream::Tls(s) => s.local.set_write_timeout(t),
+            PeerStream::Tls(s) => s.tcp.set_write_timeout(t),
         }
     }
 }
@@ -271,7 +273,7 @@ impl Read for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.read(buf),
             PeerStream::Unix(s) => s.read(buf),
-            PeerStream::Tls(s) => s.local.read(buf),
+            PeerStream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -281,7 +283,7 @@ impl Write for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.write(buf),
             PeerStream::Unix(s) => s.write(buf),
-            PeerStream::Tls(s) => s.local.write(buf),
+            PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(buf)]).map(|()| buf.len()),
         }
     }
 
@@ -289,7 +291,11 @@ impl Write for PeerStream {
         match self {
             PeerStream::Tcp(s) => s.write_vectored(bufs),
             PeerStream::Unix(s) => s.write_vectored(bufs),
-            PeerStream::Tls(s) => s.local.write_vectored(bufs),
+            PeerStream::Tls(s) => {
+                let pieces: Vec<Plain<'_>> = bufs.iter().map(|b| Plain::Bytes(b)).collect();
+                s.write_all(&pieces)?;
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
         }
     }
 
@@ -298,12 +304,33 @@ impl Write for PeerStream {
     }
 }
 
-impl AsFd for PeerStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
+impl PeerStream {
+    /// Writes `head` then `data` (guest RAM) as one piece of the stream, so that a frame's
+    /// header and its pages leave together: one `writev` per call on a plain socket, sealed
+    /// into records straight from guest RAM with TLS.
+    pub fn write_all_guest(&mut self, head: &[u8], data: &VolatileSlice<'_>) -> io::Result<()> {
         match self {
+            PeerStream::Tcp(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
+            PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
+            PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(data)]),
+        }
+    }
+
+    /// Waits up to `timeout` for something to read (or the end of the stream): true if there
+    /// is. With TLS, plaintext already decrypted counts, which the socket cannot tell.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let fd = match self {
             PeerStream::Tcp(s) => s.as_fd(),
             PeerStream::Unix(s) => s.as_fd(),
-            PeerStream::Tls(s) => s.local.as_fd(),
+            PeerStream::Tls(s) if s.readable_now() => return Ok(true),
+            PeerStream::Tls(s) => s.tcp.as_fd(),
+        };
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 }

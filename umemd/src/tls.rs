@@ -2,14 +2,11 @@
 //! destination requires a client certificate signed by the CA, the source checks the
 //! destination's certificate against the CA and the host of its `tcp:HOST:PORT` address.
 //!
-//! The rest of umemd treats a connection as a plain socket: it clones it for a reader and a
-//! writer thread, sets socket timeouts, shuts it down, and writes guest pages with `writev` on
-//! its descriptor. Kernel TLS would keep all of that working but is not available everywhere,
-//! so each TLS connection gets a *pump*: once the handshake is over, umemd holds one end of a
-//! Unix socket pair ([`TlsStream`]), and a thread of the connection's own moves bytes between
-//! the other end and the TCP socket, encrypting what umemd writes and decrypting what arrives.
-//! A closed, reset or timed-out TCP connection closes umemd's end; umemd closing or shutting
-//! down its end ends the TLS session (`close_notify`) and the TCP connection.
+//! rustls runs the handshake (its unbuffered API, so that the bytes that follow the handshake
+//! stay in umemd's hands) and hands over the traffic keys; from then on the threads that read
+//! and write a connection seal and open its records themselves ([`records`]), each direction
+//! under its own lock. The rest of umemd keeps treating a connection as a socket it can clone
+//! for a reader and a writer thread, time out, and shut down.
 //!
 //! `unix:` addresses stay plain: both ends are on one host, guarded by file permissions.
 //!
@@ -17,23 +14,28 @@
 //! `server-cert.pem` and `server-key.pem` (destination), `client-cert.pem` and
 //! `client-key.pem` (source).
 
-use std::io::{self, BufRead, Read, Write};
+mod records;
+
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::warn;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::peer::PeerMessage;
-use rustls::client::Resumption;
+use rustls::client::{Resumption, UnbufferedClientConnection};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, ClientConnection, Connection, RootCertStore, ServerConfig};
+use rustls::server::{UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+pub(crate) use records::Plain;
+use records::{NextKeys, Opened, Opener, Sealer};
 
 use crate::stream::Endpoint;
 
@@ -47,15 +49,6 @@ pub const SERVER_KEY: &str = "server-key.pem";
 pub const CLIENT_CERT: &str = "client-cert.pem";
 /// The source's private key.
 pub const CLIENT_KEY: &str = "client-key.pem";
-
-/// Socket buffers of the pair between umemd and a pump, both ways: deep enough that the pump
-/// never waits for umemd nor umemd for the pump while pages stream.
-const PAIR_BUFFER: usize = 4 << 20;
-/// Bytes moved per read, each way.
-const CHUNK: usize = 64 << 10;
-/// How long a pump whose umemd end is gone still tries to deliver what umemd wrote last (an
-/// error message, say) before it drops the connection.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// Why TLS credentials cannot be used, or a TLS connection did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -120,9 +113,6 @@ pub enum TlsError {
     /// The source did not start a TLS handshake.
     #[error("this destination requires TLS (it has TLS credentials) and the peer does not use it")]
     PlainPeer,
-    /// The socket pair or the pump thread could not be made.
-    #[error("starting the TLS pump: {0}")]
-    Pump(#[source] io::Error),
 }
 
 /// The credentials directory every session uses when its VMM gave none (`umemd --tls-creds`).
@@ -195,8 +185,13 @@ fn roots(dir: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// ring, with AES-128-GCM first: the cheapest of the TLS 1.3 suites per byte where the CPU
+/// has AES instructions, and as strong as the link needs.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 fn config_error(dir: &Path, err: impl std::fmt::Display) -> TlsError {
@@ -218,6 +213,8 @@ pub fn client_config(dir: &Path) -> Result<Arc<ClientConfig>, TlsError> {
         .map_err(|e| config_error(dir, e))?;
     // Every connection proves its certificates anew: connections are few and long-lived.
     c.resumption = Resumption::disabled();
+    // The record layer is umemd's own once the handshake is done (see `records`).
+    c.enable_secret_extraction = true;
     Ok(Arc::new(c))
 }
 
@@ -235,6 +232,7 @@ pub fn server_config(dir: &Path) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certs, key)
         .map_err(|e| config_error(dir, e))?;
     c.send_tls13_tickets = 0;
+    c.enable_secret_extraction = true;
     Ok(Arc::new(c))
 }
 
@@ -250,107 +248,175 @@ pub fn server_name(uri: &str) -> Result<ServerName<'static>, TlsError> {
         .ok_or_else(|| TlsError::ServerName(uri.to_string()))
 }
 
-/// One end of a TLS connection as umemd uses it: a Unix socket whose other end the pump
-/// serves, and the TCP socket beneath, for its options.
+/// One end of a TLS connection as umemd uses it: the TCP socket, and the record layer of each
+/// direction ([`records`]), shared by every handle [`TlsStream::try_clone`] makes.
 #[derive(Debug)]
 pub struct TlsStream {
-    /// umemd's end of the pair.
-    pub(crate) local: UnixStream,
-    /// The pump's end (owned by the pump; here for its buffer size).
-    pump_end: Arc<UnixStream>,
-    /// The TCP connection (owned by the pump; here for its options).
-    pub(crate) tcp: Arc<TcpStream>,
+    /// This handle's TCP socket (its options, and the bytes of records).
+    pub(crate) tcp: TcpStream,
+    link: Arc<TlsLink>,
+}
+
+/// The state of a TLS connection that its handles share. Each direction has its own lock;
+/// `keys` is taken only for a key update, inside either.
+struct TlsLink {
+    tx: Mutex<Sealer>,
+    rx: Mutex<Opener>,
+    keys: Mutex<Box<dyn NextKeys>>,
+}
+
+impl std::fmt::Debug for TlsLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsLink")
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl TlsStream {
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(TlsStream {
-            local: self.local.try_clone()?,
-            pump_end: self.pump_end.clone(),
-            tcp: self.tcp.clone(),
+            tcp: self.tcp.try_clone()?,
+            link: self.link.clone(),
         })
     }
 
-    /// Bytes umemd may have written that the pump has not taken: its end's send buffer, and the
-    /// TCP send buffer beneath.
-    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
-        use nix::sys::socket::{setsockopt, sockopt};
-        setsockopt(&self.local, sockopt::SndBuf, &bytes)
-            .and_then(|()| setsockopt(&*self.tcp, sockopt::SndBuf, &bytes))
-            .map_err(io::Error::from)
+    /// Reads plaintext; `Ok(0)` is the end of the stream. The socket's read timeout applies.
+    pub(crate) fn read(&self, out: &mut [u8]) -> io::Result<usize> {
+        let mut opened = Opened::default();
+        let r = {
+            let mut rx = lock(&self.link.rx);
+            let keys = &self.link.keys;
+            rx.read(&self.tcp, out, &mut || lock(keys).next_rx(), &mut opened)
+        };
+        if opened.update_requested {
+            lock(&self.link.tx).update_requested = true;
+        }
+        r
     }
 
-    /// Bytes that may wait for umemd to read them: the TCP receive buffer, and what the pump
-    /// may have decrypted ahead (its end's send buffer).
+    /// Sends `pieces` as one run of bytes: umemd's own, and guest RAM. A failure part way
+    /// leaves the stream unusable for writing (the peer may hold part of a record).
+    pub(crate) fn write_all(&self, pieces: &[Plain<'_>]) -> io::Result<()> {
+        let mut tx = lock(&self.link.tx);
+        let keys = &self.link.keys;
+        tx.write_all(&self.tcp, pieces, &mut || lock(keys).next_tx())
+    }
+
+    /// Makes each direction replace its key after `records` records (tests of key updates).
+    #[cfg(test)]
+    fn rekey_after(&self, records: u64) {
+        lock(&self.link.tx).rekey_after(records);
+    }
+
+    /// Whether a read would find plaintext (or the stream's end) without waiting.
+    pub fn readable_now(&self) -> bool {
+        lock(&self.link.rx).ready()
+    }
+
+    /// Shuts the connection down: writing ends with `close_notify`, so the peer reads the end
+    /// of the stream after everything written before.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            // A writer blocked on a dead link holds the lock: do not wait for it.
+            if let Ok(mut tx) = self.link.tx.try_lock() {
+                let _ = tx.close(&self.tcp);
+            }
+        }
+        self.tcp.shutdown(how)
+    }
+
+    /// Bytes written and not yet on their way: the TCP send buffer.
+    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&self.tcp, sockopt::SndBuf, &bytes).map_err(io::Error::from)
+    }
+
+    /// Bytes that may wait for umemd to read them: the TCP receive buffer (and at most one
+    /// read buffer of records beside it).
     pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
-        setsockopt(&*self.pump_end, sockopt::SndBuf, &bytes)
-            .and_then(|()| setsockopt(&*self.tcp, sockopt::RcvBuf, &bytes))
-            .map_err(io::Error::from)
+        setsockopt(&self.tcp, sockopt::RcvBuf, &bytes).map_err(io::Error::from)
     }
 }
 
 /// Source side: runs the TLS handshake on `tcp` before `deadline`, checking the destination's
-/// certificate against `name`, and starts the pump.
+/// certificate against `name`.
 pub fn connect(
     tcp: TcpStream,
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
     deadline: Instant,
 ) -> Result<TlsStream, TlsError> {
-    let conn = ClientConnection::new(config, name).map_err(TlsError::Handshake)?;
-    start(tcp, Connection::Client(conn), deadline)
+    let mut conn = UnbufferedClientConnection::new(config, name).map_err(TlsError::Handshake)?;
+    tcp.set_nonblocking(true).map_err(TlsError::Io)?;
+    let early = handshake(&mut conn, &tcp, deadline, Side::Client)?;
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(TlsError::Handshake)?;
+    established(tcp, secrets, Box::new(kernel), &early, "the destination")
 }
 
 /// Destination side: runs the TLS handshake on an accepted `tcp` before `deadline`, requiring a
-/// client certificate of the CA, and starts the pump. A peer that speaks no TLS is told so in
-/// plain umem protocol, which is what it understands.
+/// client certificate of the CA. A peer that speaks no TLS is told so in plain umem protocol,
+/// which is what it understands.
 pub fn accept(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
     deadline: Instant,
 ) -> Result<TlsStream, TlsError> {
-    let conn = rustls::ServerConnection::new(config).map_err(TlsError::Handshake)?;
-    let told = tcp.try_clone();
-    match start(tcp, Connection::Server(conn), deadline) {
+    let mut conn = UnbufferedServerConnection::new(config).map_err(TlsError::Handshake)?;
+    tcp.set_nonblocking(true).map_err(TlsError::Io)?;
+    let early = match handshake(&mut conn, &tcp, deadline, Side::Server) {
+        Ok(early) => early,
         Err(e @ TlsError::PlainPeer) => {
-            if let Ok(mut t) = told {
-                let _ = t.set_nonblocking(false);
-                let _ = t.set_write_timeout(Some(Duration::from_millis(200)));
-                let mut buf = Vec::new();
-                PeerMessage::Error(e.to_string()).encode(&mut buf);
-                let _ = t.write_all(&buf);
-            }
-            Err(e)
+            let _ = tcp.set_nonblocking(false);
+            let _ = tcp.set_write_timeout(Some(Duration::from_millis(200)));
+            let mut buf = Vec::new();
+            PeerMessage::Error(e.to_string()).encode(&mut buf);
+            let _ = (&tcp).write_all(&buf);
+            return Err(e);
         }
-        other => other,
-    }
+        Err(e) => return Err(e),
+    };
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(TlsError::Handshake)?;
+    established(tcp, secrets, Box::new(kernel), &early, "the source")
 }
 
-fn start(tcp: TcpStream, mut conn: Connection, deadline: Instant) -> Result<TlsStream, TlsError> {
-    tcp.set_nonblocking(true).map_err(TlsError::Io)?;
-    let early = handshake(&mut conn, &tcp, deadline)?;
-    let (local, pump_end) = UnixStream::pair().map_err(TlsError::Pump)?;
-    for s in [&local, &pump_end] {
-        use nix::sys::socket::{setsockopt, sockopt};
-        // Best effort: the system's maximum may be lower.
-        let _ = setsockopt(s, sockopt::SndBuf, &PAIR_BUFFER);
-        let _ = setsockopt(s, sockopt::RcvBuf, &PAIR_BUFFER);
-    }
-    pump_end.set_nonblocking(true).map_err(TlsError::Pump)?;
-    let tcp = Arc::new(tcp);
-    let pump_end = Arc::new(pump_end);
-    let mut pump = Pump::new(conn, tcp.clone(), pump_end.clone(), early);
-    std::thread::Builder::new()
-        .name("tls-pump".into())
-        .spawn(move || pump.run())
-        .map_err(TlsError::Pump)?;
+/// The record layer over `tcp` once the handshake is done; `early` holds what arrived after it.
+fn established(
+    tcp: TcpStream,
+    secrets: rustls::ExtractedSecrets,
+    keys: Box<dyn NextKeys>,
+    early: &Early,
+    peer: &'static str,
+) -> Result<TlsStream, TlsError> {
+    tcp.set_nonblocking(false).map_err(TlsError::Io)?;
+    let (tx_seq, tx) = secrets.tx;
+    let (rx_seq, rx) = secrets.rx;
+    let link = TlsLink {
+        tx: Mutex::new(Sealer::new(tx_seq, tx).map_err(TlsError::Io)?),
+        rx: Mutex::new(
+            Opener::new(rx_seq, rx, &early.plain, &early.records, peer).map_err(TlsError::Io)?,
+        ),
+        keys: Mutex::new(keys),
+    };
     Ok(TlsStream {
-        local,
-        pump_end,
         tcp,
+        link: Arc::new(link),
     })
+}
+
+/// Which end of the handshake this is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
 }
 
 /// Whether `b` can start a TLS record (change_cipher_spec, alert, handshake, application data).
@@ -372,11 +438,12 @@ fn wait(fd: &impl AsFd, events: PollFlags, deadline: Instant) -> Result<(), TlsE
     }
 }
 
-/// Writes everything rustls has queued, before `deadline`.
-fn flush_tls(conn: &mut Connection, tcp: &TcpStream, deadline: Instant) -> Result<(), TlsError> {
-    while conn.wants_write() {
-        match conn.write_tls(&mut &*tcp) {
-            Ok(_) => {}
+/// Writes all of `data` to the non-blocking `tcp` before `deadline`.
+fn send_by(tcp: &TcpStream, mut data: &[u8], deadline: Instant) -> Result<(), TlsError> {
+    while !data.is_empty() {
+        match (&*tcp).write(data) {
+            Ok(0) => return Err(TlsError::Closed),
+            Ok(n) => data = &data[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 wait(tcp, PollFlags::POLLOUT, deadline)?
             }
@@ -387,25 +454,157 @@ fn flush_tls(conn: &mut Connection, tcp: &TcpStream, deadline: Instant) -> Resul
     Ok(())
 }
 
-/// Runs the handshake on the non-blocking `tcp`, all of it before `deadline`. Returns the
-/// application data that came in the same reads as the handshake's end.
-fn handshake(
-    conn: &mut Connection,
+/// rustls's unbuffered connection of either role, as the handshake loop drives it.
+trait Handshake {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn is_handshaking(&self) -> bool;
+}
+
+impl Handshake for UnbufferedClientConnection {
+    type Data = rustls::client::ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn is_handshaking(&self) -> bool {
+        (**self).is_handshaking()
+    }
+}
+
+impl Handshake for UnbufferedServerConnection {
+    type Data = rustls::server::ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn is_handshaking(&self) -> bool {
+        (**self).is_handshaking()
+    }
+}
+
+/// What arrived after the handshake, in the same reads: plaintext rustls decrypted, then
+/// records it left alone.
+struct Early {
+    plain: Vec<u8>,
+    records: Vec<u8>,
+}
+
+/// What the handshake loop does after rustls looked at the bytes it has.
+enum Step {
+    /// Send what was encoded.
+    Send,
+    /// Read more from the peer.
+    Read,
+    /// The handshake is over.
+    Done,
+}
+
+/// Runs the handshake with rustls's unbuffered API on the non-blocking `tcp`, all of it
+/// before `deadline`. The bytes read stay in a buffer of ours, so whatever followed the
+/// handshake (the peer's first records) is returned, for the record layer.
+fn handshake<C: Handshake>(
+    conn: &mut C,
     tcp: &TcpStream,
     deadline: Instant,
-) -> Result<Vec<u8>, TlsError> {
-    let mut buf = vec![0u8; 16 << 10];
+    side: Side,
+) -> Result<Early, TlsError> {
+    let mut incoming = vec![0u8; 32 << 10];
+    let mut used = 0;
+    let mut outgoing = vec![0u8; 16 << 10];
+    let mut queued = 0;
     // The peer's first bytes, to tell a peer that speaks no TLS.
     let mut first = Vec::new();
+    // Plaintext that came with the handshake's end, and bytes of it to drop from `incoming`.
     let mut early = Vec::new();
+    let mut extra = 0;
     loop {
-        flush_tls(conn, tcp, deadline)?;
-        if !conn.is_handshaking() {
-            return Ok(early);
+        let UnbufferedStatus { discard, state } = conn.process(&mut incoming[..used]);
+        let step = match state {
+            Ok(ConnectionState::EncodeTlsData(mut s)) => loop {
+                match s.encode(&mut outgoing[queued..]) {
+                    Ok(n) => {
+                        queued += n;
+                        break Step::Read;
+                    }
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        outgoing.resize(queued + required_size, 0)
+                    }
+                    Err(_) => break Step::Read,
+                }
+            },
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                t.done();
+                Step::Send
+            }
+            Ok(ConnectionState::BlockedHandshake) => Step::Read,
+            // A server may write before the client's Finished came: the handshake still runs.
+            Ok(ConnectionState::WriteTraffic(_)) => Step::Done,
+            // Records after the handshake: rustls decrypted them already; their plaintext
+            // goes to the record layer.
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => {
+                            early.extend_from_slice(rec.payload);
+                            extra += rec.discard;
+                        }
+                        Err(e) => return Err(TlsError::Handshake(e)),
+                    }
+                }
+                Step::Done
+            }
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                return Err(TlsError::Closed)
+            }
+            Ok(_) => Step::Read,
+            Err(e) => {
+                if let Some(plain) = not_tls(side, &first, tcp, deadline) {
+                    return Err(plain);
+                }
+                // The alert that says why, if rustls has one to send.
+                if let Ok(ConnectionState::EncodeTlsData(mut s)) = conn.process(&mut []).state {
+                    let mut alert = vec![0u8; 1024];
+                    if let Ok(n) = s.encode(&mut alert) {
+                        let _ = send_by(tcp, &alert[..n], deadline);
+                    }
+                }
+                return Err(TlsError::Handshake(e));
+            }
+        };
+        let discard = discard + std::mem::take(&mut extra);
+        incoming.copy_within(discard..used, 0);
+        used -= discard;
+        match step {
+            Step::Send => {
+                send_by(tcp, &outgoing[..queued], deadline)?;
+                queued = 0;
+                continue;
+            }
+            Step::Done if !conn.is_handshaking() => {
+                send_by(tcp, &outgoing[..queued], deadline)?;
+                incoming.truncate(used);
+                return Ok(Early {
+                    plain: early,
+                    records: incoming,
+                });
+            }
+            Step::Read if queued > 0 => continue,
+            _ => {}
         }
-        let n = match (&*tcp).read(&mut buf) {
+        if used == incoming.len() {
+            incoming.resize(used + (16 << 10), 0);
+        }
+        let n = match (&*tcp).read(&mut incoming[used..]) {
             Ok(0) if first.is_empty() => return Err(TlsError::Closed),
-            Ok(0) => return Err(not_tls(conn, &first, tcp, deadline).unwrap_or(TlsError::Closed)),
+            Ok(0) => return Err(not_tls(side, &first, tcp, deadline).unwrap_or(TlsError::Closed)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 wait(tcp, PollFlags::POLLIN, deadline)?;
@@ -415,40 +614,20 @@ fn handshake(
             Err(e) => return Err(TlsError::Io(e)),
         };
         if first.len() < 512 {
-            first.extend_from_slice(&buf[..n.min(512 - first.len())]);
+            first.extend_from_slice(&incoming[used..used + n.min(512 - first.len())]);
         }
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            let fed = conn.read_tls(&mut data);
-            let processed = fed
-                .map_err(|e| rustls::Error::General(e.to_string()))
-                .and_then(|_| conn.process_new_packets());
-            if let Err(e) = processed {
-                if let Some(plain) = not_tls(conn, &first, tcp, deadline) {
-                    return Err(plain);
-                }
-                // The alert that says why, if rustls queued one.
-                let _ = flush_tls(conn, tcp, deadline);
-                return Err(TlsError::Handshake(e));
-            }
-            drain_plaintext(conn, &mut early);
-        }
+        used += n;
     }
 }
 
 /// When the peer's first bytes are no TLS record: the error that says the peer speaks plain
 /// umem protocol, with what a destination said (it turns away a TLS source with an `Error`
 /// frame, which is read to its end here).
-fn not_tls(
-    conn: &Connection,
-    first: &[u8],
-    tcp: &TcpStream,
-    deadline: Instant,
-) -> Option<TlsError> {
+fn not_tls(side: Side, first: &[u8], tcp: &TcpStream, deadline: Instant) -> Option<TlsError> {
     if first.first().is_none_or(|b| is_tls_record_type(*b)) {
         return None;
     }
-    if matches!(conn, Connection::Server(_)) {
+    if side == Side::Server {
         return Some(TlsError::PlainPeer);
     }
     let mut got = first.to_vec();
@@ -472,304 +651,6 @@ fn not_tls(
         }
     };
     Some(TlsError::PlainDestination { said })
-}
-
-/// Moves whatever rustls decrypted into `out`.
-fn drain_plaintext(conn: &mut Connection, out: &mut Vec<u8>) {
-    let mut r = conn.reader();
-    let mut buf = [0u8; 16 << 10];
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-/// The thread between umemd's end of the pair and the TCP connection.
-struct Pump {
-    conn: Connection,
-    tcp: Arc<TcpStream>,
-    local: Arc<UnixStream>,
-    /// Ciphertext read from TCP: buffer, and the part rustls has not taken yet.
-    tls_in: Vec<u8>,
-    tls_in_at: (usize, usize),
-    /// Plaintext for umemd, and how much of it went.
-    plain_in: Vec<u8>,
-    plain_in_at: usize,
-    /// Plaintext from umemd.
-    plain_out: Vec<u8>,
-    /// umemd will write no more.
-    local_eof: bool,
-    /// The peer will send no more (close_notify, or the TCP connection closed).
-    tcp_eof: bool,
-    /// The TCP write side is shut.
-    tcp_shut: bool,
-    /// Something reached umemd already: a failure from now on cannot be told as a message.
-    delivered: bool,
-}
-
-/// How a pump ends.
-enum PumpEnd {
-    /// Both ways are done.
-    Done,
-    /// The connection failed; umemd sees its end close.
-    Failed(String),
-}
-
-impl Pump {
-    fn new(conn: Connection, tcp: Arc<TcpStream>, local: Arc<UnixStream>, early: Vec<u8>) -> Self {
-        let mut conn = conn;
-        // The pump bounds what waits in each direction itself.
-        conn.set_buffer_limit(None);
-        Pump {
-            conn,
-            tcp,
-            local,
-            tls_in: vec![0u8; CHUNK],
-            tls_in_at: (0, 0),
-            plain_in: early,
-            plain_in_at: 0,
-            plain_out: vec![0u8; CHUNK],
-            local_eof: false,
-            tcp_eof: false,
-            tcp_shut: false,
-            delivered: false,
-        }
-    }
-
-    fn run(&mut self) {
-        let end = self.pump();
-        if let PumpEnd::Failed(why) = &end {
-            debug!("TLS connection ends: {why}");
-            // A refusal before anything reached umemd (the destination rejected this host's
-            // certificate, say) goes to umemd as the destination's error, which it reports.
-            if !self.delivered {
-                let mut buf = Vec::new();
-                PeerMessage::Error(format!("TLS: {why}")).encode(&mut buf);
-                let _ = self.local.set_nonblocking(false);
-                let _ = self
-                    .local
-                    .set_write_timeout(Some(Duration::from_millis(200)));
-                let _ = (&*self.local).write_all(&buf);
-            }
-        }
-        let _ = self.tcp.shutdown(Shutdown::Both);
-        let _ = self.local.shutdown(Shutdown::Both);
-    }
-
-    fn pump(&mut self) -> PumpEnd {
-        let mut linger_until: Option<Instant> = None;
-        loop {
-            let mut progress = false;
-            // Out: what rustls holds goes first, then more from umemd.
-            let out_blocked = match self.flush_out() {
-                Ok(blocked) => blocked,
-                Err(e) => return PumpEnd::Failed(format!("sending: {e}")),
-            };
-            if !out_blocked && !self.local_eof {
-                match (&*self.local).read(&mut self.plain_out) {
-                    Ok(0) => {
-                        self.local_eof = true;
-                        self.conn.send_close_notify();
-                        progress = true;
-                    }
-                    Ok(n) => {
-                        if let Err(e) = self.conn.writer().write_all(&self.plain_out[..n]) {
-                            return PumpEnd::Failed(format!("encrypting: {e}"));
-                        }
-                        progress = true;
-                    }
-                    Err(e) if retry(&e) => {}
-                    Err(e) => return PumpEnd::Failed(format!("reading from umemd: {e}")),
-                }
-            }
-            if self.local_eof && !out_blocked && !self.conn.wants_write() && !self.tcp_shut {
-                let _ = self.tcp.shutdown(Shutdown::Write);
-                self.tcp_shut = true;
-            }
-            // In: plaintext waiting for umemd first, then more from the peer.
-            let in_drained = match self.receive() {
-                Ok((p, drained)) => {
-                    progress |= p;
-                    drained
-                }
-                Err(e) => return PumpEnd::Failed(e),
-            };
-            if self.tcp_eof && in_drained {
-                // The peer is done: umemd reads the end of the stream.
-                let _ = self.local.shutdown(Shutdown::Write);
-            }
-            if self.local_eof && self.tcp_shut && self.tcp_eof && in_drained {
-                return PumpEnd::Done;
-            }
-            if progress {
-                continue;
-            }
-            // Nothing moved: wait for either socket.
-            let local_gone = self.local_eof && self.local_hung_up();
-            if local_gone {
-                // umemd neither reads nor writes any more: deliver what it wrote last, briefly.
-                let until = *linger_until.get_or_insert_with(|| Instant::now() + LINGER);
-                if self.tcp_shut || Instant::now() >= until {
-                    return PumpEnd::Done;
-                }
-            }
-            let mut local_ev = PollFlags::empty();
-            if !out_blocked && !self.local_eof {
-                local_ev |= PollFlags::POLLIN;
-            }
-            if !in_drained {
-                local_ev |= PollFlags::POLLOUT;
-            }
-            let mut tcp_ev = PollFlags::empty();
-            if out_blocked {
-                tcp_ev |= PollFlags::POLLOUT;
-            }
-            if in_drained && !self.tcp_eof {
-                tcp_ev |= PollFlags::POLLIN;
-            }
-            let mut fds = [
-                PollFd::new(self.local.as_fd(), local_ev),
-                PollFd::new(self.tcp.as_fd(), tcp_ev),
-            ];
-            let timeout = if local_gone { 50u16 } else { 1000u16 };
-            match poll(&mut fds, PollTimeout::from(timeout)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return PumpEnd::Failed(format!("poll: {e}")),
-            }
-            let tcp_rev = fds[1].revents().unwrap_or(PollFlags::empty());
-            if tcp_rev.contains(PollFlags::POLLERR) {
-                // A reset or TCP_USER_TIMEOUT: the next read or write says which.
-                if let Some(e) = self.tcp.take_error().ok().flatten() {
-                    return PumpEnd::Failed(format!("TCP connection: {e}"));
-                }
-            }
-        }
-    }
-
-    /// Whether umemd's end has shut down both ways (or is closed).
-    fn local_hung_up(&self) -> bool {
-        let mut fds = [PollFd::new(self.local.as_fd(), PollFlags::empty())];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            && fds[0]
-                .revents()
-                .is_some_and(|r| r.contains(PollFlags::POLLHUP))
-    }
-
-    /// Writes queued ciphertext to TCP; true when TCP would block with some still queued.
-    fn flush_out(&mut self) -> io::Result<bool> {
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut &*self.tcp) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
-    }
-
-    /// Writes decrypted plaintext to umemd's end: what came with the handshake, then what
-    /// rustls holds, straight from its buffer. Returns whether some went, and whether all did.
-    fn deliver_in(&mut self) -> Result<(bool, bool), String> {
-        let mut progress = false;
-        while self.plain_in_at < self.plain_in.len() {
-            match (&*self.local).write(&self.plain_in[self.plain_in_at..]) {
-                Ok(n) => {
-                    self.plain_in_at += n;
-                    self.delivered = true;
-                    progress = true;
-                }
-                Err(e) if retry(&e) => return Ok((progress, false)),
-                Err(e) => return Err(format!("writing to umemd: {e}")),
-            }
-        }
-        loop {
-            let mut r = self.conn.reader();
-            let chunk = match r.fill_buf() {
-                Ok(c) if !c.is_empty() => c,
-                // Nothing decrypted is waiting (or the peer closed, which `receive` notes).
-                _ => return Ok((progress, true)),
-            };
-            match (&*self.local).write(chunk) {
-                Ok(n) => {
-                    r.consume(n);
-                    self.delivered = true;
-                    progress = true;
-                }
-                Err(e) if retry(&e) => return Ok((progress, false)),
-                Err(e) => return Err(format!("writing to umemd: {e}")),
-            }
-        }
-    }
-
-    /// Delivers decrypted plaintext, then decrypts more, a record at a time, reading TCP once
-    /// when everything read so far went. Returns whether anything moved, and whether nothing
-    /// waits for umemd any more.
-    fn receive(&mut self) -> Result<(bool, bool), String> {
-        let mut progress = false;
-        let mut read_tcp = false;
-        loop {
-            let (p, drained) = self.deliver_in()?;
-            progress |= p;
-            if !drained || self.tcp_eof {
-                return Ok((progress, drained));
-            }
-            if self.tls_in_at.0 == self.tls_in_at.1 {
-                if read_tcp {
-                    // Give the other direction a turn.
-                    return Ok((progress, true));
-                }
-                read_tcp = true;
-                match (&*self.tcp).read(&mut self.tls_in) {
-                    Ok(0) => {
-                        self.tcp_eof = true;
-                        return Ok((true, true));
-                    }
-                    Ok(n) => self.tls_in_at = (0, n),
-                    Err(e) if retry(&e) => return Ok((progress, true)),
-                    Err(e) => return Err(format!("TCP connection: {e}")),
-                }
-            }
-            // rustls takes at most a few KiB per call and decrypts every whole record it holds;
-            // its plaintext is delivered before it takes more.
-            let (from, to) = self.tls_in_at;
-            let mut data = &self.tls_in[from..to];
-            let taken = match self.conn.read_tls(&mut data) {
-                Ok(n) => n,
-                Err(e) => return Err(format!("receiving: {e}")),
-            };
-            self.tls_in_at.0 += taken;
-            progress = true;
-            match self.conn.process_new_packets() {
-                Ok(state) if state.peer_has_closed() => self.tcp_eof = true,
-                Ok(_) => {}
-                Err(e) => {
-                    // Tell the peer why (an alert), as far as it still listens.
-                    let _ = self.flush_out();
-                    let peer = match self.conn {
-                        Connection::Client(_) => "the destination",
-                        Connection::Server(_) => "the source",
-                    };
-                    return Err(match e {
-                        rustls::Error::AlertReceived(a) => {
-                            format!("{peer} refused the connection (alert {a:?})")
-                        }
-                        e => format!("from {peer}: {e}"),
-                    });
-                }
-            }
-        }
-    }
-}
-
-/// Whether an I/O error on a non-blocking socket means "try again later".
-fn retry(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
 }
 
 /// Loads the credentials of `dir` for both roles, for `umemd --tls-creds` at start-up: an error
@@ -846,17 +727,37 @@ mod tests {
             .collect()
     }
 
+    fn read_exact(s: &TlsStream, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match s.read(buf)? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `data` on one handle and reads as much on a clone, in two threads.
     fn send_and_receive(
-        mut w: UnixStream,
-        mut r: UnixStream,
+        w: TlsStream,
+        r: TlsStream,
         data: Vec<u8>,
     ) -> (JoinHandle<()>, JoinHandle<Vec<u8>>) {
         let len = data.len();
-        let writer = std::thread::spawn(move || w.write_all(&data).unwrap());
+        let writer = std::thread::spawn(move || {
+            // Writes of every size, records cut anywhere.
+            let mut at = 0;
+            let mut n = 1;
+            while at < data.len() {
+                let end = (at + n).min(data.len());
+                w.write_all(&[Plain::Bytes(&data[at..end])]).unwrap();
+                at = end;
+                n = n * 7 % 300_001 + 1;
+            }
+        });
         let reader = std::thread::spawn(move || {
             let mut got = vec![0u8; len];
-            r.read_exact(&mut got).unwrap();
+            read_exact(&r, &mut got).unwrap();
             got
         });
         (writer, reader)
@@ -911,54 +812,75 @@ mod tests {
     }
 
     #[test]
-    fn the_pump_carries_megabytes_both_ways_at_once() {
+    fn records_carry_megabytes_both_ways_at_once() {
         let dir = make_creds(&temp("echo"), &["127.0.0.1"]);
         let (c, s) = pair(&dir, &dir);
         let up = pattern(6 << 20, 1);
         let down = pattern(5 << 20, 2);
-        let (w1, r1) = send_and_receive(
-            c.local.try_clone().unwrap(),
-            s.local.try_clone().unwrap(),
-            up.clone(),
-        );
-        let (w2, r2) = send_and_receive(
-            s.local.try_clone().unwrap(),
-            c.local.try_clone().unwrap(),
-            down.clone(),
-        );
+        let (w1, r1) = send_and_receive(c.try_clone().unwrap(), s.try_clone().unwrap(), up.clone());
+        let (w2, r2) =
+            send_and_receive(s.try_clone().unwrap(), c.try_clone().unwrap(), down.clone());
         w1.join().unwrap();
         w2.join().unwrap();
         assert!(r1.join().unwrap() == up, "source to destination differs");
         assert!(r2.join().unwrap() == down, "destination to source differs");
-        // Closing one end ends the stream on the other after what was written.
-        let mut cl = c.local.try_clone().unwrap();
-        cl.write_all(b"last words").unwrap();
-        drop(cl);
-        drop(c);
-        let mut rest = Vec::new();
-        let mut sl = s.local.try_clone().unwrap();
-        sl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        sl.read_to_end(&mut rest).unwrap();
-        assert_eq!(rest, b"last words");
+        // Shutting one end down ends the stream on the other after what was written.
+        c.write_all(&[Plain::Bytes(b"last words")]).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        s.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = [0u8; 64];
+        let n = s.read(&mut rest).unwrap();
+        assert_eq!(&rest[..n], b"last words");
+        assert_eq!(
+            s.read(&mut rest).unwrap(),
+            0,
+            "close_notify reads as the end"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn a_peer_gone_mid_stream_closes_the_local_end() {
+    fn keys_are_replaced_mid_stream_and_data_survives() {
+        let dir = make_creds(&temp("rekey"), &["127.0.0.1"]);
+        let (c, s) = pair(&dir, &dir);
+        // A key update every 5 records, both ways, while both ways carry data.
+        c.rekey_after(5);
+        s.rekey_after(5);
+        let up = pattern(3 << 20, 5);
+        let down = pattern(2 << 20, 6);
+        let (w1, r1) = send_and_receive(c.try_clone().unwrap(), s.try_clone().unwrap(), up.clone());
+        let (w2, r2) =
+            send_and_receive(s.try_clone().unwrap(), c.try_clone().unwrap(), down.clone());
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert!(r1.join().unwrap() == up, "source to destination differs");
+        assert!(r2.join().unwrap() == down, "destination to source differs");
+        // The sequence numbers started again under each new key.
+        assert!(lock(&c.link.tx).seq() <= 5, "{}", lock(&c.link.tx).seq());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_peer_gone_mid_stream_ends_the_stream_and_fails_writes() {
         let dir = make_creds(&temp("cut"), &["127.0.0.1"]);
         let (c, s) = pair(&dir, &dir);
-        let mut cl = c.local.try_clone().unwrap();
-        cl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        cl.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        (&s.local).write_all(&pattern(1 << 20, 3)[..]).unwrap();
+        c.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        c.tcp
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(&[Plain::Bytes(&pattern(1 << 20, 3))]).unwrap();
         let mut got = vec![0u8; 100 << 10];
-        cl.read_exact(&mut got).unwrap();
-        // The destination's TCP connection goes away under its pump, mid-stream.
+        read_exact(&c, &mut got).unwrap();
+        // The destination's TCP connection goes away, mid-stream.
         s.tcp.shutdown(Shutdown::Both).unwrap();
         let t = Instant::now();
         let mut sink = vec![0u8; 1 << 20];
         loop {
-            match cl.read(&mut sink) {
+            match c.read(&mut sink) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => panic!("expected the end of the stream, got {e}"),
@@ -966,9 +888,39 @@ mod tests {
         }
         // And the source's writes fail rather than vanish.
         let chunk = pattern(1 << 20, 4);
-        let failed = (0..64).any(|_| cl.write_all(&chunk).is_err());
+        let failed = (0..64).any(|_| c.write_all(&[Plain::Bytes(&chunk)]).is_err());
         assert!(failed, "writes to a dead connection kept succeeding");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_forged_or_damaged_record_ends_the_stream_with_a_clear_error() {
+        let dir = make_creds(&temp("forged"), &["127.0.0.1"]);
+        let (c, s) = pair(&dir, &dir);
+        c.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(&[Plain::Bytes(b"genuine")]).unwrap();
+        let mut b = [0u8; 7];
+        read_exact(&c, &mut b).unwrap();
+        // A record-shaped run of bytes under no key of the connection.
+        let mut forged = vec![23u8, 3, 3, 0, 40];
+        forged.extend_from_slice(&[0x5a; 40]);
+        (&s.tcp).write_all(&forged).unwrap();
+        let e = c.read(&mut b).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        // The stream stays failed.
+        let e = c.read(&mut b).unwrap_err();
+        assert!(e.to_string().contains("failed authentication"), "{e}");
+        // Bytes that are no record at all.
+        let (c, s) = pair(&dir, &dir);
+        c.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        (&s.tcp).write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let e = c.read(&mut b).unwrap_err();
+        assert!(e.to_string().contains("no valid record"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -986,14 +938,14 @@ mod tests {
         let e = s.unwrap_err();
         assert!(e.to_string().contains("certificate"), "{e}");
         // The source finished its half; its first read says the destination refused.
-        let mut cl = c.unwrap().local;
-        cl.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut body = Vec::new();
-        let p = proto::frame::read(&mut cl, &mut body).unwrap();
-        let m = PeerMessage::decode(p.kind, &body).unwrap();
+        let c = c.unwrap();
+        c.tcp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let e = c.read(&mut [0u8; 16]).unwrap_err();
         assert!(
-            matches!(&m, PeerMessage::Error(e) if e.starts_with("TLS:")),
-            "{m:?}"
+            e.to_string().starts_with("TLS:") && e.to_string().contains("refused"),
+            "{e}"
         );
         // A destination whose certificate another CA signed, or for another name.
         let (c, _) = try_pair(&ours, &theirs, "127.0.0.1");

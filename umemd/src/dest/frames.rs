@@ -1,12 +1,10 @@
 //! The main stream's frame loop: pages, zero runs, discards, the switchover, the machine
 //! state and the commit, in the order the protocol allows.
 
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::local::LocalMessage;
 use proto::peer::{kind, PeerMessage};
@@ -92,8 +90,7 @@ impl Dest {
             }
             // While the stream is quiet the loop still reports, and still hears the VMM (a
             // cancel, the VMM going away) and notices a silent source.
-            let mut fds = [PollFd::new(peer.as_fd(), PollFlags::POLLIN)];
-            if let Ok(0) = poll(&mut fds, PollTimeout::from(50u16)) {
+            if let Ok(false) = peer.wait_readable(Duration::from_millis(50)) {
                 if last_rx.elapsed() > self.link_timeout {
                     return Err(DestError::Silent);
                 }

@@ -33,7 +33,7 @@ impl Source {
                         tls::connect(tcp, config.clone(), name, deadline)
                     })
                     .map_err(AuthError::from)?;
-                // The write timeout now bounds writes to the pump.
+                // The link timeout bounds the TLS connection's writes as a plain one's.
                 s.set_link_timeout(self.link_timeout())
                     .map_err(SourceError::Peer)?;
                 s

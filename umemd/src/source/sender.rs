@@ -4,13 +4,11 @@
 //! through volatile views of it: the guest may be writing it meanwhile.
 
 use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
 use proto::PAGE_SIZE;
 
-use crate::link;
 use crate::mapping::{is_zero, GuestMapping, SegmentCache};
 use crate::stream::PeerStream;
 
@@ -173,7 +171,7 @@ impl PageSender {
             } else {
                 run.encode_pages_header(&mut self.out);
                 let data = at(i, j - i)?;
-                link::write_all_vectored(stream.as_fd(), &self.out, &data)?;
+                stream.write_all_guest(&self.out, &data)?;
                 Counters::add(&c.bytes, (self.out.len() + data.len()) as u64);
                 Counters::add(&c.pages, run.count as u64);
                 self.out.clear();
