@@ -20,6 +20,8 @@ const NOTE_LINE: u32 = 17;
 /// Notes are wrapped at this many characters (the backend cannot measure text).
 const NOTE_CHARS: usize = 130;
 const FONT: &str = "sans-serif";
+/// The y axis goes this far above the highest value, so that the legend clears the data.
+const HEADROOM: f64 = 1.35;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -166,15 +168,18 @@ pub fn throughput_svg(
     let mut chart = ChartBuilder::on(&top)
         .caption(title, (FONT, 22))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_s * 1.05, 0.0..max_mbps * 1.1)
+        .build_cartesian_2d(0.0..max_s * 1.05, 0.0..max_mbps * HEADROOM)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
         .x_desc("seconds since migrate")
         .y_desc("MB/s")
         .label_style((FONT, 15))
+        // No minor grid: half the file's size for little to read.
+        .light_line_style(TRANSPARENT)
         .draw()
         .map_err(|e| err(&e))?;
     for (i, s) in series.iter().enumerate() {
@@ -211,9 +216,10 @@ pub fn latency_svg(path: &Path, hists: &[Histogram], notes: &[String]) -> Result
     let mut chart = ChartBuilder::on(&top)
         .caption("postcopy fault-service latency", (FONT, 22))
         .margin(12)
+        .margin_right(36)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(first as f64..(last + 1) as f64, 0.0..max_pct * 1.1)
+        .build_cartesian_2d(first as f64..(last + 1) as f64, 0.0..max_pct * HEADROOM)
         .map_err(|e| err(&e))?;
     let label = |x: &f64| {
         if x.fract() == 0.0 {
@@ -230,6 +236,8 @@ pub fn latency_svg(path: &Path, hists: &[Histogram], notes: &[String]) -> Result
         .x_desc("fault-service latency (log2 buckets)")
         .y_desc("% of the scenario's faults")
         .label_style((FONT, 15))
+        // No minor grid: half the file's size for little to read.
+        .light_line_style(TRANSPARENT)
         .draw()
         .map_err(|e| err(&e))?;
     if hists.is_empty() {

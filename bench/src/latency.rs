@@ -57,7 +57,7 @@ fn counts(v: &Value) -> Option<Vec<u64>> {
 }
 
 /// What the rows say about fault latencies: a histogram for every row that has faults and a
-/// latency distribution, and a note for every postcopy row of QEMU that has no distribution.
+/// latency distribution, and a note for every row of QEMU with faults but no distribution.
 pub fn from_rows(rows: &[Value]) -> (Vec<Histogram>, Vec<String>) {
     let mut hists = Vec::new();
     let mut notes = Vec::new();
@@ -68,7 +68,7 @@ pub fn from_rows(rows: &[Value]) -> (Vec<Histogram>, Vec<String>) {
         }
         if let Some(c) = counts(&r["fault_latency_hist"]).filter(|c| c.iter().any(|&n| n > 0)) {
             hists.push(Histogram { name, counts: c });
-        } else if r["engine"] == "qemu" && r["switchover"] == "postcopy" {
+        } else if r["engine"] == "qemu" && r["faults"].as_u64().is_some_and(|n| n > 0) {
             notes.push(format!(
                 "{name}: QEMU gives no per-fault latencies, only block times: postcopy-blocktime {} ms, vCPU blocktime {} ms, {} page requests",
                 r["postcopy_blocktime_ms"], r["vcpu_blocked_ms"], r["faults"]
@@ -108,6 +108,9 @@ mod tests {
             json!({"scenario": "qemu-postcopy-a", "engine": "qemu", "switchover": "postcopy",
                    "faults": 40, "postcopy_blocktime_ms": 12, "vcpu_blocked_ms": [12]}),
             json!({"scenario": "qemu-postcopy-b", "engine": "qemu", "skipped": "no qemu"}),
+            // Postcopy without a page request: nothing to say.
+            json!({"scenario": "qemu-postcopy-idle", "engine": "qemu", "switchover": "postcopy",
+                   "faults": 0, "postcopy_blocktime_ms": 0, "vcpu_blocked_ms": [0]}),
         ];
         let (h, notes) = from_rows(&rows);
         assert_eq!(h.len(), 1, "{h:?}");
