@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --bin umem-bench              # every scenario
 //! cargo run --release --bin umem-bench -- postcopy  # scenarios whose name contains "postcopy"
+//! cargo run --release --bin umem-bench -- --plot charts guest  # and SVG charts into charts/
 //! ```
 //!
 //! The `*-tls` scenarios run every connection over TLS 1.3 (certificates made for the run),
@@ -17,13 +18,46 @@
 //!
 //! Each scenario prints one JSON line on stdout; a table follows at the end. Guests use one
 //! vCPU: the guest CPU is emulated here, and every busy vCPU takes a core away from umemd.
+//! While a migration runs the source's byte counter is sampled; `--plot DIR` draws those
+//! samples and the fault latencies as SVG charts (see `charts.rs`).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use serde_json::{json, Value};
-use umem_testkit::{require_kvm, secs, TestEnv};
+use umem_testkit::{require_kvm, secs, TestEnv, Vmm};
 
+mod charts;
+mod latency;
+mod progress;
 mod qemu;
+
+use progress::Progress;
+
+/// Migrations of the built-in guests on loopback: umem's modes side by side and against QEMU.
+#[derive(Parser)]
+#[command(name = "umem-bench", version)]
+struct Args {
+    /// Write SVG charts of the run into this directory: fault-service latency and
+    /// throughput over time
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Run only the scenarios whose name contains one of these (all when none is given)
+    filters: Vec<String>,
+}
+
+/// One scenario's outcome: its result row and the source's progress while it ran.
+pub struct Run {
+    pub row: Value,
+    pub progress: Progress,
+}
+
+impl Run {
+    pub fn name(&self) -> &str {
+        self.row["scenario"].as_str().unwrap_or_default()
+    }
+}
 
 /// Who migrates the VM.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -162,6 +196,28 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         ready: "memtouch done",
         extra: json!({}),
     },
+    // The guest writes 256 MiB of its 1 GiB, then touches them in random order without end:
+    // after a postcopy switchover it faults on pages not yet there, under umem and QEMU alike.
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-guest-random-touch",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: "pages=65536 random=1",
+        ready: "pass=1 ",
+        extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Qemu,
+        name: "qemu-postcopy-1g-guest-random-touch",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: false,
+        cmdline: "pages=65536 random=1",
+        ready: "pass=1 ",
+        extra: json!({}),
+    },
     || Scenario {
         engine: Engine::Umem,
         name: "precopy-1g-guest-written",
@@ -191,7 +247,16 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-fn run(s: &Scenario) -> Value {
+/// Reads the source's byte counter, with umemd's own timestamp of it (umemd reports both
+/// every 200 ms, so most readings repeat the last one and are dropped).
+fn sample(src: &Vmm, progress: &mut Progress) {
+    let st = &src.query_migrate()["stats"];
+    if let (Some(us), Some(bytes)) = (st["total_us"].as_u64(), st["bytes_sent"].as_u64()) {
+        progress.record(Duration::from_micros(us), bytes);
+    }
+}
+
+fn run(s: &Scenario) -> Run {
     let t = TestEnv::new(&format!("bench-{}", s.name));
     let su = t.umemd("umemd-src");
     let du = t.umemd("umemd-dst");
@@ -225,13 +290,18 @@ fn run(s: &Scenario) -> Value {
     src.wait_serial_prefix(secs(120), s.ready);
     let uri = dst.listen_uri();
     params["mode"] = json!(s.mode);
+    let mut progress = Progress::new();
     let t0 = Instant::now();
     src.migrate(&uri, params).expect("migrate");
     let (outcome, wall) = match stop_after {
         // No background: it completes only once every page was touched; measure the fault
         // path for a while instead.
         Some(n) => {
-            std::thread::sleep(Duration::from_secs(n));
+            while t0.elapsed() < Duration::from_secs(n) {
+                sample(&src, &mut progress);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sample(&src, &mut progress);
             let v = dst.query_migrate();
             (v, t0.elapsed())
         }
@@ -239,6 +309,7 @@ fn run(s: &Scenario) -> Value {
             // Polled every 5 ms (not the harness's 50 ms), as the QEMU runs are.
             let v = umem_testkit::poll_every(secs(600), Duration::from_millis(5), || {
                 dst.proc.assert_alive();
+                sample(&src, &mut progress);
                 let v = dst.query_migrate();
                 matches!(
                     v["phase"].as_str(),
@@ -262,6 +333,14 @@ fn run(s: &Scenario) -> Value {
     } else {
         src_stats
     };
+    if let (Some(us), Some(bytes)) = (st["total_us"].as_u64(), st["bytes_sent"].as_u64()) {
+        progress.record(Duration::from_micros(us), bytes);
+    }
+    // The switchover that really happened, as the VMMs report it.
+    let switchover = match &outcome["switchover"] {
+        Value::Null => outcome["source"]["switchover"].clone(),
+        v => v.clone(),
+    };
     let pc = &outcome["postcopy"];
     let bytes = st["bytes_sent"].as_u64().unwrap_or(0);
     let total_us = st["total_us"].as_u64().unwrap_or(0).max(1);
@@ -272,10 +351,11 @@ fn run(s: &Scenario) -> Value {
         .chain(src.passes().iter())
         .map(|p| p.bad)
         .sum::<u64>();
-    json!({
+    let row = json!({
         "scenario": s.name,
         "engine": "umem",
         "mode": s.mode,
+        "switchover": switchover,
         "ram": s.mem,
         "bytes_sent": bytes,
         "pages_sent": st["pages_sent"],
@@ -290,20 +370,23 @@ fn run(s: &Scenario) -> Value {
         "fault_p50_us": pc["latency_p50_us"],
         "fault_p99_us": pc["latency_p99_us"],
         "fault_max_us": pc["latency_max_us"],
+        "fault_latency_hist": pc["latency_hist"],
         "pages_requested": pc["pages_requested"],
         "pages_urgent": pc["pages_urgent"],
         "vcpu_blocked_ms": pc["vcpu_blocked_us"].as_array().map(|a| a.iter().map(|v| ms(v.as_u64().unwrap_or(0))).collect::<Vec<_>>()),
         "dst_status": dst.status(),
         "guest_bad_pages": bad,
-    })
+    });
+    Run { row, progress }
 }
 
 fn main() {
+    let args = Args::parse();
     if !require_kvm("umem-bench") {
         return;
     }
-    let filter: Vec<String> = std::env::args().skip(1).collect();
-    let mut rows = Vec::new();
+    let filter = &args.filters;
+    let mut runs = Vec::new();
     for make in SCENARIOS {
         let s = make();
         if !filter.is_empty() && !filter.iter().any(|f| s.name.contains(f.as_str())) {
@@ -317,20 +400,45 @@ fn main() {
                 Ok(Ok(r)) => r,
                 Err(why) => {
                     eprintln!("umem-bench: {}: skipped: {why}", s.name);
-                    json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "skipped": why})
+                    Run {
+                        row: json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "skipped": why}),
+                        progress: Progress::default(),
+                    }
                 }
                 Ok(Err(e)) => {
                     eprintln!("umem-bench: {}: failed: {e}", s.name);
-                    json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "error": e})
+                    Run {
+                        row: json!({"scenario": s.name, "engine": "qemu", "mode": s.mode, "error": e}),
+                        progress: Progress::default(),
+                    }
                 }
             },
         };
-        println!("{r}");
-        rows.push(r);
+        println!("{}", r.row);
+        runs.push(r);
     }
+    print_table(&runs);
+    if let Some(dir) = &args.plot {
+        match charts::write_all(dir, &runs) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("umem-bench: wrote {}", f.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("umem-bench: --plot: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// The rows side by side, after the JSON lines.
+fn print_table(runs: &[Run]) {
     let f = |v: &Value, k: &str| match &v[k] {
         Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
         Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
     };
@@ -340,8 +448,9 @@ fn main() {
     };
     println!();
     println!(
-        "{:<50} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+        "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
         "scenario",
+        "switchover",
         "MiB sent",
         "GB/s",
         "total ms",
@@ -353,7 +462,7 @@ fn main() {
         "max us",
         "bad"
     );
-    for r in &rows {
+    for r in runs.iter().map(|r| &r.row) {
         let name = r["scenario"].as_str().unwrap_or("");
         if let Some(why) = r["skipped"].as_str() {
             println!("{name:<50} skipped: {why}");
@@ -364,8 +473,9 @@ fn main() {
             continue;
         }
         println!(
-            "{:<50} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+            "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
             name,
+            f(r, "switchover"),
             mib(r),
             f(r, "throughput_gbps"),
             f(r, "total_ms"),

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use umem_testkit::{binary, closed_port, complete_lines, parse_passes, secs, Proc, TestEnv};
 
-use crate::Scenario;
+use crate::progress::Progress;
+use crate::{Run, Scenario};
 
 /// Environment variable naming the QEMU binary (default `qemu-system-x86_64` from `PATH`).
 const QEMU_ENV: &str = "UMEM_BENCH_QEMU";
@@ -148,9 +149,18 @@ fn start_qemu(
     Ok((proc, q, serial))
 }
 
+/// Records the source's `ram.transferred` at its `total-time` (QEMU's own clock, as umem's
+/// samples use umemd's); says whether the reply's status is `postcopy-active`.
+fn sample(v: &Value, progress: &mut Progress) -> bool {
+    if let (Some(ms), Some(bytes)) = (v["total-time"].as_u64(), v["ram"]["transferred"].as_u64()) {
+        progress.record(Duration::from_millis(ms), bytes);
+    }
+    v["status"] == "postcopy-active"
+}
+
 /// Runs scenario `s` with QEMU on both sides. `Err` describes what went wrong; the processes
 /// are killed and reaped either way.
-pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
+pub fn run(s: &Scenario, qemu: &Path) -> Result<Run, String> {
     let t = TestEnv::new(&format!("bench-{}", s.name));
     let dir = t.dir().to_path_buf();
 
@@ -207,13 +217,22 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
         src.cmd("migrate-start-postcopy", Value::Null)?;
     }
 
-    // The destination has the whole VM once its own status says completed.
+    // The destination has the whole VM once its own status says completed. The source is
+    // sampled on the way; QEMU 7.2 has no field saying which switchover happened, so a
+    // `postcopy-active` status on either side is what says it was a postcopy one.
+    let mut progress = Progress::new();
+    let mut saw_postcopy = false;
     let mut err = None;
     let dst_end = umem_testkit::poll_every(secs(600), Duration::from_millis(5), || {
-        let r = dst.cmd("query-migrate", Value::Null).and_then(|d| {
+        let r = src.cmd("query-migrate", Value::Null).and_then(|v| {
+            saw_postcopy |= sample(&v, &mut progress);
+            dst.cmd("query-migrate", Value::Null)
+        });
+        let r = r.and_then(|d| {
             if !dst_proc.is_alive() {
                 return Err(format!("qemu-dst exited: {}", log_tail(&dst_proc)));
             }
+            saw_postcopy |= d["status"] == "postcopy-active";
             match d["status"].as_str() {
                 Some("completed") => Ok(Some(d)),
                 Some("failed" | "cancelled") => Err(format!("qemu-dst: {d}")),
@@ -251,6 +270,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
         return Err(e);
     }
     let src_end = src_end.ok_or("qemu-src: no completed status with total-time in 30 s")?;
+    sample(&src_end, &mut progress);
     let dst_status = dst.cmd("query-status", Value::Null)?;
 
     let ram = &src_end["ram"];
@@ -265,6 +285,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
         "scenario": s.name,
         "engine": "qemu",
         "mode": s.mode,
+        "switchover": if saw_postcopy { "postcopy" } else { "precopy" },
         "ram": s.mem,
         "bytes_sent": bytes,
         "pages_sent": ram["normal"],
@@ -276,6 +297,8 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
         "throughput_gbps": bytes as f64 / total_ms.max(1) as f64 / 1e6,
         "qemu_mbps": ram["mbps"],
         "faults": if postcopy { ram["postcopy-requests"].clone() } else { Value::Null },
+        // QEMU 10 and later: faults by latency, in the same log2 buckets as umemd's.
+        "fault_latency_hist": dst_end["postcopy-latency-dist"],
         "postcopy_blocktime_ms": dst_end["postcopy-blocktime"],
         "vcpu_blocked_ms": dst_end["postcopy-vcpu-blocktime"],
         "dst_status": dst_status["status"],
@@ -283,5 +306,5 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Value, String> {
     });
     src_proc.kill();
     dst_proc.kill();
-    Ok(r)
+    Ok(Run { row: r, progress })
 }
