@@ -357,9 +357,9 @@ fn metrics_scraped_during_and_after_a_postcopy_migration() {
         "served faults in the destination's metrics",
         || {
             let e = scrape(da);
-            let s = [("session", e.session("dst", "destination"))];
-            let s = [(s[0].0, s[0].1.as_str())];
-            (e.value("umemd_session_fault_latency_seconds_count", &s) > 0.0).then_some(e)
+            let s = e.session("dst", "destination");
+            let l = [("session", s.as_str())];
+            (e.value("umemd_session_fault_latency_seconds_count", &l) > 0.0).then_some(e)
         },
     );
     let dst_session = during.session("dst", "destination");
