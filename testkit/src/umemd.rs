@@ -2,6 +2,7 @@
 //! connections, and watched from `/proc` for leaked descriptors and threads.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,7 @@ pub struct UmemdBuilder {
     name: String,
     args: Vec<OsString>,
     user: Option<(u32, u32)>,
+    metrics: bool,
 }
 
 impl UmemdBuilder {
@@ -26,6 +28,7 @@ impl UmemdBuilder {
             name: name.into(),
             args: Vec::new(),
             user: None,
+            metrics: false,
         }
     }
 
@@ -39,6 +42,13 @@ impl UmemdBuilder {
     /// Its socket is then in a directory of its own that this user owns, `<dir>/<name>.run/`.
     pub fn user(mut self, uid: u32, gid: u32) -> Self {
         self.user = Some((uid, gid));
+        self
+    }
+
+    /// Serves metrics (`--metrics 127.0.0.1:0`, a free port); [`Umemd::metrics_addr`] says
+    /// where.
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
         self
     }
 
@@ -57,6 +67,9 @@ impl UmemdBuilder {
         let socket = sock_dir.join(format!("{}.sock", self.name));
         let mut cmd = Command::new(binary("umemd"));
         cmd.arg("--socket").arg(&socket).args(&self.args);
+        if self.metrics {
+            cmd.arg("--metrics").arg("127.0.0.1:0");
+        }
         if let Some((uid, gid)) = self.user {
             // std drops the supplementary groups too when it changes the uid as root.
             std::os::unix::process::CommandExt::uid(&mut cmd, uid);
@@ -68,7 +81,16 @@ impl UmemdBuilder {
             proc.assert_alive();
             UnixStream::connect(&socket).ok().map(|_| ())
         });
-        Umemd { proc, socket }
+        // Bound before the control socket: the port is in the log by now.
+        let metrics_addr = self.metrics.then(|| {
+            metrics_addr_in(&proc.log())
+                .unwrap_or_else(|| panic!("umemd {name} logged no metrics address"))
+        });
+        Umemd {
+            proc,
+            socket,
+            metrics_addr,
+        }
     }
 }
 
@@ -77,12 +99,19 @@ pub struct Umemd {
     /// The process.
     pub proc: Proc,
     socket: PathBuf,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Umemd {
     /// Starts `umemd --socket <dir>/<name>.sock` and waits until it accepts connections.
     pub fn start(dir: &Path, name: &str) -> Umemd {
         UmemdBuilder::new(dir, name).start()
+    }
+
+    /// Where it serves metrics; panics when it was not started with [`UmemdBuilder::metrics`].
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("umemd started without UmemdBuilder::metrics")
     }
 
     /// Its socket.
@@ -132,6 +161,14 @@ impl Umemd {
     }
 }
 
+/// The address of umemd's `serving metrics on http://ADDR/metrics` log line.
+fn metrics_addr_in(log: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|l| {
+        let rest = l.split("serving metrics on http://").nth(1)?;
+        rest.strip_suffix("/metrics")?.parse().ok()
+    })
+}
+
 /// The value of `field` (`VmRSS:`), in KiB, in a `/proc/PID/status` text.
 fn status_kib(status: &str, field: &str) -> Option<u64> {
     status
@@ -149,5 +186,18 @@ mod tests {
         assert_eq!(super::status_kib(status, "VmRSS:"), Some(5432));
         assert_eq!(super::status_kib(status, "VmHWM:"), Some(9000));
         assert_eq!(super::status_kib("Name:\tzombie\n", "VmRSS:"), None);
+    }
+
+    #[test]
+    fn the_metrics_address_is_read_from_the_log() {
+        let log = "[t INFO umemd] serving metrics on http://127.0.0.1:40123/metrics\n[t INFO umemd] umemd listening on /x\n";
+        assert_eq!(
+            super::metrics_addr_in(log),
+            Some("127.0.0.1:40123".parse().unwrap())
+        );
+        assert_eq!(
+            super::metrics_addr_in("[t INFO umemd] umemd listening\n"),
+            None
+        );
     }
 }

@@ -147,6 +147,7 @@ fn spawn_session(conn: mio::net::UnixStream, limits: &Limits, slots: &Arc<Sessio
 /// Answers a client that gets no session with `Failed` saying why, and logs it.
 fn refuse_client(mut conn: std::os::unix::net::UnixStream, why: admission::AdmissionError) {
     warn!("refusing a local client: {why}");
+    crate::metrics::registry().client_refused();
     // The reply is small and the connection new: it fits the socket buffer, unless the client
     // is gone already; the accepting thread never waits on a client.
     let _ = conn.set_write_timeout(Some(std::time::Duration::from_millis(100)));

@@ -6,7 +6,7 @@
 //! destination's memfd. The two roles share only the modules at this level ([`link`],
 //! [`stream`], [`mapping`], [`layout`], [`bitmap`], [`stats`], [`priority`], [`error`],
 //! [`phase`]); neither imports the other. [`daemon`] and [`admission`] decide which local
-//! clients get a [`session`] at all.
+//! clients get a [`session`] at all; [`metrics`] shows what the sessions report.
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod admission;
@@ -18,6 +18,7 @@ pub mod error;
 pub mod layout;
 pub mod link;
 pub mod mapping;
+pub mod metrics;
 pub mod phase;
 pub mod priority;
 pub mod session;

@@ -47,6 +47,10 @@ struct Args {
     /// with them, both sides presenting a certificate of the CA.
     #[arg(long, value_name = "DIR")]
     tls_creds: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) over HTTP at this address, e.g. 127.0.0.1:9464;
+    /// unauthenticated, so keep it on a trusted network. Off when not given.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn fail(what: &str) -> ! {
@@ -86,6 +90,12 @@ fn main() {
         max_sessions: usize::try_from(args.max_sessions).unwrap_or(usize::MAX),
         max_sessions_per_uid: usize::try_from(args.max_sessions_per_uid).unwrap_or(usize::MAX),
     };
+    if let Some(addr) = args.metrics {
+        match umemd::metrics::http::start(addr) {
+            Ok(bound) => info!("serving metrics on http://{bound}/metrics"),
+            Err(e) => fail(&format!("--metrics {addr}: {e}")),
+        }
+    }
     let listener = match umemd::daemon::bind_for_group(&args.socket, group) {
         Ok(l) => l,
         Err(e) => fail(&format!("control socket {}: {e}", args.socket.display())),

@@ -14,6 +14,7 @@ use proto::local::LocalMessage;
 use sendfd::RecvWithFd;
 
 use crate::link::send_local;
+use crate::metrics::{self, Role, SessionMetrics};
 use crate::{dest, source};
 
 /// Why a VMM connection is refused before any migration starts.
@@ -162,6 +163,7 @@ fn read_opening(
 
 /// Answers a VMM connection with `Failed`, whose message is `why`.
 fn refuse(conn: &mut UnixStream, why: impl std::fmt::Display) {
+    metrics::registry().client_refused();
     let message = why.to_string();
     warn!("refusing a VMM connection: {message}");
     let _ = send_local(
@@ -233,7 +235,9 @@ pub fn run(mut conn: UnixStream, opening_timeout: Duration, client: &str) {
                 if has_uffd { " (postcopy capable)" } else { "" }
             );
             match dest::Dest::new(conn, vm.clone(), &uri, memfd, uffd, blocks, auth) {
-                Ok(d) => d.run(),
+                Ok(d) => d
+                    .with_metrics(session_metrics(&vm, Role::Destination))
+                    .run(),
                 Err((mut c, e)) => {
                     error!("{vm}: {e}");
                     refuse(&mut c, e)
@@ -279,7 +283,9 @@ pub fn run(mut conn: UnixStream, opening_timeout: Duration, client: &str) {
             }
             info!("{vm}: postcopy session {session_id:#x} taken over on {uri}");
             match dest::Dest::new(conn, vm.clone(), &uri, memfd, Some(uffd), blocks, auth) {
-                Ok(d) => d.run_resumed(session_id),
+                Ok(d) => d
+                    .with_metrics(session_metrics(&vm, Role::Destination))
+                    .run_resumed(session_id),
                 Err((mut c, e)) => {
                     error!("{vm}: {e}");
                     refuse(&mut c, e)
@@ -288,6 +294,11 @@ pub fn run(mut conn: UnixStream, opening_timeout: Duration, client: &str) {
         }
         other => refuse(&mut conn, OpeningError::Unexpected(format!("{other:?}"))),
     }
+}
+
+/// A migration of `vm` in `role` begins: its figures go to the daemon's metrics.
+fn session_metrics(vm: &str, role: Role) -> SessionMetrics {
+    metrics::registry().open(vm, role)
 }
 
 /// The source role: a new migration, or (`resume`) a postcopy session taken over from a umemd
@@ -329,10 +340,11 @@ fn outgoing(
         None => info!("{vm}: outgoing migration to {uri} ({:?})", params.mode),
         Some(id) => info!("{vm}: postcopy session {id:#x} to {uri} taken over"),
     }
-    match source::Source::new(conn, vm, uri, params, memfd, blocks, auth) {
+    let metrics = || session_metrics(&vm, Role::Source);
+    match source::Source::new(conn, vm.clone(), uri, params, memfd, blocks, auth) {
         Ok(s) => match resume {
-            None => s.run(),
-            Some(id) => s.run_resumed(id),
+            None => s.with_metrics(metrics()).run(),
+            Some(id) => s.with_metrics(metrics()).run_resumed(id),
         },
         Err((mut c, e)) => refuse(&mut c, e),
     }

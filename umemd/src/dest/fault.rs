@@ -53,6 +53,8 @@ pub enum FaultError {
 #[derive(Debug, Default)]
 struct Latency {
     hist: [u64; LATENCY_BUCKETS],
+    /// Sum of the latencies in `hist`, microseconds.
+    sum_us: u64,
     samples: Vec<u32>,
     recorded: u64,
     max_us: u64,
@@ -70,6 +72,7 @@ impl Latency {
             .saturating_sub(1)
             .min(LATENCY_BUCKETS - 1);
         self.hist[bucket] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
         self.max_us = self.max_us.max(us);
         self.recorded += 1;
         if self.samples.len() < MAX_SAMPLES {
@@ -453,6 +456,12 @@ impl FaultHandler {
         }
     }
 
+    /// The latency histogram and the sum of its latencies (microseconds), read together.
+    pub fn latency_histogram(&self) -> ([u64; LATENCY_BUCKETS], u64) {
+        let lat = lock(&self.latency);
+        (lat.hist, lat.sum_us)
+    }
+
     /// Fills the fault-side counters of `s`.
     pub fn stats(&self, s: &mut PostcopyStats) {
         s.faults = self.faults.load(Ordering::Relaxed);
@@ -619,6 +628,8 @@ mod tests {
         assert!(s.faults >= 3, "{s:?}");
         assert_eq!(s.pages_requested, 2);
         assert_eq!(s.latency_hist.iter().sum::<u64>(), 3);
+        let (hist, _) = fh.latency_histogram();
+        assert_eq!(hist, s.latency_hist);
         fh.stop();
         server.join().unwrap().unwrap();
     }
@@ -637,6 +648,7 @@ mod tests {
         assert_eq!(Latency::percentile(&mut s, 0.5), 2);
         assert_eq!(Latency::percentile(&mut s, 0.99), 5000);
         assert_eq!(l.max_us, 5000);
+        assert_eq!(l.sum_us, 5906, "the sum of every latency");
     }
 
     #[test]

@@ -38,8 +38,9 @@ use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::{PeerMessage, MAX_RUN_PAGES};
 use proto::{MigrationStats, Phase, PAGE_SIZE};
 
-use crate::link::{self, send_local, Delivery};
+use crate::link::{self, Delivery};
 use crate::mapping::GuestMapping;
+use crate::metrics::SessionMetrics;
 use crate::phase::Transitions;
 use crate::stream::{PeerListener, PeerStream};
 pub use error::{DestError, DestFailure};
@@ -127,6 +128,8 @@ pub struct Dest {
     paused_since: Option<Instant>,
     /// Where every new connection authenticates.
     gate: gate::Gate,
+    /// Where the reports to the VMM are published for scrapes too.
+    metrics: SessionMetrics,
 }
 
 impl Dest {
@@ -199,6 +202,7 @@ impl Dest {
                     paused: Duration::ZERO,
                     paused_since: None,
                     gate,
+                    metrics: SessionMetrics::detached(),
                 })
             }
             Err(cause) => Err((
@@ -209,6 +213,12 @@ impl Dest {
                 },
             )),
         }
+    }
+
+    /// Publishes this migration's figures in `metrics` as it reports them.
+    pub fn with_metrics(mut self, metrics: SessionMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Moves to phase `next`, refusing an illegal transition.
@@ -261,11 +271,9 @@ impl Dest {
                     self.stats.total_us / 1000
                 );
                 if ran {
-                    let s = self.postcopy_stats();
-                    let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+                    self.report(&LocalMessage::PostcopyProgress(self.postcopy_stats()));
                 }
-                let s = self.reported_stats();
-                let _ = send_local(&mut self.vmm, &LocalMessage::Completed(s));
+                self.report(&LocalMessage::Completed(self.reported_stats()));
                 if ran {
                     // Pages that read as zero are placed on touch until the VMM has dropped
                     // its userfaultfd; it closes the connection once it has.
@@ -290,7 +298,7 @@ impl Dest {
                 }
                 self.end(DestPhase::Failed);
                 let stats = self.reported_stats();
-                let _ = send_local(&mut self.vmm, &LocalMessage::Failed { message, stats });
+                self.report(&LocalMessage::Failed { message, stats });
             }
         }
         self.heartbeats_stop

@@ -38,12 +38,21 @@ impl Dest {
             }
             self.stats.remaining_pages = self.pages.unresolved();
             if self.phase.running() {
-                let s = self.postcopy_stats();
-                let _ = send_local(&mut self.vmm, &LocalMessage::PostcopyProgress(s));
+                self.report(&LocalMessage::PostcopyProgress(self.postcopy_stats()));
             }
-            let s = self.reported_stats();
-            let _ = send_local(&mut self.vmm, &LocalMessage::Progress(s));
+            self.report(&LocalMessage::Progress(self.reported_stats()));
         }
+    }
+
+    /// Sends a report to the VMM (which may be gone: the migration goes on) and publishes its
+    /// figures, with the fault latencies behind them, in the session's metrics.
+    pub(super) fn report(&mut self, msg: &LocalMessage) {
+        self.metrics.observe(msg);
+        if let (LocalMessage::PostcopyProgress(_), Some(pc)) = (msg, &self.postcopy) {
+            let (hist, sum_us) = pc.fault.latency_histogram();
+            self.metrics.fault_latency(hist, sum_us);
+        }
+        let _ = send_local(&mut self.vmm, msg);
     }
 
     /// The main stream's counts plus what came on the urgent channel.

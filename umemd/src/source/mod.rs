@@ -40,6 +40,7 @@ use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
 use crate::auth::{PeerTrust, Side};
 use crate::link::{self, send_local, send_peer, Delivery};
 use crate::mapping::GuestMapping;
+use crate::metrics::SessionMetrics;
 use crate::phase::Transitions;
 use crate::stats::rate;
 use crate::stream::PeerStream;
@@ -116,6 +117,8 @@ pub struct Source {
     /// How every connection to the destination authenticates: the secret both sides prove
     /// they know, and TLS with the CA and this host's client certificate.
     trust: PeerTrust<rustls::ClientConfig>,
+    /// Where the reports to the VMM are published for scrapes too.
+    metrics: SessionMetrics,
 }
 
 /// The migration streams towards the destination.
@@ -201,12 +204,19 @@ impl Source {
             lost_link: None,
             paused_by_request: false,
             trust,
+            metrics: SessionMetrics::detached(),
         })
     }
 
     /// How long the destination may stay silent (`link_timeout_ms`, at least the minimum).
     fn link_timeout(&self) -> Duration {
         Duration::from_millis(self.params.link_timeout_ms.max(MIN_LINK_TIMEOUT_MS) as u64)
+    }
+
+    /// Publishes this migration's figures in `metrics` as it reports them.
+    pub fn with_metrics(mut self, metrics: SessionMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs the migration to its end and reports the outcome to the VMM.
@@ -271,6 +281,8 @@ impl Source {
     }
 
     fn report(&mut self, msg: &LocalMessage) {
+        // Published whether or not the VMM is still there to read it.
+        self.metrics.observe(msg);
         if !self.vmm_gone && send_local(&mut self.vmm, msg).is_err() {
             self.vmm_gone = true;
         }
