@@ -291,19 +291,13 @@ mod tests {
         let hybrid = params(MigrationMode::Hybrid, 30, 10);
         let precopy = params(MigrationMode::Precopy, 30, 10);
         // The first round has nothing to compare with.
-        assert_eq!(
-            step(1, 1 << 20, u64::MAX, BW, &hybrid, false),
-            another()
-        );
+        assert_eq!(step(1, 1 << 20, u64::MAX, BW, &hybrid, false), another());
         for pending in [1 << 20, (1 << 20) + 1] {
             assert_eq!(
                 step(2, pending, 1 << 20, BW, &hybrid, false),
                 postcopy(PostcopyReason::NotConverging)
             );
-            assert_eq!(
-                step(2, pending, 1 << 20, BW, &precopy, false),
-                another()
-            );
+            assert_eq!(step(2, pending, 1 << 20, BW, &precopy, false), another());
         }
         assert_eq!(
             step(2, (1 << 20) - 1, 1 << 20, BW, &hybrid, false),
@@ -315,10 +309,7 @@ mod tests {
     fn the_round_limit() {
         let precopy = params(MigrationMode::Precopy, 4, 10);
         let hybrid = params(MigrationMode::Hybrid, 4, 10);
-        assert_eq!(
-            step(3, 1 << 20, 1 << 21, BW, &precopy, false),
-            another()
-        );
+        assert_eq!(step(3, 1 << 20, 1 << 21, BW, &precopy, false), another());
         assert_eq!(
             step(4, 1 << 20, 1 << 21, BW, &precopy, false),
             switchover(SwitchoverReason::RoundLimit)
@@ -361,8 +352,14 @@ mod tests {
     fn the_completion_limit_is_in_proportion_to_ram() {
         let p = timed(0, TimeoutAction::Suspend, 150);
         assert_eq!(completion_limit(&p, GIB), Some(Duration::from_secs(150)));
-        assert_eq!(completion_limit(&p, 4 * GIB), Some(Duration::from_secs(600)));
-        assert_eq!(completion_limit(&p, 64 << 20), Some(Duration::from_millis(9375)));
+        assert_eq!(
+            completion_limit(&p, 4 * GIB),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            completion_limit(&p, 64 << 20),
+            Some(Duration::from_millis(9375))
+        );
         assert_eq!(completion_limit(&MigrationParams::default(), GIB), None);
     }
 
@@ -386,7 +383,10 @@ mod tests {
         assert_eq!(overdue(secs(2), 2 * GIB, &p), completion);
         assert_eq!(overdue(secs(9), 2 * GIB, &p), completion);
         // No limit set: never overdue.
-        assert_eq!(overdue(secs(1 << 30), GIB, &MigrationParams::default()), None);
+        assert_eq!(
+            overdue(secs(1 << 30), GIB, &MigrationParams::default()),
+            None
+        );
     }
 
     fn overdue_step(

@@ -63,7 +63,10 @@ impl Source {
                 Ok(Err(e)) => return Err(SourceError::PeerLink(e)),
                 _ => {}
             }
-            if let Some(wait) = self.over_bandwidth(Limit::Precopy, t0, bytes0).filter(|_| limited) {
+            if let Some(wait) = self
+                .over_bandwidth(Limit::Precopy, t0, bytes0)
+                .filter(|_| limited)
+            {
                 std::thread::sleep(wait);
             }
             // Throughput so far, including this round, so progress shows it while it runs.
