@@ -9,7 +9,9 @@ use proto::peer::{
     PageRun, PeerMessage, MAX_DISCARD_RANGES, MAX_ERROR_LEN, MAX_RECEIVED_WORDS, MAX_RUN_PAGES,
 };
 use proto::types::{PostcopyStats, LATENCY_BUCKETS, MAX_BLOCKS, MAX_NAME_LEN, MAX_VCPUS};
-use proto::{BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PAGE_SIZE};
+use proto::{
+    BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, TimeoutAction, PAGE_SIZE,
+};
 
 /// Number of `PeerMessage` variants [`peer_message_of`] builds.
 pub const PEER_VARIANTS: u32 = 26;
@@ -151,11 +153,15 @@ fn params(u: &mut Unstructured) -> Result<MigrationParams> {
             MigrationMode::Hybrid,
         ])?,
         bandwidth_limit: edgy_u64(u)?,
+        postcopy_bandwidth_limit: edgy_u64(u)?,
         downtime_limit_ms: edgy_u32(u)?,
         max_rounds: edgy_u32(u)?,
         postcopy_after_rounds: edgy_u32(u)?,
         no_background: u.arbitrary()?,
         link_timeout_ms: edgy_u32(u)?,
+        precopy_timeout_ms: edgy_u32(u)?,
+        precopy_timeout_action: *u.choose(&[TimeoutAction::Suspend, TimeoutAction::Postcopy])?,
+        completion_timeout_per_gib_s: edgy_u32(u)?,
     })
 }
 

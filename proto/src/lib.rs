@@ -23,6 +23,7 @@ pub mod wire;
 
 pub use frame::{FrameError, FramePrefix, MAX_FRAME, PREFIX_LEN};
 pub use types::{
-    BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PostcopyStats, PAGE_SIZE,
+    BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PostcopyStats, TimeoutAction,
+    PAGE_SIZE,
 };
 pub use wire::DecodeError;

@@ -120,6 +120,40 @@ impl MigrationMode {
     }
 }
 
+/// What a precopy that runs past `precopy_timeout_ms` does (virsh's `--timeout-suspend` and
+/// `--timeout-postcopy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// Stop the guest and send the rest: a precopy switchover, whatever the downtime.
+    #[default]
+    Suspend,
+    /// Switch to postcopy (when the destination can run it; else as `Suspend`).
+    Postcopy,
+}
+
+impl TimeoutAction {
+    fn to_u8(self) -> u8 {
+        match self {
+            TimeoutAction::Suspend => 0,
+            TimeoutAction::Postcopy => 1,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => TimeoutAction::Suspend,
+            1 => TimeoutAction::Postcopy,
+            _ => {
+                return Err(DecodeError::invalid(
+                    "precopy_timeout_action",
+                    format!("unknown action {v}"),
+                ))
+            }
+        })
+    }
+}
+
 /// Tunables of one migration, settable before and during it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -128,6 +162,9 @@ pub struct MigrationParams {
     pub mode: MigrationMode,
     /// Background bandwidth limit in bytes per second; 0 means unlimited.
     pub bandwidth_limit: u64,
+    /// Postcopy background bandwidth limit in bytes per second; 0 means `bandwidth_limit`
+    /// applies in postcopy too.
+    pub postcopy_bandwidth_limit: u64,
     /// Largest acceptable stop time in milliseconds; precopy switches over once the remaining
     /// dirty memory fits in it at the measured bandwidth.
     pub downtime_limit_ms: u32,
@@ -140,6 +177,15 @@ pub struct MigrationParams {
     /// A peer silent for this long is dead: idle links carry heartbeats, and every wait on the
     /// other umemd ends after it. At least [`MIN_LINK_TIMEOUT_MS`].
     pub link_timeout_ms: u32,
+    /// Longest precopy, in milliseconds from the start of the migration; 0 means none. Past
+    /// it the migration does `precopy_timeout_action`.
+    pub precopy_timeout_ms: u32,
+    /// What a precopy past `precopy_timeout_ms` does.
+    pub precopy_timeout_action: TimeoutAction,
+    /// Longest migration, in seconds per GiB of guest RAM (in proportion: 512 MiB get half);
+    /// 0 means none. Past it a precopy moves to postcopy when its mode is hybrid, else it is
+    /// cancelled and the VM runs on here.
+    pub completion_timeout_per_gib_s: u32,
 }
 
 /// The shortest `link_timeout_ms` honoured: heartbeats go out five times per timeout.
@@ -157,6 +203,10 @@ impl Default for MigrationParams {
             postcopy_after_rounds: 2,
             no_background: false,
             link_timeout_ms: 5000,
+            postcopy_bandwidth_limit: 0,
+            precopy_timeout_ms: 0,
+            precopy_timeout_action: TimeoutAction::Suspend,
+            completion_timeout_per_gib_s: 0,
         }
     }
 }
@@ -170,6 +220,10 @@ impl MigrationParams {
         w.u32(self.postcopy_after_rounds);
         w.bool(self.no_background);
         w.u32(self.link_timeout_ms);
+        w.u64(self.postcopy_bandwidth_limit);
+        w.u32(self.precopy_timeout_ms);
+        w.u8(self.precopy_timeout_action.to_u8());
+        w.u32(self.completion_timeout_per_gib_s);
     }
 
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -181,6 +235,10 @@ impl MigrationParams {
             postcopy_after_rounds: r.u32("postcopy_after_rounds")?,
             no_background: r.bool("no_background")?,
             link_timeout_ms: r.u32("link_timeout_ms")?,
+            postcopy_bandwidth_limit: r.u64("postcopy_bandwidth_limit")?,
+            precopy_timeout_ms: r.u32("precopy_timeout_ms")?,
+            precopy_timeout_action: TimeoutAction::from_u8(r.u8("precopy_timeout_action")?)?,
+            completion_timeout_per_gib_s: r.u32("completion_timeout_per_gib_s")?,
         })
     }
 }
@@ -420,5 +478,41 @@ impl PostcopyStats {
         s.recoveries = r.u64("recoveries")?;
         s.paused_us = r.u64("paused_us")?;
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(p: &MigrationParams) -> Vec<u8> {
+        let mut buf = Vec::new();
+        p.encode(&mut Writer::new(&mut buf));
+        buf
+    }
+
+    #[test]
+    fn params_round_trip_with_their_time_limits() {
+        let p = MigrationParams {
+            postcopy_bandwidth_limit: 8 << 20,
+            precopy_timeout_ms: 3000,
+            precopy_timeout_action: TimeoutAction::Postcopy,
+            completion_timeout_per_gib_s: 150,
+            ..Default::default()
+        };
+        let buf = encoded(&p);
+        let mut r = Reader::new(&buf);
+        assert_eq!(MigrationParams::decode(&mut r).unwrap(), p);
+        r.finish().unwrap();
+    }
+
+    #[test]
+    fn an_unknown_timeout_action_is_refused_by_name() {
+        let mut buf = encoded(&MigrationParams::default());
+        // The action is the byte before the last field (a u32).
+        let at = buf.len() - 5;
+        buf[at] = 2;
+        let e = MigrationParams::decode(&mut Reader::new(&buf)).unwrap_err();
+        assert!(e.to_string().contains("precopy_timeout_action"), "{e}");
     }
 }

@@ -26,7 +26,9 @@ use proto::peer::{
 use proto::types::{MAX_BLOCKS, MAX_NAME_LEN};
 use proto::wire::Writer;
 use proto::PAGE_SIZE;
-use proto::{BlockDesc, DecodeError, MigrationMode, MigrationParams, MigrationStats, Phase};
+use proto::{
+    BlockDesc, DecodeError, MigrationMode, MigrationParams, MigrationStats, Phase, TimeoutAction,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation accounting.
@@ -326,33 +328,44 @@ fn params() -> BoxedStrategy<MigrationParams> {
         MigrationMode::Postcopy,
         MigrationMode::Hybrid,
     ]);
+    let action = select(vec![TimeoutAction::Suspend, TimeoutAction::Postcopy]);
     (
-        mode,
-        any::<u64>(),
-        any::<u32>(),
-        any::<u32>(),
-        any::<u32>(),
-        any::<bool>(),
-        any::<u32>(),
+        (
+            mode,
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<bool>(),
+            any::<u32>(),
+        ),
+        (any::<u64>(), any::<u32>(), action, any::<u32>()),
     )
         .prop_map(
             |(
-                mode,
-                bandwidth_limit,
-                downtime_limit_ms,
-                max_rounds,
-                postcopy_after_rounds,
-                nb,
-                lt,
-            )| {
-                MigrationParams {
+                (
                     mode,
                     bandwidth_limit,
                     downtime_limit_ms,
                     max_rounds,
                     postcopy_after_rounds,
+                    nb,
+                    lt,
+                ),
+                (postcopy_bandwidth_limit, precopy_timeout_ms, action, per_gib),
+            )| {
+                MigrationParams {
+                    mode,
+                    bandwidth_limit,
+                    postcopy_bandwidth_limit,
+                    downtime_limit_ms,
+                    max_rounds,
+                    postcopy_after_rounds,
                     no_background: nb,
                     link_timeout_ms: lt,
+                    precopy_timeout_ms,
+                    precopy_timeout_action: action,
+                    completion_timeout_per_gib_s: per_gib,
                 }
             },
         )

@@ -110,6 +110,17 @@ impl DirtyBitmap {
         }
     }
 
+    /// Sets `count` pages from `first` of `block`, as a run of a bitmap of the same shape gave
+    /// them; pages outside the block are ignored.
+    pub fn set_run(&mut self, block: u32, first: u64, count: u64) {
+        let Some((pages, bits)) = self.blocks.get_mut(block as usize) else {
+            return;
+        };
+        for p in first..first.saturating_add(count).min(*pages) {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> u64 {
         self.blocks
@@ -197,6 +208,22 @@ mod tests {
         let runs: Vec<_> = bm.runs(50).collect();
         assert_eq!(runs, vec![(0, 1, 3), (0, 64, 50), (0, 114, 15), (1, 99, 1)]);
         assert_eq!(bm.count(), 3 + 65 + 1);
+    }
+
+    #[test]
+    fn set_runs_rebuild_what_runs_gave() {
+        let mut bm = DirtyBitmap::new(&blocks(&[200, 100]));
+        bm.or_words(0, 0, &[0b1110, u64::MAX, 1]).unwrap();
+        bm.or_words(1, 64, &[1 << 35]).unwrap();
+        let mut copy = DirtyBitmap::new(&blocks(&[200, 100]));
+        for (b, f, c) in bm.runs(50) {
+            copy.set_run(b, f, c);
+        }
+        assert_eq!(copy, bm);
+        // Past the block's end, or a block that is not there: nothing.
+        copy.set_run(1, 99, 5);
+        copy.set_run(7, 0, 1);
+        assert_eq!(copy, bm);
     }
 
     #[test]

@@ -409,4 +409,20 @@ mod tests {
         assert!(merge_params(p, &json!({"bogus": 1})).is_err());
         assert!(merge_params(p, &json!({"max_rounds": "x"})).is_err());
     }
+
+    #[test]
+    fn time_limits_and_the_postcopy_bandwidth_are_parameters() {
+        let p = merge_params(
+            MigrationParams::default(),
+            &json!({"postcopy_bandwidth_limit": 8388608, "precopy_timeout_ms": 3000,
+                    "precopy_timeout_action": "postcopy", "completion_timeout_per_gib_s": 150}),
+        )
+        .unwrap();
+        assert_eq!(p.postcopy_bandwidth_limit, 8 << 20);
+        assert_eq!(p.precopy_timeout_ms, 3000);
+        assert_eq!(p.precopy_timeout_action, proto::TimeoutAction::Postcopy);
+        assert_eq!(p.completion_timeout_per_gib_s, 150);
+        let e = merge_params(p, &json!({"precopy_timeout_action": "resume"})).unwrap_err();
+        assert!(e.contains("resume"), "{e}");
+    }
 }

@@ -9,6 +9,7 @@ use proto::peer::PeerMessage;
 
 use super::error::SourceError;
 use super::sender::{Counters, Holes};
+use super::throttle::Limit;
 use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT};
 
 impl Source {
@@ -85,7 +86,7 @@ impl Source {
             }
             block = b;
             page = end;
-            if let Some(wait) = self.over_bandwidth(t0, bytes0) {
+            if let Some(wait) = self.over_bandwidth(Limit::Postcopy, t0, bytes0) {
                 self.sender
                     .flush(&mut peer.stream, &self.counters)
                     .map_err(|e| self.peer_error(peer, e))?;

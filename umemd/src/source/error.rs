@@ -56,6 +56,14 @@ pub enum SourceError {
     /// `migrate-cancel`.
     #[error("migration cancelled")]
     Cancelled,
+    /// A precopy that may not move to postcopy ran past its completion timeout.
+    #[error("cancelled: the migration ran past its completion timeout of {limit_ms} ms ({per_gib_s} s per GiB of guest RAM); the VM runs on here")]
+    CompletionTimeout {
+        /// The limit, for this VM's RAM.
+        limit_ms: u64,
+        /// `completion_timeout_per_gib_s`.
+        per_gib_s: u32,
+    },
     /// Mode postcopy or hybrid towards a destination without a userfaultfd.
     #[error("the destination cannot run postcopy (its VMM passed no userfaultfd)")]
     NoPostcopy,

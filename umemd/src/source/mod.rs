@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use proto::local::{LocalBlock, LocalMessage, PeerAuth};
 use proto::peer::PeerMessage;
-use proto::{MigrationMode, MigrationParams, MigrationStats, Phase};
+use proto::{MigrationMode, MigrationParams, MigrationStats, Phase, PAGE_SIZE};
 
 use crate::auth::{PeerTrust, Side};
 use crate::link::{self, send_local, send_peer, Delivery};
@@ -48,7 +48,10 @@ use crate::tls;
 pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
-use policy::{expected_downtime_us, next_step, RoundDecision, SwitchoverReason};
+use policy::{
+    expected_downtime_us, next_step, CancelReason, Overdue, RoundDecision, RoundEnd,
+    SwitchoverReason,
+};
 use proto::types::MIN_LINK_TIMEOUT_MS;
 use requests::PostcopyCounters;
 use sender::{Counters, PageSender};
@@ -219,6 +222,15 @@ impl Source {
         self
     }
 
+    /// The time limit this migration has run past, if any.
+    fn overdue(&self) -> Option<Overdue> {
+        policy::overdue(
+            self.started.elapsed(),
+            self.mem.total_pages() * PAGE_SIZE,
+            &self.params,
+        )
+    }
+
     /// Runs the migration to its end and reports the outcome to the VMM.
     pub fn run(self) {
         self.run_with(None)
@@ -330,11 +342,14 @@ impl Source {
         let mut last_pending = u64::MAX;
         loop {
             round += 1;
-            self.send_pages(peer, &dirty, round == 1)?;
+            let unsent = self.send_pages(peer, &dirty, round == 1)?;
             send_peer(&mut peer.stream, &PeerMessage::RoundEnd { round })
                 .map_err(|e| self.peer_error(peer, e))?;
             self.stats.rounds = round;
             dirty = self.harvest(false)?.0;
+            if let Some(rest) = &unsent {
+                dirty.merge(rest);
+            }
             let pending = dirty.count();
             let bw = self.bandwidth();
             self.stats.remaining_pages = pending;
@@ -342,14 +357,16 @@ impl Source {
             self.stats.dirty_rate_pps = rate(pending, self.round_elapsed);
             self.stats.expected_downtime_us = expected_downtime_us(pending, bw);
             self.progress(true);
-            let decision = next_step(
+            let end = RoundEnd {
                 round,
-                pending,
+                pending_pages: pending,
                 last_pending,
-                bw,
-                &self.params,
-                self.start_postcopy,
-            );
+                bandwidth_bps: bw,
+                start_postcopy_requested: self.start_postcopy,
+                dest_postcopy: self.dest_postcopy,
+                overdue: self.overdue(),
+            };
+            let decision = next_step(&end, &self.params);
             last_pending = pending;
             match decision {
                 RoundDecision::AnotherRound => {}
@@ -369,6 +386,23 @@ impl Source {
                 } => {
                     info!("{}: switchover after the round limit ({round})", self.vm);
                     break;
+                }
+                RoundDecision::Switchover {
+                    reason: SwitchoverReason::PrecopyTimeout,
+                } => {
+                    info!(
+                        "{}: switchover after the precopy timeout ({} ms, round {round}): {pending} dirty pages",
+                        self.vm, self.params.precopy_timeout_ms
+                    );
+                    break;
+                }
+                RoundDecision::Cancel {
+                    reason: CancelReason::CompletionTimeout { limit },
+                } => {
+                    return Err(SourceError::CompletionTimeout {
+                        limit_ms: limit.as_millis() as u64,
+                        per_gib_s: self.params.completion_timeout_per_gib_s,
+                    });
                 }
                 RoundDecision::Postcopy { reason } => {
                     info!(

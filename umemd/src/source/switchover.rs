@@ -32,6 +32,7 @@ impl Source {
         dirty.merge(&last);
         let state = state.ok_or(SourceError::NoMachineState)?;
         let harvested = stopped_at.elapsed();
+        // The guest is stopped: no time limit ends this pass early.
         self.send_pages(peer, &dirty, false)?;
         send_peer(
             &mut peer.stream,

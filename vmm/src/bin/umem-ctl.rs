@@ -3,38 +3,114 @@
 //! ```text
 //! umem-ctl -s /run/umem/vm0.sock query-status
 //! umem-ctl -s /run/umem/vm0.sock migrate uri=tcp:10.0.0.2:4444 mode=precopy
+//! umem-ctl -s /run/umem/vm0.sock migrate --postcopy --bandwidth 100 tcp:10.0.0.2:4444
 //! umem-ctl -s /run/umem/vm0.sock --json wait-migrate
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 
 /// Talk to a vmm control socket.
 #[derive(Debug, Parser)]
-#[command(name = "umem-ctl", version, trailing_var_arg = true)]
+#[command(
+    name = "umem-ctl",
+    version,
+    after_help = "Any other COMMAND (query-status, stop, cont, quit, migrate-cancel, \
+migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover, migrate-incoming, \
+query-migrate, query-migrate-parameters, query-ram-digest) is sent as it is, with its \
+arguments as key=value (values are JSON when they parse as JSON, strings otherwise)."
+)]
 struct Args {
     /// The VMM's control socket.
     #[arg(short, long)]
     socket: PathBuf,
     /// Print the reply as one JSON line instead of key: value lines.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Give up after this many seconds (for wait-* commands and connecting).
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
-    /// A control command (query-status, stop, cont, quit, migrate, migrate-cancel,
-    /// migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover, migrate-incoming,
-    /// migrate-set-parameters, query-migrate, query-migrate-parameters, query-ram-digest), or
-    /// wait-migrate (poll until the migration ends, printing progress), or wait-status STATUS.
-    command: String,
-    /// Arguments as key=value (values are JSON when they parse as JSON, strings otherwise).
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start an outgoing migration: flags as virsh migrate's, then the URI (tcp:HOST:PORT or
+    /// unix:PATH) and any other parameter as key=value.
+    Migrate(MigrateArgs),
+    /// Change the parameters of the next or the running migration (flags as migrate's, and
+    /// key=value).
+    MigrateSetParameters(SetParametersArgs),
+    /// Poll until the migration ends, showing its progress on stderr (a bar on a terminal).
+    WaitMigrate,
+    /// Poll until the VM has status STATUS.
+    WaitStatus {
+        /// running, paused, inmigrate, postmigrate, ...
+        status: String,
+    },
+    #[command(external_subcommand)]
+    Other(Vec<String>),
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// Allow postcopy (mode=hybrid): precopy first, postcopy once precopy stops converging,
+    /// reaches max_rounds or a --timeout-postcopy, or on migrate-start-postcopy.
+    #[arg(long)]
+    postcopy: bool,
+    /// With --postcopy: switch to postcopy after the first precopy pass
+    /// (postcopy_after_rounds=1).
+    #[arg(long, requires = "postcopy")]
+    postcopy_after_precopy: bool,
+    #[command(flatten)]
+    tuning: Tuning,
+    /// tcp:HOST:PORT or unix:PATH (or uri=...), and other parameters as key=value.
     args: Vec<String>,
 }
+
+#[derive(Debug, clap::Args)]
+struct SetParametersArgs {
+    #[command(flatten)]
+    tuning: Tuning,
+    /// Parameters as key=value.
+    args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Tuning {
+    /// Precopy bandwidth limit in MiB/s (bandwidth_limit).
+    #[arg(long, value_name = "MiB/s")]
+    bandwidth: Option<u64>,
+    /// Bandwidth limit of postcopy's background pages in MiB/s (postcopy_bandwidth_limit;
+    /// unset, --bandwidth applies).
+    #[arg(long, value_name = "MiB/s")]
+    postcopy_bandwidth: Option<u64>,
+    /// Longest precopy, in seconds from the start (precopy_timeout_ms); then what
+    /// --timeout-suspend or --timeout-postcopy says, suspend when neither does.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u32>,
+    /// At --timeout, stop the guest and send the rest (precopy_timeout_action=suspend).
+    #[arg(long, requires = "timeout", conflicts_with = "timeout_postcopy")]
+    timeout_suspend: bool,
+    /// At --timeout, switch to postcopy (precopy_timeout_action=postcopy); migrate needs
+    /// --postcopy with it.
+    #[arg(long, requires = "timeout")]
+    timeout_postcopy: bool,
+    /// Longest migration, in seconds per GiB of guest RAM (completion_timeout_per_gib_s);
+    /// past it a migration with --postcopy moves to postcopy, any other is cancelled.
+    #[arg(long, value_name = "SECONDS")]
+    completion_timeout_per_gib: Option<u32>,
+}
+
+/// Bytes in a MiB: virsh's bandwidth unit.
+const MIB: u64 = 1 << 20;
 
 struct Client {
     reader: BufReader<UnixStream>,
@@ -92,7 +168,7 @@ impl Client {
     }
 }
 
-fn parse_args(args: &[String]) -> Result<Value, String> {
+fn parse_args(args: &[String]) -> Result<Map<String, Value>, String> {
     let mut m = Map::new();
     for a in args {
         let (k, v) = a
@@ -101,7 +177,97 @@ fn parse_args(args: &[String]) -> Result<Value, String> {
         let val = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
         m.insert(k.to_string(), val);
     }
-    Ok(Value::Object(m))
+    Ok(m)
+}
+
+/// Sets `key` from a flag, refusing the same parameter given as key=value too.
+fn set_once(m: &mut Map<String, Value>, key: &str, flag: &str, v: Value) -> Result<(), String> {
+    if m.contains_key(key) {
+        return Err(format!("{flag} and {key}=... both set {key}"));
+    }
+    m.insert(key.to_string(), v);
+    Ok(())
+}
+
+impl Tuning {
+    /// The parameters the flags and the key=value arguments in `kv` set.
+    fn parameters(&self, kv: &[String]) -> Result<Map<String, Value>, String> {
+        let mut m = parse_args(kv)?;
+        let mib = |flag: &str, n: u64| {
+            n.checked_mul(MIB)
+                .ok_or_else(|| format!("{flag} {n}: too large"))
+        };
+        if let Some(n) = self.bandwidth {
+            let v = json!(mib("--bandwidth", n)?);
+            set_once(&mut m, "bandwidth_limit", "--bandwidth", v)?;
+        }
+        if let Some(n) = self.postcopy_bandwidth {
+            let v = json!(mib("--postcopy-bandwidth", n)?);
+            set_once(
+                &mut m,
+                "postcopy_bandwidth_limit",
+                "--postcopy-bandwidth",
+                v,
+            )?;
+        }
+        if let Some(secs) = self.timeout {
+            let ms = secs
+                .checked_mul(1000)
+                .ok_or_else(|| format!("--timeout {secs}: too large"))?;
+            set_once(&mut m, "precopy_timeout_ms", "--timeout", json!(ms))?;
+            let action = if self.timeout_postcopy {
+                "postcopy"
+            } else {
+                "suspend"
+            };
+            set_once(&mut m, "precopy_timeout_action", "--timeout", json!(action))?;
+        }
+        if let Some(s) = self.completion_timeout_per_gib {
+            set_once(
+                &mut m,
+                "completion_timeout_per_gib_s",
+                "--completion-timeout-per-gib",
+                json!(s),
+            )?;
+        }
+        Ok(m)
+    }
+}
+
+impl MigrateArgs {
+    /// The `migrate` command's arguments: the URI (tcp:HOST:PORT or unix:PATH, or uri=...),
+    /// the flags' parameters and the key=value ones.
+    fn arguments(&self) -> Result<Value, String> {
+        let (uris, kv): (Vec<String>, Vec<String>) = self
+            .args
+            .iter()
+            .cloned()
+            .partition(|a| a.starts_with("tcp:") || a.starts_with("unix:"));
+        let mut m = self.tuning.parameters(&kv)?;
+        match uris.as_slice() {
+            [] => {}
+            [uri] => set_once(&mut m, "uri", uri, json!(uri))?,
+            _ => return Err(format!("more than one URI: {}", uris.join(" "))),
+        }
+        if !m.contains_key("uri") {
+            return Err("migrate needs a URI: tcp:HOST:PORT or unix:PATH".into());
+        }
+        if self.tuning.timeout_postcopy && !self.postcopy {
+            return Err("--timeout-postcopy needs --postcopy: postcopy must be allowed".into());
+        }
+        if self.postcopy {
+            set_once(&mut m, "mode", "--postcopy", json!("hybrid"))?;
+            // Without --postcopy-after-precopy no round count moves it to postcopy: only
+            // convergence, max_rounds, a time limit or migrate-start-postcopy do.
+            let after = if self.postcopy_after_precopy {
+                1
+            } else {
+                u32::MAX
+            };
+            set_once(&mut m, "postcopy_after_rounds", "--postcopy", json!(after))?;
+        }
+        Ok(Value::Object(m))
+    }
 }
 
 fn print_human(v: &Value, prefix: &str) {
@@ -150,58 +316,183 @@ fn progress_line(m: &Value) -> String {
     )
 }
 
+/// Successive `query-migrate` samples, for the rates a single one does not give.
+#[derive(Default)]
+struct Rates {
+    last: Option<(Instant, u64, u64)>,
+    /// Bytes per second on the migration stream, smoothed.
+    bytes_per_s: f64,
+    /// Page faults (destination) or page requests served (source) per second, smoothed.
+    faults_per_s: f64,
+}
+
+impl Rates {
+    /// Adds sample `m` taken now.
+    fn sample(&mut self, m: &Value) {
+        let now = Instant::now();
+        let bytes = m["stats"]["bytes_sent"].as_u64().unwrap_or(0);
+        let pc = &m["postcopy"];
+        let faults = pc["faults"]
+            .as_u64()
+            .unwrap_or(0)
+            .max(pc["pages_requested"].as_u64().unwrap_or(0));
+        if let Some((t, b, f)) = self.last {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt > 0.0 {
+                let smooth = |old: f64, new: f64| {
+                    if old == 0.0 {
+                        new
+                    } else {
+                        0.6 * old + 0.4 * new
+                    }
+                };
+                self.bytes_per_s = smooth(self.bytes_per_s, bytes.saturating_sub(b) as f64 / dt);
+                self.faults_per_s = smooth(self.faults_per_s, faults.saturating_sub(f) as f64 / dt);
+            }
+        } else {
+            self.bytes_per_s = m["stats"]["throughput_bps"].as_u64().unwrap_or(0) as f64;
+        }
+        self.last = Some((now, bytes, faults));
+    }
+}
+
+/// A progress bar on stderr: phase, percent, rate, what is left, ETA, and the dirty rate in
+/// precopy or the fault rate in postcopy.
+struct Bar {
+    bar: ProgressBar,
+    rates: Rates,
+}
+
+impl Bar {
+    fn new() -> Self {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template("{prefix:<11} [{bar:30}] {percent:>3}%  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        bar.set_style(style);
+        Bar {
+            bar,
+            rates: Rates::default(),
+        }
+    }
+
+    fn update(&mut self, m: &Value) {
+        self.rates.sample(m);
+        let s = &m["stats"];
+        let phase = m["phase"].as_str().unwrap_or("?");
+        let total = s["total_pages"].as_u64().unwrap_or(0);
+        let remaining_pages = match m["postcopy"]["remaining_pages"].as_u64() {
+            Some(r) if phase.starts_with("postcopy") => r,
+            _ => s["remaining_pages"].as_u64().unwrap_or(0),
+        };
+        let left = remaining_pages * 4096;
+        let rate = self.rates.bytes_per_s;
+        let eta = if rate >= 1.0 {
+            format!("{}s", (left as f64 / rate).ceil() as u64)
+        } else {
+            "--".into()
+        };
+        let tail = if phase.starts_with("postcopy") {
+            format!("faults {:.0}/s", self.rates.faults_per_s)
+        } else {
+            format!(
+                "dirty {} pages/s",
+                s["dirty_rate_pps"].as_u64().unwrap_or(0)
+            )
+        };
+        self.bar.set_prefix(phase.to_string());
+        self.bar.set_length(total.max(1));
+        self.bar.set_position(total.saturating_sub(remaining_pages));
+        self.bar.set_message(format!(
+            "{}/s  {} left  ETA {eta}  {tail}",
+            HumanBytes(rate as u64),
+            HumanBytes(left)
+        ));
+    }
+}
+
 fn run(a: Args) -> Result<i32, String> {
     let timeout = Duration::from_secs_f64(a.timeout);
+    // Arguments are checked before anything is sent.
+    let request = match &a.command {
+        Command::Migrate(m) => Some(("migrate", m.arguments()?)),
+        Command::MigrateSetParameters(p) => Some((
+            "migrate-set-parameters",
+            Value::Object(p.tuning.parameters(&p.args)?),
+        )),
+        Command::Other(words) => {
+            let (cmd, rest) = words.split_first().ok_or("no command")?;
+            Some((cmd.as_str(), Value::Object(parse_args(rest)?)))
+        }
+        Command::WaitMigrate | Command::WaitStatus { .. } => None,
+    };
     let mut c = Client::connect(&a.socket, timeout)?;
     let deadline = Instant::now() + timeout;
-    match a.command.as_str() {
-        "wait-migrate" => loop {
-            let m = c.call("query-migrate", json!({}))?;
-            let phase = m["phase"].as_str().unwrap_or("").to_string();
-            if !a.json {
-                eprintln!("{}", progress_line(&m));
-            }
-            if matches!(
-                phase.as_str(),
-                "completed" | "failed" | "cancelled" | "none"
-            ) {
-                if a.json {
-                    println!("{m}");
-                } else {
-                    print_human(&m, "");
-                }
-                return Ok(if phase == "completed" { 0 } else { 1 });
+    let (cmd, args) = match (&a.command, request) {
+        (_, Some(request)) => request,
+        (Command::WaitMigrate, None) => return wait_migrate(&mut c, a.json, timeout, deadline),
+        (Command::WaitStatus { status }, None) => loop {
+            let s = c.call("query-status", json!({}))?;
+            if s["status"].as_str() == Some(status.as_str()) {
+                return Ok(0);
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "migration still in phase {phase} after {:?}",
-                    timeout
-                ));
+                return Err(format!("status is {} after {:?}", s["status"], timeout));
             }
-            std::thread::sleep(Duration::from_millis(if a.json { 20 } else { 250 }));
+            std::thread::sleep(Duration::from_millis(20));
         },
-        "wait-status" => {
-            let want = a.args.first().ok_or("wait-status needs a STATUS")?;
-            loop {
-                let s = c.call("query-status", json!({}))?;
-                if s["status"].as_str() == Some(want.as_str()) {
-                    return Ok(0);
-                }
-                if Instant::now() >= deadline {
-                    return Err(format!("status is {} after {:?}", s["status"], timeout));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        (_, None) => return Err("no request for this command".into()),
+    };
+    let r = c.call(cmd, args)?;
+    if a.json {
+        println!("{r}");
+    } else {
+        print_human(&r, "");
+    }
+    Ok(0)
+}
+
+/// Polls `query-migrate` until the migration ends; progress goes to stderr, as a bar when it
+/// is a terminal and as plain lines when not (none with `--json`).
+fn wait_migrate(
+    c: &mut Client,
+    json_out: bool,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<i32, String> {
+    let mut bar = (!json_out && std::io::stderr().is_terminal()).then(Bar::new);
+    loop {
+        let m = c.call("query-migrate", json!({}))?;
+        let phase = m["phase"].as_str().unwrap_or("").to_string();
+        match bar.as_mut() {
+            Some(b) => b.update(&m),
+            None if !json_out => eprintln!("{}", progress_line(&m)),
+            None => {}
         }
-        cmd => {
-            let r = c.call(cmd, parse_args(&a.args)?)?;
-            if a.json {
-                println!("{r}");
+        if matches!(
+            phase.as_str(),
+            "completed" | "failed" | "cancelled" | "none"
+        ) {
+            if let Some(b) = &bar {
+                b.bar.finish();
+            }
+            if json_out {
+                println!("{m}");
             } else {
-                print_human(&r, "");
+                print_human(&m, "");
             }
-            Ok(0)
+            return Ok(if phase == "completed" { 0 } else { 1 });
         }
+        if Instant::now() >= deadline {
+            if let Some(b) = &bar {
+                b.bar.abandon();
+            }
+            return Err(format!(
+                "migration still in phase {phase} after {:?}",
+                timeout
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(if json_out { 20 } else { 250 }));
     }
 }
 
@@ -212,5 +503,129 @@ fn main() {
             eprintln!("umem-ctl: {e}");
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request `umem-ctl -s S WORDS...` sends for a migrate command.
+    fn migrate(words: &[&str]) -> Result<Value, String> {
+        let argv = ["umem-ctl", "-s", "/s", "migrate"].iter().chain(words);
+        let a = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match a.command {
+            Command::Migrate(m) => m.arguments(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_key_value_form_still_works() {
+        let v = migrate(&[
+            "uri=tcp:10.0.0.2:4444",
+            "mode=precopy",
+            "downtime_limit_ms=50",
+        ]);
+        assert_eq!(
+            v.unwrap(),
+            json!({"uri": "tcp:10.0.0.2:4444", "mode": "precopy", "downtime_limit_ms": 50})
+        );
+    }
+
+    #[test]
+    fn virsh_flags_map_onto_parameters() {
+        let v = migrate(&[
+            "--postcopy",
+            "--bandwidth",
+            "100",
+            "--postcopy-bandwidth",
+            "8",
+            "--timeout",
+            "3",
+            "--timeout-postcopy",
+            "--completion-timeout-per-gib",
+            "150",
+            "tcp:h:1",
+            "downtime_limit_ms=50",
+        ])
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"uri": "tcp:h:1", "downtime_limit_ms": 50, "mode": "hybrid",
+                   "postcopy_after_rounds": u32::MAX, "bandwidth_limit": 100u64 << 20,
+                   "postcopy_bandwidth_limit": 8u64 << 20, "precopy_timeout_ms": 3000,
+                   "precopy_timeout_action": "postcopy", "completion_timeout_per_gib_s": 150})
+        );
+        let v = migrate(&["--postcopy", "--postcopy-after-precopy", "unix:/p"]).unwrap();
+        assert_eq!(v["postcopy_after_rounds"], 1);
+        // --timeout alone suspends, as virsh's does.
+        let v = migrate(&["--timeout", "5", "tcp:h:1"]).unwrap();
+        assert_eq!(v["precopy_timeout_action"], "suspend");
+        assert_eq!(v["precopy_timeout_ms"], 5000);
+        assert!(v.get("mode").is_none());
+    }
+
+    #[test]
+    fn contradictions_are_refused_by_name() {
+        let e = migrate(&["--timeout", "3", "--timeout-postcopy", "tcp:h:1"]).unwrap_err();
+        assert!(e.contains("--postcopy"), "{e}");
+        let e = migrate(&["--postcopy-after-precopy", "tcp:h:1"]).unwrap_err();
+        assert!(e.contains("--postcopy"), "{e}");
+        let e = migrate(&["--timeout-postcopy", "--postcopy", "tcp:h:1"]).unwrap_err();
+        assert!(e.contains("--timeout"), "{e}");
+        let e = migrate(&["--postcopy", "mode=precopy", "tcp:h:1"]).unwrap_err();
+        assert!(e.contains("mode"), "{e}");
+        let e = migrate(&["--bandwidth", "1", "tcp:h:1", "tcp:h:2"]).unwrap_err();
+        assert!(e.contains("more than one URI"), "{e}");
+        let e = migrate(&["--bandwidth", "1"]).unwrap_err();
+        assert!(e.contains("URI"), "{e}");
+        let e = migrate(&["--bandwidth", "18446744073709551615", "tcp:h:1"]).unwrap_err();
+        assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn other_commands_pass_through() {
+        let a = Args::try_parse_from([
+            "umem-ctl",
+            "-s",
+            "/s",
+            "query-ram-digest",
+            "exclude=[[0,4096]]",
+        ])
+        .unwrap();
+        match a.command {
+            Command::Other(w) => {
+                assert_eq!(w[0], "query-ram-digest");
+                assert_eq!(
+                    Value::Object(parse_args(&w[1..]).unwrap()),
+                    json!({"exclude": [[0, 4096]]})
+                );
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rates_come_from_successive_samples() {
+        let mut r = Rates::default();
+        let at = |bytes: u64, requested: u64| {
+            json!({"stats": {"bytes_sent": bytes, "throughput_bps": 7},
+                   "postcopy": {"pages_requested": requested, "faults": 0}})
+        };
+        r.sample(&at(0, 0));
+        assert_eq!(r.bytes_per_s, 7.0, "the first sample takes umemd's figure");
+        std::thread::sleep(Duration::from_millis(100));
+        r.sample(&at(10 << 20, 50));
+        assert!(
+            r.bytes_per_s > 10.0 * 1048576.0 && r.bytes_per_s <= 100.0 * 1048576.0,
+            "{}",
+            r.bytes_per_s
+        );
+        assert!(
+            r.faults_per_s > 50.0 && r.faults_per_s <= 500.0,
+            "{}",
+            r.faults_per_s
+        );
     }
 }
