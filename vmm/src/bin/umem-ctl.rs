@@ -13,28 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Map, Value};
-
-/// Talk to a vmm control socket.
-#[derive(Debug, Parser)]
-#[command(name = "umem-ctl", version, trailing_var_arg = true)]
-struct Args {
-    /// The VMM's control socket.
-    #[arg(short, long)]
-    socket: PathBuf,
-    /// Print the reply as one JSON line instead of key: value lines.
-    #[arg(long)]
-    json: bool,
-    /// Give up after this many seconds (for wait-* commands and connecting).
-    #[arg(long, default_value_t = 600.0)]
-    timeout: f64,
-    /// A control command (query-status, stop, cont, quit, migrate, migrate-cancel,
-    /// migrate-start-postcopy, migrate-pause, migrate-resume, migrate-recover, migrate-incoming,
-    /// migrate-set-parameters, query-migrate, query-migrate-parameters, query-ram-digest), or
-    /// wait-migrate (poll until the migration ends, printing progress), or wait-status STATUS.
-    command: String,
-    /// Arguments as key=value (values are JSON when they parse as JSON, strings otherwise).
-    args: Vec<String>,
-}
+use vmm::cli::umem_ctl::Args;
 
 struct Client {
     reader: BufReader<UnixStream>,
