@@ -4,8 +4,7 @@ use clap_complete::Shell;
 
 use crate::commands::Installed;
 
-/// The shells the package ships completions for, with where each file goes under the output
-/// directory's completions/ (the package installs them to that shell's Debian directory).
+/// The shells the package ships completions for (each into that shell's Debian directory).
 pub const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
 /// The file name each shell's completion loader looks for.

@@ -40,3 +40,33 @@ pub fn render(c: &Installed) -> Result<Vec<u8>, Error> {
     more.to_writer(&mut page).map_err(err)?;
     Ok(page)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commands;
+
+    #[test]
+    fn every_page_documents_every_flag_in_its_section() {
+        for c in commands::all() {
+            let page = String::from_utf8(render(&c).unwrap()).unwrap();
+            let title = format!(".TH {} {} ", c.name(), c.section);
+            assert!(
+                page.contains(&title),
+                "{}: no {title:?} line",
+                file_name(&c)
+            );
+            for arg in c.command.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                // roff escapes the dashes of option names.
+                let flag = format!("\\-\\-{}", long.replace('-', "\\-"));
+                assert!(page.contains(&flag), "{} lacks --{long}", file_name(&c));
+            }
+            assert!(
+                page.contains(".SH \"SEE ALSO\""),
+                "{} lacks SEE ALSO",
+                file_name(&c)
+            );
+        }
+    }
+}

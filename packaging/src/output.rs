@@ -3,8 +3,6 @@
 
 use std::path::Path;
 
-use clap_complete::Shell;
-
 use crate::commands;
 use crate::completions;
 use crate::defaults;
@@ -22,7 +20,7 @@ pub fn write_all(out: &Path) -> Result<usize, Error> {
         )?;
         n += 1;
         for shell in completions::SHELLS {
-            let dir = out.join("completions").join(shell_dir(shell));
+            let dir = out.join("completions").join(shell.to_string());
             let file = dir.join(completions::file_name(shell, c.name()));
             write(&file, &completions::render(c, shell))?;
             n += 1;
@@ -36,10 +34,6 @@ pub fn write_all(out: &Path) -> Result<usize, Error> {
         }
     }
     Ok(n)
-}
-
-fn shell_dir(shell: Shell) -> String {
-    shell.to_string()
 }
 
 fn write(path: &Path, data: &[u8]) -> Result<(), Error> {
