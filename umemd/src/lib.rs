@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod auth;
 pub mod bitmap;
+pub mod cli;
 pub mod daemon;
 pub mod dest;
 pub mod error;

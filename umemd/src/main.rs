@@ -1,57 +1,12 @@
-//! `umemd` command line.
+//! `umemd` command line: the flags are in `umemd::cli`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use log::info;
 use proto::peercred::{self, AllowList};
-use umemd::admission::{self, Limits};
-
-/// The umem migration daemon.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Socket on which VMMs connect (ignored when systemd passes one).
-    #[arg(long, default_value = "/run/umem/umemd.sock")]
-    socket: PathBuf,
-    /// Make the socket 0660 and owned by this group (name or gid) instead of 0600; the allow
-    /// list still decides who is served.
-    #[arg(long, value_name = "NAME|GID")]
-    socket_group: Option<String>,
-    /// Also serve clients of this uid (root and umemd's own uid always are); repeatable.
-    #[arg(long, value_name = "UID")]
-    allow_uid: Vec<u32>,
-    /// Also serve clients whose primary group is this one (name or gid); repeatable.
-    #[arg(long, value_name = "NAME|GID")]
-    allow_gid: Vec<String>,
-    /// Drop a client whose whole opening message has not arrived this long after it connected.
-    #[arg(long, value_name = "MS", default_value_t = admission::DEFAULT_OPENING_TIMEOUT.as_millis() as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    opening_timeout_ms: u64,
-    /// Most sessions at once; a client over it gets Failed.
-    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    max_sessions: u64,
-    /// Most sessions at once of one client uid (VMMs that all run as root share it).
-    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS_PER_UID as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    max_sessions_per_uid: u64,
-    /// The host's migration secret, in a file only its owner can read: every migration whose
-    /// VMM gave no secret of its own authenticates its peers with it.
-    #[arg(long, value_name = "FILE")]
-    secret_file: Option<PathBuf>,
-    /// The host's TLS credentials: a directory with ca-cert.pem, server-cert.pem and
-    /// server-key.pem (to receive), client-cert.pem and client-key.pem (to send). Every
-    /// migration whose VMM gave no directory of its own runs its TCP connections over TLS 1.3
-    /// with them, both sides presenting a certificate of the CA.
-    #[arg(long, value_name = "DIR")]
-    tls_creds: Option<PathBuf>,
-    /// Serve Prometheus metrics (GET /metrics) over HTTP at this address, e.g. 127.0.0.1:9464;
-    /// unauthenticated, so keep it on a trusted network. Off when not given.
-    #[arg(long, value_name = "IP:PORT")]
-    metrics: Option<std::net::SocketAddr>,
-}
+use umemd::admission::Limits;
+use umemd::cli::Args;
 
 fn fail(what: &str) -> ! {
     // Once, whatever RUST_LOG says: the reason umemd stops.

@@ -5,6 +5,7 @@
 //! umemd), then umemd's `source` and `dest` modules, then back here in [`vm`] and [`vcpu`].
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod cli;
 pub mod control;
 pub mod devices;
 pub mod guests;

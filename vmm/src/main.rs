@@ -1,91 +1,16 @@
-//! `vmm` command line.
+//! `vmm` command line: the flags are in `vmm::cli::vmm`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
 use log::info;
 use proto::peercred::{self, AllowList};
+use vmm::cli::vmm::Args;
 use vmm::devices::SerialOut;
 use vmm::machine::{Machine, Status};
 use vmm::memory::GuestRam;
 use vmm::vm::Vm;
-use vmm::{control, guests, loader, migration, parse_size};
-
-/// A small KVM VMM for umem: memfd guest RAM, multiboot guests, migration through umemd.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {
-    /// Guest RAM size (e.g. 512M, 1G, 5G; above 3G a second block starts at 4 GiB).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    mem: u64,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Built-in guest to boot (see --list-guests).
-    #[arg(long, conflicts_with = "kernel")]
-    guest: Option<String>,
-    /// Multiboot ELF kernel to boot.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Kernel command line (guest parameters such as "pages=4096").
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Fill all guest RAM with pseudo-random bytes from this seed before loading the kernel.
-    #[arg(long)]
-    prefill: Option<u64>,
-    /// Control socket path (JSON lines).
-    #[arg(long, required_unless_present_any = ["list_guests", "export_guest"])]
-    control: Option<PathBuf>,
-    /// Make the control socket 0660 and owned by this group (name or gid) instead of 0600; the
-    /// allow list still decides who is served.
-    #[arg(long, value_name = "NAME|GID")]
-    control_group: Option<String>,
-    /// Also serve control clients of this uid (root and the VMM's own uid always are);
-    /// repeatable.
-    #[arg(long, value_name = "UID")]
-    allow_uid: Vec<u32>,
-    /// Also serve control clients whose primary group is this one (name or gid); repeatable.
-    #[arg(long, value_name = "NAME|GID")]
-    allow_gid: Vec<String>,
-    /// Where guest serial output goes: a file path, "stdout" or "none".
-    #[arg(long, default_value = "stdout")]
-    serial: String,
-    /// umemd's socket.
-    #[arg(long, default_value = "/run/umem/umemd.sock")]
-    umemd: PathBuf,
-    /// Receive the VM from a migration listening here: tcp:HOST:PORT (port 0 picks one) between
-    /// hosts, or unix:PATH within one host; or "defer", to say where (and with which secret or
-    /// TLS credentials) later with the control command migrate-incoming.
-    #[arg(long)]
-    incoming: Option<String>,
-    /// The incoming migration's secret, in a file only its owner can read: the source must
-    /// prove it knows the same one (its migrate command's secret or secret_file).
-    #[arg(long, requires = "incoming")]
-    incoming_secret_file: Option<PathBuf>,
-    /// Run the incoming migration's TCP connections over TLS with the certificates in this
-    /// directory (ca-cert.pem, server-cert.pem, server-key.pem; umemd reads them): the source
-    /// must present a client certificate of the same CA (its migrate command's tls_creds).
-    #[arg(long, requires = "incoming", value_name = "DIR")]
-    incoming_tls_creds: Option<PathBuf>,
-    /// Allow --incoming on a TCP address beyond loopback without any secret or TLS: anybody who
-    /// reaches the port could then send this VM its memory and registers.
-    #[arg(long, requires = "incoming")]
-    incoming_insecure: bool,
-    /// Do not start the vCPUs (at boot, or after an incoming migration) until "cont".
-    #[arg(long, short = 'S')]
-    paused: bool,
-    /// VM name for logs.
-    #[arg(long, default_value = "vm")]
-    name: String,
-    /// List the built-in guests and exit.
-    #[arg(long)]
-    list_guests: bool,
-    /// Write the --guest image (a multiboot ELF) to this file and exit, e.g. to boot the very
-    /// same guest under `qemu-system-x86_64 -kernel`.
-    #[arg(long, requires = "guest")]
-    export_guest: Option<PathBuf>,
-}
+use vmm::{control, guests, loader, migration};
 
 fn serial_out(spec: &str) -> std::io::Result<SerialOut> {
     Ok(match spec {

@@ -1,0 +1,52 @@
+//! `umemd`'s command line: its flags, also rendered into its man page and shell completions.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::admission;
+
+/// The umem migration daemon.
+#[derive(Debug, Parser)]
+#[command(version)]
+pub struct Args {
+    /// Socket on which VMMs connect (ignored when systemd passes one).
+    #[arg(long, default_value = "/run/umem/umemd.sock")]
+    pub socket: PathBuf,
+    /// Make the socket 0660 and owned by this group (name or gid) instead of 0600; the allow
+    /// list still decides who is served.
+    #[arg(long, value_name = "NAME|GID")]
+    pub socket_group: Option<String>,
+    /// Also serve clients of this uid (root and umemd's own uid always are); repeatable.
+    #[arg(long, value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Also serve clients whose primary group is this one (name or gid); repeatable.
+    #[arg(long, value_name = "NAME|GID")]
+    pub allow_gid: Vec<String>,
+    /// Drop a client whose whole opening message has not arrived this long after it connected.
+    #[arg(long, value_name = "MS", default_value_t = admission::DEFAULT_OPENING_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub opening_timeout_ms: u64,
+    /// Most sessions at once; a client over it gets Failed.
+    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions: u64,
+    /// Most sessions at once of one client uid (VMMs that all run as root share it).
+    #[arg(long, value_name = "N", default_value_t = admission::DEFAULT_MAX_SESSIONS_PER_UID as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions_per_uid: u64,
+    /// The host's migration secret, in a file only its owner can read: every migration whose
+    /// VMM gave no secret of its own authenticates its peers with it.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The host's TLS credentials: a directory with ca-cert.pem, server-cert.pem and
+    /// server-key.pem (to receive), client-cert.pem and client-key.pem (to send). Every
+    /// migration whose VMM gave no directory of its own runs its TCP connections over TLS 1.3
+    /// with them, both sides presenting a certificate of the CA.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) over HTTP at this address, e.g. 127.0.0.1:9464;
+    /// unauthenticated, so keep it on a trusted network. Off when not given.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
