@@ -113,6 +113,27 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50}),
     },
+    // The data path alone: the guest is halted, so umemd has both cores.
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-prefilled-idle",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: true,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-prefilled-idle-tls",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: true,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({"tls": true}),
+    },
     || Scenario {
         engine: Engine::Umem,
         name: "postcopy-1g-prefilled-random-touch",
@@ -243,6 +264,15 @@ const SCENARIOS: &[fn() -> Scenario] = &[
 /// memtouch writing every page of a 1 GiB VM above its 16 MiB base (258048 pages), once.
 const GUEST_WRITTEN_1G: &str = "pages=258048 passes=1";
 
+/// CPU milliseconds per GiB sent, of the source's and the destination's migration processes.
+pub fn cpu_per_gib(cpu: [Duration; 2], bytes: u64) -> Value {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib == 0.0 {
+        return Value::Null;
+    }
+    json!(cpu.map(|c| (c.as_secs_f64() * 1000.0 / gib).round() as u64))
+}
+
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
@@ -291,6 +321,7 @@ fn run(s: &Scenario) -> Run {
     let uri = dst.listen_uri();
     params["mode"] = json!(s.mode);
     let mut progress = Progress::new();
+    let cpu0 = [su.proc.cpu_time(None), du.proc.cpu_time(None)];
     let t0 = Instant::now();
     src.migrate(&uri, params).expect("migrate");
     let (outcome, wall) = match stop_after {
@@ -327,6 +358,11 @@ fn run(s: &Scenario) -> Run {
             (v, wall)
         }
     };
+    let cpu = [
+        su.proc.cpu_time(None).saturating_sub(cpu0[0]),
+        du.proc.cpu_time(None).saturating_sub(cpu0[1]),
+    ];
+    let peak_rss_kib = [su.peak_rss_kib(), du.peak_rss_kib()];
     let src_stats = outcome["source"]["stats"].clone();
     let st = if src_stats.is_null() {
         src.query_migrate()["stats"].clone()
@@ -376,6 +412,8 @@ fn run(s: &Scenario) -> Run {
         "vcpu_blocked_ms": pc["vcpu_blocked_us"].as_array().map(|a| a.iter().map(|v| ms(v.as_u64().unwrap_or(0))).collect::<Vec<_>>()),
         "dst_status": dst.status(),
         "guest_bad_pages": bad,
+        "cpu_ms_per_gib": cpu_per_gib(cpu, bytes),
+        "peak_rss_mib": peak_rss_kib.map(|k| k / 1024),
     });
     Run { row, progress }
 }
@@ -447,8 +485,12 @@ fn print_table(runs: &[Run]) {
         None => "-".into(),
     };
     println!();
+    let pair = |v: &Value, k: &str| match v[k].as_array() {
+        Some(a) if a.len() == 2 => format!("{}/{}", a[0], a[1]),
+        _ => "-".into(),
+    };
     println!(
-        "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+        "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4} {:>11}",
         "scenario",
         "switchover",
         "MiB sent",
@@ -460,7 +502,8 @@ fn print_table(runs: &[Run]) {
         "p50 us",
         "p99 us",
         "max us",
-        "bad"
+        "bad",
+        "cpu ms/GiB"
     );
     for r in runs.iter().map(|r| &r.row) {
         let name = r["scenario"].as_str().unwrap_or("");
@@ -473,7 +516,7 @@ fn print_table(runs: &[Run]) {
             continue;
         }
         println!(
-            "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
+            "{:<50} {:<10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4} {:>11}",
             name,
             f(r, "switchover"),
             mib(r),
@@ -486,6 +529,20 @@ fn print_table(runs: &[Run]) {
             f(r, "fault_p99_us"),
             f(r, "fault_max_us"),
             f(r, "guest_bad_pages"),
+            pair(r, "cpu_ms_per_gib"),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_counted_per_gib_sent() {
+        let ms = Duration::from_millis;
+        assert_eq!(cpu_per_gib([ms(500), ms(750)], 1 << 30), json!([500, 750]));
+        assert_eq!(cpu_per_gib([ms(500), ms(750)], 2 << 30), json!([250, 375]));
+        assert_eq!(cpu_per_gib([ms(1), ms(1)], 0), Value::Null);
     }
 }

@@ -160,6 +160,9 @@ fn sample(v: &Value, progress: &mut Progress) -> bool {
 
 /// Runs scenario `s` with QEMU on both sides. `Err` describes what went wrong; the processes
 /// are killed and reaped either way.
+/// The name QEMU gives its vCPU threads starts with this.
+const VCPU: &str = "CPU ";
+
 pub fn run(s: &Scenario, qemu: &Path) -> Result<Run, String> {
     let t = TestEnv::new(&format!("bench-{}", s.name));
     let dir = t.dir().to_path_buf();
@@ -211,6 +214,8 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Run, String> {
     }
     src.cmd("migrate-set-parameters", params)?;
 
+    // QEMU's vCPU threads ("CPU 0/KVM") run the guest: their time is left out.
+    let cpu0 = [src_proc.cpu_time(Some(VCPU)), dst_proc.cpu_time(Some(VCPU))];
     let t0 = Instant::now();
     src.cmd("migrate", json!({ "uri": incoming }))?;
     if postcopy {
@@ -272,6 +277,10 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Run, String> {
     let src_end = src_end.ok_or("qemu-src: no completed status with total-time in 30 s")?;
     sample(&src_end, &mut progress);
     let dst_status = dst.cmd("query-status", Value::Null)?;
+    let cpu = [
+        src_proc.cpu_time(Some(VCPU)).saturating_sub(cpu0[0]),
+        dst_proc.cpu_time(Some(VCPU)).saturating_sub(cpu0[1]),
+    ];
 
     let ram = &src_end["ram"];
     let bytes = ram["transferred"].as_u64().unwrap_or(0);
@@ -295,6 +304,7 @@ pub fn run(s: &Scenario, qemu: &Path) -> Result<Run, String> {
         "wall_ms": wall.as_millis() as u64,
         "downtime_ms": src_end["downtime"],
         "throughput_gbps": bytes as f64 / total_ms.max(1) as f64 / 1e6,
+        "cpu_ms_per_gib": crate::cpu_per_gib(cpu, bytes),
         "qemu_mbps": ram["mbps"],
         "faults": if postcopy { ram["postcopy-requests"].clone() } else { Value::Null },
         // QEMU 10 and later: faults by latency, in the same log2 buckets as umemd's.

@@ -4,6 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 /// A child process that is killed with `SIGKILL` and reaped when dropped.
 pub struct Proc {
@@ -49,6 +50,27 @@ impl Proc {
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// CPU time (user and system) the process used so far, leaving out its threads whose name
+    /// starts with `except` (a VMM's vCPU threads, say: the guest's time, not the VMM's);
+    /// zero once it is gone.
+    pub fn cpu_time(&self, except: Option<&str>) -> Duration {
+        let pid = self.pid();
+        let total = read_cpu_time(&format!("/proc/{pid}/stat")).unwrap_or_default();
+        let Some(prefix) = except else {
+            return total;
+        };
+        let left_out: Duration = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+            })
+            .filter_map(|t| read_cpu_time(&t.path().join("stat").to_string_lossy()))
+            .sum();
+        total.saturating_sub(left_out)
     }
 
     /// Where stdout and stderr go.
@@ -117,4 +139,39 @@ impl Drop for Proc {
 pub(crate) fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// User plus system time from a `/proc/.../stat` file (fields 14 and 15, in clock ticks).
+fn read_cpu_time(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The name (field 2) may hold spaces and parentheses: count from its closing one.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf reads a configuration value; it takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0)?;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_counts_a_busy_process_and_leaves_out_named_threads() {
+        let log = std::env::temp_dir().join(format!("umem-cpu-time-{}.log", std::process::id()));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]);
+        let p = Proc::spawn("busy", cmd, &log);
+        std::thread::sleep(Duration::from_millis(600));
+        let busy = p.cpu_time(None);
+        assert!(busy >= Duration::from_millis(200), "{busy:?}");
+        // Its only thread is named "sh": leaving it out leaves nothing.
+        assert!(p.cpu_time(Some("sh")) < Duration::from_millis(50));
+        // Leaving out threads of no such name leaves the whole, which only grows.
+        assert!(p.cpu_time(Some("nothing-named-so")) >= busy);
+        drop(p);
+        let _ = std::fs::remove_file(log);
+    }
 }

@@ -464,31 +464,31 @@ trait Handshake {
     fn is_handshaking(&self) -> bool;
 }
 
-impl Handshake for UnbufferedClientConnection {
-    type Data = rustls::client::ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn is_handshaking(&self) -> bool {
-        (**self).is_handshaking()
-    }
+/// The two roles' connections are distinct types with the same methods.
+macro_rules! impl_handshake {
+    ($conn:ty, $data:ty) => {
+        impl Handshake for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn is_handshaking(&self) -> bool {
+                (**self).is_handshaking()
+            }
+        }
+    };
 }
-
-impl Handshake for UnbufferedServerConnection {
-    type Data = rustls::server::ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn is_handshaking(&self) -> bool {
-        (**self).is_handshaking()
-    }
-}
+impl_handshake!(
+    UnbufferedClientConnection,
+    rustls::client::ClientConnectionData
+);
+impl_handshake!(
+    UnbufferedServerConnection,
+    rustls::server::ServerConnectionData
+);
 
 /// What arrived after the handshake, in the same reads: plaintext rustls decrypted, then
 /// records it left alone.
