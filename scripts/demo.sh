@@ -154,50 +154,26 @@ fail() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Processes and cleanup.
+# Processes and cleanup: start, alive, wait_socket, stop_pids, show_logs, remove_workdir, json
+# and last_pass come from scripts/lib/processes.sh (shared with scripts/package-test.sh).
+
+# shellcheck source-path=SCRIPTDIR source=lib/processes.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/processes.sh" ||
+    { ERROR="scripts/lib/processes.sh could not be read"; emit; exit 1; }
 
 T=
 PIDS=()
 CHILD=
 
-show_logs() {
-    [ -n "$T" ] && [ -d "$T" ] || return 0
-    local f
-    for f in "$T"/*.log "$T"/*.serial; do
-        [ -s "$f" ] || continue
-        echo "---- tail of $(basename "$f") ----" >&2
-        tail -n 15 "$f" >&2
-    done
-}
-
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local pid i
     if [ -n "$CHILD" ]; then
         kill -TERM "$CHILD" 2>/dev/null
         wait "$CHILD" 2>/dev/null
     fi
-    # Newest first: VMMs before the umemds that serve them.
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        pid=${PIDS[i]}
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
-    if [ -n "$T" ] && [ -d "$T" ]; then
-        if [ "$KEEP" = 1 ]; then
-            say "kept $T"
-        else
-            rm -rf "$T"
-        fi
-    fi
+    stop_pids
+    remove_workdir
     [ "$rc" = 0 ] || [ -n "$ERROR" ] || ERROR="interrupted (exit status $rc)"
     emit
     [ -z "$ERROR" ] || { [ "$rc" != 0 ] || rc=1; }
@@ -206,17 +182,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'ERROR="interrupted"; exit 130' INT
 trap 'ERROR="terminated"; exit 143' TERM
-
-# start NAME CMD...: runs CMD in the background with output in $T/NAME.log.
-start() {
-    local name=$1
-    shift
-    "$@" >"$T/$name.log" 2>&1 &
-    PIDS+=("$!")
-    eval "PID_${name//-/_}=$!"
-}
-
-alive() { kill -0 "$1" 2>/dev/null; }
 
 # run CMD...: runs a long command in the background and waits for it, so that a signal reaches
 # the traps at once instead of after the command (bash defers traps during foreground commands).
@@ -229,27 +194,7 @@ run() {
     return "$rc"
 }
 
-# wait_socket PATH PID WHAT: waits until PATH is a socket, failing early if PID exits.
-wait_socket() {
-    local path=$1 pid=$2 what=$3 deadline=$((SECONDS + TIMEOUT))
-    until [ -S "$path" ]; do
-        alive "$pid" || fail "$what exited during startup (see its log)"
-        [ "$SECONDS" -lt "$deadline" ] || fail "$what did not create $path within ${TIMEOUT}s"
-        sleep 0.05
-    done
-}
-
 ctl() { "$BIN/umem-ctl" --timeout 30 "$@"; }
-
-# json EXPR: evaluates a Python expression over the JSON document on stdin, bound to `j`.
-json() { python3 -c "import json,sys; j=json.load(sys.stdin); v=($1); print('null' if v is None else (json.dumps(v) if not isinstance(v,str) else v))"; }
-
-# last_pass FILE: number of the last complete "pass=N ..." line, or -1.
-last_pass() {
-    local n
-    n=$(grep -aoE '^pass=[0-9]+ bad=[0-9]+ total_bad=[0-9]+$' "$1" 2>/dev/null | tail -n 1 | sed -E 's/^pass=([0-9]+).*/\1/')
-    echo "${n:--1}"
-}
 
 # ---------------------------------------------------------------------------------------------
 

@@ -25,6 +25,9 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# start, alive, wait_socket, stop_pids, show_logs, remove_workdir, json, last_pass.
+# shellcheck source-path=SCRIPTDIR source=lib/processes.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/processes.sh" || exit 1
 DEB=
 MEM=128M
 TIMEOUT=120
@@ -62,16 +65,6 @@ INSTALLED_BY_US=0
 
 say() { echo "package-test: $*" >&2; }
 
-show_logs() {
-    [ -n "$T" ] && [ -d "$T" ] || return 0
-    local f
-    for f in "$T"/*.log "$T"/*.serial; do
-        [ -s "$f" ] || continue
-        echo "---- tail of $(basename "$f") ----" >&2
-        tail -n 15 "$f" >&2
-    done
-}
-
 fail() {
     say "FAILED: $*"
     show_logs
@@ -91,26 +84,12 @@ purge() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    local pid i
-    # Newest first: VMMs before the umemds that serve them.
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        kill -TERM "${PIDS[i]}" 2>/dev/null
-    done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
+    stop_pids
     if [ "$INSTALLED_BY_US" = 1 ] && installed; then
         say "purging $PKG after a failure"
         purge || say "dpkg --purge $PKG failed"
     fi
-    if [ -n "$T" ] && [ -d "$T" ]; then
-        if [ "$KEEP" = 1 ]; then say "kept $T"; else rm -rf "$T"; fi
-    fi
+    remove_workdir
     if [ "$rc" = 0 ]; then
         echo "package-test: $PASSED passed, 0 failed"
     else
@@ -124,37 +103,6 @@ trap 'say terminated; exit 143' TERM
 
 installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$PKG" 2>/dev/null)" = installed ]
-}
-
-# start NAME CMD...: runs CMD in the background with output in $T/NAME.log.
-start() {
-    local name=$1
-    shift
-    "$@" >"$T/$name.log" 2>&1 &
-    PIDS+=("$!")
-    eval "PID_${name//-/_}=$!"
-}
-
-alive() { kill -0 "$1" 2>/dev/null; }
-
-# wait_socket PATH PID WHAT: until PATH is a socket, failing early if PID exits.
-wait_socket() {
-    local path=$1 pid=$2 what=$3 deadline=$((SECONDS + TIMEOUT))
-    until [ -S "$path" ]; do
-        alive "$pid" || fail "$what exited during startup (see its log)"
-        [ "$SECONDS" -lt "$deadline" ] || fail "$what did not create $path within ${TIMEOUT}s"
-        sleep 0.05
-    done
-}
-
-# json EXPR: a Python expression over the JSON document on stdin, bound to `j`.
-json() { python3 -c "import json,sys; j=json.load(sys.stdin); v=($1); print('null' if v is None else (json.dumps(v) if not isinstance(v,str) else v))"; }
-
-# last_pass FILE: number of the last complete memtouch "pass=N ..." line, or -1.
-last_pass() {
-    local n
-    n=$(grep -aoE '^pass=[0-9]+ bad=[0-9]+ total_bad=[0-9]+$' "$1" 2>/dev/null | tail -n 1 | sed -E 's/^pass=([0-9]+).*/\1/')
-    echo "${n:--1}"
 }
 
 # The processes running a given executable (by /proc/PID/exe).
@@ -341,15 +289,8 @@ ok "the guest goes on on the destination: $line"
 
 ctl -s "$T/vd.sock" quit >/dev/null 2>&1
 ctl -s "$T/vs.sock" quit >/dev/null 2>&1
-# Stop every process now (the trap does it again for any left), so that purging finds none.
-for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do kill -TERM "${PIDS[i]}" 2>/dev/null; done
-deadline=$((SECONDS + 10))
-for pid in "${PIDS[@]}"; do
-    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-done
-PIDS=()
+# Stop every process now, so that purging finds none.
+stop_pids
 
 # ---------------------------------------------------------------------------------------------
 # 4. Purge.
