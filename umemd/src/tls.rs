@@ -301,9 +301,22 @@ impl TlsStream {
     /// Sends `pieces` as one run of bytes: umemd's own, and guest RAM. A failure part way
     /// leaves the stream unusable for writing (the peer may hold part of a record).
     pub(crate) fn write_all(&self, pieces: &[Plain<'_>]) -> io::Result<()> {
-        let mut tx = lock(&self.link.tx);
-        let keys = &self.link.keys;
-        tx.write_all(&self.tcp, pieces, &mut || lock(keys).next_tx())
+        let r = {
+            let mut tx = lock(&self.link.tx);
+            let keys = &self.link.keys;
+            tx.write_all(&self.tcp, pieces, &mut || lock(keys).next_tx())
+        };
+        // A peer that refused the connection (this side's certificate, say) said why in an
+        // alert before it closed: that is the error to report, not the broken pipe.
+        r.map_err(|e| {
+            let refusal = self
+                .link
+                .rx
+                .try_lock()
+                .ok()
+                .and_then(|mut rx| rx.refusal(&self.tcp));
+            refusal.unwrap_or(e)
+        })
     }
 
     /// Makes each direction replace its key after `records` records (tests of key updates).
@@ -947,6 +960,21 @@ mod tests {
             e.to_string().starts_with("TLS:") && e.to_string().contains("refused"),
             "{e}"
         );
+        // A source that writes first, after the destination has closed, hears the same.
+        let (c, s) = try_pair(&foreign, &ours, "127.0.0.1");
+        assert!(s.is_err());
+        let c = c.unwrap();
+        c.tcp
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let chunk = pattern(64 << 10, 9);
+        let e = (0..100)
+            .find_map(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                c.write_all(&[Plain::Bytes(&chunk)]).err()
+            })
+            .expect("writes to a closed connection kept succeeding");
+        assert!(e.to_string().contains("refused"), "{e}");
         // A destination whose certificate another CA signed, or for another name.
         let (c, _) = try_pair(&ours, &theirs, "127.0.0.1");
         assert!(matches!(c, Err(TlsError::Handshake(_))), "{c:?}");

@@ -385,6 +385,40 @@ impl Opener {
         next: KeySource<'_>,
         opened: &mut Opened,
     ) -> io::Result<usize> {
+        self.read_from(&mut |b| tcp.read(b), out, next, opened)
+    }
+
+    /// Why the peer refused the connection, if an alert saying so has arrived: a write that
+    /// failed because the peer closed may have an explanation waiting. Reads only what is
+    /// there already.
+    pub(crate) fn refusal(&mut self, tcp: &TcpStream) -> Option<io::Error> {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let fd = tcp.as_raw_fd();
+        let mut sink = [0u8; 4096];
+        let mut no_keys = || Err(rustls::Error::General("no key update now".into()));
+        loop {
+            let r = self.read_from(
+                &mut |b| recv(fd, b, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from),
+                &mut sink,
+                &mut no_keys,
+                &mut Opened::default(),
+            );
+            match r {
+                Ok(n) if n > 0 => continue,
+                Err(e) if e.to_string().contains("refused the connection") => return Some(e),
+                _ => return None,
+            }
+        }
+    }
+
+    fn read_from(
+        &mut self,
+        recv: &mut dyn FnMut(&mut [u8]) -> io::Result<usize>,
+        out: &mut [u8],
+        next: KeySource<'_>,
+        opened: &mut Opened,
+    ) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -426,7 +460,7 @@ impl Opener {
                 self.start = 0;
             }
             // A timeout or an interruption keeps what was read; the caller may go on.
-            let n = tcp.read(&mut self.buf[self.end..])?;
+            let n = recv(&mut self.buf[self.end..])?;
             if n == 0 {
                 if self.end > 0 {
                     return Err(self.fail(format!(
