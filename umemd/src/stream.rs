@@ -2,6 +2,7 @@
 //! migration has TLS credentials (see [`crate::tls`]), or a Unix socket for a migration within
 //! one host (`unix:PATH`). Everything above it reads and writes bytes.
 
+use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -10,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use vm_memory::VolatileSlice;
 
+use crate::mapping::GuestMapping;
 use crate::tls::{Plain, TlsError, TlsStream};
 
 /// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
@@ -305,14 +306,33 @@ impl Write for PeerStream {
 }
 
 impl PeerStream {
-    /// Writes `head` then `data` (guest RAM) as one piece of the stream, so that a frame's
-    /// header and its pages leave together: one `writev` per call on a plain socket, sealed
-    /// into records straight from guest RAM with TLS.
-    pub fn write_all_guest(&mut self, head: &[u8], data: &VolatileSlice<'_>) -> io::Result<()> {
+    /// Writes `head` then the `len` bytes of guest RAM at memfd offset `off` as one piece of
+    /// the stream, so that a frame's header and its pages leave together. Over TCP the pages
+    /// go with `sendfile` from the memfd: the socket takes references to them rather than a
+    /// copy (the receiver's copy out of the socket is the only one on a host's loopback), and
+    /// a page the guest writes meanwhile is dirty and goes again, as with any read of it. On a
+    /// Unix socket, one `writev`; with TLS, sealed into records straight from guest RAM.
+    pub fn write_all_guest(
+        &mut self,
+        head: &[u8],
+        mem: &GuestMapping,
+        off: u64,
+        len: usize,
+    ) -> io::Result<()> {
         match self {
-            PeerStream::Tcp(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
-            PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
-            PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(data)]),
+            PeerStream::Tcp(s) => {
+                // The bounds check of the other paths.
+                mem.volatile(off, len).map_err(io::Error::other)?;
+                send_file(s, head, mem.file(), off, len)
+            }
+            PeerStream::Unix(s) => {
+                let data = mem.volatile(off, len).map_err(io::Error::other)?;
+                crate::link::write_all_vectored(s.as_fd(), head, &data)
+            }
+            PeerStream::Tls(s) => {
+                let data = mem.volatile(off, len).map_err(io::Error::other)?;
+                s.write_all(&[Plain::Bytes(head), Plain::Guest(&data)])
+            }
         }
     }
 
@@ -333,6 +353,49 @@ impl PeerStream {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// `head` with `MSG_MORE` (it leaves with the pages, not in a segment of its own), then `len`
+/// bytes of `file` from `off` with `sendfile`. The socket's write timeout bounds each call.
+fn send_file(s: &TcpStream, mut head: &[u8], file: &File, off: u64, len: usize) -> io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    // After a connection failed, a call that had sent part of its bytes returns their count and
+    // the next one EPIPE, the error itself gone (taken by that call, or by the reader of the
+    // other direction): say what EPIPE means here.
+    let broken = |e: nix::errno::Errno| {
+        match s.take_error() {
+        Ok(Some(pending)) => pending,
+        _ if e == nix::errno::Errno::EPIPE => io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the TCP connection ended (the peer reset it, or it acknowledged nothing within the link timeout)",
+        ),
+        _ => e.into(),
+    }
+    };
+    while !head.is_empty() {
+        match send(
+            s.as_raw_fd(),
+            head,
+            MsgFlags::from_bits_retain(libc::MSG_MORE),
+        ) {
+            Ok(n) => head = &head[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(broken(e)),
+        }
+    }
+    let mut at = i64::try_from(off).map_err(io::Error::other)?;
+    let end = at + i64::try_from(len).map_err(io::Error::other)?;
+    while at < end {
+        let left = (end - at) as usize;
+        match nix::sys::sendfile::sendfile64(s, file, Some(&mut at), left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(broken(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Where a destination waits for its source.
@@ -416,6 +479,65 @@ impl Drop for PeerListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guest RAM of `pages` pages, page `p` filled with byte `p * 7 + 1`.
+    fn guest(pages: u64) -> GuestMapping {
+        use std::os::unix::fs::FileExt;
+        let len = pages * 4096;
+        let f = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("t")
+            .unwrap();
+        f.as_file().set_len(len).unwrap();
+        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
+        let file = f.into_file();
+        for p in 0..pages {
+            file.write_all_at(&[(p * 7 + 1) as u8; 4096], p * 4096)
+                .unwrap();
+        }
+        let block = proto::local::LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: len,
+            },
+            memfd_offset: 0,
+            host_addr: 0,
+        };
+        GuestMapping::new(file.into(), vec![block]).unwrap()
+    }
+
+    #[test]
+    fn guest_pages_leave_with_their_header_over_tcp_and_unix() {
+        let mem = guest(2048);
+        // Over TCP the pages go with sendfile: 6 MiB from page 3, after a header.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = PeerStream::Tcp(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let (mut b, _) = l.accept().unwrap();
+        let (off, len) = (3 * 4096, 1536 * 4096);
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 5 + len];
+            b.read_exact(&mut got).unwrap();
+            got
+        });
+        a.write_all_guest(b"head!", &mem, off, len).unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..5], b"head!");
+        for (i, page) in got[5..].chunks(4096).enumerate() {
+            let want = ((3 + i as u64) * 7 + 1) as u8;
+            assert!(page.iter().all(|&x| x == want), "page {}", 3 + i);
+        }
+        // On a Unix socket, one writev of the same.
+        let (x, mut y) = UnixStream::pair().unwrap();
+        let mut x = PeerStream::Unix(x);
+        x.write_all_guest(b"h", &mem, 4096, 4096).unwrap();
+        let mut got = vec![0u8; 1 + 4096];
+        y.read_exact(&mut got).unwrap();
+        assert!(got[0] == b'h' && got[1..].iter().all(|&v| v == 8));
+        // A range outside guest RAM is refused before anything is written.
+        assert!(x.write_all_guest(b"h", &mem, 2047 * 4096, 8192).is_err());
+        assert!(a.write_all_guest(b"h", &mem, 2047 * 4096, 8192).is_err());
+    }
 
     #[test]
     fn uris() {

@@ -170,9 +170,9 @@ impl PageSender {
                 Counters::add(&c.zero_pages, run.count as u64);
             } else {
                 run.encode_pages_header(&mut self.out);
-                let data = at(i, j - i)?;
-                stream.write_all_guest(&self.out, &data)?;
-                Counters::add(&c.bytes, (self.out.len() + data.len()) as u64);
+                let len = ((j - i) * PAGE_SIZE) as usize;
+                stream.write_all_guest(&self.out, mem, off + i * PAGE_SIZE, len)?;
+                Counters::add(&c.bytes, (self.out.len() + len) as u64);
                 Counters::add(&c.pages, run.count as u64);
                 self.out.clear();
             }
