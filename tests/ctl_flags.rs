@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use umem_testkit::pair::{
-    assert_completed, assert_guest_continues, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
+    assert_completed, assert_guest_continues, assert_keeps_running, MigrationSetup, Pair,
+    MEMTOUCH_CMDLINE,
 };
-use umem_testkit::{
-    assert_consecutive, assert_no_bad, binary, require_kvm, secs, wait_until, TestEnv, Vmm,
-};
+use umem_testkit::{binary, require_kvm, secs, wait_until, TestEnv, Vmm};
 
 const MIB: f64 = 1048576.0;
 
@@ -83,16 +82,6 @@ fn assert_completes_with(pair: &mut Pair, switchover: &str) -> Value {
     pair.dst.wait_phase(secs(60), &["completed"]);
     assert_guest_continues(&pair.src, &mut pair.dst, 2, secs(60));
     o.raw
-}
-
-/// Asserts that `vm` runs its guest on: status running, more passes, none bad.
-fn assert_keeps_running(who: &str, vm: &mut Vmm) {
-    assert_eq!(vm.status(), "running", "{who} status");
-    let last = vm.last_pass().map_or(0, |p| p.pass);
-    vm.wait_pass(secs(60), last + 3);
-    let passes = vm.passes();
-    assert_no_bad(who, &passes);
-    assert_consecutive(who, &passes);
 }
 
 #[test]

@@ -10,12 +10,10 @@ use proto::peer::kind;
 use serde_json::json;
 use umem_testkit::pair::{
     assert_completed, assert_destination_failed_without_running, assert_guest_runs_on,
-    AfterFailure, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
+    assert_keeps_running, AfterFailure, MigrationSetup, Pair, MEMTOUCH_CMDLINE,
 };
 use umem_testkit::proxy::{Direction, FaultProxy};
-use umem_testkit::{
-    assert_consecutive, assert_no_bad, require_kvm, secs, wait_until, TestEnv, Vmm,
-};
+use umem_testkit::{require_kvm, secs, wait_until, TestEnv, Vmm};
 
 /// A memtouch pair on 64 MiB, source running a few passes.
 fn memtouch_pair(t: &TestEnv) -> Pair {
@@ -38,16 +36,6 @@ fn migrate_dropping(pair: &mut Pair, mode: &str, dir: Direction, frame: u8) -> F
     proxy
 }
 
-/// The guest keeps running on `vm`: more passes, none bad, consecutive.
-fn assert_runs(who: &str, vm: &mut Vmm) {
-    assert_eq!(vm.status(), "running", "{who} status");
-    let last = vm.last_pass().map_or(0, |p| p.pass);
-    vm.wait_pass(secs(60), last + 3);
-    let passes = vm.passes();
-    assert_no_bad(who, &passes);
-    assert_consecutive(who, &passes);
-}
-
 /// `vm` does not run the guest: its status says so and its serial output stays the same for a
 /// while (memtouch prints a few passes per second when it runs).
 fn assert_stays_stopped(who: &str, vm: &Vmm, status: &str) {
@@ -66,7 +54,7 @@ fn lost_ready_precopy_source_resumes_destination_never_runs() {
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::READY);
     // The source never committed: it takes its guest back.
-    assert_runs("source", &mut pair.src);
+    assert_keeps_running("source", &mut pair.src);
     assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
     assert_stays_stopped("destination", &pair.dst, "inmigrate");
 
@@ -85,7 +73,7 @@ fn lost_ready_postcopy_source_resumes_destination_never_runs() {
     let t = TestEnv::new("lost-ready-postcopy");
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::READY);
-    assert_runs("source", &mut pair.src);
+    assert_keeps_running("source", &mut pair.src);
     assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
     assert_stays_stopped("destination", &pair.dst, "inmigrate");
 }
@@ -118,7 +106,7 @@ fn lost_commit_neither_runs_until_the_operator_resumes_the_source() {
     pair.src
         .ctl("cont", json!({"force": true}))
         .expect("cont force=true");
-    assert_runs("source", &mut pair.src);
+    assert_keeps_running("source", &mut pair.src);
 }
 
 #[test]
@@ -206,7 +194,7 @@ fn lost_commit_postcopy_neither_runs_until_the_operator_resumes_the_source() {
     pair.src
         .ctl("cont", json!({"force": true}))
         .expect("cont force=true");
-    assert_runs("source", &mut pair.src);
+    assert_keeps_running("source", &mut pair.src);
 }
 
 #[test]

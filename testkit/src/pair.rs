@@ -256,6 +256,17 @@ pub fn assert_failed_with(who: &str, o: &MigrationOutcome, any_of: &[&str]) -> S
     e
 }
 
+/// The guest keeps running on `vm`: status running, three more passes within a minute, none
+/// bad, consecutive (a source whose migration failed or was cancelled, say).
+pub fn assert_keeps_running(who: &str, vm: &mut Vmm) {
+    assert_eq!(vm.status(), "running", "{who} status");
+    let last = vm.last_pass().map_or(0, |p| p.pass);
+    vm.wait_pass(secs(60), last + 3);
+    let passes = vm.passes();
+    assert_no_bad(who, &passes);
+    assert_consecutive(who, &passes);
+}
+
 /// After a migration: waits until the destination prints the pass `more` after the source's
 /// last one, then asserts that the guest's whole output has consecutive passes without a bad
 /// page. The source may be gone by then (its serial output stays).

@@ -356,15 +356,7 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
 
-    fn memfd(len: u64) -> File {
-        let f = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .create("t")
-            .unwrap();
-        f.as_file().set_len(len).unwrap();
-        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
-        f.into_file()
-    }
+    use crate::testutil::sealed_memfd as memfd;
 
     #[test]
     fn unsealed_memfd_is_refused() {

@@ -483,28 +483,12 @@ mod tests {
     /// Guest RAM of `pages` pages, page `p` filled with byte `p * 7 + 1`.
     fn guest(pages: u64) -> GuestMapping {
         use std::os::unix::fs::FileExt;
-        let len = pages * 4096;
-        let f = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .create("t")
-            .unwrap();
-        f.as_file().set_len(len).unwrap();
-        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
-        let file = f.into_file();
+        let file = crate::testutil::sealed_memfd(pages * 4096);
         for p in 0..pages {
             file.write_all_at(&[(p * 7 + 1) as u8; 4096], p * 4096)
                 .unwrap();
         }
-        let block = proto::local::LocalBlock {
-            desc: proto::BlockDesc {
-                name: "ram".into(),
-                guest_addr: 0,
-                size: len,
-            },
-            memfd_offset: 0,
-            host_addr: 0,
-        };
-        GuestMapping::new(file.into(), vec![block]).unwrap()
+        GuestMapping::new(file.into(), crate::testutil::blocks(&[pages])).unwrap()
     }
 
     #[test]

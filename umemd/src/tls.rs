@@ -776,6 +776,18 @@ mod tests {
         (writer, reader)
     }
 
+    /// `up` bytes from `c` to `s` and `down` bytes back, both ways at once, each checked.
+    fn exchange(c: &TlsStream, s: &TlsStream, up: usize, down: usize, seed: u64) {
+        let (up, down) = (pattern(up, seed), pattern(down, seed + 1));
+        let (w1, r1) = send_and_receive(c.try_clone().unwrap(), s.try_clone().unwrap(), up.clone());
+        let (w2, r2) =
+            send_and_receive(s.try_clone().unwrap(), c.try_clone().unwrap(), down.clone());
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert!(r1.join().unwrap() == up, "source to destination differs");
+        assert!(r2.join().unwrap() == down, "destination to source differs");
+    }
+
     #[test]
     fn credentials_load_and_each_bad_file_is_named() {
         let dir = make_creds(&temp("creds"), &["127.0.0.1"]);
@@ -828,15 +840,7 @@ mod tests {
     fn records_carry_megabytes_both_ways_at_once() {
         let dir = make_creds(&temp("echo"), &["127.0.0.1"]);
         let (c, s) = pair(&dir, &dir);
-        let up = pattern(6 << 20, 1);
-        let down = pattern(5 << 20, 2);
-        let (w1, r1) = send_and_receive(c.try_clone().unwrap(), s.try_clone().unwrap(), up.clone());
-        let (w2, r2) =
-            send_and_receive(s.try_clone().unwrap(), c.try_clone().unwrap(), down.clone());
-        w1.join().unwrap();
-        w2.join().unwrap();
-        assert!(r1.join().unwrap() == up, "source to destination differs");
-        assert!(r2.join().unwrap() == down, "destination to source differs");
+        exchange(&c, &s, 6 << 20, 5 << 20, 1);
         // Shutting one end down ends the stream on the other after what was written.
         c.write_all(&[Plain::Bytes(b"last words")]).unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -861,15 +865,7 @@ mod tests {
         // A key update every 5 records, both ways, while both ways carry data.
         c.rekey_after(5);
         s.rekey_after(5);
-        let up = pattern(3 << 20, 5);
-        let down = pattern(2 << 20, 6);
-        let (w1, r1) = send_and_receive(c.try_clone().unwrap(), s.try_clone().unwrap(), up.clone());
-        let (w2, r2) =
-            send_and_receive(s.try_clone().unwrap(), c.try_clone().unwrap(), down.clone());
-        w1.join().unwrap();
-        w2.join().unwrap();
-        assert!(r1.join().unwrap() == up, "source to destination differs");
-        assert!(r2.join().unwrap() == down, "destination to source differs");
+        exchange(&c, &s, 3 << 20, 2 << 20, 5);
         // The sequence numbers started again under each new key.
         assert!(lock(&c.link.tx).seq() <= 5, "{}", lock(&c.link.tx).seq());
         std::fs::remove_dir_all(&dir).unwrap();

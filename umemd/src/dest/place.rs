@@ -174,13 +174,7 @@ mod tests {
     /// A destination over a fresh sealed memfd of `pages` pages, one block, every page
     /// written with its number + 1; the memfd is returned beside it to be read back.
     fn dest(pages: u64) -> (Dest, File, UnixStream) {
-        let f = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .create("t")
-            .unwrap();
-        f.as_file().set_len(pages * PAGE_SIZE).unwrap();
-        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
-        let file = f.into_file();
+        let file = crate::testutil::sealed_memfd(pages * PAGE_SIZE);
         for p in 0..pages {
             file.write_all_at(&[p as u8 + 1; PAGE_SIZE as usize], p * PAGE_SIZE)
                 .unwrap();

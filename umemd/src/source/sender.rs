@@ -237,13 +237,7 @@ mod tests {
 
     /// A 16-page block: pages 0-3 a hole, 4 zero, 5-6 data (5s and 6s), 7-15 a hole.
     fn guest() -> GuestMapping {
-        let f = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .create("ram")
-            .unwrap();
-        f.as_file().set_len(16 * PAGE_SIZE).unwrap();
-        f.add_seal(memfd::FileSeal::SealShrink).unwrap();
-        let f = f.into_file();
+        let f = crate::testutil::sealed_memfd(16 * PAGE_SIZE);
         f.write_all_at(&[0u8; PAGE_SIZE as usize], 4 * PAGE_SIZE)
             .unwrap();
         f.write_all_at(&[5u8; PAGE_SIZE as usize], 5 * PAGE_SIZE)
