@@ -1,6 +1,7 @@
 //! The main stream's frame loop: pages, zero runs, discards, the switchover, the machine
 //! state and the commit, in the order the protocol allows.
 
+use std::io::BufReader;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,9 @@ use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::link::send_local;
 use crate::priority::lower_priority;
 use crate::stream::{PeerStream, POSTCOPY_SOCKET_BUFFER};
+
+/// Bytes of the main stream read ahead of the frame being handled.
+const READ_AHEAD: usize = 32 << 10;
 
 impl Dest {
     pub(super) fn receive(
@@ -67,6 +71,9 @@ impl Dest {
 
     /// Reads the main stream frame by frame until the migration is complete here.
     fn stream_loop(&mut self, peer: &mut PeerStream, writer: &PeerWriter) -> Result<(), DestError> {
+        // Small frames (scattered pages, zero runs, holes) come many to a read, not three reads
+        // each; a read as large as the buffer (a long run's pages) bypasses it.
+        let mut peer = BufReader::with_capacity(READ_AHEAD, peer);
         let mut prefix = [0u8; PREFIX_LEN];
         let mut body = Vec::new();
         // When the last frame came (the source sends heartbeats on an idle link), and when the
@@ -90,26 +97,31 @@ impl Dest {
             }
             // While the stream is quiet the loop still reports, and still hears the VMM (a
             // cancel, the VMM going away) and notices a silent source.
-            if let Ok(false) = peer.wait_readable(Duration::from_millis(50)) {
+            if peer.buffer().is_empty()
+                && matches!(
+                    peer.get_ref().wait_readable(Duration::from_millis(50)),
+                    Ok(false)
+                )
+            {
                 if last_rx.elapsed() > self.link_timeout {
                     return Err(DestError::Silent);
                 }
                 self.progress(false);
                 continue;
             }
-            read_exact(peer, &mut prefix)?;
+            read_exact(&mut peer, &mut prefix)?;
             last_rx = Instant::now();
             let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
                 context: "source stream",
                 err,
             })?;
             if p.kind == kind::PAGES {
-                self.receive_pages(peer, p)?;
+                self.receive_pages(&mut peer, p)?;
                 self.progress(false);
                 continue;
             }
             body.resize(p.len as usize, 0);
-            read_exact(peer, &mut body)?;
+            read_exact(&mut peer, &mut body)?;
             self.stats.bytes_sent += (PREFIX_LEN + body.len()) as u64;
             let msg = PeerMessage::decode(p.kind, &body).map_err(|err| DestError::Malformed {
                 context: "source stream",
@@ -163,7 +175,7 @@ impl Dest {
                     if self.switching_to_postcopy {
                         // A short receive queue keeps requested pages from waiting long
                         // behind background pages the source had already queued.
-                        if let Err(e) = peer.set_recv_buffer(POSTCOPY_SOCKET_BUFFER) {
+                        if let Err(e) = peer.get_ref().set_recv_buffer(POSTCOPY_SOCKET_BUFFER) {
                             warn!("{}: shrinking the receive buffer: {e}", self.vm);
                         }
                         self.start_fault_thread(writer.clone())?;
@@ -220,7 +232,7 @@ impl Dest {
                 }
                 PeerMessage::Heartbeat => {}
                 PeerMessage::Resumed if self.phase == DestPhase::PostcopyPaused => {
-                    self.resumed(peer, writer)?;
+                    self.resumed(peer.get_ref(), writer)?;
                 }
                 PeerMessage::Error(m) => return Err(DestError::PeerFailed(m)),
                 other => {

@@ -11,7 +11,6 @@ use super::error::DestError;
 use super::pages::PageState;
 use super::phase::DestPhase;
 use super::Dest;
-use crate::stream::PeerStream;
 
 impl Dest {
     /// Pages flow before the machine state (precopy) and after the commit (postcopy), never
@@ -68,11 +67,7 @@ impl Dest {
 
     /// Reads the header and data of a `PAGES` frame whose prefix `p` was read, then places
     /// the run.
-    pub fn receive_pages(
-        &mut self,
-        peer: &mut PeerStream,
-        p: FramePrefix,
-    ) -> Result<(), DestError> {
+    pub fn receive_pages(&mut self, peer: &mut impl Read, p: FramePrefix) -> Result<(), DestError> {
         let mut hdr = [0u8; RUN_HEADER_LEN];
         read_exact(peer, &mut hdr)?;
         let run = PageRun::decode_pages_header(p, &hdr).map_err(|err| DestError::Malformed {
@@ -158,7 +153,7 @@ fn check_discard(phase: DestPhase, ranges: &[(u64, u32)]) -> Result<(), DestErro
 }
 
 /// Reads exactly `buf.len()` bytes from the source.
-pub(super) fn read_exact(peer: &mut PeerStream, buf: &mut [u8]) -> Result<(), DestError> {
+pub(super) fn read_exact(peer: &mut impl Read, buf: &mut [u8]) -> Result<(), DestError> {
     peer.read_exact(buf).map_err(DestError::read)
 }
 

@@ -1,7 +1,7 @@
 //! The urgent receiver: reads the urgent channel, which carries only requested pages, and
 //! places them as they come.
 
-use std::io::Read;
+use std::io::{BufReader, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -34,6 +34,16 @@ pub(super) struct UrgentReceiver {
 impl UrgentReceiver {
     /// Places what comes until the source closes the channel.
     pub(super) fn run(mut self) -> Result<(), DestError> {
+        // A burst of requested pages comes many to a read; a read of a whole run's pages
+        // bypasses the buffer.
+        let mut stream = BufReader::with_capacity(64 << 10, &mut self.stream);
+        let (fault, counters) = (&self.fault, &self.counters);
+        let check = |block, first, count| {
+            self.mem
+                .offset_of(block, first, count)
+                .map(|_| ())
+                .map_err(DestError::BadPages)
+        };
         const CONTEXT: &str = "urgent channel";
         let malformed = |err| DestError::Malformed {
             context: CONTEXT,
@@ -46,7 +56,7 @@ impl UrgentReceiver {
         // cuts it anywhere, mid-frame too: the main stream tells which, and decides. A read
         // that fails ends this thread quietly (the pages of a cut frame stay requested).
         loop {
-            if self.stream.read_exact(&mut prefix).is_err() {
+            if stream.read_exact(&mut prefix).is_err() {
                 return Ok(());
             }
             let p = FramePrefix::parse(&prefix).map_err(|err| DestError::Frame {
@@ -55,17 +65,17 @@ impl UrgentReceiver {
             })?;
             if p.kind == kind::PAGES {
                 let mut hdr = [0u8; RUN_HEADER_LEN];
-                if self.stream.read_exact(&mut hdr).is_err() {
+                if stream.read_exact(&mut hdr).is_err() {
                     return Ok(());
                 }
                 let run = PageRun::decode_pages_header(p, &hdr).map_err(malformed)?;
-                self.check(run.block, run.first, run.count as u64)?;
+                check(run.block, run.first, run.count as u64)?;
                 let len = run.data_len();
-                if self.stream.read_exact(&mut buf[..len]).is_err() {
+                if stream.read_exact(&mut buf[..len]).is_err() {
                     return Ok(());
                 }
-                self.fault.place(run.block, run.first, &buf[..len])?;
-                let c = &self.counters;
+                fault.place(run.block, run.first, &buf[..len])?;
+                let c = counters;
                 c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
                 c.bytes.fetch_add(
                     (PREFIX_LEN + RUN_HEADER_LEN + len) as u64,
@@ -74,14 +84,14 @@ impl UrgentReceiver {
                 continue;
             }
             body.resize(p.len as usize, 0);
-            if self.stream.read_exact(&mut body).is_err() {
+            if stream.read_exact(&mut body).is_err() {
                 return Ok(());
             }
             match PeerMessage::decode(p.kind, &body).map_err(malformed)? {
                 PeerMessage::ZeroPages(run) => {
-                    self.check(run.block, run.first, run.count as u64)?;
-                    self.fault.zero(run.block, run.first, run.count as u64)?;
-                    let c = &self.counters;
+                    check(run.block, run.first, run.count as u64)?;
+                    fault.zero(run.block, run.first, run.count as u64)?;
+                    let c = counters;
                     c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
                     c.bytes
                         .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
@@ -89,12 +99,5 @@ impl UrgentReceiver {
                 other => return Err(unexpected("pages on the urgent channel", &other)),
             }
         }
-    }
-
-    fn check(&self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
-        self.mem
-            .offset_of(block, first, count)
-            .map(|_| ())
-            .map_err(DestError::BadPages)
     }
 }
