@@ -196,20 +196,23 @@ impl PeerStream {
     /// Caps the bytes written and not yet on their way (`SO_SNDBUF`).
     pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
-        match self {
-            PeerStream::Tls(s) => s.set_send_buffer(bytes),
-            PeerStream::Tcp(t) => setsockopt(t, sockopt::SndBuf, &bytes).map_err(io::Error::from),
-            PeerStream::Unix(u) => setsockopt(u, sockopt::SndBuf, &bytes).map_err(io::Error::from),
-        }
+        setsockopt(&self.socket(), sockopt::SndBuf, &bytes).map_err(io::Error::from)
     }
 
-    /// Caps the bytes received and not yet read (`SO_RCVBUF`).
+    /// Caps the bytes received and not yet read (`SO_RCVBUF`; with TLS, at most one read
+    /// buffer of records waits beside it).
     pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
         use nix::sys::socket::{setsockopt, sockopt};
+        setsockopt(&self.socket(), sockopt::RcvBuf, &bytes).map_err(io::Error::from)
+    }
+
+    /// The socket beneath, for its options and for waiting on it (with TLS, the TCP socket:
+    /// nothing may be written to it but records).
+    fn socket(&self) -> BorrowedFd<'_> {
         match self {
-            PeerStream::Tls(s) => s.set_recv_buffer(bytes),
-            PeerStream::Tcp(t) => setsockopt(t, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
-            PeerStream::Unix(u) => setsockopt(u, sockopt::RcvBuf, &bytes).map_err(io::Error::from),
+            PeerStream::Tcp(s) => s.as_fd(),
+            PeerStream::Unix(s) => s.as_fd(),
+            PeerStream::Tls(s) => s.tcp.as_fd(),
         }
     }
 
@@ -319,34 +322,25 @@ impl PeerStream {
         off: u64,
         len: usize,
     ) -> io::Result<()> {
+        // Bounds-checked against the mapping whichever way the pages then leave.
+        let data = mem.volatile(off, len).map_err(io::Error::other)?;
         match self {
-            PeerStream::Tcp(s) => {
-                // The bounds check of the other paths.
-                mem.volatile(off, len).map_err(io::Error::other)?;
-                send_file(s, head, mem.file(), off, len)
-            }
-            PeerStream::Unix(s) => {
-                let data = mem.volatile(off, len).map_err(io::Error::other)?;
-                crate::link::write_all_vectored(s.as_fd(), head, &data)
-            }
-            PeerStream::Tls(s) => {
-                let data = mem.volatile(off, len).map_err(io::Error::other)?;
-                s.write_all(&[Plain::Bytes(head), Plain::Guest(&data)])
-            }
+            PeerStream::Tcp(s) => send_file(s, head, mem.file(), off, len),
+            PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, &data),
+            PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(&data)]),
         }
     }
 
     /// Waits up to `timeout` for something to read (or the end of the stream): true if there
     /// is. With TLS, plaintext already decrypted counts, which the socket cannot tell.
     pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let fd = match self {
-            PeerStream::Tcp(s) => s.as_fd(),
-            PeerStream::Unix(s) => s.as_fd(),
-            PeerStream::Tls(s) if s.readable_now() => return Ok(true),
-            PeerStream::Tls(s) => s.tcp.as_fd(),
-        };
+        if let PeerStream::Tls(s) = self {
+            if s.readable_now() {
+                return Ok(true);
+            }
+        }
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(self.socket(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(n) => Ok(n > 0),
             Err(nix::errno::Errno::EINTR) => Ok(false),

@@ -341,19 +341,6 @@ impl TlsStream {
         }
         self.tcp.shutdown(how)
     }
-
-    /// Bytes written and not yet on their way: the TCP send buffer.
-    pub fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
-        use nix::sys::socket::{setsockopt, sockopt};
-        setsockopt(&self.tcp, sockopt::SndBuf, &bytes).map_err(io::Error::from)
-    }
-
-    /// Bytes that may wait for umemd to read them: the TCP receive buffer (and at most one
-    /// read buffer of records beside it).
-    pub fn set_recv_buffer(&self, bytes: usize) -> io::Result<()> {
-        use nix::sys::socket::{setsockopt, sockopt};
-        setsockopt(&self.tcp, sockopt::RcvBuf, &bytes).map_err(io::Error::from)
-    }
 }
 
 /// Source side: runs the TLS handshake on `tcp` before `deadline`, checking the destination's

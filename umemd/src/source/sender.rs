@@ -174,27 +174,26 @@ impl PageSender {
             if zero {
                 PeerMessage::ZeroPages(run).encode(&mut self.out);
                 Counters::add(&c.zero_pages, run.count as u64);
-            } else if j - i < SMALL_RUN_PAGES {
-                // Scattered pages (RAM a guest wrote here and there): frames batched with a
-                // copy, as one write, rather than three syscalls each on both sides.
-                run.encode_pages_header(&mut self.out);
-                let at_len = self.out.len();
-                let len = ((j - i) * PAGE_SIZE) as usize;
-                self.out.resize(at_len + len, 0);
-                if at(i, j - i)?.copy_to(&mut self.out[at_len..]) != len {
-                    return Err(io::Error::other("a short copy of guest RAM"));
-                }
-                Counters::add(&c.pages, run.count as u64);
-                if self.out.len() >= BATCH_BYTES {
-                    self.flush(stream, c)?;
-                }
             } else {
                 run.encode_pages_header(&mut self.out);
                 let len = ((j - i) * PAGE_SIZE) as usize;
-                stream.write_all_guest(&self.out, mem, off + i * PAGE_SIZE, len)?;
-                Counters::add(&c.bytes, (self.out.len() + len) as u64);
+                if j - i < SMALL_RUN_PAGES {
+                    // Scattered pages (RAM a guest wrote here and there): frames batched with
+                    // a copy, as one write, rather than three syscalls each on both sides.
+                    let at_len = self.out.len();
+                    self.out.resize(at_len + len, 0);
+                    if at(i, j - i)?.copy_to(&mut self.out[at_len..]) != len {
+                        return Err(io::Error::other("a short copy of guest RAM"));
+                    }
+                    if self.out.len() >= BATCH_BYTES {
+                        self.flush(stream, c)?;
+                    }
+                } else {
+                    stream.write_all_guest(&self.out, mem, off + i * PAGE_SIZE, len)?;
+                    Counters::add(&c.bytes, (self.out.len() + len) as u64);
+                    self.out.clear();
+                }
                 Counters::add(&c.pages, run.count as u64);
-                self.out.clear();
             }
             i = j;
         }

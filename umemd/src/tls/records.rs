@@ -314,6 +314,9 @@ pub(crate) struct Opener {
     closed: bool,
     /// What broke the stream; every later read fails with it.
     failed: Option<String>,
+    /// The peer refused the connection (an alert other than `close_notify`): `failed` says
+    /// how.
+    refused: bool,
     /// Who the peer is, for messages.
     peer: &'static str,
 }
@@ -347,6 +350,7 @@ impl Opener {
             plain: (0, plain.len()),
             closed: false,
             failed: None,
+            refused: false,
             peer,
         })
     }
@@ -362,13 +366,20 @@ impl Opener {
 
     /// The length of the record at `start`, if all of it is here.
     fn whole_record(&self) -> Option<usize> {
-        let have = self.end - self.start;
-        if have < HEADER {
-            return None;
-        }
-        let h = &self.buf[self.start..self.start + HEADER];
-        let len = u16::from_be_bytes([h[3], h[4]]) as usize;
-        (have >= HEADER + len).then_some(len)
+        let len = self.header()?.1;
+        (self.end - self.start >= HEADER + len).then_some(len)
+    }
+
+    /// The header of the record at `start`, once it is here: its first three bytes (type and
+    /// legacy version) and the length it announces.
+    fn header(&self) -> Option<([u8; 3], usize)> {
+        let h = self.buf.get(self.start..self.start + HEADER)?;
+        (self.end - self.start >= HEADER).then(|| {
+            (
+                [h[0], h[1], h[2]],
+                u16::from_be_bytes([h[3], h[4]]) as usize,
+            )
+        })
     }
 
     fn fail(&mut self, why: String) -> io::Error {
@@ -404,10 +415,9 @@ impl Opener {
                 &mut no_keys,
                 &mut Opened::default(),
             );
-            match r {
-                Ok(n) if n > 0 => continue,
-                Err(e) if e.to_string().contains("refused the connection") => return Some(e),
-                _ => return None,
+            if !matches!(r, Ok(n) if n > 0) {
+                let why = self.failed.clone().filter(|_| self.refused)?;
+                return Some(io::Error::new(io::ErrorKind::InvalidData, why));
             }
         }
     }
@@ -435,14 +445,11 @@ impl Opener {
             if self.closed {
                 return Ok(0);
             }
-            if self.end - self.start >= HEADER {
-                let h = &self.buf[self.start..self.start + HEADER];
-                let len = u16::from_be_bytes([h[3], h[4]]) as usize;
-                if h[0] != APPLICATION_DATA
-                    || h[1] != 3
+            if let Some((head, len)) = self.header() {
+                if head[0] != APPLICATION_DATA
+                    || head[1] != 3
                     || !(TAG + 1..=MAX_CIPHERTEXT).contains(&len)
                 {
-                    let head = [h[0], h[1], h[2]];
                     return Err(self.fail(format!(
                         "TLS: {} sent no valid record (header {head:02x?}, length {len})",
                         self.peer
@@ -514,6 +521,7 @@ impl Opener {
                     [_, 0] => self.closed = true,
                     [_, d] => {
                         let d = AlertDescription::from(*d);
+                        self.refused = true;
                         return Err(self.fail(format!(
                             "TLS: {} refused the connection (alert {d:?})",
                             self.peer
