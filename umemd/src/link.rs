@@ -199,13 +199,20 @@ pub type Intercept<M> =
 /// `decode` returns `Ok(None)` for a message that only proves the link alive (a heartbeat). A
 /// read that times out (the caller set the connection's read timeout to the link timeout,
 /// `silence`) ends the connection as [`LinkError::Silent`].
+/// How a reader treats a read that times out: the link is dead after `after`, and `then`
+/// runs before that is reported.
+struct Silence {
+    after: std::time::Duration,
+    then: Box<dyn FnOnce() + Send>,
+}
+
 fn spawn_reader<R, M, F>(
     name: &str,
     mut conn: R,
     decode: F,
     intercept: Intercept<M>,
     tx: Sender<Delivery<M>>,
-    silence: Option<std::time::Duration>,
+    mut silence: Option<Silence>,
 ) where
     R: Read + Send + 'static,
     M: Send + 'static,
@@ -224,7 +231,11 @@ fn spawn_reader<R, M, F>(
                     },
                     Err(e) if e.is_eof() => Err(LinkError::Closed),
                     Err(frame::FrameError::Io(e)) if is_timeout(&e) && silence.is_some() => {
-                        Err(LinkError::Silent(silence.map_or(0, |d| d.as_millis())))
+                        let after = silence.take().map_or(0, |s| {
+                            (s.then)();
+                            s.after.as_millis()
+                        });
+                        Err(LinkError::Silent(after))
                     }
                     Err(e) => Err(LinkError::Frame(e)),
                 };
@@ -270,6 +281,13 @@ pub fn peer_reader(
     link_timeout: std::time::Duration,
 ) -> io::Result<Receiver<Delivery<PeerMessage>>> {
     conn.set_read_timeout(Some(link_timeout))?;
+    // A silent link is dead: shutting it down wakes a writer blocked on it (its buffers full
+    // behind a stalled link), so the writer's side notices within the link timeout too.
+    let handle = conn.try_clone()?;
+    let silence = Silence {
+        after: link_timeout,
+        then: Box::new(move || handle.abort()),
+    };
     let (tx, rx) = mpsc::channel();
     spawn_reader(
         "peer-reader",
@@ -280,7 +298,7 @@ pub fn peer_reader(
         },
         intercept,
         tx,
-        Some(link_timeout),
+        Some(silence),
     );
     Ok(rx)
 }
@@ -341,5 +359,42 @@ mod tests {
         }
         drop(a);
         assert!(rx.recv().is_err(), "the reader stops after an error");
+    }
+
+    #[test]
+    fn a_silent_peer_also_wakes_a_writer_blocked_on_the_link() {
+        use std::net::{TcpListener, TcpStream};
+        use std::time::{Duration, Instant};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        // The peer neither reads nor writes: our writes fill the buffers and then block.
+        let (_peer, _) = listener.accept().unwrap();
+        let conn = PeerStream::Tcp(ours);
+        let mut writer = conn.try_clone().unwrap();
+        let timeout = Duration::from_millis(300);
+        let rx = peer_reader(conn, Arc::new(Mutex::new(None)), timeout).unwrap();
+        let t0 = Instant::now();
+        let (done, wrote) = mpsc::channel();
+        std::thread::spawn(move || {
+            let chunk = vec![0u8; 1 << 20];
+            loop {
+                if let Err(e) = writer.write_all(&chunk) {
+                    let _ = done.send((e, t0.elapsed()));
+                    return;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Err(LinkError::Silent(300))) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+        // No write timeout was set: only the reader's shutdown can end the write.
+        let (e, took) = wrote
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the writer is still blocked");
+        assert!(
+            took < Duration::from_secs(5),
+            "the writer woke after {took:?}: {e}"
+        );
     }
 }

@@ -234,6 +234,16 @@ impl PeerStream {
         }
     }
 
+    /// Shuts the socket down both ways at the transport, without a TLS `close_notify` (whose
+    /// write would wait for a writer blocked on the link): every thread blocked on the
+    /// connection wakes with an error at once.
+    pub fn abort(&self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.socket()),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
+
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {

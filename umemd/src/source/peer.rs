@@ -151,10 +151,13 @@ impl Source {
         Ok(())
     }
 
-    /// Turns a write error into the destination's own reason when it sent one.
+    /// Turns a write error into its cause: the destination's own reason when it sent one, or
+    /// the silence that made the reader shut the link.
     pub(super) fn peer_error(&self, peer: &Peer, e: std::io::Error) -> SourceError {
         match peer.rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Ok(PeerMessage::Error(m))) => SourceError::PeerFailed(m),
+            // The reader found the link silent and shut it, which is what failed the write.
+            Ok(Err(silent @ link::LinkError::Silent(_))) => SourceError::PeerLink(silent),
             _ => SourceError::Peer(e),
         }
     }
