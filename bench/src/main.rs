@@ -68,13 +68,24 @@ enum Engine {
     Qemu,
 }
 
+/// What the source VMM writes into guest RAM before the guest starts.
+#[derive(Clone, Copy)]
+enum Prefill {
+    /// Nothing: RAM is one hole but for what the guest itself writes (sparse).
+    None,
+    /// Every page (dense).
+    All,
+    /// The lowest SIZE (`--prefill-size`), the rest left a hole.
+    First(&'static str),
+}
+
 /// One migration to measure.
 pub struct Scenario {
     engine: Engine,
     name: &'static str,
     mode: &'static str,
     mem: &'static str,
-    prefill: bool,
+    prefill: Prefill,
     /// memtouch parameters; a guest with `passes` set is idle (halted) when migrated.
     cmdline: &'static str,
     /// Wait for this serial line before migrating.
@@ -88,7 +99,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "precopy-1g-prefilled-idle",
         mode: "precopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50}),
@@ -98,7 +109,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "precopy-1g-prefilled-idle-tls",
         mode: "precopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50, "tls": true}),
@@ -108,7 +119,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "precopy-4g-sparse-idle",
         mode: "precopy",
         mem: "4G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50}),
@@ -119,7 +130,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-prefilled-idle",
         mode: "postcopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({}),
@@ -129,7 +140,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-prefilled-idle-tls",
         mode: "postcopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({"tls": true}),
@@ -139,7 +150,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-prefilled-random-touch",
         mode: "postcopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({}),
@@ -149,7 +160,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-prefilled-random-touch-tls",
         mode: "postcopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({"tls": true}),
@@ -159,7 +170,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-4g-prefilled-random-touch",
         mode: "postcopy",
         mem: "4G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({}),
@@ -169,7 +180,19 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-4g-sparse-idle",
         mode: "postcopy",
         mem: "4G",
-        prefill: false,
+        prefill: Prefill::None,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({}),
+    },
+    // 64 GiB of RAM of which the lowest 1 GiB is populated: should cost about what 1 GiB
+    // dense does (postcopy-1g-prefilled-idle).
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-64g-1g-populated-idle",
+        mode: "postcopy",
+        mem: "64G",
+        prefill: Prefill::First("1G"),
         cmdline: "pages=4096 passes=1",
         ready: "memtouch done",
         extra: json!({}),
@@ -179,7 +202,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-prefilled-random-touch-no-background",
         mode: "postcopy",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({"no_background": true, "stop_after_s": 5}),
@@ -189,7 +212,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "hybrid-1g-prefilled-random-touch",
         mode: "hybrid",
         mem: "1G",
-        prefill: true,
+        prefill: Prefill::All,
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({"downtime_limit_ms": 5}),
@@ -202,7 +225,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-guest-written",
         mode: "postcopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: GUEST_WRITTEN_1G,
         ready: "memtouch done",
         extra: json!({}),
@@ -212,7 +235,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "qemu-postcopy-1g-guest-written",
         mode: "postcopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: GUEST_WRITTEN_1G,
         ready: "memtouch done",
         extra: json!({}),
@@ -224,7 +247,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "postcopy-1g-guest-random-touch",
         mode: "postcopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: "pages=65536 random=1",
         ready: "pass=1 ",
         extra: json!({}),
@@ -234,7 +257,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "qemu-postcopy-1g-guest-random-touch",
         mode: "postcopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: "pages=65536 random=1",
         ready: "pass=1 ",
         extra: json!({}),
@@ -244,7 +267,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "precopy-1g-guest-written",
         mode: "precopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: GUEST_WRITTEN_1G,
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50}),
@@ -254,7 +277,7 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         name: "qemu-precopy-1g-guest-written",
         mode: "precopy",
         mem: "1G",
-        prefill: false,
+        prefill: Prefill::None,
         cmdline: GUEST_WRITTEN_1G,
         ready: "memtouch done",
         extra: json!({"downtime_limit_ms": 50}),
@@ -296,8 +319,10 @@ fn run(s: &Scenario) -> Run {
         .vcpus(1)
         .guest("memtouch")
         .cmdline(s.cmdline);
-    if s.prefill {
-        b = b.prefill(1);
+    match s.prefill {
+        Prefill::None => {}
+        Prefill::All => b = b.prefill(1),
+        Prefill::First(size) => b = b.prefill(1).prefill_size(size),
     }
     let mut src = b.start();
     let mut params = s.extra.clone();

@@ -27,6 +27,7 @@ pub struct VmmBuilder {
     guest: Option<String>,
     cmdline: String,
     prefill: Option<u64>,
+    prefill_size: Option<String>,
     incoming: Option<String>,
     paused: bool,
     extra: Vec<String>,
@@ -44,6 +45,7 @@ impl VmmBuilder {
             guest: None,
             cmdline: String::new(),
             prefill: None,
+            prefill_size: None,
             incoming: None,
             paused: false,
             extra: Vec::new(),
@@ -72,6 +74,12 @@ impl VmmBuilder {
     /// `--prefill SEED`.
     pub fn prefill(mut self, seed: u64) -> Self {
         self.prefill = Some(seed);
+        self
+    }
+
+    /// `--prefill-size SIZE`: prefill only the lowest `size` of RAM (e.g. "1G").
+    pub fn prefill_size(mut self, size: &str) -> Self {
+        self.prefill_size = Some(size.into());
         self
     }
     /// `--incoming URI`.
@@ -120,6 +128,9 @@ impl VmmBuilder {
         }
         if let Some(s) = self.prefill {
             cmd.arg("--prefill").arg(s.to_string());
+        }
+        if let Some(s) = &self.prefill_size {
+            cmd.arg("--prefill-size").arg(s);
         }
         if let Some(u) = &self.incoming {
             cmd.arg("--incoming").arg(u);

@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn loads_kludge_image_and_boot_info() {
         let ram = GuestRam::new(16 << 20).unwrap();
-        ram.prefill(1);
+        ram.prefill(1, u64::MAX);
         let info = load(&ram, &kludge_image(0x10_0040), "pages=16").unwrap();
         assert_eq!(info.entry, 0x10_0040);
         let m = ram.guest_memory();

@@ -71,7 +71,7 @@ fn run(args: Args) -> Result<(), String> {
     let ram = GuestRam::new(args.mem).map_err(|e| e.to_string())?;
     if args.incoming.is_none() {
         if let Some(seed) = args.prefill {
-            ram.prefill(seed);
+            ram.prefill(seed, args.prefill_size.unwrap_or(u64::MAX));
         }
     }
     let ram = Arc::new(ram);

@@ -181,12 +181,17 @@ impl GuestRam {
             .expect("an mmap region has host memory")
     }
 
-    /// Fills every block with deterministic pseudo-random bytes from `seed`, in parallel, one
+    /// Fills the first `size` bytes of RAM (every block when `size` covers them), lowest guest
+    /// address first, with deterministic pseudo-random bytes from `seed`, in parallel, one
     /// chunk at a time generated in a buffer and copied into guest RAM.
-    pub fn prefill(&self, seed: u64) {
+    pub fn prefill(&self, seed: u64, size: u64) {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        for (i, b) in self.blocks.iter().enumerate() {
-            let len = b.desc.size as usize;
+        let mut left = size;
+        let mut blocks: Vec<_> = self.blocks.iter().enumerate().collect();
+        blocks.sort_by_key(|(_, b)| b.desc.guest_addr);
+        for (i, b) in blocks {
+            let len = b.desc.size.min(left) as usize;
+            left -= len as u64;
             let share = (len / threads).next_multiple_of(PAGE_SIZE as usize);
             let block_seed = seed ^ b.desc.guest_addr;
             std::thread::scope(|s| {
@@ -414,10 +419,10 @@ mod tests {
     fn prefill_is_deterministic_and_digests_see_it() {
         let a = GuestRam::new(4 << 20).unwrap();
         let b = GuestRam::new(4 << 20).unwrap();
-        a.prefill(7);
-        b.prefill(7);
+        a.prefill(7, u64::MAX);
+        b.prefill(7, u64::MAX);
         assert_eq!(a.digests(), b.digests());
-        b.prefill(8);
+        b.prefill(8, u64::MAX);
         assert_ne!(a.digests(), b.digests());
         let mut head = [0u8; 4096];
         a.block_volatile(0).copy_to(&mut head[..]);
@@ -433,6 +438,21 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_prefill_leaves_the_rest_a_hole() {
+        let full = GuestRam::new(4 << 20).unwrap();
+        let part = GuestRam::new(4 << 20).unwrap();
+        full.prefill(7, u64::MAX);
+        part.prefill(7, 1 << 20);
+        let segs = data_segments(part.memfd_fd(), 0, 4 << 20);
+        assert_eq!(segs, vec![(0, 1 << 20, true), (1 << 20, 4 << 20, false)]);
+        // The filled part holds the same bytes as a full prefill's.
+        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        full.block_volatile(0).copy_to(&mut a[..]);
+        part.block_volatile(0).copy_to(&mut b[..]);
+        assert!(a == b, "the first MiB differs");
+    }
+
+    #[test]
     fn excluded_ranges_are_left_out() {
         assert_eq!(kept_ranges(0, 100, &[]), vec![(0, 100)]);
         assert_eq!(
@@ -441,8 +461,8 @@ mod tests {
         );
         let a = GuestRam::new(4 << 20).unwrap();
         let b = GuestRam::new(4 << 20).unwrap();
-        a.prefill(1);
-        b.prefill(1);
+        a.prefill(1, u64::MAX);
+        b.prefill(1, u64::MAX);
         b.guest_memory()
             .write_obj(0xdead_u32, GuestAddress(0x2000))
             .unwrap();

@@ -242,11 +242,17 @@ impl FaultHandler {
             let src = &data[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize];
             self.copy(self.host_addr(block, first + i), src)?;
             let now = Instant::now();
-            for p in first + i..first + j {
-                if self.pages.set(block, p, PageState::Present) == PageState::Requested {
-                    self.resolved(block, p, now);
-                }
-            }
+            self.pages.update_range(
+                block,
+                first + i,
+                j - i,
+                |_| Some(PageState::Present),
+                |p, was| {
+                    if was == PageState::Requested {
+                        self.resolved(block, p, now);
+                    }
+                },
+            );
             placed += j - i;
             i = j;
         }
@@ -256,13 +262,20 @@ impl FaultHandler {
     /// Records that pages read as zero. Pages a fault already waits for are placed now; the
     /// rest stay absent, costing no memory, until touched or until the kernel's zero fill.
     pub fn zero(&self, block: u32, first: u64, count: u64) -> Result<(), FaultError> {
-        for p in first..first + count {
-            let was = self
-                .pages
-                .transition(block, p, PageState::Missing, PageState::Zero);
-            if was == PageState::Requested {
-                self.place(block, p, &self.zeros[..PAGE_SIZE as usize])?;
-            }
+        let mut waited_for = Vec::new();
+        self.pages.update_range(
+            block,
+            first,
+            count,
+            |s| (s == PageState::Missing).then_some(PageState::Zero),
+            |p, was| {
+                if was == PageState::Requested {
+                    waited_for.push(p);
+                }
+            },
+        );
+        for p in waited_for {
+            self.place(block, p, &self.zeros[..PAGE_SIZE as usize])?;
         }
         Ok(())
     }

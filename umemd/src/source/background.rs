@@ -10,7 +10,7 @@ use proto::peer::PeerMessage;
 use super::error::SourceError;
 use super::sender::{Counters, Holes};
 use super::throttle::Limit;
-use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT};
+use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT, RESIDENT_WINDOW};
 
 impl Source {
     /// Pushes every page not yet sent, continuing near the last requested page, until the
@@ -84,6 +84,7 @@ impl Source {
                     .map_err(|e| self.peer_error(peer, e))?;
                 self.pc.pushed.fetch_add(count, Ordering::Relaxed);
             }
+            self.mem.drop_resident_after(RESIDENT_WINDOW);
             block = b;
             page = end;
             if let Some(wait) = self.over_bandwidth(Limit::Postcopy, t0, bytes0) {

@@ -28,6 +28,10 @@ pub struct Args {
     /// Fill all guest RAM with pseudo-random bytes from this seed before loading the kernel.
     #[arg(long)]
     pub prefill: Option<u64>,
+    /// With --prefill, fill only this much RAM from the lowest guest address up (e.g. "1G");
+    /// the rest stays unpopulated (a sparse guest).
+    #[arg(long, value_parser = parse_size, requires = "prefill", value_name = "SIZE")]
+    pub prefill_size: Option<u64>,
     /// Control socket path (JSON lines).
     #[arg(long, required_unless_present_any = ["list_guests", "export_guest"])]
     pub control: Option<PathBuf>,
