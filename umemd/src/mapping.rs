@@ -82,6 +82,48 @@ pub struct SegmentCache {
     hole: (u64, u64),
 }
 
+/// Where a memfd that no longer changes (its guest stopped for good) holds data, found in one
+/// walk with `lseek`: after that, any range asked for in any order is a binary search, where
+/// asking the kernel page by page would cost a system call a page, and `SEEK_HOLE` from each
+/// place asked would scan on to the next hole every time.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DataExtents {
+    /// `[from, to)` memfd offsets holding data, in order, apart from each other.
+    data: Vec<(u64, u64)>,
+}
+
+impl DataExtents {
+    /// Splits `[start, end)` into `(offset, len, has_data)` segments, as
+    /// [`GuestMapping::segments`] does.
+    pub fn segments(&self, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        let mut i = self.data.partition_point(|&(_, to)| to <= start);
+        while pos < end {
+            let (to, data) = match self.data.get(i) {
+                Some(&(from, to)) if from <= pos => (to.min(end), true),
+                Some(&(from, _)) => (from.min(end), false),
+                None => (end, false),
+            };
+            push_segment(&mut out, pos, to, data);
+            pos = to;
+            i += data as usize;
+        }
+        out
+    }
+
+    /// Where the hole that `off` lies in ends (the next data, or the end of the memfd), or
+    /// `None` when `off` holds data.
+    pub fn hole_end(&self, off: u64, memfd_len: u64) -> Option<u64> {
+        let i = self.data.partition_point(|&(_, to)| to <= off);
+        match self.data.get(i) {
+            Some(&(from, _)) if from <= off => None,
+            Some(&(from, _)) => Some(from),
+            None => Some(memfd_len),
+        }
+    }
+}
+
 /// A `MAP_SHARED` mapping of a whole guest-RAM memfd.
 #[derive(Debug)]
 pub struct GuestMapping {
@@ -287,6 +329,34 @@ impl GuestMapping {
         out
     }
 
+    /// The data extents of the whole memfd, for a guest stopped for good ([`DataExtents`]).
+    /// A failed `lseek` other than "no more data" counts the rest as data: sending a hole as
+    /// zeros costs a page, taking data for a hole would lose it.
+    pub fn data_extents(&self) -> DataExtents {
+        let fd = self.file.as_fd();
+        let len = self.len as u64;
+        let mut data = Vec::new();
+        let mut pos = 0;
+        while pos < len {
+            let from = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(_) => pos,
+            };
+            let to = lseek(fd, from as i64, Whence::SeekHole)
+                .map_or(len, |h| h as u64)
+                .clamp(from + PAGE_SIZE, len);
+            data.push((from, to));
+            pos = to;
+        }
+        DataExtents { data }
+    }
+
+    /// The length of the memfd.
+    pub fn memfd_len(&self) -> u64 {
+        self.len as u64
+    }
+
     /// True if any page of `[off, off+len)` holds data (is not a hole).
     pub fn has_data(&self, off: u64, len: u64) -> bool {
         lseek(self.file.as_fd(), off as i64, Whence::SeekData).is_ok_and(|d| (d as u64) < off + len)
@@ -444,6 +514,38 @@ mod tests {
         let mut back = vec![0u8; size as usize];
         m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
         assert!(back == data, "a page reads differently after the drop");
+    }
+
+    #[test]
+    fn data_extents_split_ranges_as_lseek_does() {
+        let pages = 256u64;
+        let mut f = memfd(pages * 4096);
+        // Data at pages 8-9, 100-199 and 255.
+        for (first, n) in [(8u64, 2u64), (100, 100), (255, 1)] {
+            f.seek(SeekFrom::Start(first * 4096)).unwrap();
+            f.write_all(&vec![1u8; (n * 4096) as usize]).unwrap();
+        }
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, pages * 4096)]).unwrap();
+        let x = m.data_extents();
+        let p = |n: u64| n * 4096;
+        for (a, b) in [(0, 256), (0, 8), (9, 10), (5, 150), (150, 256), (199, 255), (254, 256)] {
+            assert_eq!(
+                x.segments(p(a), p(b)),
+                m.segments(p(a), p(b)),
+                "pages {a}..{b}"
+            );
+        }
+        assert_eq!(x.hole_end(p(0), p(pages)), Some(p(8)));
+        assert_eq!(x.hole_end(p(8), p(pages)), None);
+        assert_eq!(x.hole_end(p(10), p(pages)), Some(p(100)));
+        assert_eq!(x.hole_end(p(200), p(pages)), Some(p(255)));
+        assert_eq!(x.hole_end(p(255), p(pages)), None);
+        let empty = GuestMapping::new(memfd(p(4)).into(), vec![block("ram", 0, p(4))]).unwrap();
+        assert_eq!(empty.data_extents().hole_end(0, p(4)), Some(p(4)));
+        assert_eq!(
+            empty.data_extents().segments(0, p(4)),
+            vec![(0, p(4), false)]
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use proto::peer::PeerMessage;
+use proto::PAGE_SIZE;
 
 use super::error::SourceError;
 use super::sender::{Counters, Holes};
@@ -20,6 +21,7 @@ impl Source {
         let mut page = 0u64;
         let mut last_hint = u64::MAX;
         let mut all_sent_at: Option<Instant> = None;
+        self.sender.map_frozen(&self.mem);
         let t0 = Instant::now();
         let bytes0 = Counters::get(&self.counters.bytes);
         loop {
@@ -64,7 +66,13 @@ impl Source {
             let Some((b, p)) = self.next_unsent(block, page) else {
                 continue;
             };
-            let end = (p - p % CHUNK_PAGES + CHUNK_PAGES).min(self.sent.block_pages(b));
+            let block_pages = self.sent.block_pages(b);
+            let mut end = (p - p % CHUNK_PAGES + CHUNK_PAGES).min(block_pages);
+            // A hole is announced whole, however large, rather than a chunk at a time.
+            let at = self.mem.offset_of(b, p, 1).map_err(SourceError::Mapping)?;
+            if let Some(h) = self.sender.hole_end(&self.mem, at) {
+                end = end.max((p + (h - at) / PAGE_SIZE).min(block_pages));
+            }
             for (first, count) in self.sent.claim(b, p, end - p) {
                 let off = self
                     .mem

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
 use proto::PAGE_SIZE;
 
-use crate::mapping::{is_zero, GuestMapping, SegmentCache};
+use crate::mapping::{is_zero, DataExtents, GuestMapping, SegmentCache};
 use crate::stream::PeerStream;
 
 /// Runs of fewer data pages than this are copied into the batch of frames; longer ones leave
@@ -61,6 +61,8 @@ pub struct PageSender {
     extents: SegmentCache,
     /// The guest is stopped for good: its memfd no longer changes.
     frozen: bool,
+    /// Where the frozen memfd holds data, once found ([`PageSender::map_frozen`]).
+    frozen_data: Option<DataExtents>,
     /// Holes announced but not yet written, grown while the next hole continues them, so that
     /// a sparse block costs one record rather than one per run.
     pending_holes: Option<(u32, u64, u64)>,
@@ -73,10 +75,28 @@ impl PageSender {
         self.extents = SegmentCache::default();
     }
 
-    /// The guest is stopped for good: from now on pages may be asked for in any order.
+    /// The guest is stopped for good: from now on pages may be asked for in any order. Data is
+    /// then found a page at a time (one `lseek` each), which suits a few requested pages.
     pub fn freeze(&mut self) {
         self.frozen = true;
         self.extents = SegmentCache::default();
+    }
+
+    /// For passes over the whole of a frozen memfd: finds where it holds data once, in one
+    /// walk (about 17 ms per GiB of data here, a tenth of a system call a page), so that every
+    /// later range costs a binary search. Does nothing before [`PageSender::freeze`] or twice.
+    pub fn map_frozen(&mut self, mem: &GuestMapping) {
+        if self.frozen && self.frozen_data.is_none() {
+            self.frozen_data = Some(mem.data_extents());
+        }
+    }
+
+    /// Where the hole at memfd offset `off` ends, when it is known to be one (after
+    /// [`PageSender::map_frozen`]).
+    pub fn hole_end(&self, mem: &GuestMapping, off: u64) -> Option<u64> {
+        self.frozen_data
+            .as_ref()
+            .and_then(|x| x.hole_end(off, mem.memfd_len()))
     }
 
     /// Sends pages `[first, first+count)` of `block`, which the caller checked against the
@@ -94,10 +114,10 @@ impl PageSender {
         c: &Counters,
     ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
-        let segments = if self.frozen {
-            mem.segments_frozen(off, end, &mut self.extents)
-        } else {
-            mem.segments_cached(off, end, &mut self.extents)
+        let segments = match (&self.frozen_data, self.frozen) {
+            (Some(x), _) => x.segments(off, end),
+            (None, true) => mem.segments_frozen(off, end, &mut self.extents),
+            (None, false) => mem.segments_cached(off, end, &mut self.extents),
         };
         for (seg_off, seg_len, data) in segments {
             let seg_first = first + (seg_off - off) / PAGE_SIZE;
