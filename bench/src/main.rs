@@ -16,6 +16,9 @@
 //! without the prefix (see `qemu.rs`). Without `qemu-system-x86_64` (or `UMEM_BENCH_QEMU`) they
 //! print as skipped.
 //!
+//! The `machine-*` rows migrate nothing: they time the machine filling a fresh memfd of the
+//! size of the scenarios below them, the floor under any destination's placing of pages.
+//!
 //! Each scenario prints one JSON line on stdout; a table follows at the end. Guests use one
 //! vCPU: the guest CPU is emulated here, and every busy vCPU takes a core away from umemd.
 //! While a migration runs the source's byte counter is sampled; `--plot DIR` draws those
@@ -30,6 +33,7 @@ use umem_testkit::{require_kvm, secs, TestEnv, Vmm};
 
 mod charts;
 mod latency;
+mod machine;
 mod progress;
 mod qemu;
 
@@ -66,6 +70,8 @@ enum Engine {
     Umem,
     /// Two `qemu-system-x86_64` processes, for comparison (see `qemu.rs`).
     Qemu,
+    /// No VM: the machine filling a fresh memfd of the scenario's size (see `machine.rs`).
+    Machine,
 }
 
 /// What the source VMM writes into guest RAM before the guest starts.
@@ -94,6 +100,27 @@ pub struct Scenario {
 }
 
 const SCENARIOS: &[fn() -> Scenario] = &[
+    // The machine's own cost of fresh guest RAM, the floor under every destination here.
+    || Scenario {
+        engine: Engine::Machine,
+        name: "machine-fill-1g",
+        mode: "fill",
+        mem: "1G",
+        prefill: Prefill::None,
+        cmdline: "",
+        ready: "",
+        extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Machine,
+        name: "machine-fill-4g",
+        mode: "fill",
+        mem: "4G",
+        prefill: Prefill::None,
+        cmdline: "",
+        ready: "",
+        extra: json!({}),
+    },
     || Scenario {
         engine: Engine::Umem,
         name: "precopy-1g-prefilled-idle",
@@ -458,6 +485,13 @@ fn main() {
         eprintln!("umem-bench: {} ...", s.name);
         let r = match s.engine {
             Engine::Umem => run(&s),
+            Engine::Machine => match machine::run(&s) {
+                Ok(r) => r,
+                Err(e) => Run {
+                    row: json!({"scenario": s.name, "engine": "machine", "error": e}),
+                    progress: Progress::default(),
+                },
+            },
             // The baseline never fails the bench: its row says why it is missing.
             Engine::Qemu => match qemu::find_qemu().map(|q| qemu::run(&s, &q)) {
                 Ok(Ok(r)) => r,

@@ -528,7 +528,15 @@ mod tests {
         let m = GuestMapping::new(f.into(), vec![block("ram", 0, pages * 4096)]).unwrap();
         let x = m.data_extents();
         let p = |n: u64| n * 4096;
-        for (a, b) in [(0, 256), (0, 8), (9, 10), (5, 150), (150, 256), (199, 255), (254, 256)] {
+        for (a, b) in [
+            (0, 256),
+            (0, 8),
+            (9, 10),
+            (5, 150),
+            (150, 256),
+            (199, 255),
+            (254, 256),
+        ] {
             assert_eq!(
                 x.segments(p(a), p(b)),
                 m.segments(p(a), p(b)),
