@@ -2,6 +2,7 @@
 //! `pwrite` (or a punched hole for zero pages); once it runs, only with `UFFDIO_COPY`.
 
 use std::io::Read;
+use std::sync::atomic::Ordering;
 
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::peer::{PageRun, RUN_HEADER_LEN};
@@ -52,8 +53,9 @@ impl Dest {
         let off = self.checked_offset(block, first, count)?;
         if self.phase.running() {
             if let Some(pc) = self.postcopy.as_mut() {
-                pc.fault.zero(block, first, count)?;
-                pc.pushed += count;
+                let new = pc.fault.zero(block, first, count)?;
+                pc.pushed += new;
+                pc.urgent.resent.fetch_add(count - new, Ordering::Relaxed);
             }
             return Ok(());
         }
@@ -117,8 +119,12 @@ impl Dest {
                     "pages after the switchover without a userfaultfd",
                 ));
             };
-            pc.fault.place(run.block, run.first, data)?;
-            pc.pushed += run.count as u64;
+            let placed = pc.fault.place(run.block, run.first, data)?;
+            pc.pushed += placed;
+            // A requested page sent again on the urgent channel may have come first.
+            pc.urgent
+                .resent
+                .fetch_add(run.count as u64 - placed, Ordering::Relaxed);
         } else {
             // Written with pwrite rather than through the mapping: a whole-page write into the
             // memfd allocates the page without zeroing it first and without a page fault per
