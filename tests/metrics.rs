@@ -480,7 +480,6 @@ fn metrics_scraped_during_and_after_a_postcopy_migration() {
             ("umemd_session_zero_pages_total", "stats.zero_pages"),
             ("umemd_session_guest_pages", "stats.total_pages"),
             ("umemd_session_recoveries_total", "postcopy.recoveries"),
-            ("umemd_session_pages_resent_total", "postcopy.pages_resent"),
             (
                 "umemd_session_pages_requested_total",
                 "postcopy.pages_requested",

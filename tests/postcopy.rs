@@ -170,14 +170,6 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
             && pc(&dv, "pages_urgent") + pc(&dv, "pages_pushed") <= total,
         "the destination did not receive every page exactly once: {dv}"
     );
-    // Requested pages the background had sent already go again on the urgent channel; the
-    // destination counts the copies that came after the page was in place.
-    assert!(
-        pc(&dv, "pages_resent") <= pc(&o.raw, "pages_resent")
-            && pc(&o.raw, "pages_resent") <= pc(&o.raw, "pages_requested"),
-        "more pages came twice than were sent twice, or sent twice than requested: {}\n{dv}",
-        o.raw
-    );
 
     assert_guest_continues(&pair.src, &mut pair.dst, 5, secs(120));
 

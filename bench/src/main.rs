@@ -461,7 +461,6 @@ fn run(s: &Scenario) -> Run {
         "fault_latency_hist": pc["latency_hist"],
         "pages_requested": pc["pages_requested"],
         "pages_urgent": pc["pages_urgent"],
-        "pages_resent": pc["pages_resent"],
         "vcpu_blocked_ms": pc["vcpu_blocked_us"].as_array().map(|a| a.iter().map(|v| ms(v.as_u64().unwrap_or(0))).collect::<Vec<_>>()),
         "dst_status": dst.status(),
         "guest_bad_pages": bad,

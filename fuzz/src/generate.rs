@@ -237,7 +237,6 @@ fn postcopy_stats(u: &mut Unstructured) -> Result<PostcopyStats> {
         vcpu_blocked_us: (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?,
         recoveries: u.arbitrary()?,
         paused_us: u.arbitrary()?,
-        pages_resent: u.arbitrary()?,
     })
 }
 

@@ -417,12 +417,6 @@ pub struct PostcopyStats {
     pub recoveries: u64,
     /// Time spent in `postcopy-paused`, microseconds.
     pub paused_us: u64,
-    /// Requested pages that crossed a second time: the source sends a requested page on the
-    /// urgent channel even when the background had sent it already (it may still wait in the
-    /// main stream's queues), and the destination keeps whichever copy arrives first.
-    /// Source: pages sent again; destination: copies that arrived after the page was placed.
-    #[serde(default)]
-    pub pages_resent: u64,
 }
 
 impl PostcopyStats {
@@ -453,7 +447,6 @@ impl PostcopyStats {
         }
         w.u64(self.recoveries);
         w.u64(self.paused_us);
-        w.u64(self.pages_resent);
     }
 
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -484,7 +477,6 @@ impl PostcopyStats {
             .collect::<Result<_, _>>()?;
         s.recoveries = r.u64("recoveries")?;
         s.paused_us = r.u64("paused_us")?;
-        s.pages_resent = r.u64("pages_resent")?;
         Ok(s)
     }
 }

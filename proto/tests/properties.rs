@@ -594,7 +594,6 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
                     vcpu_blocked_us,
                     recoveries: v[0] ^ v[1],
                     paused_us: v[2] ^ v[3],
-                    pages_resent: v[4] ^ v[5],
                 })
             }),
     ]

@@ -242,21 +242,18 @@ impl FaultHandler {
             let src = &data[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize];
             self.copy(self.host_addr(block, first + i), src)?;
             let now = Instant::now();
-            // Counted by the state each page leaves: two threads placing the same page (a
-            // requested page sent twice) may both copy it, one of them finding it there
-            // already, but only one moves it to `Present`.
             self.pages.update_range(
                 block,
                 first + i,
                 j - i,
                 |_| Some(PageState::Present),
                 |p, was| {
-                    placed += (was != PageState::Present) as u64;
                     if was == PageState::Requested {
                         self.resolved(block, p, now);
                     }
                 },
             );
+            placed += j - i;
             i = j;
         }
         Ok(placed)
@@ -264,26 +261,23 @@ impl FaultHandler {
 
     /// Records that pages read as zero. Pages a fault already waits for are placed now; the
     /// rest stay absent, costing no memory, until touched or until the kernel's zero fill.
-    /// Returns the pages that were still to come (the rest were here already: a copy sent
-    /// twice).
-    pub fn zero(&self, block: u32, first: u64, count: u64) -> Result<u64, FaultError> {
+    pub fn zero(&self, block: u32, first: u64, count: u64) -> Result<(), FaultError> {
         let mut waited_for = Vec::new();
-        let mut new = 0;
         self.pages.update_range(
             block,
             first,
             count,
             |s| (s == PageState::Missing).then_some(PageState::Zero),
-            |p, was| match was {
-                PageState::Missing => new += 1,
-                PageState::Requested => waited_for.push(p),
-                PageState::Present | PageState::Zero => {}
+            |p, was| {
+                if was == PageState::Requested {
+                    waited_for.push(p);
+                }
             },
         );
-        for &p in &waited_for {
+        for p in waited_for {
             self.place(block, p, &self.zeros[..PAGE_SIZE as usize])?;
         }
-        Ok(new + waited_for.len() as u64)
+        Ok(())
     }
 
     fn resolved(&self, block: u32, page: u64, now: Instant) {

@@ -2,7 +2,6 @@
 //! `pwrite` (or a punched hole for zero pages); once it runs, only with `UFFDIO_COPY`.
 
 use std::io::Read;
-use std::sync::atomic::Ordering;
 
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::peer::{PageRun, RUN_HEADER_LEN};
@@ -53,9 +52,8 @@ impl Dest {
         let off = self.checked_offset(block, first, count)?;
         if self.phase.running() {
             if let Some(pc) = self.postcopy.as_mut() {
-                let new = pc.fault.zero(block, first, count)?;
-                pc.pushed += new;
-                pc.urgent.resent.fetch_add(count - new, Ordering::Relaxed);
+                pc.fault.zero(block, first, count)?;
+                pc.pushed += count;
             }
             return Ok(());
         }
@@ -119,12 +117,8 @@ impl Dest {
                     "pages after the switchover without a userfaultfd",
                 ));
             };
-            let placed = pc.fault.place(run.block, run.first, data)?;
-            pc.pushed += placed;
-            // A requested page sent again on the urgent channel may have come first.
-            pc.urgent
-                .resent
-                .fetch_add(run.count as u64 - placed, Ordering::Relaxed);
+            pc.fault.place(run.block, run.first, data)?;
+            pc.pushed += run.count as u64;
         } else {
             // Written with pwrite rather than through the mapping: a whole-page write into the
             // memfd allocates the page without zeroing it first and without a page fault per

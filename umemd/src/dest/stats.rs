@@ -18,7 +18,6 @@ impl Dest {
             s.pages_urgent = pc.urgent.pages.load(Ordering::Relaxed)
                 + pc.urgent.zero_pages.load(Ordering::Relaxed);
             s.pages_pushed = pc.pushed;
-            s.pages_resent = pc.urgent.resent.load(Ordering::Relaxed);
         }
         s.recoveries = self.recoveries;
         s.paused_us = self.paused.as_micros() as u64;

@@ -21,9 +21,6 @@ pub(super) struct UrgentCounters {
     pub(super) pages: AtomicU64,
     pub(super) zero_pages: AtomicU64,
     pub(super) bytes: AtomicU64,
-    /// Copies of pages that were here already, from either stream (see
-    /// `PostcopyStats::pages_resent`).
-    pub(super) resent: AtomicU64,
 }
 
 /// Reads the urgent channel: requested pages, placed as they come.
@@ -77,11 +74,9 @@ impl UrgentReceiver {
                 if stream.read_exact(&mut buf[..len]).is_err() {
                     return Ok(());
                 }
-                let placed = fault.place(run.block, run.first, &buf[..len])?;
+                fault.place(run.block, run.first, &buf[..len])?;
                 let c = counters;
-                c.pages.fetch_add(placed, Ordering::Relaxed);
-                c.resent
-                    .fetch_add(run.count as u64 - placed, Ordering::Relaxed);
+                c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
                 c.bytes.fetch_add(
                     (PREFIX_LEN + RUN_HEADER_LEN + len) as u64,
                     Ordering::Relaxed,
@@ -95,11 +90,9 @@ impl UrgentReceiver {
             match PeerMessage::decode(p.kind, &body).map_err(malformed)? {
                 PeerMessage::ZeroPages(run) => {
                     check(run.block, run.first, run.count as u64)?;
-                    let new = fault.zero(run.block, run.first, run.count as u64)?;
+                    fault.zero(run.block, run.first, run.count as u64)?;
                     let c = counters;
-                    c.zero_pages.fetch_add(new, Ordering::Relaxed);
-                    c.resent
-                        .fetch_add(run.count as u64 - new, Ordering::Relaxed);
+                    c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
                     c.bytes
                         .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
                 }

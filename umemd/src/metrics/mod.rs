@@ -398,14 +398,6 @@ fn render_sessions(e: &mut Encoder, sessions: &[SessionState]) {
     per_session(
         e,
         sessions,
-        "umemd_session_pages_resent_total",
-        "Postcopy requested pages that crossed twice: sent again on the urgent channel (source) or arrived after they were placed (destination).",
-        Kind::Counter,
-        |s| Some(Value::Int(s.postcopy.pages_resent)),
-    );
-    per_session(
-        e,
-        sessions,
         "umemd_session_recoveries_total",
         "Times the postcopy migration resumed on a new connection after losing its link.",
         Kind::Counter,
@@ -522,7 +514,6 @@ mod tests {
             faults: 5,
             vcpu_blocked_us: vec![1_500_000, 0],
             recoveries: 1,
-            pages_resent: 4,
             ..Default::default()
         }));
         let mut hist = [0; LATENCY_BUCKETS];
@@ -550,7 +541,6 @@ mod tests {
             "1.5"
         );
         assert_eq!(v(&format!("umemd_session_recoveries_total{{{l}}}")), "1");
-        assert_eq!(v(&format!("umemd_session_pages_resent_total{{{l}}}")), "4");
         assert_eq!(
             v(&format!(
                 "umemd_session_fault_latency_seconds_bucket{{{l},le=\"0.000002\"}}"

@@ -35,7 +35,6 @@ impl Source {
             pages_requested: self.pc.requested.load(Ordering::Relaxed),
             pages_urgent: self.pc.urgent.load(Ordering::Relaxed),
             pages_pushed: self.pc.pushed.load(Ordering::Relaxed),
-            pages_resent: self.pc.resent.load(Ordering::Relaxed),
             remaining_pages: self.sent.remaining(),
             recoveries: self.recoveries,
             paused_us: self.paused.as_micros() as u64,

@@ -11,7 +11,7 @@ use proto::peer::{PeerMessage, MAX_DISCARD_RANGES};
 use super::error::SourceError;
 use super::phase::SourcePhase;
 use super::requests::RequestServer;
-use super::sender::{Counters, PageSender};
+use super::sender::PageSender;
 use super::{Peer, Source, START_TIMEOUT};
 use crate::bitmap::DirtyBitmap;
 use crate::link::send_peer;
@@ -136,7 +136,6 @@ impl Source {
             pc: self.pc.clone(),
             stream: urgent,
             sender,
-            resend: Counters::default(),
         };
         *peer.intercept.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Box::new(move |m| match m {
