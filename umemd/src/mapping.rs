@@ -4,9 +4,8 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::{lseek, Whence};
 use proto::local::LocalBlock;
 use proto::PAGE_SIZE;
@@ -131,9 +130,6 @@ pub struct GuestMapping {
     ptr: NonNull<u8>,
     len: usize,
     blocks: Vec<LocalBlock>,
-    /// Bytes handed out through [`GuestMapping::volatile`] since the mapping's resident pages
-    /// were last dropped.
-    read_since_drop: AtomicU64,
 }
 
 // SAFETY: the mapping is plain read-only shared memory, owned by this value and unmapped only
@@ -171,7 +167,6 @@ impl GuestMapping {
             ptr: ptr.cast(),
             len,
             blocks,
-            read_since_drop: AtomicU64::new(0),
         })
     }
 
@@ -226,29 +221,7 @@ impl GuestMapping {
             size: self.len,
         };
         let off = usize::try_from(off).map_err(|_| out_of_range())?;
-        let slice = self
-            .whole()
-            .subslice(off, len)
-            .map_err(|_| out_of_range())?;
-        self.read_since_drop
-            .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(slice)
-    }
-
-    /// Once more than `window` bytes were read through the mapping since the last drop, drops
-    /// all of its page-table entries. Every page read maps one into umemd: without this its
-    /// resident set would grow to the guest RAM it sent. The pages themselves stay in the
-    /// memfd (the mapping is shared), so a read meanwhile, from another thread too, only
-    /// faults them in again. True when it dropped.
-    pub fn drop_resident_after(&self, window: u64) -> bool {
-        if self.read_since_drop.load(Ordering::Relaxed) <= window {
-            return false;
-        }
-        self.read_since_drop.store(0, Ordering::Relaxed);
-        // SAFETY: `ptr`/`len` are exactly this value's own shared, read-only mapping; dropping
-        // its entries changes no byte of the memfd, and no Rust reference points into it (all
-        // access is through volatile slices, which fault pages back in).
-        unsafe { madvise(self.ptr.cast(), self.len, MmapAdvise::MADV_DONTNEED) }.is_ok()
+        self.whole().subslice(off, len).map_err(|_| out_of_range())
     }
 
     /// The whole mapping as one volatile slice.
@@ -476,44 +449,6 @@ mod tests {
             memfd_offset: off,
             host_addr: 0,
         }
-    }
-
-    /// Resident bytes of the mapping at `addr`, from `/proc/self/smaps`.
-    fn resident(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let head = format!("{addr:x}-");
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
-        lines.next().expect("the mapping is listed");
-        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
-        rss.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            * 1024
-    }
-
-    #[test]
-    fn resident_pages_are_dropped_after_the_window_and_read_back_the_same() {
-        let size = 4u64 << 20;
-        let mut f = memfd(size);
-        let data: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
-        f.write_all(&data).unwrap();
-        let m = GuestMapping::new(f.into(), vec![block("ram", 0, size)]).unwrap();
-        let addr = m.ptr.as_ptr() as usize;
-        let mut page = [0u8; 4096];
-        for off in (0..size).step_by(4096) {
-            m.volatile(off, 4096).unwrap().copy_to(&mut page[..]);
-        }
-        assert!(resident(addr) >= size, "read pages are resident");
-        assert!(!m.drop_resident_after(size), "not past the window yet");
-        assert!(m.drop_resident_after(size / 2));
-        assert_eq!(resident(addr), 0, "the entries are gone");
-        // The window starts again, and the bytes are still the memfd's.
-        assert!(!m.drop_resident_after(size / 2));
-        let mut back = vec![0u8; size as usize];
-        m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
-        assert!(back == data, "a page reads differently after the drop");
     }
 
     #[test]

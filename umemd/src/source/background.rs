@@ -11,7 +11,7 @@ use proto::PAGE_SIZE;
 use super::error::SourceError;
 use super::sender::{Counters, Holes};
 use super::throttle::Limit;
-use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT, RESIDENT_WINDOW};
+use super::{Peer, Source, CHUNK_PAGES, COMPLETE_TIMEOUT};
 
 impl Source {
     /// Pushes every page not yet sent, continuing near the last requested page, until the
@@ -92,7 +92,6 @@ impl Source {
                     .map_err(|e| self.peer_error(peer, e))?;
                 self.pc.pushed.fetch_add(count, Ordering::Relaxed);
             }
-            self.mem.drop_resident_after(RESIDENT_WINDOW);
             block = b;
             page = end;
             if let Some(wait) = self.over_bandwidth(Limit::Postcopy, t0, bytes0) {

@@ -67,9 +67,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const COMPLETE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pages per background chunk: one bitmap word, 256 KiB, large enough for cheap placement.
 const CHUNK_PAGES: u64 = 64;
-/// Guest RAM read through umemd's mapping between two drops of its resident pages: umemd's
-/// resident set stays about this much above its own needs, whatever the size of the guest.
-const RESIDENT_WINDOW: u64 = 32 << 20;
 
 /// An outgoing migration.
 pub struct Source {

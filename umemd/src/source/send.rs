@@ -9,7 +9,7 @@ use super::error::SourceError;
 use super::phase::SourcePhase;
 use super::sender::{Counters, Holes};
 use super::throttle::Limit;
-use super::{Peer, Source, RESIDENT_WINDOW};
+use super::{Peer, Source};
 use crate::bitmap::DirtyBitmap;
 use crate::stats::rate;
 
@@ -56,7 +56,6 @@ impl Source {
                 )
                 .map_err(|e| self.peer_error(peer, e))?;
             self.sent.claim(block, first, count);
-            self.mem.drop_resident_after(RESIDENT_WINDOW);
             self.stats.remaining_pages = self.stats.remaining_pages.saturating_sub(count);
             self.poll_vmm()?;
             match peer.rx.try_recv() {
