@@ -9,7 +9,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::unistd::{lseek, Whence};
 use proto::local::LocalBlock;
 use proto::PAGE_SIZE;
-use vm_memory::VolatileSlice;
+use vm_memory::{VolatileMemory, VolatileSlice};
 
 /// Errors of mapping a VMM's memory.
 #[derive(Debug, thiserror::Error)]
@@ -387,13 +387,10 @@ fn push_segment(out: &mut Vec<(u64, u64, bool)>, from: u64, to: u64, data: bool)
     }
 }
 
-/// True if every byte of `bytes` is zero (the tests' check of what reads as zero through the
-/// mapping). Aligned words are read with volatile loads, eight at a
+/// True if every byte of `bytes` is zero. Aligned words are read with volatile loads, eight at a
 /// time, stopping at the first eight that are not all zero: a page of data is told from a zero
 /// page after its first 64 bytes, and a zero page costs 512 loads, never a byte-by-byte loop.
-#[cfg(test)]
 pub fn is_zero(bytes: &VolatileSlice<'_>) -> bool {
-    use vm_memory::VolatileMemory;
     const WORD: usize = std::mem::size_of::<u64>();
     let len = bytes.len();
     let head = (bytes.ptr_guard().as_ptr() as usize).wrapping_neg() % WORD;

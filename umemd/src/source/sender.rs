@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
 use proto::PAGE_SIZE;
 
-use crate::mapping::{DataExtents, GuestMapping, SegmentCache};
+use crate::mapping::{is_zero, DataExtents, GuestMapping, SegmentCache};
 use crate::stream::PeerStream;
 
 /// Runs of fewer data pages than this are copied into the batch of frames; longer ones leave
@@ -17,16 +17,6 @@ use crate::stream::PeerStream;
 const SMALL_RUN_PAGES: u64 = 16;
 /// Frames batched before they are written.
 const BATCH_BYTES: usize = 256 << 10;
-/// Pages read from the memfd at a time to tell zero pages apart: 256 KiB.
-const READ_PAGES: u64 = 64;
-
-/// True if a page (or any bytes) is all zeros: 64 bytes at a time, which the compiler turns
-/// into vector loads, stopping at the first 64 that are not (for data, the first).
-fn zero_page(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(64)
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
 
 /// Byte and page counters of the sending side, shared by the threads that send.
 #[derive(Debug, Default)]
@@ -76,8 +66,6 @@ pub struct PageSender {
     /// Holes announced but not yet written, grown while the next hole continues them, so that
     /// a sparse block costs one record rather than one per run.
     pending_holes: Option<(u32, u64, u64)>,
-    /// Pages read from the memfd, [`READ_PAGES`] at most.
-    read: Vec<u8>,
 }
 
 impl PageSender {
@@ -171,9 +159,6 @@ impl PageSender {
     }
 
     /// Populated pages: runs of non-zero pages with their data, runs of zero pages as records.
-    /// The pages are read with `pread`, [`READ_PAGES`] at a time, rather than through umemd's
-    /// mapping: a mapping's pages stay mapped, and umemd's resident set would grow to the
-    /// guest RAM it sent.
     #[allow(clippy::too_many_arguments)]
     fn send_data(
         &mut self,
@@ -185,47 +170,20 @@ impl PageSender {
         off: u64,
         c: &Counters,
     ) -> io::Result<()> {
-        self.write_pending_holes();
-        let mut read = std::mem::take(&mut self.read);
-        let mut w = 0;
-        let r = loop {
-            if w >= pages {
-                break Ok(());
-            }
-            let n = (pages - w).min(READ_PAGES);
-            read.resize((n * PAGE_SIZE) as usize, 0);
-            let at = off + w * PAGE_SIZE;
-            if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(mem.file(), &mut read, at) {
-                break Err(e);
-            }
-            if let Err(e) = self.send_read(stream, mem, block, first + w, &read, at, c) {
-                break Err(e);
-            }
-            w += n;
+        let run_bytes = mem
+            .volatile(off, (pages * PAGE_SIZE) as usize)
+            .map_err(io::Error::other)?;
+        let at = |i: u64, n: u64| {
+            run_bytes
+                .subslice((i * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize)
+                .map_err(io::Error::other)
         };
-        self.read = read;
-        r
-    }
-
-    /// Sends pages `first..` of `block`, read into `data` from memfd offset `off`.
-    #[allow(clippy::too_many_arguments)]
-    fn send_read(
-        &mut self,
-        stream: &mut PeerStream,
-        mem: &GuestMapping,
-        block: u32,
-        first: u64,
-        data: &[u8],
-        off: u64,
-        c: &Counters,
-    ) -> io::Result<()> {
-        let page = |i: u64| &data[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
-        let pages = data.len() as u64 / PAGE_SIZE;
+        self.write_pending_holes();
         let mut i = 0;
         while i < pages {
-            let zero = zero_page(page(i));
+            let zero = is_zero(&at(i, 1)?);
             let mut j = i + 1;
-            while j < pages && j - i < MAX_RUN_PAGES as u64 && zero_page(page(j)) == zero {
+            while j < pages && j - i < MAX_RUN_PAGES as u64 && is_zero(&at(j, 1)?) == zero {
                 j += 1;
             }
             let run = PageRun {
@@ -238,17 +196,21 @@ impl PageSender {
                 Counters::add(&c.zero_pages, run.count as u64);
             } else {
                 run.encode_pages_header(&mut self.out);
-                let (from, to) = ((i * PAGE_SIZE) as usize, (j * PAGE_SIZE) as usize);
+                let len = ((j - i) * PAGE_SIZE) as usize;
                 if j - i < SMALL_RUN_PAGES {
                     // Scattered pages (RAM a guest wrote here and there): frames batched with
                     // a copy, as one write, rather than three syscalls each on both sides.
-                    self.out.extend_from_slice(&data[from..to]);
+                    let at_len = self.out.len();
+                    self.out.resize(at_len + len, 0);
+                    if at(i, j - i)?.copy_to(&mut self.out[at_len..]) != len {
+                        return Err(io::Error::other("a short copy of guest RAM"));
+                    }
                     if self.out.len() >= BATCH_BYTES {
                         self.flush(stream, c)?;
                     }
                 } else {
-                    stream.write_all_guest(&self.out, mem, off + from as u64, to - from)?;
-                    Counters::add(&c.bytes, (self.out.len() + to - from) as u64);
+                    stream.write_all_guest(&self.out, mem, off + i * PAGE_SIZE, len)?;
+                    Counters::add(&c.bytes, (self.out.len() + len) as u64);
                     self.out.clear();
                 }
                 Counters::add(&c.pages, run.count as u64);
@@ -298,18 +260,6 @@ impl PageSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_pages_are_told_from_data_at_any_byte() {
-        let mut p = vec![0u8; 4096];
-        assert!(zero_page(&p));
-        for i in [0, 1, 63, 64, 65, 2048, 4095] {
-            p[i] = 1;
-            assert!(!zero_page(&p), "byte {i}");
-            p[i] = 0;
-        }
-        assert!(zero_page(&[]) && zero_page(&[0; 3]) && !zero_page(&[0, 0, 9]));
-    }
     use proto::frame;
     use proto::local::LocalBlock;
     use proto::peer::{kind, RUN_HEADER_LEN};
