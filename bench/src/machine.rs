@@ -17,7 +17,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Fills a memfd of `s.mem` and reports its rate as the scenario's throughput.
 pub fn run(s: &Scenario) -> Result<Run, String> {
-    let bytes = size(s.mem).ok_or(format!("size {:?} (expected NG or NM)", s.mem))?;
+    let bytes = vmm::parse_size(s.mem)?;
     let file = memfd::MemfdOptions::default()
         .create("umem-bench-fill")
         .map_err(|e| format!("memfd: {e}"))?
@@ -45,25 +45,4 @@ pub fn run(s: &Scenario) -> Result<Run, String> {
         }),
         progress: Progress::default(),
     })
-}
-
-/// "4G" or "512M" in bytes.
-fn size(mem: &str) -> Option<u64> {
-    let (n, shift) = match mem.as_bytes().last()? {
-        b'G' => (&mem[..mem.len() - 1], 30),
-        b'M' => (&mem[..mem.len() - 1], 20),
-        _ => return None,
-    };
-    n.parse::<u64>().ok()?.checked_mul(1 << shift)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::size("4G"), Some(4 << 30));
-        assert_eq!(super::size("512M"), Some(512 << 20));
-        assert_eq!(super::size("4"), None);
-        assert_eq!(super::size("G"), None);
-    }
 }

@@ -82,6 +82,7 @@ impl VmmBuilder {
         self.prefill_size = Some(size.into());
         self
     }
+
     /// `--incoming URI`.
     pub fn incoming(mut self, uri: &str) -> Self {
         self.incoming = Some(uri.into());

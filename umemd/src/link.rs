@@ -196,9 +196,6 @@ pub type Delivery<M> = Result<M, LinkError>;
 pub type Intercept<M> =
     Arc<Mutex<Option<Box<dyn FnMut(M) -> Result<Option<M>, HandlerError> + Send>>>>;
 
-/// `decode` returns `Ok(None)` for a message that only proves the link alive (a heartbeat). A
-/// read that times out (the caller set the connection's read timeout to the link timeout,
-/// `silence`) ends the connection as [`LinkError::Silent`].
 /// How a reader treats a read that times out: the link is dead after `after`, and `then`
 /// runs before that is reported.
 struct Silence {
@@ -206,6 +203,9 @@ struct Silence {
     then: Box<dyn FnOnce() + Send>,
 }
 
+/// `decode` returns `Ok(None)` for a message that only proves the link alive (a heartbeat). A
+/// read that times out (the caller set the connection's read timeout to the link timeout,
+/// `silence`) ends the connection as [`LinkError::Silent`].
 fn spawn_reader<R, M, F>(
     name: &str,
     mut conn: R,
