@@ -171,6 +171,19 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         "the destination did not receive every page exactly once: {dv}"
     );
 
+    // Neither umemd kept the guest RAM it moved resident: at most 1% of it plus a fixed
+    // 48 MiB (the source's window of pages read, its batches, the destination's buffers).
+    for (side, u) in [
+        ("source", &pair.src_umemd),
+        ("destination", &pair.dst_umemd),
+    ] {
+        let peak_kib = u.peak_rss_kib();
+        assert!(
+            peak_kib > 0 && peak_kib <= (1 << 20) / 100 + (48 << 10),
+            "the {side} umemd's peak RSS is {peak_kib} KiB for 1 GiB moved"
+        );
+    }
+
     assert_guest_continues(&pair.src, &mut pair.dst, 5, secs(120));
 
     // Outside what the guest still writes, the destination holds the source's final bytes.

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::unistd::{lseek, Whence};
 use proto::local::LocalBlock;
 use proto::PAGE_SIZE;
@@ -162,6 +162,11 @@ impl GuestMapping {
             )
         }
         .map_err(MappingError::Map)?;
+        // umemd reads each page to send it and drops its entry again
+        // ([`GuestMapping::unmap_resident`]): no page of it should count as recently used for
+        // the host's reclaim when it is unmapped, which also spares the drop that work.
+        // SAFETY: the whole of the mapping just made; advice changes no byte of it.
+        let _ = unsafe { madvise(ptr, len, MmapAdvise::MADV_SEQUENTIAL) };
         Ok(GuestMapping {
             file,
             ptr: ptr.cast(),
@@ -222,6 +227,32 @@ impl GuestMapping {
         };
         let off = usize::try_from(off).map_err(|_| out_of_range())?;
         self.whole().subslice(off, len).map_err(|_| out_of_range())
+    }
+
+    /// Page-aligned `[off, off+len)` clamped to the mapping, as a pointer and length; `None`
+    /// when nothing of it lies inside.
+    fn range(&self, off: u64, len: u64) -> Option<(NonNull<libc::c_void>, usize)> {
+        let start = usize::try_from(off).ok()? & !(PAGE_SIZE as usize - 1);
+        let end = usize::try_from(off.saturating_add(len)).ok()?.min(self.len);
+        if start >= end {
+            return None;
+        }
+        // SAFETY: `start < end <= self.len`, so the pointer stays inside the mapping.
+        let ptr = unsafe { self.ptr.as_ptr().add(start) };
+        NonNull::new(ptr.cast()).map(|p| (p, end - start))
+    }
+
+    /// Drops umemd's page-table entries for `[off, off+len)` (`MADV_DONTNEED`), so that pages
+    /// read once do not stay in umemd's resident set: they are the VM's memory, and without
+    /// this the source umemd's RSS grows to the guest RAM it sent. The memfd keeps every page
+    /// (the mapping is shared); a later read faults it in again.
+    pub fn unmap_resident(&self, off: u64, len: u64) {
+        if let Some((ptr, len)) = self.range(off, len) {
+            // SAFETY: `ptr..ptr+len` lies inside this value's own read-only shared mapping, and
+            // no Rust reference points into it (all access is through volatile slices, which
+            // fault pages back in); dropping its entries changes no byte of the memfd.
+            let _ = unsafe { madvise(ptr, len, MmapAdvise::MADV_DONTNEED) };
+        }
     }
 
     /// The whole mapping as one volatile slice.
@@ -427,6 +458,41 @@ mod tests {
     use std::io::{Seek, SeekFrom, Write};
 
     use crate::testutil::sealed_memfd as memfd;
+
+    /// Resident bytes of the mapping at `addr`, from `/proc/self/smaps`.
+    fn resident(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let head = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines.next().expect("the mapping is listed");
+        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+        let kib: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    #[test]
+    fn read_pages_are_resident_until_unmapped_and_read_back_the_same() {
+        let size = 4u64 << 20;
+        let mut f = memfd(size);
+        let data: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
+        f.write_all(&data).unwrap();
+        let m = GuestMapping::new(f.into(), vec![block("ram", 0, size)]).unwrap();
+        let addr = m.ptr.as_ptr() as usize;
+        assert_eq!(resident(addr), 0, "nothing read yet");
+        let mut back = vec![0u8; size as usize];
+        m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
+        assert!(back == data);
+        assert_eq!(resident(addr), size, "every page read is mapped");
+        m.unmap_resident(size / 2 + 4096, 8192);
+        assert_eq!(resident(addr), size - 8192);
+        m.unmap_resident(size, 4096);
+        assert_eq!(resident(addr), size - 8192, "beyond the end: nothing");
+        m.unmap_resident(0, u64::MAX);
+        assert_eq!(resident(addr), 0, "dropped whole, clamped to the mapping");
+        back.fill(0);
+        m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
+        assert!(back == data, "the memfd kept every page");
+    }
 
     #[test]
     fn unsealed_memfd_is_refused() {

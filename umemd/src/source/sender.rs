@@ -4,10 +4,12 @@
 //! through volatile views of it: the guest may be writing it meanwhile.
 
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use proto::peer::{PageRun, PeerMessage, MAX_RUN_PAGES};
 use proto::PAGE_SIZE;
+use vm_memory::VolatileSlice;
 
 use crate::mapping::{is_zero, DataExtents, GuestMapping, SegmentCache};
 use crate::stream::PeerStream;
@@ -17,6 +19,11 @@ use crate::stream::PeerStream;
 const SMALL_RUN_PAGES: u64 = 16;
 /// Frames batched before they are written.
 const BATCH_BYTES: usize = 256 << 10;
+/// Bytes of guest RAM read through umemd's mapping before its page-table entries for them are
+/// dropped again: umemd's resident set stays within this much (per sending thread).
+const RESIDENT_WINDOW: u64 = 16 << 20;
+/// The kernel's fault-around window (`fault_around_bytes`, 64 KiB by default).
+const FAULT_AROUND: u64 = 64 << 10;
 
 /// Byte and page counters of the sending side, shared by the threads that send.
 #[derive(Debug, Default)]
@@ -66,6 +73,12 @@ pub struct PageSender {
     /// Holes announced but not yet written, grown while the next hole continues them, so that
     /// a sparse block costs one record rather than one per run.
     pending_holes: Option<(u32, u64, u64)>,
+    /// Memfd ranges `[start, end)` read through the mapping since their entries were last
+    /// dropped, and their bytes ([`PageSender::note_resident`]).
+    resident: Vec<(u64, u64)>,
+    resident_bytes: u64,
+    /// Short segments read with `pread`, reused.
+    scratch: Vec<u8>,
 }
 
 impl PageSender {
@@ -170,9 +183,20 @@ impl PageSender {
         off: u64,
         c: &Counters,
     ) -> io::Result<()> {
-        let run_bytes = mem
-            .volatile(off, (pages * PAGE_SIZE) as usize)
-            .map_err(io::Error::other)?;
+        let len = (pages * PAGE_SIZE) as usize;
+        // A few pages (requested ones, or RAM a guest wrote here and there) are read with one
+        // `pread`: they are copied into the batch anyway, and through the mapping each would
+        // map (and later unmap) a 64 KiB fault-around window in umemd. Longer segments are read
+        // through the mapping, which `sendfile` needs nothing of but the zero check.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let run_bytes = if pages < SMALL_RUN_PAGES {
+            scratch.resize(len, 0);
+            mem.file().read_exact_at(&mut scratch[..len], off)?;
+            VolatileSlice::from(&mut scratch[..len])
+        } else {
+            self.note_resident(mem, off, len as u64);
+            mem.volatile(off, len).map_err(io::Error::other)?
+        };
         let at = |i: u64, n: u64| {
             run_bytes
                 .subslice((i * PAGE_SIZE) as usize, (n * PAGE_SIZE) as usize)
@@ -217,7 +241,32 @@ impl PageSender {
             }
             i = j;
         }
+        self.scratch = scratch;
         Ok(())
+    }
+
+    /// Records that `[off, off+len)` was mapped in; once [`RESIDENT_WINDOW`] bytes were,
+    /// drops the entries of all of them. A range continuing the last one extends it, so a pass
+    /// over memory costs one drop a window. The drop comes after the pages were sent:
+    /// `sendfile` holds the pages themselves, not umemd's entries for them.
+    fn note_resident(&mut self, mem: &GuestMapping, off: u64, len: u64) {
+        // A read fault maps the pages around the one read too, up to 64 KiB aligned: note
+        // what it may have mapped.
+        let (off, len) = (
+            off & !(FAULT_AROUND - 1),
+            (off + len).next_multiple_of(FAULT_AROUND) - (off & !(FAULT_AROUND - 1)),
+        );
+        match self.resident.last_mut() {
+            Some((start, end)) if (*start..=*end).contains(&off) => *end = (*end).max(off + len),
+            _ => self.resident.push((off, off + len)),
+        }
+        self.resident_bytes += len;
+        if self.resident_bytes >= RESIDENT_WINDOW {
+            for (start, end) in self.resident.drain(..) {
+                mem.unmap_resident(start, end - start);
+            }
+            self.resident_bytes = 0;
+        }
     }
 
     /// Drops whatever is batched or half written: after the stream it was for failed, the
