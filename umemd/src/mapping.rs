@@ -255,6 +255,22 @@ impl GuestMapping {
         }
     }
 
+    /// Bytes of the mapping mapped into umemd now, from `/proc/self/smaps`.
+    #[cfg(test)]
+    pub(crate) fn resident(&self) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        let head = format!("{:x}-", self.ptr.as_ptr() as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines.next().expect("the mapping is listed");
+        let rss = lines.find(|l| l.starts_with("Rss:")).expect("an Rss line");
+        let kib: u64 = rss
+            .split_whitespace()
+            .nth(1)
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(0);
+        kib * 1024
+    }
+
     /// The whole mapping as one volatile slice.
     fn whole(&self) -> VolatileSlice<'_> {
         // SAFETY: `ptr` and `len` are exactly the live mapping made in `new`, which lasts until
@@ -459,17 +475,6 @@ mod tests {
 
     use crate::testutil::sealed_memfd as memfd;
 
-    /// Resident bytes of the mapping at `addr`, from `/proc/self/smaps`.
-    fn resident(addr: usize) -> u64 {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let head = format!("{addr:x}-");
-        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
-        lines.next().expect("the mapping is listed");
-        let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
-        let kib: u64 = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
-    }
-
     #[test]
     fn read_pages_are_resident_until_unmapped_and_read_back_the_same() {
         let size = 4u64 << 20;
@@ -477,18 +482,17 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i / 4096) as u8 ^ 0x5a).collect();
         f.write_all(&data).unwrap();
         let m = GuestMapping::new(f.into(), vec![block("ram", 0, size)]).unwrap();
-        let addr = m.ptr.as_ptr() as usize;
-        assert_eq!(resident(addr), 0, "nothing read yet");
+        assert_eq!(m.resident(), 0, "nothing read yet");
         let mut back = vec![0u8; size as usize];
         m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
         assert!(back == data);
-        assert_eq!(resident(addr), size, "every page read is mapped");
+        assert_eq!(m.resident(), size, "every page read is mapped");
         m.unmap_resident(size / 2 + 4096, 8192);
-        assert_eq!(resident(addr), size - 8192);
+        assert_eq!(m.resident(), size - 8192);
         m.unmap_resident(size, 4096);
-        assert_eq!(resident(addr), size - 8192, "beyond the end: nothing");
+        assert_eq!(m.resident(), size - 8192, "beyond the end: nothing");
         m.unmap_resident(0, u64::MAX);
-        assert_eq!(resident(addr), 0, "dropped whole, clamped to the mapping");
+        assert_eq!(m.resident(), 0, "dropped whole, clamped to the mapping");
         back.fill(0);
         m.volatile(0, size as usize).unwrap().copy_to(&mut back[..]);
         assert!(back == data, "the memfd kept every page");

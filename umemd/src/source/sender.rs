@@ -245,28 +245,28 @@ impl PageSender {
         Ok(())
     }
 
-    /// Records that `[off, off+len)` was mapped in; once [`RESIDENT_WINDOW`] bytes were,
-    /// drops the entries of all of them. A range continuing the last one extends it, so a pass
-    /// over memory costs one drop a window. The drop comes after the pages were sent:
-    /// `sendfile` holds the pages themselves, not umemd's entries for them.
+    /// Records that `[off, off+len)` is about to be read through the mapping, after dropping
+    /// the entries of what was read before it once that reached [`RESIDENT_WINDOW`] bytes. A
+    /// range continuing the last one extends it, so a pass over memory costs one drop a
+    /// window. The drop comes after those pages were sent (`sendfile` holds the pages, not
+    /// umemd's entries for them), and never covers the range about to be read, which would
+    /// stay mapped until the next drop.
     fn note_resident(&mut self, mem: &GuestMapping, off: u64, len: u64) {
-        // A read fault maps the pages around the one read too, up to 64 KiB aligned: note
-        // what it may have mapped.
-        let (off, len) = (
-            off & !(FAULT_AROUND - 1),
-            (off + len).next_multiple_of(FAULT_AROUND) - (off & !(FAULT_AROUND - 1)),
-        );
-        match self.resident.last_mut() {
-            Some((start, end)) if (*start..=*end).contains(&off) => *end = (*end).max(off + len),
-            _ => self.resident.push((off, off + len)),
-        }
-        self.resident_bytes += len;
         if self.resident_bytes >= RESIDENT_WINDOW {
             for (start, end) in self.resident.drain(..) {
                 mem.unmap_resident(start, end - start);
             }
             self.resident_bytes = 0;
         }
+        // A read fault maps the pages around the one read too, up to 64 KiB aligned: note
+        // what it may map.
+        let start = off & !(FAULT_AROUND - 1);
+        let end = (off + len).next_multiple_of(FAULT_AROUND);
+        match self.resident.last_mut() {
+            Some((s, e)) if (*s..=*e).contains(&start) => *e = (*e).max(end),
+            _ => self.resident.push((start, end)),
+        }
+        self.resident_bytes += end - start;
     }
 
     /// Drops whatever is batched or half written: after the stream it was for failed, the
@@ -342,6 +342,51 @@ mod tests {
             host_addr: 0,
         };
         GuestMapping::new(f.into(), vec![block]).unwrap()
+    }
+
+    #[test]
+    fn pages_sent_do_not_stay_mapped_beyond_the_window() {
+        const CHUNK: u64 = 64;
+        let pages = 3 * RESIDENT_WINDOW / PAGE_SIZE + 5 * CHUNK;
+        let f = crate::testutil::sealed_memfd(pages * PAGE_SIZE);
+        let data = vec![7u8; (CHUNK * PAGE_SIZE) as usize];
+        for c in 0..pages / CHUNK {
+            f.write_all_at(&data, c * CHUNK * PAGE_SIZE).unwrap();
+        }
+        let block = LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: pages * PAGE_SIZE,
+            },
+            memfd_offset: 0,
+            host_addr: 0,
+        };
+        let mem = GuestMapping::new(f.into(), vec![block]).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let drain = std::thread::spawn(move || std::io::copy(&mut b, &mut std::io::sink()));
+        let mut stream = PeerStream::Unix(a);
+        let c = Counters::default();
+        let mut s = PageSender::default();
+        s.freeze();
+        s.map_frozen(&mem);
+        let mut most = 0;
+        for first in (0..pages).step_by(CHUNK as usize) {
+            let off = first * PAGE_SIZE;
+            s.send(&mut stream, &mem, 0, first, CHUNK, off, Holes::Announce, &c)
+                .unwrap();
+            most = most.max(mem.resident());
+        }
+        s.flush(&mut stream, &c).unwrap();
+        drop(stream);
+        drain.join().unwrap().unwrap();
+        assert_eq!(Counters::get(&c.pages), pages);
+        // The window and the run being read; nothing left behind by earlier windows.
+        assert!(
+            most <= RESIDENT_WINDOW + CHUNK * PAGE_SIZE,
+            "{most} bytes mapped at most"
+        );
+        assert!(mem.resident() <= RESIDENT_WINDOW + CHUNK * PAGE_SIZE);
     }
 
     /// Sends the whole block with `holes`, then decodes what went on the wire.
