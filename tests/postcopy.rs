@@ -72,8 +72,23 @@ fn assert_dest_postcopy_stats(v: &Value, vcpus: usize) {
         .as_array()
         .unwrap_or_else(|| panic!("vcpu_blocked_us missing: {v}"));
     assert_eq!(blocked.len(), vcpus, "one blocked time per vCPU: {v}");
+    // Where a requested page's time went: [p50, p99] of each stage of its path. Every stage
+    // takes some time once pages came on the urgent channel, and none is longer than the
+    // longest fault.
+    if pc(v, "pages_urgent") > 0 {
+        for stage in ["stage_request_us", "stage_fetch_us", "stage_place_us"] {
+            let q: Vec<u64> = v["postcopy"][stage]
+                .as_array()
+                .unwrap_or_else(|| panic!("{stage} missing: {v}"))
+                .iter()
+                .map(|x| x.as_u64().expect("stage figures are numbers"))
+                .collect();
+            assert!(q.len() == 2 && q[0] <= q[1] && q[1] <= max, "{stage}: {v}");
+        }
+        assert!(v["postcopy"]["stage_fetch_us"][0].as_u64() > Some(0), "{v}");
+    }
     eprintln!(
-        "destination postcopy: {} faults, {} pages requested, {} urgent, {} pushed, latency p50 {} us p99 {} us max {} us, vm blocked {} us",
+        "destination postcopy: {} faults, {} pages requested, {} urgent, {} pushed, latency p50 {} us p99 {} us max {} us, vm blocked {} us, stages (request, fetch, place) {} {} {}",
         pc(v, "faults"),
         pc(v, "pages_requested"),
         pc(v, "pages_urgent"),
@@ -81,7 +96,10 @@ fn assert_dest_postcopy_stats(v: &Value, vcpus: usize) {
         p50,
         p99,
         max,
-        pc(v, "vm_blocked_us")
+        pc(v, "vm_blocked_us"),
+        v["postcopy"]["stage_request_us"],
+        v["postcopy"]["stage_fetch_us"],
+        v["postcopy"]["stage_place_us"],
     );
 }
 

@@ -529,6 +529,11 @@ fn run(s: &Scenario) -> Run {
         "faults": pc["faults"],
         "fault_p50_us": pc["latency_p50_us"],
         "fault_p99_us": pc["latency_p99_us"],
+        // Where a requested page's time goes, [p50, p99] each: fault read to request written,
+        // to the page read off the urgent channel, to the page placed.
+        "stage_request_us": pc["stage_request_us"],
+        "stage_fetch_us": pc["stage_fetch_us"],
+        "stage_place_us": pc["stage_place_us"],
         "fault_max_us": pc["latency_max_us"],
         "fault_latency_hist": pc["latency_hist"],
         "pages_requested": pc["pages_requested"],

@@ -202,8 +202,8 @@ pub enum Event {
     Listening(String),
     /// Statistics so far.
     Progress(MigrationStats),
-    /// Postcopy statistics so far.
-    PostcopyProgress(PostcopyStats),
+    /// Postcopy statistics so far (boxed: they are several times the size of any other event).
+    PostcopyProgress(Box<PostcopyStats>),
     /// Destination: the machine state that follows starts a postcopy phase.
     PostcopyBegin,
     /// Source: umemd asked for the final harvest; the vCPUs are about to stop.
@@ -252,7 +252,7 @@ enum Report {
 fn report(msg: LocalMessage, on_event: &mut impl FnMut(Event)) -> Report {
     match msg {
         LocalMessage::Progress(stats) => on_event(Event::Progress(stats)),
-        LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(p)),
+        LocalMessage::PostcopyProgress(p) => on_event(Event::PostcopyProgress(Box::new(p))),
         LocalMessage::PostcopyPaused { reason } => on_event(Event::PostcopyPaused(reason)),
         LocalMessage::Session(id) => on_event(Event::Session(id)),
         LocalMessage::Completed(stats) => {

@@ -237,6 +237,9 @@ fn postcopy_stats(u: &mut Unstructured) -> Result<PostcopyStats> {
         vcpu_blocked_us: (0..n).map(|_| u.arbitrary()).collect::<Result<_>>()?,
         recoveries: u.arbitrary()?,
         paused_us: u.arbitrary()?,
+        stage_request_us: u.arbitrary()?,
+        stage_fetch_us: u.arbitrary()?,
+        stage_place_us: u.arbitrary()?,
     })
 }
 

@@ -584,6 +584,7 @@ mod tests {
                 faults: 3,
                 latency_hist: [1; crate::types::LATENCY_BUCKETS],
                 vcpu_blocked_us: vec![5, 6],
+                stage_fetch_us: [40, 900],
                 ..Default::default()
             }),
             LocalMessage::Listening {

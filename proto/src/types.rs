@@ -417,6 +417,14 @@ pub struct PostcopyStats {
     pub recoveries: u64,
     /// Time spent in `postcopy-paused`, microseconds.
     pub paused_us: u64,
+    /// Of the requested pages that came on the urgent channel, `[p50, p99]` in microseconds of
+    /// the time from the fault read to the request handed to the socket (destination).
+    pub stage_request_us: [u64; 2],
+    /// The same, from the request handed to the socket to the page read off the urgent
+    /// channel: the network and the source.
+    pub stage_fetch_us: [u64; 2],
+    /// The same, from the page read to the page placed and its fault woken.
+    pub stage_place_us: [u64; 2],
 }
 
 impl PostcopyStats {
@@ -447,6 +455,16 @@ impl PostcopyStats {
         }
         w.u64(self.recoveries);
         w.u64(self.paused_us);
+        for v in [
+            self.stage_request_us,
+            self.stage_fetch_us,
+            self.stage_place_us,
+        ]
+        .iter()
+        .flatten()
+        {
+            w.u64(*v);
+        }
     }
 
     pub(crate) fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -477,6 +495,13 @@ impl PostcopyStats {
             .collect::<Result<_, _>>()?;
         s.recoveries = r.u64("recoveries")?;
         s.paused_us = r.u64("paused_us")?;
+        for (v, what) in [
+            (&mut s.stage_request_us, "stage_request_us"),
+            (&mut s.stage_fetch_us, "stage_fetch_us"),
+            (&mut s.stage_place_us, "stage_place_us"),
+        ] {
+            *v = [r.u64(what)?, r.u64(what)?];
+        }
         Ok(s)
     }
 }

@@ -594,6 +594,9 @@ fn local_message() -> BoxedStrategy<LocalMessage> {
                     vcpu_blocked_us,
                     recoveries: v[0] ^ v[1],
                     paused_us: v[2] ^ v[3],
+                    stage_request_us: [v[4] ^ v[5], v[6] ^ v[7]],
+                    stage_fetch_us: [v[8] ^ v[0], v[1] ^ v[2]],
+                    stage_place_us: [v[3] ^ v[4], v[5] ^ v[6]],
                 })
             }),
     ]

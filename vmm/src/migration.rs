@@ -175,7 +175,7 @@ fn outgoing_loop(m: &Machine, mut session: OutgoingSession) -> Result<(), Migrat
             // itself, whatever happens to the migration (`cont force=true` is the operator's
             // way out when it is known not to run there).
             Event::Committed => s.status = Status::Postmigrate,
-            Event::PostcopyProgress(p) => s.migration.postcopy = Some(p),
+            Event::PostcopyProgress(p) => s.migration.postcopy = Some(*p),
             Event::Completed(stats) => {
                 completed(&mut s.migration, stats);
                 s.status = Status::Postmigrate;
@@ -593,7 +593,7 @@ fn incoming_loop(
     session.run(&Target { m, autostart }, |event| {
         let mut s = m.state();
         match event {
-            Event::PostcopyProgress(p) => s.migration.postcopy = Some(p),
+            Event::PostcopyProgress(p) => s.migration.postcopy = Some(*p),
             Event::Listening(uri) => s.migration.listen_uri = Some(uri),
             Event::Progress(stats) => progress(&mut s.migration, stats),
             Event::PostcopyPaused(reason) => paused(&mut s.migration, reason),

@@ -122,6 +122,36 @@ impl Latency {
     }
 }
 
+/// Where the time of a requested page goes, one sample per page (microseconds): from its
+/// fault read to its request written, from there to the page read off the urgent channel
+/// (the network and the source), and from there to the page placed and its fault woken.
+#[derive(Debug, Default)]
+struct Stages {
+    /// When each page in flight was requested.
+    sent: HashMap<u64, Instant>,
+    request: Vec<u32>,
+    fetch: Vec<u32>,
+    place: Vec<u32>,
+}
+
+impl Stages {
+    fn push(samples: &mut Vec<u32>, d: Duration) {
+        // The first samples only: a bound on memory, not a uniform sample like `Latency`.
+        if samples.len() < MAX_SAMPLES {
+            samples.push(d.as_micros().min(u32::MAX as u128) as u32);
+        }
+    }
+
+    /// `[p50, p99]` of `samples`.
+    fn quantiles(samples: &[u32]) -> [u64; 2] {
+        let mut v = samples.to_vec();
+        [
+            Latency::percentile(&mut v, 0.50),
+            Latency::percentile(&mut v, 0.99),
+        ]
+    }
+}
+
 /// A fault waiting for its page: which vCPU (if it is one) and since when.
 type Waiter = (Option<usize>, Instant);
 
@@ -135,6 +165,7 @@ pub struct FaultHandler {
     vcpus: Mutex<HashMap<u32, usize>>,
     waiters: Mutex<HashMap<u64, Vec<Waiter>>>,
     latency: Mutex<Latency>,
+    stages: Mutex<Stages>,
     zeros: Vec<u8>,
     faults: AtomicU64,
     requested: AtomicU64,
@@ -171,6 +202,7 @@ impl FaultHandler {
             vcpus: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             latency: Mutex::new(Latency::default()),
+            stages: Mutex::new(Stages::default()),
             zeros: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
@@ -227,6 +259,18 @@ impl FaultHandler {
     /// Places `data` (whole pages) at `first` of `block` wherever a page is not already present,
     /// waking every fault on them. Returns the pages placed. The caller bounds-checked the run.
     pub fn place(&self, block: u32, first: u64, data: &[u8]) -> Result<u64, FaultError> {
+        self.place_arrived(block, first, data, None)
+    }
+
+    /// [`FaultHandler::place`] for pages read off the urgent channel at `arrived`: the time
+    /// of each requested one is split into stages ([`PostcopyStats::stage_fetch_us`]).
+    pub fn place_arrived(
+        &self,
+        block: u32,
+        first: u64,
+        data: &[u8],
+        arrived: Option<Instant>,
+    ) -> Result<u64, FaultError> {
         let count = data.len() as u64 / PAGE_SIZE;
         let mut placed = 0;
         let mut i = 0;
@@ -249,7 +293,7 @@ impl FaultHandler {
                 |_| Some(PageState::Present),
                 |p, was| {
                     if was == PageState::Requested {
-                        self.resolved(block, p, now);
+                        self.resolved(block, p, now, arrived);
                     }
                 },
             );
@@ -280,7 +324,14 @@ impl FaultHandler {
         Ok(())
     }
 
-    fn resolved(&self, block: u32, page: u64, now: Instant) {
+    fn resolved(&self, block: u32, page: u64, now: Instant, arrived: Option<Instant>) {
+        {
+            let mut st = lock(&self.stages);
+            if let (Some(sent), Some(arrived)) = (st.sent.remove(&key(block, page)), arrived) {
+                Stages::push(&mut st.fetch, arrived.saturating_duration_since(sent));
+                Stages::push(&mut st.place, now.saturating_duration_since(arrived));
+            }
+        }
         let Some(ws) = lock(&self.waiters).remove(&key(block, page)) else {
             return;
         };
@@ -391,10 +442,29 @@ impl FaultHandler {
             if !runs.is_empty() {
                 self.requested
                     .fetch_add(runs.iter().map(|r| r.count as u64).sum(), Ordering::Relaxed);
+                // Stamped before the write: the answer may be placed before it returns.
+                self.stamp_requests(&runs, now);
                 request(&runs).map_err(FaultError::Request)?;
             }
         }
         Ok(())
+    }
+
+    /// Notes when `runs`, whose faults were read at `read`, go out.
+    fn stamp_requests(&self, runs: &[PageRun], read: Instant) {
+        let sent = Instant::now();
+        let mut st = lock(&self.stages);
+        // A page that landed before its request left (pushed meanwhile) is never resolved
+        // as requested and would stay here: forget them all now and then.
+        if st.sent.len() >= MAX_SAMPLES {
+            st.sent.clear();
+        }
+        for r in runs {
+            for p in r.first..r.first + r.count as u64 {
+                st.sent.insert(key(r.block, p), sent);
+                Stages::push(&mut st.request, sent.saturating_duration_since(read));
+            }
+        }
     }
 
     fn fault(
@@ -465,7 +535,7 @@ impl FaultHandler {
         }
         // The page may have landed between the state check and the registration.
         if self.pages.get(block, page) == PageState::Present {
-            self.resolved(block, page, Instant::now());
+            self.resolved(block, page, Instant::now(), None);
         }
     }
 
@@ -500,6 +570,10 @@ impl FaultHandler {
         drop(lat);
         s.latency_p50_us = Latency::percentile(&mut samples, 0.50);
         s.latency_p99_us = Latency::percentile(&mut samples, 0.99);
+        let st = lock(&self.stages);
+        s.stage_request_us = Stages::quantiles(&st.request);
+        s.stage_fetch_us = Stages::quantiles(&st.fetch);
+        s.stage_place_us = Stages::quantiles(&st.place);
     }
 }
 
@@ -643,6 +717,50 @@ mod tests {
         assert_eq!(s.latency_hist.iter().sum::<u64>(), 3);
         let (hist, _) = fh.latency_histogram();
         assert_eq!(hist, s.latency_hist);
+        fh.stop();
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_requested_page_s_time_is_split_into_stages() {
+        let Some((_file, ptr, fh)) = registered_ram() else {
+            return;
+        };
+        let fh = Arc::new(fh);
+        let (tx, rx) = mpsc::channel();
+        let server = {
+            let fh = fh.clone();
+            std::thread::spawn(move || {
+                fh.serve(|runs| tx.send(runs.to_vec()).map_err(std::io::Error::other))
+            })
+        };
+        let wait = Duration::from_secs(10);
+        let page = vec![0x5au8; PAGE_SIZE as usize];
+
+        // Requested, on the way for 30 ms, then 10 ms from its arrival to its placing.
+        let reader = touch(ptr, 3);
+        rx.recv_timeout(wait).expect("a request");
+        std::thread::sleep(Duration::from_millis(30));
+        let arrived = Instant::now();
+        std::thread::sleep(Duration::from_millis(10));
+        fh.place_arrived(0, 3, &page, Some(arrived)).unwrap();
+        assert_eq!(reader.join().unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+        // Requested, then pushed in the background: it has no fetch or place stage.
+        let reader = touch(ptr, 8);
+        rx.recv_timeout(wait).expect("a request");
+        fh.place(0, 8, &page).unwrap();
+        reader.join().unwrap();
+
+        let mut s = PostcopyStats::default();
+        fh.stats(&mut s);
+        let ms = |us: u64| us / 1000;
+        assert!(ms(s.stage_fetch_us[0]) >= 30, "{s:?}");
+        assert_eq!(
+            s.stage_fetch_us[0], s.stage_fetch_us[1],
+            "one sample: {s:?}"
+        );
+        assert!((10..1000).contains(&ms(s.stage_place_us[0])), "{s:?}");
+        assert!(s.stage_request_us[1] < s.stage_fetch_us[0], "{s:?}");
         fh.stop();
         server.join().unwrap().unwrap();
     }

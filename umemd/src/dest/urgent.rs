@@ -74,10 +74,12 @@ impl UrgentReceiver {
                 if stream.read_exact(&mut buf[..len]).is_err() {
                     return Ok(());
                 }
-                fault.place(run.block, run.first, &buf[..len])?;
-                let c = counters;
-                c.pages.fetch_add(run.count as u64, Ordering::Relaxed);
-                c.bytes.fetch_add(
+                let arrived = std::time::Instant::now();
+                fault.place_arrived(run.block, run.first, &buf[..len], Some(arrived))?;
+                counters
+                    .pages
+                    .fetch_add(run.count as u64, Ordering::Relaxed);
+                counters.bytes.fetch_add(
                     (PREFIX_LEN + RUN_HEADER_LEN + len) as u64,
                     Ordering::Relaxed,
                 );
@@ -91,9 +93,11 @@ impl UrgentReceiver {
                 PeerMessage::ZeroPages(run) => {
                     check(run.block, run.first, run.count as u64)?;
                     fault.zero(run.block, run.first, run.count as u64)?;
-                    let c = counters;
-                    c.zero_pages.fetch_add(run.count as u64, Ordering::Relaxed);
-                    c.bytes
+                    counters
+                        .zero_pages
+                        .fetch_add(run.count as u64, Ordering::Relaxed);
+                    counters
+                        .bytes
                         .fetch_add((PREFIX_LEN + p.len as usize) as u64, Ordering::Relaxed);
                 }
                 other => return Err(unexpected("pages on the urgent channel", &other)),
