@@ -36,19 +36,27 @@ pub fn run(s: &Scenario) -> Result<Run, String> {
             .map_err(|e| format!("pwrite at {off:#x}: {e}"))?;
         off += n as u64;
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Run {
-        row: json!({
-            "scenario": s.name,
-            "engine": "machine",
-            "mode": s.mode,
-            "ram": s.mem,
-            "bytes_sent": bytes,
-            "total_ms": secs * 1e3,
-            "throughput_gbps": bytes as f64 / secs / 1e9,
-        }),
+    Ok(row(s, bytes, t.elapsed().as_secs_f64(), json!({})))
+}
+
+/// A machine row: `bytes` in `secs`, with `extra` fields.
+fn row(s: &Scenario, bytes: u64, secs: f64, extra: serde_json::Value) -> Run {
+    let mut row = json!({
+        "scenario": s.name,
+        "engine": "machine",
+        "mode": s.mode,
+        "ram": s.mem,
+        "bytes_sent": bytes,
+        "total_ms": secs * 1e3,
+        "throughput_gbps": bytes as f64 / secs / 1e9,
+    });
+    if let (Some(row), Some(extra)) = (row.as_object_mut(), extra.as_object()) {
+        row.extend(extra.clone());
+    }
+    Run {
+        row,
         progress: Progress::default(),
-    })
+    }
 }
 
 /// Bytes placed by one `UFFDIO_COPY` or `UFFDIO_CONTINUE`, as umemd's destination does.
@@ -313,20 +321,15 @@ pub fn place(s: &Scenario, how: Placement) -> Result<Run, String> {
     if let Some(sender) = sender {
         sender.join().map_err(|_| "the sender panicked")??;
     }
-    Ok(Run {
-        row: json!({
-            "scenario": s.name,
-            "engine": "machine",
-            "mode": s.mode,
-            "ram": s.mem,
-            "bytes_sent": bytes,
-            "total_ms": secs * 1e3,
+    Ok(row(
+        s,
+        bytes,
+        secs,
+        json!({
             "prealloc_ms": prealloc_ms,
             // Of total_ms, the part spent getting the data (pwrite, read, splice); the rest
             // is the UFFDIO_COPY or UFFDIO_CONTINUE.
             "write_ms": write.as_secs_f64() * 1e3,
-            "throughput_gbps": bytes as f64 / secs / 1e9,
         }),
-        progress: Progress::default(),
-    })
+    ))
 }

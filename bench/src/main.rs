@@ -99,100 +99,39 @@ pub struct Scenario {
     extra: Value,
 }
 
+/// A row of the machine alone (`machine.rs`): no VM, no umemd.
+fn machine(name: &'static str, mode: &'static str, mem: &'static str) -> Scenario {
+    Scenario {
+        engine: Engine::Machine,
+        name,
+        mode,
+        mem,
+        prefill: Prefill::None,
+        cmdline: "",
+        ready: "",
+        extra: json!({}),
+    }
+}
+
 const SCENARIOS: &[fn() -> Scenario] = &[
     // The machine's own cost of fresh guest RAM, the floor under every destination here.
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-fill-1g",
-        mode: "fill",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-fill-4g",
-        mode: "fill",
-        mem: "4G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
+    || machine("machine-fill-1g", "fill", "1G"),
+    || machine("machine-fill-4g", "fill", "4G"),
     // How the destination places pages, without VM or network: UFFDIO_COPY into fresh memory
     // (what umemd does) against MINOR mode over a memfd preallocated beforehand.
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-place-copy-1g",
-        mode: "place-copy",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
+    || machine("machine-place-copy-1g", "place-copy", "1G"),
+    || machine("machine-place-minor-1g", "place-minor", "1G"),
+    || machine("machine-receive-copy-1g", "receive-copy", "1G"),
+    || machine("machine-receive-splice-1g", "receive-splice", "1G"),
+    || {
+        machine(
+            "machine-receive-splice-minor-1g",
+            "receive-splice-minor",
+            "1G",
+        )
     },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-place-minor-1g",
-        mode: "place-minor",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-receive-copy-1g",
-        mode: "receive-copy",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-receive-splice-1g",
-        mode: "receive-splice",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-receive-splice-minor-1g",
-        mode: "receive-splice-minor",
-        mem: "1G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-place-copy-4g",
-        mode: "place-copy",
-        mem: "4G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
-    || Scenario {
-        engine: Engine::Machine,
-        name: "machine-place-minor-4g",
-        mode: "place-minor",
-        mem: "4G",
-        prefill: Prefill::None,
-        cmdline: "",
-        ready: "",
-        extra: json!({}),
-    },
+    || machine("machine-place-copy-4g", "place-copy", "4G"),
+    || machine("machine-place-minor-4g", "place-minor", "4G"),
     || Scenario {
         engine: Engine::Umem,
         name: "precopy-1g-prefilled-idle",

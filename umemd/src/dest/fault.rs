@@ -648,11 +648,15 @@ mod tests {
         })
     }
 
-    #[test]
-    fn faults_are_requested_once_and_resolved_by_placed_runs() {
-        let Some((file, ptr, fh)) = registered_ram() else {
-            return;
-        };
+    /// `fh` serving faults in a thread of its own, its requests sent to the receiver.
+    #[allow(clippy::type_complexity)]
+    fn serving(
+        fh: FaultHandler,
+    ) -> (
+        Arc<FaultHandler>,
+        mpsc::Receiver<Vec<PageRun>>,
+        std::thread::JoinHandle<Result<(), FaultError>>,
+    ) {
         let fh = Arc::new(fh);
         let (tx, rx) = mpsc::channel();
         let server = {
@@ -661,6 +665,15 @@ mod tests {
                 fh.serve(|runs| tx.send(runs.to_vec()).map_err(std::io::Error::other))
             })
         };
+        (fh, rx, server)
+    }
+
+    #[test]
+    fn faults_are_requested_once_and_resolved_by_placed_runs() {
+        let Some((file, ptr, fh)) = registered_ram() else {
+            return;
+        };
+        let (fh, rx, server) = serving(fh);
         let wait = Duration::from_secs(10);
 
         // A read of a missing page becomes one request, and waits for the page.
@@ -726,14 +739,7 @@ mod tests {
         let Some((_file, ptr, fh)) = registered_ram() else {
             return;
         };
-        let fh = Arc::new(fh);
-        let (tx, rx) = mpsc::channel();
-        let server = {
-            let fh = fh.clone();
-            std::thread::spawn(move || {
-                fh.serve(|runs| tx.send(runs.to_vec()).map_err(std::io::Error::other))
-            })
-        };
+        let (fh, rx, server) = serving(fh);
         let wait = Duration::from_secs(10);
         let page = vec![0x5au8; PAGE_SIZE as usize];
 
