@@ -517,6 +517,30 @@ fn metrics_scraped_during_and_after_a_postcopy_migration() {
         cumulative += n;
         assert_eq!(bucket.1, cumulative, "bucket {i} (le {})", bucket.0);
     }
+    // The stages of requested pages' waits, as query-migrate has them.
+    for stage in ["request", "fetch", "place"] {
+        for (i, quantile) in ["0.5", "0.99"].into_iter().enumerate() {
+            let want = dv["postcopy"][format!("stage_{stage}_us")][i]
+                .as_u64()
+                .unwrap_or_else(|| panic!("stage_{stage}_us in {dv}"))
+                as f64
+                / 1e6;
+            let shown = dst_after.value(
+                "umemd_session_fault_stage_seconds",
+                &[
+                    dl[0],
+                    dl[1],
+                    dl[2],
+                    ("stage", stage),
+                    ("quantile", quantile),
+                ],
+            );
+            assert!(
+                (shown - want).abs() < 1e-6,
+                "{stage} {quantile}: {shown} s, query-migrate {want} s"
+            );
+        }
+    }
     let vcpu_blocked = dv["postcopy"]["vcpu_blocked_us"][0]
         .as_u64()
         .unwrap_or_else(|| panic!("vcpu_blocked_us in {dv}")) as f64

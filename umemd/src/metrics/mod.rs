@@ -1,5 +1,6 @@
 //! What the daemon tells Prometheus: per session its phase, what crossed, the destination's
-//! fault latency histogram and blocked time, recoveries; daemon-wide the sessions open and the
+//! fault latency histogram, the stages of its requested pages' waits and blocked time,
+//! recoveries; daemon-wide the sessions open and the
 //! clients and peers turned away.
 //!
 //! Sessions publish their figures at the moments they report them to their VMM (a few times a
@@ -441,6 +442,27 @@ fn render_sessions(e: &mut Encoder, sessions: &[SessionState]) {
             e.sample(blocked, &[a, b, c, ("vcpu", &vcpu)], us(*t));
         }
     }
+    let stage = "umemd_session_fault_stage_seconds";
+    e.family(
+        stage,
+        "Destination: where requested pages waited, by stage of their path (request: the fault read to the request sent; fetch: to the page read off the urgent channel; place: to the page placed), median and 99th percentile.",
+        Kind::Gauge,
+    );
+    for s in sessions.iter().filter(|s| dest(s)) {
+        let id = s.id.to_string();
+        let [a, b, c] = labels(s, &id);
+        let p = &s.postcopy;
+        for (name, q) in [
+            ("request", p.stage_request_us),
+            ("fetch", p.stage_fetch_us),
+            ("place", p.stage_place_us),
+        ] {
+            for (quantile, v) in [("0.5", q[0]), ("0.99", q[1])] {
+                let l = [a, b, c, ("stage", name), ("quantile", quantile)];
+                e.sample(stage, &l, us(v));
+            }
+        }
+    }
     let latency = "umemd_session_fault_latency_seconds";
     e.family(
         latency,
@@ -514,6 +536,7 @@ mod tests {
             faults: 5,
             vcpu_blocked_us: vec![1_500_000, 0],
             recoveries: 1,
+            stage_fetch_us: [40, 900],
             ..Default::default()
         }));
         let mut hist = [0; LATENCY_BUCKETS];
@@ -541,6 +564,12 @@ mod tests {
             "1.5"
         );
         assert_eq!(v(&format!("umemd_session_recoveries_total{{{l}}}")), "1");
+        assert_eq!(
+            v(&format!(
+                "umemd_session_fault_stage_seconds{{{l},stage=\"fetch\",quantile=\"0.99\"}}"
+            )),
+            "0.0009"
+        );
         assert_eq!(
             v(&format!(
                 "umemd_session_fault_latency_seconds_bucket{{{l},le=\"0.000002\"}}"
