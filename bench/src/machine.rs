@@ -22,13 +22,15 @@ const CHUNK: usize = 1 << 20;
 /// Fills a memfd of `s.mem` and reports its rate as the scenario's throughput.
 pub fn run(s: &Scenario) -> Result<Run, String> {
     let bytes = vmm::parse_size(s.mem)?;
-    let file = memfd::MemfdOptions::default()
-        .create("umem-bench-fill")
-        .map_err(|e| format!("memfd: {e}"))?
-        .into_file();
-    file.set_len(bytes).map_err(|e| format!("ftruncate: {e}"))?;
-    let buf = vec![0x5au8; CHUNK];
+    let file = fresh_memfd("umem-bench-fill", bytes)?;
     let t = Instant::now();
+    fill(&file, bytes)?;
+    Ok(row(s, bytes, t.elapsed().as_secs_f64(), json!({})))
+}
+
+/// Writes `bytes` of data into `file` from its start, `CHUNK` per `pwrite`.
+fn fill(file: &std::fs::File, bytes: u64) -> Result<(), String> {
+    let buf = vec![0x5au8; CHUNK];
     let mut off = 0;
     while off < bytes {
         let n = (bytes - off).min(CHUNK as u64) as usize;
@@ -36,7 +38,7 @@ pub fn run(s: &Scenario) -> Result<Run, String> {
             .map_err(|e| format!("pwrite at {off:#x}: {e}"))?;
         off += n as u64;
     }
-    Ok(row(s, bytes, t.elapsed().as_secs_f64(), json!({})))
+    Ok(())
 }
 
 /// A machine row: `bytes` in `secs`, with `extra` fields.
@@ -138,6 +140,7 @@ impl Drop for Shared {
     }
 }
 
+/// An empty memfd of `bytes`.
 fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
     let file = memfd::MemfdOptions::default()
         .create(name)
@@ -151,21 +154,14 @@ fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
 /// `sendfile`, as a source umemd sends pages.
 fn sending_peer(bytes: u64) -> Result<(TcpStream, JoinHandle<Result<(), String>>), String> {
     let src = fresh_memfd("umem-bench-source", bytes)?;
-    let chunk = vec![0x5au8; 1 << 20];
-    let mut off = 0;
-    while off < bytes {
-        let n = (bytes - off).min(chunk.len() as u64) as usize;
-        src.write_all_at(&chunk[..n], off)
-            .map_err(|e| format!("pwrite: {e}"))?;
-        off += n as u64;
-    }
+    fill(&src, bytes)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let sender = std::thread::spawn(move || {
         let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         let mut off: libc::off64_t = 0;
         while (off as u64) < bytes {
-            let n = (bytes - off as u64).min(1 << 20) as usize;
+            let n = (bytes - off as u64).min(CHUNK as u64) as usize;
             nix::sys::sendfile::sendfile64(&sock, &src, Some(&mut off), n)
                 .map_err(|e| format!("sendfile: {e}"))?;
         }

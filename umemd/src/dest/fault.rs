@@ -142,12 +142,11 @@ impl Stages {
         }
     }
 
-    /// `[p50, p99]` of `samples`.
-    fn quantiles(samples: &[u32]) -> [u64; 2] {
-        let mut v = samples.to_vec();
+    /// `[p50, p99]` of `samples` (reordered in the process).
+    fn quantiles(samples: &mut [u32]) -> [u64; 2] {
         [
-            Latency::percentile(&mut v, 0.50),
-            Latency::percentile(&mut v, 0.99),
+            Latency::percentile(samples, 0.50),
+            Latency::percentile(samples, 0.99),
         ]
     }
 }
@@ -453,6 +452,7 @@ impl FaultHandler {
     /// Notes when `runs`, whose faults were read at `read`, go out.
     fn stamp_requests(&self, runs: &[PageRun], read: Instant) {
         let sent = Instant::now();
+        let waited = sent.saturating_duration_since(read);
         let mut st = lock(&self.stages);
         // A page that landed before its request left (pushed meanwhile) is never resolved
         // as requested and would stay here: forget them all now and then.
@@ -462,7 +462,7 @@ impl FaultHandler {
         for r in runs {
             for p in r.first..r.first + r.count as u64 {
                 st.sent.insert(key(r.block, p), sent);
-                Stages::push(&mut st.request, sent.saturating_duration_since(read));
+                Stages::push(&mut st.request, waited);
             }
         }
     }
@@ -570,10 +570,14 @@ impl FaultHandler {
         drop(lat);
         s.latency_p50_us = Latency::percentile(&mut samples, 0.50);
         s.latency_p99_us = Latency::percentile(&mut samples, 0.99);
+        // Copied under the lock, ordered outside it: the fault thread takes it every batch.
         let st = lock(&self.stages);
-        s.stage_request_us = Stages::quantiles(&st.request);
-        s.stage_fetch_us = Stages::quantiles(&st.fetch);
-        s.stage_place_us = Stages::quantiles(&st.place);
+        let (mut request, mut fetch, mut place) =
+            (st.request.clone(), st.fetch.clone(), st.place.clone());
+        drop(st);
+        s.stage_request_us = Stages::quantiles(&mut request);
+        s.stage_fetch_us = Stages::quantiles(&mut fetch);
+        s.stage_place_us = Stages::quantiles(&mut place);
     }
 }
 
