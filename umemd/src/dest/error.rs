@@ -131,6 +131,9 @@ pub enum DestError {
         #[source]
         err: io::Error,
     },
+    /// The placing thread is gone (a bug: it ends only with the session).
+    #[error("the thread placing pages into guest RAM stopped")]
+    PlacerLost,
     /// Postcopy machinery without a userfaultfd.
     #[error("no userfaultfd")]
     NoUffd,

@@ -13,6 +13,7 @@ use proto::peer::{kind, PeerMessage};
 use super::error::DestError;
 use super::phase::DestPhase;
 use super::place::read_exact;
+use super::placer::{Job, Placer};
 use super::{write_peer, Dest, PeerWriter, COMMIT_TIMEOUT, HANDSHAKE_TIMEOUT};
 use crate::link::send_local;
 use crate::priority::lower_priority;
@@ -54,8 +55,13 @@ impl Dest {
         writer: &PeerWriter,
         session_id: u64,
     ) -> Result<(), DestError> {
+        let mut placer = Placer::start(self.placement())?;
         loop {
-            match self.stream_loop(&mut peer, writer) {
+            let result = self.stream_loop(&mut peer, writer, &mut placer);
+            // What was read before the stream ended is placed, and a failure to place it
+            // counts before the stream's.
+            placer.flush()?;
+            match result {
                 Ok(()) => return Ok(()),
                 Err(e)
                     if self.phase == DestPhase::Postcopy
@@ -69,8 +75,14 @@ impl Dest {
         }
     }
 
-    /// Reads the main stream frame by frame until the migration is complete here.
-    fn stream_loop(&mut self, peer: &mut PeerStream, writer: &PeerWriter) -> Result<(), DestError> {
+    /// Reads the main stream frame by frame until the migration is complete here. Pages, zero
+    /// runs and discards go to `placer` in order; every other frame waits until they are in.
+    fn stream_loop(
+        &mut self,
+        peer: &mut PeerStream,
+        writer: &PeerWriter,
+        placer: &mut Placer,
+    ) -> Result<(), DestError> {
         // Small frames (scattered pages, zero runs, holes) come many to a read, not three reads
         // each; a read as large as the buffer (a long run's pages) bypasses it.
         let mut peer = BufReader::with_capacity(READ_AHEAD, peer);
@@ -116,7 +128,15 @@ impl Dest {
                 err,
             })?;
             if p.kind == kind::PAGES {
-                self.receive_pages(&mut peer, p)?;
+                let (run, off) = self.run_header(&mut peer, p)?;
+                let buf = placer.read_run(run.data_len(), |b| read_exact(&mut peer, b))?;
+                let running = self.phase.running();
+                placer.submit(Job::Pages {
+                    run,
+                    off,
+                    buf,
+                    running,
+                })?;
                 self.progress(false);
                 continue;
             }
@@ -127,20 +147,49 @@ impl Dest {
                 context: "source stream",
                 err,
             })?;
+            let running = self.phase.running();
+            if !matches!(
+                msg,
+                PeerMessage::ZeroPages(_)
+                    | PeerMessage::Holes { .. }
+                    | PeerMessage::Discard { .. }
+                    | PeerMessage::RoundEnd { .. }
+                    | PeerMessage::Heartbeat
+            ) {
+                // Guest RAM is as the source sent it before the switchover, the machine state,
+                // the commit or the end of the stream is handled.
+                placer.flush()?;
+            }
             match msg {
                 PeerMessage::ZeroPages(run) => {
-                    self.zero(run.block, run.first, run.count as u64)?;
-                    self.stats.zero_pages += run.count as u64;
+                    let (block, first, count) = (run.block, run.first, run.count as u64);
+                    self.check_zero(block, first, count)?;
+                    placer.submit(Job::Zero {
+                        block,
+                        first,
+                        count,
+                        running,
+                    })?;
+                    self.stats.zero_pages += count;
                 }
                 PeerMessage::Holes {
                     block,
                     first,
                     count,
                 } => {
-                    self.zero(block, first, count)?;
+                    self.check_zero(block, first, count)?;
+                    placer.submit(Job::Zero {
+                        block,
+                        first,
+                        count,
+                        running,
+                    })?;
                     self.stats.holes_skipped += count;
                 }
-                PeerMessage::Discard { block, ranges } => self.discard(block, &ranges)?,
+                PeerMessage::Discard { block, ranges } => {
+                    self.checked_discard(block, &ranges)?;
+                    placer.submit(Job::Discard { block, ranges })?;
+                }
                 PeerMessage::RoundEnd { round } => {
                     self.stats.rounds = round;
                     self.progress(true);
@@ -212,7 +261,7 @@ impl Dest {
                     if !self.switching_to_postcopy {
                         return Ok(());
                     }
-                    // This thread places background pages from now on; the fault and
+                    // This thread reads background pages from now on; the fault and
                     // urgent-channel threads keep the normal priority.
                     lower_priority();
                     self.set_phase(DestPhase::Postcopy)?;

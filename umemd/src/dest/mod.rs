@@ -7,7 +7,8 @@
 //! [`gate`] (every connection authenticates before the session sees it), [`handshake`]
 //! (accepting the source, version and layout), [`frames`] (the main stream's
 //! frame loop), [`place`] (where a page goes: `pwrite` before the VM runs, `UFFDIO_COPY`
-//! after), [`threads`] (the fault and urgent-channel threads), [`urgent`] (the urgent
+//! after), [`placer`] (the thread that writes the main stream's pages while the next ones are
+//! read), [`threads`] (the fault and urgent-channel threads), [`urgent`] (the urgent
 //! receiver), [`fault`] (the userfaultfd), [`vmm`] (the VMM link), [`stats`], and [`pages`]
 //! (the state of every page).
 
@@ -19,6 +20,7 @@ pub mod handshake;
 pub mod pages;
 pub mod phase;
 mod place;
+mod placer;
 mod recovery;
 mod stats;
 mod threads;

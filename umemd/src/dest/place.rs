@@ -1,16 +1,21 @@
 //! Where a page goes on the destination, in one place: before the VM runs, into the memfd with
-//! `pwrite` (or a punched hole for zero pages); once it runs, only with `UFFDIO_COPY`.
+//! `pwrite` (or a punched hole for zero pages); once it runs, only with `UFFDIO_COPY`. The
+//! checks of each frame are [`Dest`]'s; the writing is [`Placement`]'s, which the placing
+//! thread ([`super::placer`]) holds.
 
 use std::io::Read;
+use std::sync::Arc;
 
 use proto::frame::{FramePrefix, PREFIX_LEN};
 use proto::peer::{PageRun, RUN_HEADER_LEN};
 use proto::PAGE_SIZE;
 
 use super::error::DestError;
-use super::pages::PageState;
+use super::fault::FaultHandler;
+use super::pages::{PageState, PageTable};
 use super::phase::DestPhase;
 use super::Dest;
+use crate::mapping::GuestMapping;
 
 impl Dest {
     /// Pages flow before the machine state (precopy) and after the commit (postcopy), never
@@ -44,30 +49,49 @@ impl Dest {
             .map_err(DestError::BadPages)
     }
 
+    /// Where this session's pages go, for the placing thread or for a caller that places
+    /// them itself.
+    pub(super) fn placement(&self) -> Placement {
+        Placement {
+            mem: self.mem.clone(),
+            pages: self.pages.clone(),
+            fault: self.postcopy.as_ref().map(|pc| pc.fault.clone()),
+        }
+    }
+
+    /// Checks a zero run or hole of the stream, and counts it as pushed once the VM runs.
+    pub(super) fn check_zero(
+        &mut self,
+        block: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<(), DestError> {
+        self.check_pages_allowed()?;
+        self.checked_offset(block, first, count)?;
+        if self.phase.running() {
+            if let Some(pc) = self.postcopy.as_mut() {
+                pc.pushed += count;
+            }
+        }
+        Ok(())
+    }
+
     /// Pages that read as zero: before the VM runs they become holes; afterwards they are
     /// placed only if a vCPU touches them. Public, like [`Dest::receive_pages`] and
     /// [`Dest::discard`], so that the stable fuzzer (`fuzz/`) can drive it.
     pub fn zero(&mut self, block: u32, first: u64, count: u64) -> Result<(), DestError> {
-        self.check_pages_allowed()?;
-        let off = self.checked_offset(block, first, count)?;
-        if self.phase.running() {
-            if let Some(pc) = self.postcopy.as_mut() {
-                pc.fault.zero(block, first, count)?;
-                pc.pushed += count;
-            }
-            return Ok(());
-        }
-        // Usually a hole already (fresh memory); only pages written earlier need dropping.
-        if self.mem.has_data(off, count * PAGE_SIZE) {
-            self.mem.punch_hole(off, count * PAGE_SIZE)?;
-        }
-        self.pages.set_range(block, first, count, PageState::Zero);
-        Ok(())
+        self.check_zero(block, first, count)?;
+        self.placement()
+            .zero(block, first, count, self.phase.running())
     }
 
-    /// Reads the header and data of a `PAGES` frame whose prefix `p` was read, then places
-    /// the run.
-    pub fn receive_pages(&mut self, peer: &mut impl Read, p: FramePrefix) -> Result<(), DestError> {
+    /// Reads the header of a `PAGES` frame whose prefix `p` was read, checks the run against
+    /// the phase and the layout, and counts it: the run and its memfd offset. Its data follows.
+    pub(super) fn run_header(
+        &mut self,
+        peer: &mut impl Read,
+        p: FramePrefix,
+    ) -> Result<(PageRun, u64), DestError> {
         let mut hdr = [0u8; RUN_HEADER_LEN];
         read_exact(peer, &mut hdr)?;
         let run = PageRun::decode_pages_header(p, &hdr).map_err(|err| DestError::Malformed {
@@ -76,11 +100,41 @@ impl Dest {
         })?;
         self.check_pages_allowed()?;
         let off = self.checked_offset(run.block, run.first, run.count as u64)?;
+        if self.phase.running() && self.postcopy.is_none() {
+            return Err(DestError::Protocol(
+                "pages after the switchover without a userfaultfd",
+            ));
+        }
+        if let (true, Some(pc)) = (self.phase.running(), self.postcopy.as_mut()) {
+            pc.pushed += run.count as u64;
+        }
+        self.stats.pages_sent += run.count as u64;
+        self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + run.data_len()) as u64;
+        Ok((run, off))
+    }
+
+    /// Reads the header and data of a `PAGES` frame whose prefix `p` was read, then places
+    /// the run.
+    pub fn receive_pages(&mut self, peer: &mut impl Read, p: FramePrefix) -> Result<(), DestError> {
+        let (run, off) = self.run_header(peer, p)?;
         let len = run.data_len();
         read_exact(peer, &mut self.buf[..len])?;
-        self.place(run, off, len)?;
-        self.stats.pages_sent += run.count as u64;
-        self.stats.bytes_sent += (PREFIX_LEN + RUN_HEADER_LEN + len) as u64;
+        self.placement()
+            .pages(run, off, &self.buf[..len], self.phase.running())
+    }
+
+    /// Checks a discard frame whole (see [`Dest::check_discard`]) before any page is dropped.
+    pub(super) fn checked_discard(
+        &self,
+        block: u32,
+        ranges: &[(u64, u32)],
+    ) -> Result<(), DestError> {
+        self.check_discard(ranges)?;
+        for &(first, count) in ranges {
+            self.mem
+                .offset_of(block, first, count as u64)
+                .map_err(DestError::BadDiscard)?;
+        }
         Ok(())
     }
 
@@ -88,37 +142,38 @@ impl Dest {
     /// again. Only before the machine state (see [`Dest::check_discard`]). A frame with an
     /// empty range or one outside the layout is refused whole, before any page is dropped.
     pub fn discard(&mut self, block: u32, ranges: &[(u64, u32)]) -> Result<(), DestError> {
-        self.check_discard(ranges)?;
-        for &(first, count) in ranges {
-            self.mem
-                .offset_of(block, first, count as u64)
-                .map_err(DestError::BadDiscard)?;
-        }
-        for &(first, count) in ranges {
-            let off = self
-                .mem
-                .offset_of(block, first, count as u64)
-                .map_err(DestError::BadDiscard)?;
-            self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
-            self.pages
-                .set_range(block, first, count as u64, PageState::Missing);
-        }
-        Ok(())
+        self.checked_discard(block, ranges)?;
+        self.placement().discard(block, ranges)
     }
+}
 
-    /// Writes the run's data, in `self.buf[..len]`, into guest RAM at memfd offset `off`: with
-    /// `pwrite` into the memfd before the VM runs (nothing else touches it then), with
-    /// `UFFDIO_COPY` once it runs.
-    fn place(&mut self, run: PageRun, off: u64, len: usize) -> Result<(), DestError> {
-        let data = &self.buf[..len];
-        if self.phase.running() {
-            let Some(pc) = self.postcopy.as_mut() else {
+/// Where a page goes, as plain shared parts: the placing thread holds one, and so does a
+/// caller that places pages itself. The frame was checked against the phase and the layout.
+#[derive(Clone)]
+pub(super) struct Placement {
+    mem: Arc<GuestMapping>,
+    pages: Arc<PageTable>,
+    fault: Option<Arc<FaultHandler>>,
+}
+
+impl Placement {
+    /// Writes a run's `data` into guest RAM at memfd offset `off`: with `pwrite` into the
+    /// memfd before the VM runs (nothing else touches it then), with `UFFDIO_COPY` once it
+    /// runs.
+    pub(super) fn pages(
+        &self,
+        run: PageRun,
+        off: u64,
+        data: &[u8],
+        running: bool,
+    ) -> Result<(), DestError> {
+        if running {
+            let Some(fault) = self.fault.as_ref() else {
                 return Err(DestError::Protocol(
                     "pages after the switchover without a userfaultfd",
                 ));
             };
-            pc.fault.place(run.block, run.first, data)?;
-            pc.pushed += run.count as u64;
+            fault.place(run.block, run.first, data)?;
         } else {
             // Written with pwrite rather than through the mapping: a whole-page write into the
             // memfd allocates the page without zeroing it first and without a page fault per
@@ -127,6 +182,47 @@ impl Dest {
                 .map_err(DestError::Write)?;
             self.pages
                 .set_range(run.block, run.first, run.count as u64, PageState::Present);
+        }
+        Ok(())
+    }
+
+    /// Pages that read as zero: before the VM runs they become holes; afterwards they are
+    /// placed only if a vCPU waits for them.
+    pub(super) fn zero(
+        &self,
+        block: u32,
+        first: u64,
+        count: u64,
+        running: bool,
+    ) -> Result<(), DestError> {
+        if running {
+            if let Some(fault) = self.fault.as_ref() {
+                fault.zero(block, first, count)?;
+            }
+            return Ok(());
+        }
+        let off = self
+            .mem
+            .offset_of(block, first, count)
+            .map_err(DestError::BadPages)?;
+        // Usually a hole already (fresh memory); only pages written earlier need dropping.
+        if self.mem.has_data(off, count * PAGE_SIZE) {
+            self.mem.punch_hole(off, count * PAGE_SIZE)?;
+        }
+        self.pages.set_range(block, first, count, PageState::Zero);
+        Ok(())
+    }
+
+    /// Drops pages sent earlier: holes, and missing again. The ranges were checked.
+    pub(super) fn discard(&self, block: u32, ranges: &[(u64, u32)]) -> Result<(), DestError> {
+        for &(first, count) in ranges {
+            let off = self
+                .mem
+                .offset_of(block, first, count as u64)
+                .map_err(DestError::BadDiscard)?;
+            self.mem.punch_hole(off, count as u64 * PAGE_SIZE)?;
+            self.pages
+                .set_range(block, first, count as u64, PageState::Missing);
         }
         Ok(())
     }
@@ -158,7 +254,7 @@ pub(super) fn read_exact(peer: &mut impl Read, buf: &mut [u8]) -> Result<(), Des
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::fs::File;
     use std::os::unix::fs::FileExt;
     use std::os::unix::net::UnixStream;
@@ -168,7 +264,7 @@ mod tests {
 
     /// A destination over a fresh sealed memfd of `pages` pages, one block, every page
     /// written with its number + 1; the memfd is returned beside it to be read back.
-    fn dest(pages: u64) -> (Dest, File, UnixStream) {
+    pub(in crate::dest) fn dest(pages: u64) -> (Dest, File, UnixStream) {
         let file = crate::testutil::sealed_memfd(pages * PAGE_SIZE);
         for p in 0..pages {
             file.write_all_at(&[p as u8 + 1; PAGE_SIZE as usize], p * PAGE_SIZE)
@@ -189,7 +285,7 @@ mod tests {
         (d, file, vmm)
     }
 
-    fn first_bytes(file: &File, pages: u64) -> Vec<u8> {
+    pub(in crate::dest) fn first_bytes(file: &File, pages: u64) -> Vec<u8> {
         (0..pages)
             .map(|p| {
                 let mut b = [0u8; 1];

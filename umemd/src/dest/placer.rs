@@ -1,0 +1,328 @@
+//! The destination's placing thread. The main stream's reader hands it the pages, zero runs and
+//! discards of the stream in the order they came, so that reading the next run off the socket
+//! and writing the last one into guest RAM run on two cores at once: on an idle guest the one
+//! thread that did both was the slower side of a migration.
+//!
+//! Order is kept: the thread applies the jobs one after another, and the reader waits for all
+//! of them ([`Placer::flush`]) before any frame that depends on guest RAM being written (the
+//! switchover, the machine state, the commit, the end of the stream).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use proto::peer::{PageRun, MAX_RUN_PAGES};
+use proto::PAGE_SIZE;
+
+use super::error::DestError;
+use super::place::Placement;
+use crate::priority::lower_priority;
+
+/// Buffers of one run each: one being read into, one being placed, one queued between them.
+const BUFFERS: usize = 3;
+/// Jobs queued at most; zero runs and discards need no buffer, so they are bounded here.
+const QUEUED_JOBS: usize = 64;
+
+/// What the placing thread does, in the order the source sent it.
+pub(super) enum Job {
+    /// A run of pages, read into `buf`, at memfd offset `off`. `running`: the VM runs here, so
+    /// the pages go in with `UFFDIO_COPY`.
+    Pages {
+        run: PageRun,
+        off: u64,
+        buf: Vec<u8>,
+        running: bool,
+    },
+    /// Pages that read as zero (a zero run or a hole).
+    Zero {
+        block: u32,
+        first: u64,
+        count: u64,
+        running: bool,
+    },
+    /// Pages dropped again (precopy only); the ranges were checked.
+    Discard { block: u32, ranges: Vec<(u64, u32)> },
+    /// Answers with the first failure since the last flush, once every job before it is done.
+    Flush(SyncSender<Option<DestError>>),
+}
+
+/// The placing thread and its pool of run buffers.
+pub(super) struct Placer {
+    jobs: Option<SyncSender<Job>>,
+    /// Buffers the thread is done with.
+    free: Receiver<Vec<u8>>,
+    /// Buffers back from a read that failed.
+    spare: Vec<Vec<u8>>,
+    /// A job failed: the reader flushes to learn why.
+    failed: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Placer {
+    /// Starts the thread, which places through `placement`.
+    pub(super) fn start(placement: Placement) -> Result<Self, DestError> {
+        let (jobs_tx, jobs) = mpsc::sync_channel(QUEUED_JOBS);
+        let (free_tx, free) = mpsc::channel();
+        for _ in 0..BUFFERS {
+            let _ = free_tx.send(vec![0u8; (MAX_RUN_PAGES as u64 * PAGE_SIZE) as usize]);
+        }
+        let failed = Arc::new(AtomicBool::new(false));
+        let flag = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("placer".into())
+            .spawn(move || place_jobs(placement, jobs, free_tx, flag))
+            .map_err(|err| DestError::Spawn {
+                thread: "placer",
+                err,
+            })?;
+        Ok(Placer {
+            jobs: Some(jobs_tx),
+            free,
+            spare: Vec::new(),
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    /// Reads `len` bytes of a run with `read` into a free buffer, waiting for one if all are
+    /// in use. A buffer whose read failed stays with the placer.
+    pub(super) fn read_run(
+        &mut self,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), DestError>,
+    ) -> Result<Vec<u8>, DestError> {
+        let mut buf = match self.spare.pop() {
+            Some(b) => b,
+            None => self.free.recv().map_err(|_| DestError::PlacerLost)?,
+        };
+        match read(&mut buf[..len]) {
+            Ok(()) => Ok(buf),
+            Err(e) => {
+                self.spare.push(buf);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues `job`, and reports a failure of an earlier one.
+    pub(super) fn submit(&mut self, job: Job) -> Result<(), DestError> {
+        let jobs = self.jobs.as_ref().ok_or(DestError::PlacerLost)?;
+        jobs.send(job).map_err(|_| DestError::PlacerLost)?;
+        if self.failed.load(Ordering::Acquire) {
+            return self.flush();
+        }
+        Ok(())
+    }
+
+    /// Waits until every job queued is done; the first failure among them, if any.
+    pub(super) fn flush(&mut self) -> Result<(), DestError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.jobs
+            .as_ref()
+            .ok_or(DestError::PlacerLost)?
+            .send(Job::Flush(tx))
+            .map_err(|_| DestError::PlacerLost)?;
+        match rx.recv() {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(e),
+            Err(_) => Err(DestError::PlacerLost),
+        }
+    }
+}
+
+impl Drop for Placer {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The thread: applies jobs until the reader is gone. After a failure it skips the jobs up to
+/// the next flush, returning their buffers, so that the reader never waits for a buffer.
+fn place_jobs(
+    placement: Placement,
+    jobs: Receiver<Job>,
+    free: Sender<Vec<u8>>,
+    failed: Arc<AtomicBool>,
+) {
+    let mut error: Option<DestError> = None;
+    let mut lowered = false;
+    for job in jobs {
+        let result = match job {
+            Job::Flush(reply) => {
+                failed.store(false, Ordering::Release);
+                let _ = reply.send(error.take());
+                continue;
+            }
+            Job::Pages { buf, .. } if error.is_some() => {
+                let _ = free.send(buf);
+                continue;
+            }
+            _ if error.is_some() => continue,
+            Job::Pages {
+                run,
+                off,
+                buf,
+                running,
+            } => {
+                if running && !lowered {
+                    // Background pages of a running VM: the fault and urgent-channel threads
+                    // keep the normal priority.
+                    lower_priority();
+                    lowered = true;
+                }
+                let r = placement.pages(run, off, &buf[..run.data_len()], running);
+                let _ = free.send(buf);
+                r
+            }
+            Job::Zero {
+                block,
+                first,
+                count,
+                running,
+            } => placement.zero(block, first, count, running),
+            Job::Discard { block, ranges } => placement.discard(block, &ranges),
+        };
+        if let Err(e) = result {
+            error = Some(e);
+            failed.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dest::pages::PageState;
+    use crate::dest::place::tests::{dest, first_bytes};
+
+    /// A run of `count` pages at `first` of block 0, every byte `byte`, read into a buffer of
+    /// `placer`.
+    fn pages(placer: &mut Placer, first: u64, count: u32, byte: u8, running: bool) -> Job {
+        let run = PageRun {
+            block: 0,
+            first,
+            count,
+        };
+        let buf = placer
+            .read_run(run.data_len(), |b| {
+                b.fill(byte);
+                Ok(())
+            })
+            .unwrap();
+        Job::Pages {
+            run,
+            off: first * PAGE_SIZE,
+            buf,
+            running,
+        }
+    }
+
+    /// Runs `f` on a thread and fails the test if it takes longer than 10 s: a placer that
+    /// kept a buffer would leave the reader waiting for ever.
+    fn bounded(f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the placer did not finish within 10 s");
+    }
+
+    #[test]
+    fn jobs_apply_in_the_order_they_came() {
+        bounded(|| {
+            let (d, file, _vmm) = dest(8);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            // Pages, then a zero run over two of them, then a discard of one, then pages again
+            // over the discarded one: only the order says what each page holds.
+            let job = pages(&mut placer, 0, 4, 9, false);
+            placer.submit(job).unwrap();
+            let zero = Job::Zero {
+                block: 0,
+                first: 1,
+                count: 2,
+                running: false,
+            };
+            placer.submit(zero).unwrap();
+            let discard = Job::Discard {
+                block: 0,
+                ranges: vec![(3, 1), (5, 1)],
+            };
+            placer.submit(discard).unwrap();
+            let job = pages(&mut placer, 3, 1, 7, false);
+            placer.submit(job).unwrap();
+            placer.flush().unwrap();
+            assert_eq!(first_bytes(&file, 8), [9, 0, 0, 7, 5, 0, 7, 8]);
+            assert_eq!(d.pages.get(0, 1), PageState::Zero);
+            assert_eq!(d.pages.get(0, 3), PageState::Present);
+            assert_eq!(d.pages.get(0, 5), PageState::Missing);
+        });
+    }
+
+    #[test]
+    fn a_failure_is_reported_and_the_reader_never_waits_for_a_buffer() {
+        bounded(|| {
+            let (d, file, _vmm) = dest(8);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            // No userfaultfd: pages for a running VM cannot be placed.
+            let job = pages(&mut placer, 0, 1, 9, true);
+            let jobs = placer.jobs.clone().unwrap();
+            jobs.send(job).unwrap();
+            // More runs than buffers queued behind the failure before it is reported: each
+            // skipped run's buffer comes back, or this waits for ever.
+            for i in 0..(BUFFERS as u64 * 3) {
+                let job = pages(&mut placer, i % 8, 1, 3, false);
+                jobs.send(job).unwrap();
+            }
+            let e = placer.flush().unwrap_err();
+            assert!(e.to_string().contains("without a userfaultfd"), "{e}");
+            assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 6, 7, 8]);
+            // Reported once; the placer goes on.
+            for i in 0..(BUFFERS as u64 * 3) {
+                let job = pages(&mut placer, i % 8, 1, 3, false);
+                placer.submit(job).unwrap();
+            }
+            placer.flush().unwrap();
+            assert_eq!(first_bytes(&file, 8), [3; 8]);
+        });
+    }
+
+    #[test]
+    fn jobs_after_a_failure_are_skipped_until_it_is_reported() {
+        bounded(|| {
+            let (d, file, _vmm) = dest(4);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            let failing = pages(&mut placer, 0, 1, 9, true);
+            let after = pages(&mut placer, 1, 1, 6, false);
+            // Both are queued before the failure can be seen; the second is not applied.
+            let jobs = placer.jobs.clone().unwrap();
+            jobs.send(failing).unwrap();
+            jobs.send(after).unwrap();
+            assert!(placer.flush().is_err());
+            assert_eq!(first_bytes(&file, 4), [1, 2, 3, 4]);
+        });
+    }
+
+    #[test]
+    fn a_buffer_whose_read_failed_is_kept() {
+        bounded(|| {
+            let (d, _file, _vmm) = dest(4);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            // More failed reads than buffers: each one's buffer is used again.
+            for _ in 0..(BUFFERS * 2) {
+                let r = placer.read_run(PAGE_SIZE as usize, |_| Err(DestError::PeerClosed));
+                assert!(matches!(r, Err(DestError::PeerClosed)));
+            }
+            let job = pages(&mut placer, 0, 1, 5, false);
+            placer.submit(job).unwrap();
+            placer.flush().unwrap();
+        });
+    }
+}
