@@ -56,6 +56,7 @@ impl Dest {
         session_id: u64,
     ) -> Result<(), DestError> {
         let mut placer = Placer::start(self.placement())?;
+        self.choose_placing_thread(&mut placer);
         loop {
             let result = self.stream_loop(&mut peer, writer, &mut placer);
             // What was read before the stream ended is placed, and a failure to place it
@@ -73,6 +74,15 @@ impl Dest {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether the main stream's pages go through the placing thread: always before the VM
+    /// runs here; once it runs, only if the host has a core for each vCPU, the reader and the
+    /// placer (see [`Placer::place_inline`]).
+    fn choose_placing_thread(&self, placer: &mut Placer) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let inline = self.phase.running() && !placing_thread_pays(cpus, self.vcpus);
+        placer.place_inline(inline.then(|| self.placement()));
     }
 
     /// Reads the main stream frame by frame until the migration is complete here. Pages, zero
@@ -265,6 +275,7 @@ impl Dest {
                     // urgent-channel threads keep the normal priority.
                     lower_priority();
                     self.set_phase(DestPhase::Postcopy)?;
+                    self.choose_placing_thread(placer);
                     info!(
                         "{}: postcopy: the VM runs; {} pages to come",
                         self.vm,
@@ -293,5 +304,26 @@ impl Dest {
             }
             self.progress(false);
         }
+    }
+}
+
+/// With the VM running here, a placing thread beside the reader pays when the host's `cpus`
+/// leave one to each of the VM's `vcpus` (one if not known yet), the reader and the placer.
+fn placing_thread_pays(cpus: usize, vcpus: usize) -> bool {
+    cpus >= vcpus.max(1) + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_placing_thread_needs_a_core_beside_the_vcpus_and_the_reader() {
+        assert!(!placing_thread_pays(2, 1));
+        assert!(!placing_thread_pays(2, 0));
+        assert!(placing_thread_pays(3, 1));
+        assert!(placing_thread_pays(3, 0));
+        assert!(!placing_thread_pays(4, 4));
+        assert!(placing_thread_pays(6, 4));
     }
 }

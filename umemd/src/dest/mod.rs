@@ -132,6 +132,8 @@ pub struct Dest {
     gate: gate::Gate,
     /// Where the reports to the VMM are published for scrapes too.
     metrics: SessionMetrics,
+    /// The VM's vCPUs, once the VMM named their threads.
+    vcpus: usize,
 }
 
 impl Dest {
@@ -205,6 +207,7 @@ impl Dest {
                     paused_since: None,
                     gate,
                     metrics: SessionMetrics::detached(),
+                    vcpus: 0,
                 })
             }
             Err(cause) => Err((

@@ -57,11 +57,14 @@ pub(super) struct Placer {
     /// A job failed: the reader flushes to learn why.
     failed: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Jobs are applied by the reader itself, through this (see [`Placer::place_inline`]).
+    inline: Option<Placement>,
 }
 
 impl Placer {
     /// Starts the thread, which places through `placement`.
     pub(super) fn start(placement: Placement) -> Result<Self, DestError> {
+        let own = placement.clone();
         let (jobs_tx, jobs) = mpsc::sync_channel(QUEUED_JOBS);
         let (free_tx, free) = mpsc::channel();
         for _ in 0..BUFFERS {
@@ -71,7 +74,7 @@ impl Placer {
         let flag = failed.clone();
         let thread = std::thread::Builder::new()
             .name("placer".into())
-            .spawn(move || place_jobs(placement, jobs, free_tx, flag))
+            .spawn(move || place_jobs(own, jobs, free_tx, flag))
             .map_err(|err| DestError::Spawn {
                 thread: "placer",
                 err,
@@ -82,7 +85,19 @@ impl Placer {
             spare: Vec::new(),
             failed,
             thread: Some(thread),
+            inline: None,
         })
+    }
+
+    /// From now on (`true`) the reader places every job itself as it submits it, or hands
+    /// them to the thread again (`false`). The caller flushed: no job is queued.
+    ///
+    /// Two threads pay only with a core for each: once the VM runs here, its vCPUs compete
+    /// for the same cores, and on a host with no core to spare the handing over (a wake-up
+    /// each way per run, the run's data read on another core) cost a busy guest's migration
+    /// more than the overlap saved.
+    pub(super) fn place_inline(&mut self, placement: Option<Placement>) {
+        self.inline = placement;
     }
 
     /// Reads `len` bytes of a run with `read` into a free buffer, waiting for one if all are
@@ -107,6 +122,11 @@ impl Placer {
 
     /// Queues `job`, and reports a failure of an earlier one.
     pub(super) fn submit(&mut self, job: Job) -> Result<(), DestError> {
+        if let Some(placement) = self.inline.as_ref() {
+            let (result, buf) = apply(placement, job);
+            self.spare.extend(buf);
+            return result;
+        }
         let jobs = self.jobs.as_ref().ok_or(DestError::PlacerLost)?;
         jobs.send(job).map_err(|_| DestError::PlacerLost)?;
         if self.failed.load(Ordering::Acquire) {
@@ -151,44 +171,57 @@ fn place_jobs(
     let mut error: Option<DestError> = None;
     let mut lowered = false;
     for job in jobs {
-        let result = match job {
+        match job {
             Job::Flush(reply) => {
                 failed.store(false, Ordering::Release);
                 let _ = reply.send(error.take());
-                continue;
             }
             Job::Pages { buf, .. } if error.is_some() => {
                 let _ = free.send(buf);
-                continue;
             }
-            _ if error.is_some() => continue,
-            Job::Pages {
-                run,
-                off,
-                buf,
-                running,
-            } => {
-                if running && !lowered {
+            _ if error.is_some() => {}
+            job => {
+                if matches!(job, Job::Pages { running: true, .. }) && !lowered {
                     // Background pages of a running VM: the fault and urgent-channel threads
                     // keep the normal priority.
                     lower_priority();
                     lowered = true;
                 }
-                let r = placement.pages(run, off, &buf[..run.data_len()], running);
-                let _ = free.send(buf);
-                r
+                let (result, buf) = apply(&placement, job);
+                if let Some(buf) = buf {
+                    let _ = free.send(buf);
+                }
+                if let Err(e) = result {
+                    error = Some(e);
+                    failed.store(true, Ordering::Release);
+                }
             }
-            Job::Zero {
-                block,
-                first,
-                count,
-                running,
-            } => placement.zero(block, first, count, running),
-            Job::Discard { block, ranges } => placement.discard(block, &ranges),
-        };
-        if let Err(e) = result {
-            error = Some(e);
-            failed.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Applies one job; the buffer it held, to be used again.
+fn apply(placement: &Placement, job: Job) -> (Result<(), DestError>, Option<Vec<u8>>) {
+    match job {
+        Job::Pages {
+            run,
+            off,
+            buf,
+            running,
+        } => {
+            let r = placement.pages(run, off, &buf[..run.data_len()], running);
+            (r, Some(buf))
+        }
+        Job::Zero {
+            block,
+            first,
+            count,
+            running,
+        } => (placement.zero(block, first, count, running), None),
+        Job::Discard { block, ranges } => (placement.discard(block, &ranges), None),
+        Job::Flush(reply) => {
+            let _ = reply.send(None);
+            (Ok(()), None)
         }
     }
 }
@@ -323,6 +356,32 @@ mod tests {
             let job = pages(&mut placer, 0, 1, 5, false);
             placer.submit(job).unwrap();
             placer.flush().unwrap();
+        });
+    }
+
+    #[test]
+    fn inline_jobs_are_applied_as_they_are_submitted() {
+        bounded(|| {
+            let (d, file, _vmm) = dest(4);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            placer.place_inline(Some(d.placement()));
+            // More runs than buffers, each in RAM as soon as it is submitted.
+            for i in 0..(BUFFERS as u64 * 2) {
+                let job = pages(&mut placer, i % 4, 1, 7 + i as u8, false);
+                placer.submit(job).unwrap();
+                let mut b = [0u8; 1];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, (i % 4) * PAGE_SIZE)
+                    .unwrap();
+                assert_eq!(b[0], 7 + i as u8);
+            }
+            let job = pages(&mut placer, 0, 1, 9, true);
+            let e = placer.submit(job).unwrap_err();
+            assert!(e.to_string().contains("without a userfaultfd"), "{e}");
+            placer.place_inline(None);
+            let job = pages(&mut placer, 0, 1, 2, false);
+            placer.submit(job).unwrap();
+            placer.flush().unwrap();
+            assert_eq!(first_bytes(&file, 4)[0], 2);
         });
     }
 }

@@ -39,6 +39,7 @@ impl Dest {
     }
 
     pub(super) fn set_vcpu_threads(&mut self, tids: Vec<u32>) {
+        self.vcpus = tids.len();
         if let Some(pc) = &self.postcopy {
             pc.fault.set_vcpu_threads(&tids);
         }
