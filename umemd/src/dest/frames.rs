@@ -85,6 +85,17 @@ impl Dest {
         placer.place_inline(inline.then(|| self.placement()));
     }
 
+    /// The placing thread's job for a zero run or hole of the stream, checked.
+    fn zero_job(&mut self, block: u32, first: u64, count: u64) -> Result<Job, DestError> {
+        self.check_zero(block, first, count)?;
+        Ok(Job::Zero {
+            block,
+            first,
+            count,
+            running: self.phase.running(),
+        })
+    }
+
     /// Reads the main stream frame by frame until the migration is complete here. Pages, zero
     /// runs and discards go to `placer` in order; every other frame waits until they are in.
     fn stream_loop(
@@ -157,7 +168,6 @@ impl Dest {
                 context: "source stream",
                 err,
             })?;
-            let running = self.phase.running();
             if !matches!(
                 msg,
                 PeerMessage::ZeroPages(_)
@@ -172,14 +182,8 @@ impl Dest {
             }
             match msg {
                 PeerMessage::ZeroPages(run) => {
-                    let (block, first, count) = (run.block, run.first, run.count as u64);
-                    self.check_zero(block, first, count)?;
-                    placer.submit(Job::Zero {
-                        block,
-                        first,
-                        count,
-                        running,
-                    })?;
+                    let count = run.count as u64;
+                    placer.submit(self.zero_job(run.block, run.first, count)?)?;
                     self.stats.zero_pages += count;
                 }
                 PeerMessage::Holes {
@@ -187,13 +191,7 @@ impl Dest {
                     first,
                     count,
                 } => {
-                    self.check_zero(block, first, count)?;
-                    placer.submit(Job::Zero {
-                        block,
-                        first,
-                        count,
-                        running,
-                    })?;
+                    placer.submit(self.zero_job(block, first, count)?)?;
                     self.stats.holes_skipped += count;
                 }
                 PeerMessage::Discard { block, ranges } => {

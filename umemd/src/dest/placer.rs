@@ -231,8 +231,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use std::fs::File;
+
     use crate::dest::pages::PageState;
     use crate::dest::place::tests::{dest, first_bytes};
+    use crate::dest::Dest;
 
     /// A run of `count` pages at `first` of block 0, every byte `byte`, read into a buffer of
     /// `placer`.
@@ -256,12 +259,15 @@ mod tests {
         }
     }
 
-    /// Runs `f` on a thread and fails the test if it takes longer than 10 s: a placer that
-    /// kept a buffer would leave the reader waiting for ever.
-    fn bounded(f: impl FnOnce() + Send + 'static) {
+    /// Runs `f` with a destination of `pages` pages and its placer, on a thread, and fails the
+    /// test if it takes longer than 10 s: a placer that kept a buffer would leave the reader
+    /// waiting for ever.
+    fn bounded(pages: u64, f: impl FnOnce(&Dest, &File, &mut Placer) + Send + 'static) {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            f();
+            let (d, file, _vmm) = dest(pages);
+            let mut placer = Placer::start(d.placement()).unwrap();
+            f(&d, &file, &mut placer);
             let _ = tx.send(());
         });
         rx.recv_timeout(Duration::from_secs(10))
@@ -270,12 +276,10 @@ mod tests {
 
     #[test]
     fn jobs_apply_in_the_order_they_came() {
-        bounded(|| {
-            let (d, file, _vmm) = dest(8);
-            let mut placer = Placer::start(d.placement()).unwrap();
+        bounded(8, |d, file, placer| {
             // Pages, then a zero run over two of them, then a discard of one, then pages again
             // over the discarded one: only the order says what each page holds.
-            let job = pages(&mut placer, 0, 4, 9, false);
+            let job = pages(placer, 0, 4, 9, false);
             placer.submit(job).unwrap();
             let zero = Job::Zero {
                 block: 0,
@@ -289,10 +293,10 @@ mod tests {
                 ranges: vec![(3, 1), (5, 1)],
             };
             placer.submit(discard).unwrap();
-            let job = pages(&mut placer, 3, 1, 7, false);
+            let job = pages(placer, 3, 1, 7, false);
             placer.submit(job).unwrap();
             placer.flush().unwrap();
-            assert_eq!(first_bytes(&file, 8), [9, 0, 0, 7, 5, 0, 7, 8]);
+            assert_eq!(first_bytes(file, 8), [9, 0, 0, 7, 5, 0, 7, 8]);
             assert_eq!(d.pages.get(0, 1), PageState::Zero);
             assert_eq!(d.pages.get(0, 3), PageState::Present);
             assert_eq!(d.pages.get(0, 5), PageState::Missing);
@@ -301,59 +305,53 @@ mod tests {
 
     #[test]
     fn a_failure_is_reported_and_the_reader_never_waits_for_a_buffer() {
-        bounded(|| {
-            let (d, file, _vmm) = dest(8);
-            let mut placer = Placer::start(d.placement()).unwrap();
+        bounded(8, |_, file, placer| {
             // No userfaultfd: pages for a running VM cannot be placed.
-            let job = pages(&mut placer, 0, 1, 9, true);
+            let job = pages(placer, 0, 1, 9, true);
             let jobs = placer.jobs.clone().unwrap();
             jobs.send(job).unwrap();
             // More runs than buffers queued behind the failure before it is reported: each
             // skipped run's buffer comes back, or this waits for ever.
             for i in 0..(BUFFERS as u64 * 3) {
-                let job = pages(&mut placer, i % 8, 1, 3, false);
+                let job = pages(placer, i % 8, 1, 3, false);
                 jobs.send(job).unwrap();
             }
             let e = placer.flush().unwrap_err();
             assert!(e.to_string().contains("without a userfaultfd"), "{e}");
-            assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 6, 7, 8]);
+            assert_eq!(first_bytes(file, 8), [1, 2, 3, 4, 5, 6, 7, 8]);
             // Reported once; the placer goes on.
             for i in 0..(BUFFERS as u64 * 3) {
-                let job = pages(&mut placer, i % 8, 1, 3, false);
+                let job = pages(placer, i % 8, 1, 3, false);
                 placer.submit(job).unwrap();
             }
             placer.flush().unwrap();
-            assert_eq!(first_bytes(&file, 8), [3; 8]);
+            assert_eq!(first_bytes(file, 8), [3; 8]);
         });
     }
 
     #[test]
     fn jobs_after_a_failure_are_skipped_until_it_is_reported() {
-        bounded(|| {
-            let (d, file, _vmm) = dest(4);
-            let mut placer = Placer::start(d.placement()).unwrap();
-            let failing = pages(&mut placer, 0, 1, 9, true);
-            let after = pages(&mut placer, 1, 1, 6, false);
+        bounded(4, |_, file, placer| {
+            let failing = pages(placer, 0, 1, 9, true);
+            let after = pages(placer, 1, 1, 6, false);
             // Both are queued before the failure can be seen; the second is not applied.
             let jobs = placer.jobs.clone().unwrap();
             jobs.send(failing).unwrap();
             jobs.send(after).unwrap();
             assert!(placer.flush().is_err());
-            assert_eq!(first_bytes(&file, 4), [1, 2, 3, 4]);
+            assert_eq!(first_bytes(file, 4), [1, 2, 3, 4]);
         });
     }
 
     #[test]
     fn a_buffer_whose_read_failed_is_kept() {
-        bounded(|| {
-            let (d, _file, _vmm) = dest(4);
-            let mut placer = Placer::start(d.placement()).unwrap();
+        bounded(4, |_, _, placer| {
             // More failed reads than buffers: each one's buffer is used again.
             for _ in 0..(BUFFERS * 2) {
                 let r = placer.read_run(PAGE_SIZE as usize, |_| Err(DestError::PeerClosed));
                 assert!(matches!(r, Err(DestError::PeerClosed)));
             }
-            let job = pages(&mut placer, 0, 1, 5, false);
+            let job = pages(placer, 0, 1, 5, false);
             placer.submit(job).unwrap();
             placer.flush().unwrap();
         });
@@ -361,27 +359,25 @@ mod tests {
 
     #[test]
     fn inline_jobs_are_applied_as_they_are_submitted() {
-        bounded(|| {
-            let (d, file, _vmm) = dest(4);
-            let mut placer = Placer::start(d.placement()).unwrap();
+        bounded(4, |d, file, placer| {
             placer.place_inline(Some(d.placement()));
             // More runs than buffers, each in RAM as soon as it is submitted.
             for i in 0..(BUFFERS as u64 * 2) {
-                let job = pages(&mut placer, i % 4, 1, 7 + i as u8, false);
+                let job = pages(placer, i % 4, 1, 7 + i as u8, false);
                 placer.submit(job).unwrap();
                 let mut b = [0u8; 1];
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, (i % 4) * PAGE_SIZE)
+                std::os::unix::fs::FileExt::read_exact_at(file, &mut b, (i % 4) * PAGE_SIZE)
                     .unwrap();
                 assert_eq!(b[0], 7 + i as u8);
             }
-            let job = pages(&mut placer, 0, 1, 9, true);
+            let job = pages(placer, 0, 1, 9, true);
             let e = placer.submit(job).unwrap_err();
             assert!(e.to_string().contains("without a userfaultfd"), "{e}");
             placer.place_inline(None);
-            let job = pages(&mut placer, 0, 1, 2, false);
+            let job = pages(placer, 0, 1, 2, false);
             placer.submit(job).unwrap();
             placer.flush().unwrap();
-            assert_eq!(first_bytes(&file, 4)[0], 2);
+            assert_eq!(first_bytes(file, 4)[0], 2);
         });
     }
 }
