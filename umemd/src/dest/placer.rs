@@ -19,8 +19,11 @@ use super::error::DestError;
 use super::place::Placement;
 use crate::priority::lower_priority;
 
-/// Buffers of one run each: one being read into, one being placed, one queued between them.
-const BUFFERS: usize = 3;
+/// Buffers of one run each (8 MiB in all): one being read into, one being placed, the rest
+/// queued between them, so that the reader runs on while a placement waits for fresh memory.
+/// 8 against 3: `precopy-1g-prefilled-idle` median 1.47 against 1.40 GB/s, ahead in 8 of 9
+/// runs alternating.
+const BUFFERS: usize = 8;
 /// Jobs queued at most; zero runs and discards need no buffer, so they are bounded here.
 const QUEUED_JOBS: usize = 64;
 
