@@ -582,23 +582,19 @@ impl FaultHandler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::FileExt;
     use std::sync::mpsc;
 
-    const PAGES: u64 = 64;
+    pub(in crate::dest) const PAGES: u64 = 64;
 
-    /// A shared memfd mapping registered with a real userfaultfd, as a destination VMM makes
-    /// it; `None` where userfaultfd is not allowed.
-    fn registered_ram() -> Option<(std::fs::File, *mut u8, FaultHandler)> {
+    /// A shared mapping of a sealed memfd registered with a real userfaultfd, as a destination
+    /// VMM makes it; `None` where userfaultfd is not allowed.
+    pub(in crate::dest) fn registered_ram() -> Option<(std::fs::File, *mut u8, FaultHandler)> {
         let len = (PAGES * PAGE_SIZE) as usize;
-        let f = memfd::MemfdOptions::default()
-            .create("t")
-            .unwrap()
-            .into_file();
-        f.set_len(len as u64).unwrap();
+        let f = crate::testutil::sealed_memfd(len as u64);
         let uffd = match userfaultfd::UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -644,7 +640,7 @@ mod tests {
     }
 
     /// Reads the first word of `page` in another thread (it blocks until the page is there).
-    fn touch(ptr: *mut u8, page: u64) -> std::thread::JoinHandle<u64> {
+    pub(in crate::dest) fn touch(ptr: *mut u8, page: u64) -> std::thread::JoinHandle<u64> {
         let addr = ptr as usize + (page * PAGE_SIZE) as usize;
         std::thread::spawn(move || {
             // SAFETY: inside the test's live mapping; the read blocks until resolved.
@@ -654,7 +650,7 @@ mod tests {
 
     /// `fh` serving faults in a thread of its own, its requests sent to the receiver.
     #[allow(clippy::type_complexity)]
-    fn serving(
+    pub(in crate::dest) fn serving(
         fh: FaultHandler,
     ) -> (
         Arc<FaultHandler>,

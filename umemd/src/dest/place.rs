@@ -52,11 +52,11 @@ impl Dest {
     /// Where this session's pages go, for the placing thread or for a caller that places
     /// them itself.
     pub(super) fn placement(&self) -> Placement {
-        Placement {
-            mem: self.mem.clone(),
-            pages: self.pages.clone(),
-            fault: self.postcopy.as_ref().map(|pc| pc.fault.clone()),
-        }
+        Placement::new(
+            self.mem.clone(),
+            self.pages.clone(),
+            self.postcopy.as_ref().map(|pc| pc.fault.clone()),
+        )
     }
 
     /// Checks a zero run or hole of the stream, and counts it as pushed once the VM runs.
@@ -157,6 +157,15 @@ pub(super) struct Placement {
 }
 
 impl Placement {
+    /// Pages go into `mem`, their state into `pages`, and once the VM runs through `fault`.
+    pub(super) fn new(
+        mem: Arc<GuestMapping>,
+        pages: Arc<PageTable>,
+        fault: Option<Arc<FaultHandler>>,
+    ) -> Self {
+        Placement { mem, pages, fault }
+    }
+
     /// Writes a run's `data` into guest RAM at memfd offset `off`: with `pwrite` into the
     /// memfd before the VM runs (nothing else touches it then), with `UFFDIO_COPY` once it
     /// runs.

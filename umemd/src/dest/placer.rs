@@ -383,4 +383,70 @@ mod tests {
             assert_eq!(first_bytes(file, 4)[0], 2);
         });
     }
+
+    #[test]
+    fn pages_for_a_running_vm_go_in_with_uffdio_copy_and_wake_its_fault() {
+        use crate::dest::fault::tests::{registered_ram, serving, touch, PAGES};
+        use std::os::fd::AsFd;
+
+        let Some((file, ptr, fh)) = registered_ram() else {
+            return;
+        };
+        let blocks = vec![proto::local::LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: PAGES * PAGE_SIZE,
+            },
+            memfd_offset: 0,
+            host_addr: ptr as u64,
+        }];
+        let fd = file.as_fd().try_clone_to_owned().unwrap();
+        let mem = Arc::new(crate::mapping::GuestMapping::new(fd, blocks).unwrap());
+        let (fh, requests, server) = serving(fh);
+        let placement = Placement::new(mem, fh.pages().clone(), Some(fh.clone()));
+        let mut placer = Placer::start(placement).unwrap();
+        let wait = Duration::from_secs(10);
+
+        // A vCPU waits for page 5 and for page 9; background pages and a zero run come
+        // through the placing thread, as on a host with cores to spare.
+        let five = touch(ptr, 5);
+        let nine = touch(ptr, 9);
+        let mut asked = Vec::new();
+        while asked.len() < 2 {
+            let runs = requests.recv_timeout(wait).expect("no request");
+            asked.extend(runs.iter().map(|r| r.first));
+        }
+        let job = pages(&mut placer, 4, 4, 0x5a, true);
+        placer.submit(job).unwrap();
+        let zero = Job::Zero {
+            block: 0,
+            first: 8,
+            count: 4,
+            running: true,
+        };
+        placer.submit(zero).unwrap();
+        placer.flush().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((five.join(), nine.join()));
+        });
+        let (five, nine) = rx.recv_timeout(wait).expect("a fault was never woken");
+        assert_eq!(five.unwrap(), 0x5a5a_5a5a_5a5a_5a5a);
+        assert_eq!(nine.unwrap(), 0);
+        assert_eq!(fh.pages().get(0, 4), PageState::Present);
+        assert_eq!(
+            fh.pages().get(0, 9),
+            PageState::Present,
+            "requested: placed as zeros"
+        );
+        assert_eq!(
+            fh.pages().get(0, 10),
+            PageState::Zero,
+            "not requested: left to the kernel"
+        );
+        fh.stop();
+        drop(placer);
+        let _ = server.join();
+    }
 }
