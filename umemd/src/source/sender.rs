@@ -79,6 +79,9 @@ pub struct PageSender {
     resident_bytes: u64,
     /// Short segments read with `pread`, reused.
     scratch: Vec<u8>,
+    /// Every range is read with `pread`, holes included, and never looked up with `lseek`
+    /// ([`PageSender::for_requests`]).
+    read_only: bool,
 }
 
 impl PageSender {
@@ -86,6 +89,20 @@ impl PageSender {
     /// may still fill holes.
     pub fn new_pass(&mut self) {
         self.extents = SegmentCache::default();
+    }
+
+    /// A sender of requested pages, from a memfd whose guest is stopped for good: each run is
+    /// read with one `pread` (a hole reads as zeros and allocates nothing) and its zero pages
+    /// go out as `ZeroPages`, with no `lseek`. An `lseek` on the memfd waits for the inode's
+    /// lock, which the background's walk of every data extent (`SEEK_HOLE` over the whole
+    /// memfd, [`PageSender::map_frozen`]) holds for about 17 ms per GiB: the first page a vCPU
+    /// asked for after the switchover waited for it.
+    pub fn for_requests() -> Self {
+        PageSender {
+            frozen: true,
+            read_only: true,
+            ..Default::default()
+        }
     }
 
     /// The guest is stopped for good: from now on pages may be asked for in any order. Data is
@@ -128,6 +145,7 @@ impl PageSender {
     ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
         let segments = match (&self.frozen_data, self.frozen) {
+            _ if self.read_only => vec![(off, end - off, true)],
             (Some(x), _) => x.segments(off, end),
             (None, true) => mem.segments_frozen(off, end, &mut self.extents),
             (None, false) => mem.segments_cached(off, end, &mut self.extents),
@@ -189,7 +207,7 @@ impl PageSender {
         // map (and later unmap) a 64 KiB fault-around window in umemd. Longer segments are read
         // through the mapping, which `sendfile` needs nothing of but the zero check.
         let mut scratch = std::mem::take(&mut self.scratch);
-        let run_bytes = if pages < SMALL_RUN_PAGES {
+        let run_bytes = if pages < SMALL_RUN_PAGES || self.read_only {
             scratch.resize(len, 0);
             mem.file().read_exact_at(&mut scratch[..len], off)?;
             VolatileSlice::from(&mut scratch[..len])
@@ -391,13 +409,17 @@ mod tests {
 
     /// Sends the whole block with `holes`, then decodes what went on the wire.
     fn send(holes: Holes) -> (Vec<Frame>, Counters) {
-        let mem = guest();
+        let mut s = PageSender::default();
+        s.new_pass();
+        send_with(s, &guest(), holes)
+    }
+
+    /// Sends the whole block of `mem` with `s` and `holes`, then decodes what went on the wire.
+    fn send_with(mut s: PageSender, mem: &GuestMapping, holes: Holes) -> (Vec<Frame>, Counters) {
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut stream = PeerStream::Unix(a);
         let c = Counters::default();
-        let mut s = PageSender::default();
-        s.new_pass();
-        s.send(&mut stream, &mem, 0, 0, 16, 0, holes, &c).unwrap();
+        s.send(&mut stream, mem, 0, 0, 16, 0, holes, &c).unwrap();
         s.flush(&mut stream, &c).unwrap();
         drop(stream);
         let mut wire = Vec::new();
@@ -479,6 +501,29 @@ mod tests {
         assert_eq!(Counters::get(&c.holes), 13);
         assert_eq!(Counters::get(&c.zero_pages), 14);
         assert_eq!(Counters::get(&c.pages), 2);
+    }
+
+    #[test]
+    fn requested_pages_are_read_without_lseek_and_holes_stay_holes() {
+        use std::io::Seek;
+        let zero = |first, count| Frame::Msg(PeerMessage::ZeroPages(run(first, count)));
+        let [_, data] = data_and_zero();
+        let mem = guest();
+        let (frames, c) = send_with(PageSender::for_requests(), &mem, Holes::AsZero);
+        // The same pages as a frozen sender's, holes read as zero pages.
+        assert_eq!(frames, vec![zero(0, 5), data, zero(7, 9)]);
+        assert_eq!(Counters::get(&c.zero_pages), 14);
+        assert_eq!(Counters::get(&c.pages), 2);
+        // No lseek moved the memfd's offset (a `SEEK_DATA` would), and reading the holes
+        // allocated nothing.
+        assert_eq!(mem.file().stream_position().unwrap(), 0);
+        assert!(!mem.has_data(0, 4 * PAGE_SIZE));
+        assert!(!mem.has_data(7 * PAGE_SIZE, 9 * PAGE_SIZE));
+        // The frozen sender, for comparison, looks data up with lseek.
+        let mut frozen = PageSender::default();
+        frozen.freeze();
+        send_with(frozen, &mem, Holes::AsZero);
+        assert_ne!(mem.file().stream_position().unwrap(), 0);
     }
 
     #[test]

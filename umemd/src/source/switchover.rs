@@ -127,8 +127,7 @@ impl Source {
             None => peer.stream.try_clone(),
         }
         .map_err(SourceError::Urgent)?;
-        let mut sender = PageSender::default();
-        sender.freeze();
+        let sender = PageSender::for_requests();
         let mut server = RequestServer {
             mem: self.mem.clone(),
             sent: self.sent.clone(),
