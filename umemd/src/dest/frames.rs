@@ -21,6 +21,8 @@ use crate::stream::{PeerStream, POSTCOPY_SOCKET_BUFFER};
 
 /// Bytes of the main stream read ahead of the frame being handled.
 const READ_AHEAD: usize = 32 << 10;
+/// The main stream's receive buffer before the switchover (see [`Dest::receive`]).
+const MAIN_STREAM_RECV_BUFFER: usize = 2 << 20;
 
 impl Dest {
     pub(super) fn receive(
@@ -30,6 +32,12 @@ impl Dest {
         let uri = self.listen_uri.clone();
         send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
         let (mut peer, hello) = self.accept_source()?;
+        // What is queued on the main stream when the switchover comes must be read before the
+        // machine state: left to autotuning, the receive buffer grows to tens of MiB, tens of
+        // ms of downtime.
+        if let Err(e) = peer.set_recv_buffer(MAIN_STREAM_RECV_BUFFER) {
+            warn!("{}: bounding the receive buffer: {e}", self.vm);
+        }
         // The migration's time counts from the source's arrival, as on the source.
         self.started = Instant::now();
         // Set before the handshake, so that a refusal (a layout mismatch) reaches the source.
