@@ -262,6 +262,16 @@ mod tests {
         }
     }
 
+    /// A zero run of `count` pages at `first` of block 0.
+    fn zeros(first: u64, count: u64, running: bool) -> Job {
+        Job::Zero {
+            block: 0,
+            first,
+            count,
+            running,
+        }
+    }
+
     /// Runs `f` with a destination of `pages` pages and its placer, on a thread, and fails the
     /// test if it takes longer than 10 s: a placer that kept a buffer would leave the reader
     /// waiting for ever.
@@ -284,13 +294,7 @@ mod tests {
             // over the discarded one: only the order says what each page holds.
             let job = pages(placer, 0, 4, 9, false);
             placer.submit(job).unwrap();
-            let zero = Job::Zero {
-                block: 0,
-                first: 1,
-                count: 2,
-                running: false,
-            };
-            placer.submit(zero).unwrap();
+            placer.submit(zeros(1, 2, false)).unwrap();
             let discard = Job::Discard {
                 block: 0,
                 ranges: vec![(3, 1), (5, 1)],
@@ -419,13 +423,7 @@ mod tests {
         }
         let job = pages(&mut placer, 4, 4, 0x5a, true);
         placer.submit(job).unwrap();
-        let zero = Job::Zero {
-            block: 0,
-            first: 8,
-            count: 4,
-            running: true,
-        };
-        placer.submit(zero).unwrap();
+        placer.submit(zeros(8, 4, true)).unwrap();
         placer.flush().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
