@@ -100,11 +100,8 @@ impl Dest {
         })?;
         self.check_pages_allowed()?;
         let off = self.checked_offset(run.block, run.first, run.count as u64)?;
-        if self.phase.running() && self.postcopy.is_none() {
-            return Err(DestError::Protocol(
-                "pages after the switchover without a userfaultfd",
-            ));
-        }
+        // Pages for a running VM without a userfaultfd are refused where they are placed
+        // ([`Placement::pages`]).
         if let (true, Some(pc)) = (self.phase.running(), self.postcopy.as_mut()) {
             pc.pushed += run.count as u64;
         }

@@ -46,13 +46,19 @@ pub(super) enum Job {
     },
     /// Pages dropped again (precopy only); the ranges were checked.
     Discard { block: u32, ranges: Vec<(u64, u32)> },
+}
+
+/// What the reader sends the thread.
+enum Request {
+    /// A job, applied in turn.
+    Job(Job),
     /// Answers with the first failure since the last flush, once every job before it is done.
     Flush(SyncSender<Option<DestError>>),
 }
 
 /// The placing thread and its pool of run buffers.
 pub(super) struct Placer {
-    jobs: Option<SyncSender<Job>>,
+    jobs: Option<SyncSender<Request>>,
     /// Buffers the thread is done with.
     free: Receiver<Vec<u8>>,
     /// Buffers back from a read that failed.
@@ -131,7 +137,8 @@ impl Placer {
             return result;
         }
         let jobs = self.jobs.as_ref().ok_or(DestError::PlacerLost)?;
-        jobs.send(job).map_err(|_| DestError::PlacerLost)?;
+        jobs.send(Request::Job(job))
+            .map_err(|_| DestError::PlacerLost)?;
         if self.failed.load(Ordering::Acquire) {
             return self.flush();
         }
@@ -144,7 +151,7 @@ impl Placer {
         self.jobs
             .as_ref()
             .ok_or(DestError::PlacerLost)?
-            .send(Job::Flush(tx))
+            .send(Request::Flush(tx))
             .map_err(|_| DestError::PlacerLost)?;
         match rx.recv() {
             Ok(None) => Ok(()),
@@ -167,23 +174,23 @@ impl Drop for Placer {
 /// the next flush, returning their buffers, so that the reader never waits for a buffer.
 fn place_jobs(
     placement: Placement,
-    jobs: Receiver<Job>,
+    requests: Receiver<Request>,
     free: Sender<Vec<u8>>,
     failed: Arc<AtomicBool>,
 ) {
     let mut error: Option<DestError> = None;
     let mut lowered = false;
-    for job in jobs {
-        match job {
-            Job::Flush(reply) => {
+    for request in requests {
+        match request {
+            Request::Flush(reply) => {
                 failed.store(false, Ordering::Release);
                 let _ = reply.send(error.take());
             }
-            Job::Pages { buf, .. } if error.is_some() => {
+            Request::Job(Job::Pages { buf, .. }) if error.is_some() => {
                 let _ = free.send(buf);
             }
-            _ if error.is_some() => {}
-            job => {
+            Request::Job(_) if error.is_some() => {}
+            Request::Job(job) => {
                 if matches!(job, Job::Pages { running: true, .. }) && !lowered {
                     // Background pages of a running VM: the fault and urgent-channel threads
                     // keep the normal priority.
@@ -222,10 +229,6 @@ fn apply(placement: &Placement, job: Job) -> (Result<(), DestError>, Option<Vec<
             running,
         } => (placement.zero(block, first, count, running), None),
         Job::Discard { block, ranges } => (placement.discard(block, &ranges), None),
-        Job::Flush(reply) => {
-            let _ = reply.send(None);
-            (Ok(()), None)
-        }
     }
 }
 
@@ -316,12 +319,12 @@ mod tests {
             // No userfaultfd: pages for a running VM cannot be placed.
             let job = pages(placer, 0, 1, 9, true);
             let jobs = placer.jobs.clone().unwrap();
-            jobs.send(job).unwrap();
+            jobs.send(Request::Job(job)).unwrap();
             // More runs than buffers queued behind the failure before it is reported: each
             // skipped run's buffer comes back, or this waits for ever.
             for i in 0..(BUFFERS as u64 * 3) {
                 let job = pages(placer, i % 8, 1, 3, false);
-                jobs.send(job).unwrap();
+                jobs.send(Request::Job(job)).unwrap();
             }
             let e = placer.flush().unwrap_err();
             assert!(e.to_string().contains("without a userfaultfd"), "{e}");
@@ -343,8 +346,8 @@ mod tests {
             let after = pages(placer, 1, 1, 6, false);
             // Both are queued before the failure can be seen; the second is not applied.
             let jobs = placer.jobs.clone().unwrap();
-            jobs.send(failing).unwrap();
-            jobs.send(after).unwrap();
+            jobs.send(Request::Job(failing)).unwrap();
+            jobs.send(Request::Job(after)).unwrap();
             assert!(placer.flush().is_err());
             assert_eq!(first_bytes(file, 4), [1, 2, 3, 4]);
         });

@@ -81,7 +81,7 @@ pub struct PageSender {
     scratch: Vec<u8>,
     /// Every range is read with `pread`, holes included, and never looked up with `lseek`
     /// ([`PageSender::for_requests`]).
-    read_only: bool,
+    pread_only: bool,
 }
 
 impl PageSender {
@@ -100,7 +100,7 @@ impl PageSender {
     pub fn for_requests() -> Self {
         PageSender {
             frozen: true,
-            read_only: true,
+            pread_only: true,
             ..Default::default()
         }
     }
@@ -145,7 +145,7 @@ impl PageSender {
     ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
         let segments = match (&self.frozen_data, self.frozen) {
-            _ if self.read_only => vec![(off, end - off, true)],
+            _ if self.pread_only => vec![(off, end - off, true)],
             (Some(x), _) => x.segments(off, end),
             (None, true) => mem.segments_frozen(off, end, &mut self.extents),
             (None, false) => mem.segments_cached(off, end, &mut self.extents),
@@ -207,7 +207,7 @@ impl PageSender {
         // map (and later unmap) a 64 KiB fault-around window in umemd. Longer segments are read
         // through the mapping, which `sendfile` needs nothing of but the zero check.
         let mut scratch = std::mem::take(&mut self.scratch);
-        let run_bytes = if pages < SMALL_RUN_PAGES || self.read_only {
+        let run_bytes = if pages < SMALL_RUN_PAGES || self.pread_only {
             scratch.resize(len, 0);
             mem.file().read_exact_at(&mut scratch[..len], off)?;
             VolatileSlice::from(&mut scratch[..len])
