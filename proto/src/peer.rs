@@ -26,6 +26,9 @@ pub const VERSION: u16 = 3;
 pub const CAP_POSTCOPY: u64 = 1 << 0;
 /// Capability: the peer can resume an interrupted migration on a new connection.
 pub const CAP_RECOVERY: u64 = 1 << 1;
+/// Capability (of a destination): its guest RAM is on 2 MiB huge pages, which it can only drop
+/// whole, so a source discards whole huge pages (512 pages, aligned) and sends them again.
+pub const CAP_HUGE_PAGES: u64 = 1 << 2;
 /// Most pages in one run (1 MiB of data per frame).
 pub const MAX_RUN_PAGES: u32 = 256;
 /// Bytes of a run header inside a frame body.

@@ -132,6 +132,36 @@ pub fn require_kvm(test: &str) -> bool {
     }
 }
 
+/// True if the host's pool has `pages` free 2 MiB huge pages, raising the pool if it can;
+/// otherwise prints a skip line and returns false, or panics where `UMEM_REQUIRE_KVM=1` (the
+/// machines that run CI must have them: `scripts/setup.sh` reserves the pool).
+pub fn require_huge_pages(test: &str, pages: u64) -> bool {
+    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let free = read("free_hugepages");
+    if free < pages {
+        let _ = std::fs::write(
+            format!("{dir}/nr_hugepages"),
+            (read("nr_hugepages") + pages - free).to_string(),
+        );
+    }
+    let free = read("free_hugepages");
+    if free >= pages {
+        return true;
+    }
+    let why = format!("{free} free 2 MiB huge pages of the {pages} it needs ({dir})");
+    if std::env::var("UMEM_REQUIRE_KVM").is_ok_and(|v| v == "1") {
+        panic!("{test}: {why} and UMEM_REQUIRE_KVM=1");
+    }
+    println!("SKIP {test}: {why}");
+    false
+}
+
 /// A TCP port on 127.0.0.1 that nothing listens on (bound and released again).
 pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -66,7 +66,7 @@ pub mod users;
 mod vmm;
 
 pub use binaries::{bin_dir, binary};
-pub use env::{closed_port, require_kvm, TestEnv};
+pub use env::{closed_port, require_huge_pages, require_kvm, TestEnv};
 pub use guest_ram::{read_process_memory, RamFileDigest, RamMapping};
 pub use process::Proc;
 pub use serial::{assert_consecutive, assert_no_bad, complete_lines, parse_passes, Pass};

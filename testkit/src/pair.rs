@@ -60,6 +60,8 @@ pub struct MigrationSetup<'a> {
     cmdline: String,
     prefilled: bool,
     paused_destination: bool,
+    /// Guest RAM on 2 MiB huge pages (`--hugepages`): source, destination.
+    hugepages: (bool, bool),
 }
 
 impl<'a> MigrationSetup<'a> {
@@ -75,6 +77,7 @@ impl<'a> MigrationSetup<'a> {
             cmdline: cmdline.into(),
             prefilled: false,
             paused_destination: false,
+            hugepages: (false, false),
         }
     }
 
@@ -92,6 +95,12 @@ impl<'a> MigrationSetup<'a> {
     /// The source's RAM is populated before the guest starts (`--prefill 1`).
     pub fn prefilled(mut self) -> Self {
         self.prefilled = true;
+        self
+    }
+
+    /// Guest RAM on 2 MiB huge pages (`--hugepages`) on the source, on the destination.
+    pub fn hugepages(mut self, source: bool, destination: bool) -> Self {
+        self.hugepages = (source, destination);
         self
     }
 
@@ -121,6 +130,11 @@ impl<'a> MigrationSetup<'a> {
             .vcpus(self.vcpus)
             .guest(&self.guest)
             .cmdline(&self.cmdline);
+        let vm = if self.hugepages.0 {
+            vm.arg("--hugepages")
+        } else {
+            vm
+        };
         if self.prefilled { vm.prefill(1) } else { vm }.start()
     }
 
@@ -131,13 +145,19 @@ impl<'a> MigrationSetup<'a> {
 
     /// Starts a destination vmm named `name`, listening for an incoming migration.
     pub fn destination(&self, name: &str, umemd: &Umemd) -> Vmm {
-        self.env
+        let vm = self
+            .env
             .vmm(name, umemd)
             .mem(self.destination_mem.as_deref().unwrap_or(&self.mem))
             .vcpus(self.vcpus)
             .incoming_any()
-            .paused(self.paused_destination)
-            .start()
+            .paused(self.paused_destination);
+        if self.hugepages.1 {
+            vm.arg("--hugepages")
+        } else {
+            vm
+        }
+        .start()
     }
 
     /// Starts both umemds, the source `src` and the destination `dst`.

@@ -225,7 +225,7 @@ mod tests {
                 size,
             },
             memfd_offset,
-            host_addr: 0x7f00_0000_0000 + memfd_offset,
+            host_addr: 0x7f00_0000_0000u64.wrapping_add(memfd_offset),
         }
     }
 

@@ -123,6 +123,11 @@ impl DataExtents {
     }
 }
 
+/// The only huge page size umemd migrates: a destination assembles each huge page whole
+/// before it places it ([`crate::dest::huge`]), so a larger one would cost that much memory
+/// per page in flight.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
 /// A `MAP_SHARED` mapping of a whole guest-RAM memfd.
 #[derive(Debug)]
 pub struct GuestMapping {
@@ -130,6 +135,8 @@ pub struct GuestMapping {
     ptr: NonNull<u8>,
     len: usize,
     blocks: Vec<LocalBlock>,
+    /// The memfd's page size: [`PAGE_SIZE`], or [`HUGE_PAGE_SIZE`] for hugetlbfs.
+    page_size: u64,
 }
 
 // SAFETY: the mapping is plain read-only shared memory, owned by this value and unmapped only
@@ -148,6 +155,8 @@ impl GuestMapping {
         let file = File::from(fd);
         let len = check_memfd(file.as_fd())? as usize;
         crate::layout::validate(&blocks, len as u64)?;
+        let page_size = memfd_page_size(file.as_fd())?;
+        check_huge_alignment(&blocks, page_size)?;
         let size = std::num::NonZeroUsize::new(len)
             .ok_or_else(|| MappingError::BadFd("the memfd is empty".into()))?;
         // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
@@ -172,7 +181,72 @@ impl GuestMapping {
             ptr: ptr.cast(),
             len,
             blocks,
+            page_size,
         })
+    }
+
+    /// The memfd's page size: [`PAGE_SIZE`], or [`HUGE_PAGE_SIZE`] for RAM on hugetlbfs. Pages
+    /// still travel [`PAGE_SIZE`] at a time; a huge page is what the kernel allocates, places
+    /// with `UFFDIO_COPY` and drops, whole.
+    pub fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    /// True for RAM on hugetlbfs. There `pwrite` and `sendfile` are refused, `lseek` takes the
+    /// whole file for data, and a read through a mapping allocates the page it reads: umemd
+    /// reads such RAM with `pread` (a hole reads as zeros, allocating nothing) and writes it
+    /// through a mapping of the huge pages written ([`GuestMapping::write_at`]).
+    pub fn hugetlb(&self) -> bool {
+        self.page_size > PAGE_SIZE
+    }
+
+    /// `[first, first+count)` of `block` widened to whole pages of `page_size` bytes, within
+    /// the block (which the caller checked the range against).
+    pub fn widen_to_pages_of(
+        &self,
+        page_size: u64,
+        block: u32,
+        first: u64,
+        count: u64,
+    ) -> (u64, u64) {
+        let per = (page_size / PAGE_SIZE).max(1);
+        let pages = self
+            .blocks
+            .get(block as usize)
+            .map_or(0, |b| b.desc.pages());
+        let start = first - first % per;
+        let end = (first + count).next_multiple_of(per).min(pages);
+        (start, end - start)
+    }
+
+    /// Writes `data` into the memfd at `off`: with `pwrite`, or on hugetlbfs (which refuses
+    /// it) through a shared mapping of the huge pages it covers, made for this write. Only
+    /// while no vCPU runs on this RAM: a huge page written in part would read as zeros
+    /// elsewhere.
+    pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
+        if !self.hugetlb() {
+            return std::os::unix::fs::FileExt::write_all_at(&self.file, data, off);
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= self.len as u64)
+            .ok_or_else(|| {
+                std::io::Error::other(MappingError::OutOfRange {
+                    off,
+                    len: data.len(),
+                    size: self.len,
+                })
+            })?;
+        let start = off - off % self.page_size;
+        let window = (end.next_multiple_of(self.page_size) - start) as usize;
+        write_through_window(
+            self.file.as_fd(),
+            start,
+            window,
+            (off - start) as usize,
+            data,
+        )
+        .map_err(std::io::Error::from)
     }
 
     /// The layout.
@@ -393,6 +467,79 @@ impl GuestMapping {
         )
         .map_err(|err| MappingError::PunchHole { off, len, err })
     }
+}
+
+/// The page size of the memfd `fd`: [`HUGE_PAGE_SIZE`] on hugetlbfs, else [`PAGE_SIZE`].
+fn memfd_page_size(fd: BorrowedFd<'_>) -> Result<u64, MappingError> {
+    use nix::sys::statfs::{fstatfs, HUGETLBFS_MAGIC};
+    let fs = fstatfs(fd).map_err(|e| MappingError::BadFd(format!("fstatfs: {e}")))?;
+    if fs.filesystem_type() != HUGETLBFS_MAGIC {
+        return Ok(PAGE_SIZE);
+    }
+    let size = fs.block_size() as u64;
+    if size != HUGE_PAGE_SIZE {
+        return Err(MappingError::BadFd(format!(
+            "guest RAM on {} KiB huge pages: umemd migrates 4 KiB and 2 MiB pages only",
+            size >> 10
+        )));
+    }
+    Ok(size)
+}
+
+/// On huge pages every block must start and end on a huge page, in the memfd and in the
+/// VMM: the kernel places and drops them whole.
+fn check_huge_alignment(blocks: &[LocalBlock], page_size: u64) -> Result<(), MappingError> {
+    for b in blocks {
+        if b.memfd_offset % page_size != 0
+            || b.desc.size % page_size != 0
+            || b.host_addr % page_size != 0
+        {
+            return Err(MappingError::BadFd(format!(
+                "block {} (memfd offset {:#x}, {:#x} bytes, VMM address {:#x}) does not lie on whole {} KiB pages",
+                b.desc.name,
+                b.memfd_offset,
+                b.desc.size,
+                b.host_addr,
+                page_size >> 10
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Maps `window` bytes of `fd` from `start` (whole huge pages) writable and shared, copies
+/// `data` in at `at`, and unmaps them.
+fn write_through_window(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    window: usize,
+    at: usize,
+    data: &[u8],
+) -> Result<(), nix::Error> {
+    let size = std::num::NonZeroUsize::new(window).ok_or(nix::errno::Errno::EINVAL)?;
+    if at + data.len() > window {
+        return Err(nix::errno::Errno::EINVAL);
+    }
+    let offset = i64::try_from(start).map_err(|_| nix::errno::Errno::EINVAL)?;
+    // SAFETY: a fresh mapping at a kernel-chosen address; it aliases no Rust object.
+    let ptr = unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            offset,
+        )
+    }?;
+    // SAFETY: `at + data.len() <= window` (checked above), so the copy stays inside the
+    // mapping just made, which nothing else in umemd refers to; `data` is a live slice that
+    // cannot overlap a mapping made after it.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr().cast::<u8>().add(at), data.len())
+    };
+    // SAFETY: exactly the mapping made above, no longer used.
+    unsafe { munmap(ptr, window) }
 }
 
 /// The size of the guest-RAM memfd `fd`, after checking that umemd may map it: a regular file

@@ -14,6 +14,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::mapping::GuestMapping;
 use crate::tls::{Plain, TlsError, TlsStream};
+use vm_memory::VolatileSlice;
 
 /// Send (source) and receive (destination) buffer of the main stream once postcopy runs. A
 /// requested page that the background had already claimed waits behind what is queued there,
@@ -338,6 +339,16 @@ impl PeerStream {
             PeerStream::Tcp(s) => send_file(s, head, mem.file(), off, len),
             PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, &data),
             PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(&data)]),
+        }
+    }
+
+    /// `head` then `data`, guest RAM copied out of the memfd already (RAM on huge pages,
+    /// which `sendfile` refuses).
+    pub fn write_all_copied(&mut self, head: &[u8], data: &VolatileSlice<'_>) -> io::Result<()> {
+        match self {
+            PeerStream::Tcp(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
+            PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
+            PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(data)]),
         }
     }
 

@@ -14,6 +14,52 @@ pub(crate) fn sealed_memfd(len: u64) -> std::fs::File {
     f.into_file()
 }
 
+/// A sealed memfd of `len` bytes on 2 MiB huge pages, or `None` (with a skip line) when the
+/// host cannot give that many: the pool is raised if it has too few free. Where the
+/// environment says the host must (`UMEM_REQUIRE_KVM`, set on the machines that run CI), a
+/// missing pool fails the test instead.
+pub(crate) fn sealed_huge_memfd(len: u64) -> Option<std::fs::File> {
+    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let need = len.div_ceil(2 << 20);
+    if read("free_hugepages") < need + 2 {
+        let _ = std::fs::write(
+            format!("{dir}/nr_hugepages"),
+            (read("nr_hugepages") + need + 2).to_string(),
+        );
+    }
+    let made = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .hugetlb(Some(memfd::HugetlbSize::Huge2MB))
+        .create("ram")
+        .map_err(|e| e.to_string())
+        .and_then(|f| {
+            f.as_file().set_len(len).map_err(|e| e.to_string())?;
+            f.add_seal(memfd::FileSeal::SealShrink)
+                .map_err(|e| e.to_string())?;
+            Ok(f.into_file())
+        });
+    match made {
+        Ok(f) if read("free_hugepages") >= need => Some(f),
+        other => {
+            let why = other
+                .err()
+                .unwrap_or_else(|| "too few free huge pages".into());
+            assert!(
+                std::env::var_os("UMEM_REQUIRE_KVM").is_none(),
+                "no 2 MiB huge pages on this host ({why}); UMEM_REQUIRE_KVM says it must have them"
+            );
+            eprintln!("SKIP: no 2 MiB huge pages on this host: {why}");
+            None
+        }
+    }
+}
+
 /// Blocks of `pages[i]` pages each, for tests.
 pub(crate) fn blocks(pages: &[u64]) -> Vec<LocalBlock> {
     pages

@@ -139,6 +139,7 @@ pub fn execute(m: &Arc<Machine>, req: &Value) -> (Value, bool) {
                 "status": status,
                 "running": status == crate::machine::Status::Running,
                 "vcpus": m.vm.vcpu_count(),
+                "page_size": m.vm.ram().page_size(),
                 "fault": m.vm.vcpu_control().fault(),
             }))
         }

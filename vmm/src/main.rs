@@ -8,7 +8,7 @@ use proto::peercred::{self, AllowList};
 use vmm::cli::vmm::Args;
 use vmm::devices::SerialOut;
 use vmm::machine::{Machine, Status};
-use vmm::memory::GuestRam;
+use vmm::memory::{GuestRam, RamBacking};
 use vmm::vm::Vm;
 use vmm::{control, guests, loader, migration};
 
@@ -68,7 +68,12 @@ fn run(args: Args) -> Result<(), String> {
         .collect::<Result<Vec<u32>, _>>()
         .map_err(|e| format!("--allow-gid: {e}"))?;
     let allow = AllowList::for_this_process(args.allow_uid.clone(), allow_gids);
-    let ram = GuestRam::new(args.mem).map_err(|e| e.to_string())?;
+    let backing = if args.hugepages {
+        RamBacking::HugePages2M
+    } else {
+        RamBacking::Pages4K
+    };
+    let ram = GuestRam::with_backing(args.mem, backing).map_err(|e| e.to_string())?;
     if args.incoming.is_none() {
         if let Some(seed) = args.prefill {
             ram.prefill(seed, args.prefill_size.unwrap_or(u64::MAX));
@@ -115,9 +120,10 @@ fn run(args: Args) -> Result<(), String> {
         machine.vm.resume();
     }
     info!(
-        "{}: {} MiB, {} vCPUs, control socket {}",
+        "{}: {} MiB in {} KiB pages, {} vCPUs, control socket {}",
         args.name,
         args.mem >> 20,
+        ram.page_size() >> 10,
         args.vcpus,
         control_path.display()
     );

@@ -2,7 +2,9 @@
 //! handed the very same memory by file descriptor.
 
 use std::fs::File;
+use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 
 use proto::local::LocalBlock;
 use proto::{BlockDesc, PAGE_SIZE};
@@ -16,6 +18,30 @@ use vm_memory::{
 pub const LOW_RAM_END: u64 = 3 << 30;
 /// Guest physical address where high RAM starts.
 pub const HIGH_RAM_START: u64 = 1 << 32;
+/// Size of a huge page of [`RamBacking::HugePages2M`].
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// The host's pool of 2 MiB huge pages: `free_hugepages`, `resv_hugepages`, `nr_hugepages`.
+pub const HUGE_PAGES_2M_SYSFS: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+
+/// What the guest RAM memfd is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamBacking {
+    /// Ordinary shared memory in 4 KiB pages, allocated as the guest touches it.
+    #[default]
+    Pages4K,
+    /// 2 MiB huge pages from the host's hugetlb pool (a hugetlbfs memfd), reserved up front.
+    HugePages2M,
+}
+
+impl RamBacking {
+    /// Bytes of one page of this backing.
+    pub const fn page_size(self) -> u64 {
+        match self {
+            RamBacking::Pages4K => PAGE_SIZE,
+            RamBacking::HugePages2M => HUGE_PAGE_SIZE,
+        }
+    }
+}
 
 /// Errors of guest RAM handling.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +66,33 @@ pub enum MemoryError {
     /// Dropping the pages of guest RAM failed.
     #[error("dropping the pages of guest RAM: {0}")]
     Discard(String),
+    /// The host's pool of 2 MiB huge pages could not be read.
+    #[error("reading the 2 MiB huge page pool {path}: {err} (the host needs hugetlbfs with 2 MiB pages for --hugepages)")]
+    HugePagesUnavailable {
+        /// The sysfs file.
+        path: String,
+        /// Why.
+        err: String,
+    },
+    /// The host's pool of 2 MiB huge pages has too few free pages for guest RAM.
+    #[error("guest RAM needs {needed} free 2 MiB huge pages but only {free} are free (and unreserved) in the host's pool: raise {HUGE_PAGES_2M_SYSFS}/nr_hugepages by at least {}", needed.saturating_sub(*free))]
+    HugePagesShort {
+        /// Pages guest RAM needs.
+        needed: u64,
+        /// Pages free and not reserved by anybody else.
+        free: u64,
+    },
+    /// The hugetlbfs memfd could not be created, sized or sealed.
+    #[error("creating the guest RAM memfd of 2 MiB huge pages: {0}")]
+    HugeMemfd(String),
+    /// The kernel refused to reserve the huge pages of guest RAM.
+    #[error("reserving {pages} 2 MiB huge pages for guest RAM: {err} (is {HUGE_PAGES_2M_SYSFS}/free_hugepages large enough?)")]
+    HugeReserve {
+        /// Pages guest RAM needs.
+        pages: u64,
+        /// Why.
+        err: String,
+    },
 }
 
 /// One named RAM block and where it lives.
@@ -55,6 +108,7 @@ pub struct RamBlock {
 #[derive(Debug)]
 pub struct GuestRam {
     memfd: File,
+    backing: RamBacking,
     blocks: Vec<RamBlock>,
     mem: GuestMemoryMmap,
 }
@@ -87,18 +141,44 @@ pub fn layout(size: u64) -> Result<Vec<RamBlock>, MemoryError> {
 }
 
 impl GuestRam {
-    /// Creates `size` bytes of sparse memfd-backed guest RAM.
+    /// Creates `size` bytes of sparse memfd-backed guest RAM in 4 KiB pages.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::with_backing(size, RamBacking::Pages4K)
+    }
+
+    /// Creates `size` bytes of memfd-backed guest RAM made of `backing`. Huge pages are
+    /// reserved in the host's pool here, so that a shortage fails now rather than as a SIGBUS
+    /// when the guest (or umemd) first touches a page; they are still allocated only then.
+    pub fn with_backing(size: u64, backing: RamBacking) -> Result<Self, MemoryError> {
         let blocks = layout(size)?;
+        let huge = backing == RamBacking::HugePages2M;
+        let pages = size / HUGE_PAGE_SIZE;
+        if huge {
+            let free = free_huge_pages()?;
+            if free < pages {
+                return Err(MemoryError::HugePagesShort {
+                    needed: pages,
+                    free,
+                });
+            }
+        }
+        let memfd_err = |e: String| {
+            if huge {
+                MemoryError::HugeMemfd(e)
+            } else {
+                MemoryError::Memfd(e)
+            }
+        };
         let memfd = memfd::MemfdOptions::default()
             .close_on_exec(true)
             .allow_sealing(true)
+            .hugetlb(huge.then_some(memfd::HugetlbSize::Huge2MB))
             .create("guest-ram")
-            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+            .map_err(|e| memfd_err(e.to_string()))?;
         memfd
             .as_file()
             .set_len(size)
-            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+            .map_err(|e| memfd_err(e.to_string()))?;
         // Sealed so that nobody holding the fd (umemd maps it too) can be made to fault with
         // SIGBUS by a truncation behind its back; umemd refuses unsealed RAM.
         memfd
@@ -107,8 +187,14 @@ impl GuestRam {
                 memfd::FileSeal::SealGrow,
                 memfd::FileSeal::SealSeal,
             ])
-            .map_err(|e| MemoryError::Memfd(e.to_string()))?;
+            .map_err(|e| memfd_err(e.to_string()))?;
         let memfd = memfd.into_file();
+        if huge {
+            reserve_huge_pages(&memfd, size).map_err(|e| MemoryError::HugeReserve {
+                pages,
+                err: e.to_string(),
+            })?;
+        }
         let ranges = blocks
             .iter()
             .map(|b| {
@@ -124,7 +210,22 @@ impl GuestRam {
             })
             .collect::<Result<Vec<_>, MemoryError>>()?;
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges)?;
-        Ok(GuestRam { memfd, blocks, mem })
+        Ok(GuestRam {
+            memfd,
+            backing,
+            blocks,
+            mem,
+        })
+    }
+
+    /// What the RAM is made of.
+    pub fn backing(&self) -> RamBacking {
+        self.backing
+    }
+
+    /// Bytes of one page of the RAM's backing: 4096, or 2 MiB with huge pages.
+    pub fn page_size(&self) -> u64 {
+        self.backing.page_size()
     }
 
     /// The memfd holding every block.
@@ -227,26 +328,43 @@ impl GuestRam {
     /// as, without touching them (a read through the mapping would allocate them). Without it,
     /// every byte is read through the mapping, which is what a VMM must do while a userfaultfd
     /// still covers RAM: there a hole is a page yet to arrive, and the read waits for it.
+    ///
+    /// A block whose memfd cannot be read gets an empty digest (and an error in the log), which
+    /// matches no real one.
     pub fn digests_excluding(
         &self,
         exclude: &[(u64, u64)],
         skip_holes: bool,
     ) -> Vec<(String, String)> {
         static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        // hugetlbfs tells no hole from data (SEEK_DATA sees data everywhere), and a read
+        // through the mapping allocates a huge page for every hole it touches; pread reads
+        // holes as zeros without allocating.
+        let pread = skip_holes && self.backing == RamBacking::HugePages2M;
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..self.blocks.len())
                 .map(|i| {
                     let start = self.blocks[i].desc.guest_addr;
                     let fd_off = self.blocks[i].memfd_offset;
                     let kept = kept_ranges(start, self.blocks[i].desc.size, exclude);
-                    let memfd = self.memfd.as_fd();
-                    s.spawn(move || {
+                    let memfd = &self.memfd;
+                    s.spawn(move || -> std::io::Result<String> {
                         let ram = self.block_volatile(i);
                         let mut buf = vec![0u8; COPY_CHUNK];
                         let mut h = Sha256::new();
                         for (from, to) in kept {
+                            if pread {
+                                let mut pos = fd_off + from;
+                                while pos < fd_off + to {
+                                    let n = (fd_off + to - pos).min(COPY_CHUNK as u64) as usize;
+                                    memfd.read_exact_at(&mut buf[..n], pos)?;
+                                    h.update(&buf[..n]);
+                                    pos += n as u64;
+                                }
+                                continue;
+                            }
                             let segs = if skip_holes {
-                                data_segments(memfd, fd_off + from, fd_off + to)
+                                data_segments(memfd.as_fd(), fd_off + from, fd_off + to)
                             } else {
                                 vec![(fd_off + from, fd_off + to, true)]
                             };
@@ -272,14 +390,24 @@ impl GuestRam {
                                 }
                             }
                         }
-                        hex(&h.finalize())
+                        Ok(hex(&h.finalize()))
                     })
                 })
                 .collect();
             self.blocks
                 .iter()
                 .zip(handles)
-                .map(|(b, h)| (b.desc.name.clone(), h.join().unwrap_or_default()))
+                .map(|(b, h)| {
+                    let digest = match h.join() {
+                        Ok(Ok(d)) => d,
+                        Ok(Err(e)) => {
+                            log::error!("reading {} for its digest: {e}", b.desc.name);
+                            String::new()
+                        }
+                        Err(_) => String::new(),
+                    };
+                    (b.desc.name.clone(), digest)
+                })
                 .collect()
         })
     }
@@ -307,7 +435,17 @@ impl GuestRam {
             0,
             self.size() as i64,
         )
-        .map_err(|e| MemoryError::Discard(e.to_string()))
+        .map_err(|e| MemoryError::Discard(e.to_string()))?;
+        if self.backing == RamBacking::HugePages2M {
+            // Punching a huge page that was allocated gives its reservation back to the pool;
+            // taken again, so that the next migration cannot run out of pages halfway.
+            reserve_huge_pages(&self.memfd, self.size()).map_err(|e| {
+                MemoryError::Discard(format!(
+                    "reserving the 2 MiB huge pages again: {e} (is {HUGE_PAGES_2M_SYSFS}/free_hugepages large enough?)"
+                ))
+            })?;
+        }
+        Ok(())
     }
 
     /// Borrowed fd, for passing to umemd.
@@ -318,6 +456,54 @@ impl GuestRam {
 
 /// Bytes copied between guest RAM and a buffer at a time by `prefill` and the digests.
 const COPY_CHUNK: usize = 256 << 10;
+
+/// One counter of the host's 2 MiB huge page pool.
+fn huge_pool_counter(name: &str) -> Result<u64, MemoryError> {
+    let path = format!("{HUGE_PAGES_2M_SYSFS}/{name}");
+    let err = |err: String| MemoryError::HugePagesUnavailable {
+        path: path.clone(),
+        err,
+    };
+    std::fs::read_to_string(&path)
+        .map_err(|e| err(e.to_string()))?
+        .trim()
+        .parse()
+        .map_err(|e: std::num::ParseIntError| err(e.to_string()))
+}
+
+/// 2 MiB huge pages free in the host's pool and not promised to a mapping already: free
+/// pages include reserved ones, which a new reservation cannot have.
+fn free_huge_pages() -> Result<u64, MemoryError> {
+    Ok(huge_pool_counter("free_hugepages")?.saturating_sub(huge_pool_counter("resv_hugepages")?))
+}
+
+/// Reserves huge pages for the first `len` bytes of the hugetlbfs file `file` without
+/// allocating them. vm-memory maps with `MAP_NORESERVE`, which on hugetlbfs reserves nothing,
+/// so a page the pool cannot supply would be a SIGBUS on first touch. A shared mapping without
+/// it reserves the range in the file itself, where the reservation outlives the mapping and
+/// serves every later mapping of the file (umemd's too) until the file is gone or punched.
+fn reserve_huge_pages(file: &File, len: u64) -> std::io::Result<()> {
+    use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+    let len = usize::try_from(len)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: a new mapping at an address the kernel picks, so no existing memory is affected;
+    // PROT_NONE, and unmapped below before anything could use it.
+    let addr = unsafe {
+        mmap(
+            None,
+            len,
+            ProtFlags::PROT_NONE,
+            MapFlags::MAP_SHARED,
+            file,
+            0,
+        )
+    }?;
+    // SAFETY: `addr` and `len` are exactly the mapping made above, which nothing else knows.
+    unsafe { munmap(addr, len.get()) }?;
+    Ok(())
+}
 
 /// Splits memfd offsets `[start, end)` into `(from, to, has_data)` pieces with `lseek`.
 fn data_segments(fd: std::os::fd::BorrowedFd<'_>, start: u64, end: u64) -> Vec<(u64, u64, bool)> {
@@ -348,7 +534,13 @@ fn kept_ranges(start: u64, len: u64, exclude: &[(u64, u64)]) -> Vec<(u64, u64)> 
         .filter_map(|&(a, l)| {
             let from = a.max(start);
             let to = a.saturating_add(l).min(start + len);
-            (from < to).then_some((from - start, to - start))
+            // Not `then_some`: its argument is evaluated first, and `to - start` underflows
+            // for a range wholly below the block.
+            if from < to {
+                Some((from - start, to - start))
+            } else {
+                None
+            }
         })
         .collect();
     cut.sort_unstable();
@@ -390,6 +582,7 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
     use vm_memory::Bytes;
 
     #[test]
@@ -482,6 +675,104 @@ mod tests {
         let fd = sparse.memfd_fd();
         assert_eq!(data_segments(fd, 0, 4 << 20).len(), 3, "still sparse");
         assert_eq!(skipped, sparse.digests_excluding(&[], false));
+    }
+
+    /// Makes sure `pages` 2 MiB huge pages are free in the host's pool, raising the pool (tests
+    /// run as root) when it is short. False, after saying so, when the host cannot give them;
+    /// with `UMEM_REQUIRE_KVM` set (CI) that fails the test instead.
+    fn huge_pages_or_skip(pages: u64) -> bool {
+        let enough = || free_huge_pages().is_ok_and(|free| free >= pages);
+        let ok = enough()
+            || huge_pool_counter("nr_hugepages").is_ok_and(|nr| {
+                // By the whole count, not the shortfall: tests running beside may take some.
+                let raised = (nr + pages).to_string();
+                std::fs::write(format!("{HUGE_PAGES_2M_SYSFS}/nr_hugepages"), raised).is_ok()
+                    && enough()
+            });
+        if !ok {
+            assert!(
+                std::env::var_os("UMEM_REQUIRE_KVM").is_none(),
+                "{pages} free 2 MiB huge pages are needed: raise {HUGE_PAGES_2M_SYSFS}/nr_hugepages"
+            );
+            println!("skip: no free 2 MiB huge pages");
+        }
+        ok
+    }
+
+    #[test]
+    fn huge_pages_hold_the_same_bytes() {
+        if !huge_pages_or_skip(4) {
+            return;
+        }
+        let huge = GuestRam::with_backing(8 << 20, RamBacking::HugePages2M).unwrap();
+        let small = GuestRam::new(8 << 20).unwrap();
+        assert_eq!(huge.page_size(), 2 << 20);
+        assert_eq!(small.page_size(), 4096);
+        huge.prefill(7, u64::MAX);
+        small.prefill(7, u64::MAX);
+        assert_eq!(huge.digests(), small.digests());
+        // Read through the mapping as well as with pread, and with a range left out.
+        assert_eq!(huge.digests_excluding(&[], false), small.digests());
+        let ex = [(0x2000, 4096), ((3 << 20) - 8, 16)];
+        assert_eq!(
+            huge.digests_excluding(&ex, true),
+            small.digests_excluding(&ex, true)
+        );
+    }
+
+    #[test]
+    fn digests_of_untouched_huge_pages_allocate_none() {
+        const SIZE: u64 = 64 << 20;
+        let pages = SIZE / HUGE_PAGE_SIZE;
+        if !huge_pages_or_skip(pages) {
+            return;
+        }
+        let huge = GuestRam::with_backing(SIZE, RamBacking::HugePages2M).unwrap();
+        let before = huge_pool_counter("free_hugepages").unwrap();
+        let digests = huge.digests();
+        let after = huge_pool_counter("free_hugepages").unwrap();
+        assert_eq!(digests, GuestRam::new(SIZE).unwrap().digests());
+        // Exact for this file; the pool counter is shared with tests running beside.
+        assert_eq!(huge.memfd().metadata().unwrap().blocks(), 0);
+        assert!(
+            before.saturating_sub(after) < pages,
+            "free huge pages went from {before} to {after}"
+        );
+    }
+
+    #[test]
+    fn discarding_huge_pages_leaves_a_hole() {
+        if !huge_pages_or_skip(4) {
+            return;
+        }
+        let huge = GuestRam::with_backing(8 << 20, RamBacking::HugePages2M).unwrap();
+        huge.prefill(3, 5 << 20);
+        assert_eq!(huge.memfd().metadata().unwrap().blocks(), (6 << 20) / 512);
+        huge.discard_all().unwrap();
+        assert_eq!(huge.memfd().metadata().unwrap().blocks(), 0);
+        assert_eq!(huge.digests(), GuestRam::new(8 << 20).unwrap().digests());
+    }
+
+    #[test]
+    fn too_few_huge_pages_is_a_clear_error() {
+        if !huge_pages_or_skip(0) {
+            return;
+        }
+        // Far beyond what is free, so that tests raising the pool beside cannot close the gap;
+        // refused before any memfd exists, so the size costs nothing.
+        let needed = free_huge_pages().unwrap() + 1024;
+        let err =
+            GuestRam::with_backing(needed * HUGE_PAGE_SIZE, RamBacking::HugePages2M).unwrap_err();
+        match err {
+            MemoryError::HugePagesShort { needed: n, free } => {
+                assert_eq!(n, needed);
+                assert!(free < needed);
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains(&format!("needs {needed} free 2 MiB huge pages")));
+        assert!(text.contains("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"));
     }
 
     #[test]

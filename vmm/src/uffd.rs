@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamBacking};
 
 /// Errors of userfaultfd setup.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +45,14 @@ impl RamUffd {
                 .require_features(features)
                 .create()
         };
-        let uffd = build(FeatureFlags::MISSING_SHMEM | FeatureFlags::THREAD_ID)
-            .or_else(|_| build(FeatureFlags::MISSING_SHMEM))
+        // Missing-page faults on the RAM's kind of memory, asked for so that a kernel without
+        // them fails here, by name, rather than at registration.
+        let missing = match ram.backing() {
+            RamBacking::Pages4K => FeatureFlags::MISSING_SHMEM,
+            RamBacking::HugePages2M => FeatureFlags::MISSING_HUGETLBFS,
+        };
+        let uffd = build(missing | FeatureFlags::THREAD_ID)
+            .or_else(|_| build(missing))
             .map_err(|e| UffdError::Create(e.to_string()))?;
         let mut ranges = Vec::new();
         for (i, b) in ram.blocks().iter().enumerate() {

@@ -17,6 +17,7 @@ use proto::types::LATENCY_BUCKETS;
 use proto::{PostcopyStats, PAGE_SIZE};
 use userfaultfd::{Event, EventBuffer, Uffd};
 
+use super::huge::{Assembled, AssemblyError, HugePageAssembly};
 use super::pages::{PageState, PageTable};
 
 /// Most latency samples kept for percentiles (a sample is 4 bytes); beyond it, a uniform
@@ -47,6 +48,9 @@ pub enum FaultError {
     /// A page request could not be sent.
     #[error("sending a page request: {0}")]
     Request(#[source] std::io::Error),
+    /// Huge pages could not be assembled.
+    #[error(transparent)]
+    Assembly(#[from] AssemblyError),
 }
 
 /// Fault-service latencies and blocked time, updated as pages resolve faults.
@@ -166,6 +170,10 @@ pub struct FaultHandler {
     latency: Mutex<Latency>,
     stages: Mutex<Stages>,
     zeros: Vec<u8>,
+    /// Guest RAM on huge pages: each is assembled whole before it is placed.
+    huge: Option<HugePageAssembly>,
+    /// Bytes the kernel places or finds present at a time.
+    page_size: u64,
     faults: AtomicU64,
     requested: AtomicU64,
     stop: AtomicBool,
@@ -188,8 +196,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FaultHandler {
-    /// Wraps the userfaultfd a VMM passed for the RAM described by `blocks`.
-    pub fn new(uffd: OwnedFd, blocks: Vec<LocalBlock>, pages: Arc<PageTable>) -> Self {
+    /// Wraps the userfaultfd a VMM passed for the RAM described by `blocks`, held in pages of
+    /// `page_size` bytes (4 KiB, or 2 MiB huge pages).
+    pub fn new(
+        uffd: OwnedFd,
+        blocks: Vec<LocalBlock>,
+        pages: Arc<PageTable>,
+        page_size: u64,
+    ) -> Self {
         use std::os::fd::{FromRawFd, IntoRawFd};
         // SAFETY: the fd is owned (received with SCM_RIGHTS) and moves into the Uffd, which
         // closes it on drop; nothing else refers to it.
@@ -203,6 +217,8 @@ impl FaultHandler {
             latency: Mutex::new(Latency::default()),
             stages: Mutex::new(Stages::default()),
             zeros: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
+            huge: (page_size > PAGE_SIZE).then(|| HugePageAssembly::new(page_size)),
+            page_size: page_size.max(PAGE_SIZE),
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -270,6 +286,13 @@ impl FaultHandler {
         data: &[u8],
         arrived: Option<Instant>,
     ) -> Result<u64, FaultError> {
+        if let Some(huge) = &self.huge {
+            let mut placed = 0;
+            for a in huge.receive(&self.pages, block, first, data)? {
+                placed += self.place_huge(huge, a, arrived)?;
+            }
+            return Ok(placed);
+        }
         let count = data.len() as u64 / PAGE_SIZE;
         let mut placed = 0;
         let mut i = 0;
@@ -302,9 +325,41 @@ impl FaultHandler {
         Ok(placed)
     }
 
+    /// Places a huge page assembled whole, then resolves every fault on it. Returns the pages
+    /// placed.
+    fn place_huge(
+        &self,
+        huge: &HugePageAssembly,
+        a: Assembled,
+        arrived: Option<Instant>,
+    ) -> Result<u64, FaultError> {
+        let (block, head) = (a.block, a.first);
+        let r = self.copy(self.host_addr(block, head), &a.data);
+        huge.placed(a);
+        r?;
+        let now = Instant::now();
+        self.pages.update_range(
+            block,
+            head,
+            huge.per(),
+            |_| Some(PageState::Present),
+            |p, was| {
+                if was == PageState::Requested && p != head {
+                    self.resolved(block, p, now, arrived);
+                }
+            },
+        );
+        // Faults on a huge page wait on its first page.
+        self.resolved(block, head, now, arrived);
+        Ok(huge.per())
+    }
+
     /// Records that pages read as zero. Pages a fault already waits for are placed now; the
     /// rest stay absent, costing no memory, until touched or until the kernel's zero fill.
     pub fn zero(&self, block: u32, first: u64, count: u64) -> Result<(), FaultError> {
+        if let Some(huge) = &self.huge {
+            return self.zero_huge(huge, block, first, count);
+        }
         let mut waited_for = Vec::new();
         self.pages.update_range(
             block,
@@ -319,6 +374,35 @@ impl FaultHandler {
         );
         for p in waited_for {
             self.place(block, p, &self.zeros[..PAGE_SIZE as usize])?;
+        }
+        Ok(())
+    }
+
+    /// [`FaultHandler::zero`] on huge pages: a huge page that a fault waits for, or that was
+    /// partly received, may now be complete.
+    fn zero_huge(
+        &self,
+        huge: &HugePageAssembly,
+        block: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<(), FaultError> {
+        self.pages.update_range(
+            block,
+            first,
+            count,
+            |s| s.is_unresolved().then_some(PageState::Zero),
+            |_, _| {},
+        );
+        let mut head = huge.head(first);
+        while head < first + count {
+            let waited_for = lock(&self.waiters).contains_key(&key(block, head));
+            if waited_for || huge.holds_any(block, head) {
+                if let Some(a) = huge.complete(&self.pages, block, head) {
+                    self.place_huge(huge, a, None)?;
+                }
+            }
+            head += huge.per();
         }
         Ok(())
     }
@@ -388,8 +472,9 @@ impl FaultHandler {
                 // The crate speaks another nix version's Errno: compare raw numbers.
                 Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
                     // Present already (placed by another path): wake anyone who queued on it.
-                    let _ = self.uffd.wake(dst as *mut libc::c_void, PAGE_SIZE as usize);
-                    done += PAGE_SIZE as usize;
+                    let step = self.page_size as usize;
+                    let _ = self.uffd.wake(dst as *mut libc::c_void, step);
+                    done += step;
                 }
                 Err(e) => {
                     return Err(FaultError::Place {
@@ -479,6 +564,9 @@ impl FaultHandler {
             return Ok(());
         };
         let vcpu = lock(&self.vcpus).get(&tid).copied();
+        if let Some(huge) = &self.huge {
+            return self.fault_huge(huge, block, page, vcpu, now, runs);
+        }
         loop {
             match self.pages.get(block, page) {
                 PageState::Present => {
@@ -505,24 +593,50 @@ impl FaultHandler {
                         continue;
                     }
                     self.wait(block, page, vcpu, now);
-                    match runs.last_mut() {
-                        Some(r)
-                            if r.block == block
-                                && r.first + r.count as u64 == page
-                                && r.count < MAX_RUN_PAGES =>
-                        {
-                            r.count += 1
-                        }
-                        _ => runs.push(PageRun {
-                            block,
-                            first: page,
-                            count: 1,
-                        }),
-                    }
+                    push_page(runs, block, page);
                     return Ok(());
                 }
             }
         }
+    }
+
+    /// A fault on RAM of huge pages: the whole huge page is what the kernel waits for, so
+    /// every page of it that is neither here, nor zero, nor asked for already is requested,
+    /// and the fault waits on the huge page's first page.
+    fn fault_huge(
+        &self,
+        huge: &HugePageAssembly,
+        block: u32,
+        page: u64,
+        vcpu: Option<usize>,
+        now: Instant,
+        runs: &mut Vec<PageRun>,
+    ) -> Result<(), FaultError> {
+        let head = huge.head(page);
+        if self.pages.get(block, head) == PageState::Present {
+            let a = self.host_addr(block, head) as *mut libc::c_void;
+            let _ = self.uffd.wake(a, self.page_size as usize);
+            return Ok(());
+        }
+        let received = huge.received(block, head);
+        for i in 0..huge.per() {
+            let p = head + i;
+            if !received.get(i as usize).copied().unwrap_or(false)
+                && self
+                    .pages
+                    .transition(block, p, PageState::Missing, PageState::Requested)
+                    == PageState::Missing
+            {
+                push_page(runs, block, p);
+            }
+        }
+        self.wait(block, head, vcpu, now);
+        // Complete already (every page of it zero, or the last one came meanwhile): placed
+        // now, which resolves the wait.
+        if let Some(a) = huge.complete(&self.pages, block, head) {
+            self.place_huge(huge, a, None)?;
+        }
+        Ok(())
     }
 
     fn wait(&self, block: u32, page: u64, vcpu: Option<usize>, now: Instant) {
@@ -581,6 +695,22 @@ impl FaultHandler {
     }
 }
 
+/// Adds `page` to the requests in `runs`, extending the last run where it continues it.
+fn push_page(runs: &mut Vec<PageRun>, block: u32, page: u64) {
+    match runs.last_mut() {
+        Some(r)
+            if r.block == block && r.first + r.count as u64 == page && r.count < MAX_RUN_PAGES =>
+        {
+            r.count += 1
+        }
+        _ => runs.push(PageRun {
+            block,
+            first: page,
+            count: 1,
+        }),
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -593,8 +723,17 @@ pub(super) mod tests {
     /// A shared mapping of a sealed memfd registered with a real userfaultfd, as a destination
     /// VMM makes it; `None` where userfaultfd is not allowed.
     pub(in crate::dest) fn registered_ram() -> Option<(std::fs::File, *mut u8, FaultHandler)> {
-        let len = (PAGES * PAGE_SIZE) as usize;
-        let f = crate::testutil::sealed_memfd(len as u64);
+        let len = PAGES * PAGE_SIZE;
+        registered_memfd(crate::testutil::sealed_memfd(len), len, PAGE_SIZE)
+    }
+
+    /// [`registered_ram`] for `f`, `len` bytes in pages of `page_size`.
+    fn registered_memfd(
+        f: std::fs::File,
+        len: u64,
+        page_size: u64,
+    ) -> Option<(std::fs::File, *mut u8, FaultHandler)> {
+        let len = len as usize;
         let uffd = match userfaultfd::UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -636,7 +775,72 @@ pub(super) mod tests {
         std::mem::forget(uffd);
         // SAFETY: `raw` is the forgotten Uffd's open fd; nothing else owns it now.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Some((f, ptr, FaultHandler::new(fd, blocks, pages)))
+        Some((f, ptr, FaultHandler::new(fd, blocks, pages, page_size)))
+    }
+
+    #[test]
+    fn a_huge_page_is_placed_whole_once_every_page_of_it_arrived_or_reads_zero() {
+        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let len = 2 * crate::mapping::HUGE_PAGE_SIZE;
+        let Some(f) = crate::testutil::sealed_huge_memfd(len) else {
+            return;
+        };
+        let Some((file, ptr, fh)) = registered_memfd(f, len, crate::mapping::HUGE_PAGE_SIZE) else {
+            return;
+        };
+        let (fh, rx, server) = serving(fh);
+        let wait = Duration::from_secs(10);
+        let data = |first: u64, count: u64| -> Vec<u8> {
+            (first..first + count)
+                .flat_map(|p| vec![(p % 251) as u8 + 1; PAGE_SIZE as usize])
+                .collect()
+        };
+
+        // A fault anywhere in huge page 0 asks for all of it.
+        fh.place(0, 0, &data(0, 10)).unwrap();
+        let reader = touch(ptr, 300);
+        let runs = rx.recv_timeout(wait).expect("a request");
+        let asked: u64 = runs.iter().map(|r| r.count as u64).sum();
+        assert_eq!(asked, PER - 10, "every page not here yet: {runs:?}");
+        assert!(runs
+            .iter()
+            .all(|r| r.first >= 10 && r.first + r.count as u64 <= PER));
+        // Part of it arrived, part reads zero: nothing is placed yet.
+        fh.place(0, 10, &data(10, 290)).unwrap();
+        fh.zero(0, 300, 100).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "a huge page placed in part");
+        assert_eq!(fh.pages().get(0, 0), PageState::Missing);
+        // The last pages complete it: placed whole, and the fault is resolved.
+        fh.place(0, 400, &data(400, PER - 400)).unwrap();
+        assert_eq!(reader.join().unwrap(), 0, "page 300 reads zero");
+        let mut back = vec![0u8; crate::mapping::HUGE_PAGE_SIZE as usize];
+        file.read_exact_at(&mut back, 0).unwrap();
+        for p in 0..PER {
+            let want = if (300..400).contains(&p) {
+                0
+            } else {
+                (p % 251) as u8 + 1
+            };
+            let at = (p * PAGE_SIZE) as usize;
+            assert!(
+                back[at..at + PAGE_SIZE as usize].iter().all(|&b| b == want),
+                "page {p}"
+            );
+        }
+        assert_eq!(fh.pages().unresolved(), PER, "huge page 1 still to come");
+
+        // A huge page that reads zero throughout is placed on the fault, with no request.
+        fh.zero(0, PER, PER).unwrap();
+        assert_eq!(touch(ptr, PER + 7).join().unwrap(), 0);
+        assert!(
+            rx.try_recv().is_err(),
+            "no request for a huge page of zeros"
+        );
+        // Arriving again once placed is harmless.
+        assert_eq!(fh.place(0, 0, &data(0, 4)).unwrap(), 0);
+        fh.stop();
+        server.join().unwrap().unwrap();
     }
 
     /// Reads the first word of `page` in another thread (it blocks until the page is there).

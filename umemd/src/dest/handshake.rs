@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use log::info;
-use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
+use proto::peer::{PeerMessage, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 use proto::types::{MAX_LINK_TIMEOUT_MS, MIN_LINK_TIMEOUT_MS};
 use proto::BlockDesc;
 
@@ -110,6 +110,10 @@ impl Dest {
                 version: VERSION,
                 capabilities: if self.postcopy.is_some() {
                     CAP_POSTCOPY | CAP_RECOVERY
+                } else {
+                    0
+                } | if self.mem.hugetlb() {
+                    CAP_HUGE_PAGES
                 } else {
                     0
                 },

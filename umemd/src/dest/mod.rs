@@ -17,6 +17,7 @@ pub mod fault;
 mod frames;
 mod gate;
 pub mod handshake;
+pub mod huge;
 pub mod pages;
 pub mod phase;
 mod place;
@@ -168,6 +169,7 @@ impl Dest {
                             fd,
                             mem.blocks().to_vec(),
                             pages.clone(),
+                            mem.page_size(),
                         )),
                         urgent: Arc::new(UrgentCounters::default()),
                         pushed: 0,

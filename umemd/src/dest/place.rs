@@ -131,6 +131,16 @@ impl Dest {
             self.mem
                 .offset_of(block, first, count as u64)
                 .map_err(DestError::BadDiscard)?;
+            // Huge pages are dropped whole or not at all (a hole punched in part of one is
+            // written with zeros): the source was told so in the handshake.
+            let whole =
+                self.mem
+                    .widen_to_pages_of(self.mem.page_size(), block, first, count as u64);
+            if whole != (first, count as u64) {
+                return Err(DestError::Protocol(
+                    "the source discarded part of a huge page",
+                ));
+            }
         }
         Ok(())
     }
@@ -183,9 +193,9 @@ impl Placement {
         } else {
             // Written with pwrite rather than through the mapping: a whole-page write into the
             // memfd allocates the page without zeroing it first and without a page fault per
-            // page. No vCPU runs yet, so nothing else writes guest RAM now.
-            std::os::unix::fs::FileExt::write_all_at(self.mem.file(), data, off)
-                .map_err(DestError::Write)?;
+            // page (on huge pages, which refuse pwrite, through a mapping of those written).
+            // No vCPU runs yet, so nothing else writes guest RAM now.
+            self.mem.write_at(off, data).map_err(DestError::Write)?;
             self.pages
                 .set_range(run.block, run.first, run.count as u64, PageState::Present);
         }
@@ -317,6 +327,93 @@ pub(super) mod tests {
         assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 6, 7, 8]);
         d.discard(0, &[(5, 2)]).unwrap();
         assert_eq!(first_bytes(&file, 8), [1, 2, 3, 4, 5, 0, 0, 8]);
+    }
+
+    #[test]
+    fn on_huge_pages_pages_are_written_before_the_vm_runs_and_discarded_whole_huge_pages() {
+        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let Some(file) = crate::testutil::sealed_huge_memfd(2 * PER * PAGE_SIZE) else {
+            return;
+        };
+        let mem = Arc::new(
+            GuestMapping::new(file.try_clone().unwrap().into(), blocks(&[2 * PER])).unwrap(),
+        );
+        assert!(mem.hugetlb());
+        let pages = Arc::new(PageTable::new(mem.blocks()));
+        let placement = Placement::new(mem.clone(), pages.clone(), None);
+        // Both huge pages written (hugetlbfs refuses pwrite), a few pages reading zero.
+        let data: Vec<u8> = (0..2 * PER)
+            .flat_map(|p| vec![(p % 13) as u8 + 1; PAGE_SIZE as usize])
+            .collect();
+        use proto::peer::MAX_RUN_PAGES;
+        for first in (0..2 * PER).step_by(MAX_RUN_PAGES as usize) {
+            let run = PageRun {
+                block: 0,
+                first,
+                count: MAX_RUN_PAGES,
+            };
+            let at = (first * PAGE_SIZE) as usize;
+            let len = run.data_len();
+            placement
+                .pages(run, first * PAGE_SIZE, &data[at..at + len], false)
+                .unwrap();
+        }
+        placement.zero(0, PER + 5, 2, false).unwrap();
+        let bytes = |p: u64| {
+            let mut b = [0u8; 1];
+            file.read_exact_at(&mut b, p * PAGE_SIZE).unwrap();
+            b[0]
+        };
+        assert_eq!(
+            (bytes(3), bytes(PER + 4), bytes(PER + 5)),
+            (4, ((PER + 4) % 13) as u8 + 1, 0)
+        );
+        // Huge page 1 dropped whole: missing again, and a hole; huge page 0 stays.
+        placement.discard(0, &[(PER, PER as u32)]).unwrap();
+        assert_eq!(pages.get(0, PER + 100), PageState::Missing);
+        assert_eq!(pages.get(0, PER - 1), PageState::Present);
+        assert_eq!(
+            (bytes(PER - 1), bytes(PER + 4)),
+            (((PER - 1) % 13) as u8 + 1, 0)
+        );
+        assert_eq!(pages.unresolved(), PER);
+    }
+
+    #[test]
+    fn a_discard_of_part_of_a_huge_page_is_refused_before_any_page_drops() {
+        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let Some(file) = crate::testutil::sealed_huge_memfd(2 * PER * PAGE_SIZE) else {
+            return;
+        };
+        let (_vmm, vmm_end) = UnixStream::pair().unwrap();
+        let mut d = Dest::new(
+            vmm_end,
+            "t".into(),
+            "tcp:127.0.0.1:0",
+            file.try_clone().unwrap().into(),
+            None,
+            blocks(&[2 * PER]),
+            Default::default(),
+        )
+        .map_err(|(_, f)| f)
+        .unwrap();
+        let run = PageRun {
+            block: 0,
+            first: 0,
+            count: 1,
+        };
+        d.placement()
+            .pages(run, 0, &[7u8; PAGE_SIZE as usize], false)
+            .unwrap();
+        // The second range is whole; the first is not: nothing is dropped.
+        let e = d.discard(0, &[(PER, PER as u32), (1, 1)]).unwrap_err();
+        assert!(e.to_string().contains("part of a huge page"), "{e}");
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 7);
+        d.discard(0, &[(0, PER as u32)]).unwrap();
+        file.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 0, "dropped whole");
     }
 
     #[test]

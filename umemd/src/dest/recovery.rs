@@ -96,7 +96,16 @@ impl Dest {
         let _ = send_local(&mut self.vmm, &LocalMessage::Session(session_id));
         self.started = Instant::now();
         let mut present = 0;
-        for (block, b) in self.mem.blocks().iter().enumerate() {
+        // On huge pages `lseek` takes all of the memfd for data, so nothing can be told from
+        // it: every page counts as still to come. The source then sends them all again, and
+        // a huge page that is here already is found so when it is placed (`EEXIST`), and
+        // left as it is.
+        let blocks = if self.mem.hugetlb() {
+            &[][..]
+        } else {
+            self.mem.blocks()
+        };
+        for (block, b) in blocks.iter().enumerate() {
             for (off, len, data) in self
                 .mem
                 .segments(b.memfd_offset, b.memfd_offset + b.desc.size)

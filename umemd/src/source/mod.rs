@@ -108,6 +108,8 @@ pub struct Source {
     session_id: u64,
     /// The destination can resume postcopy on a new connection.
     dest_recovery: bool,
+    /// The page size the destination drops pages in ([`proto::peer::CAP_HUGE_PAGES`]).
+    dest_page_size: u64,
     /// Recoveries so far, and the time spent paused.
     recoveries: u64,
     paused: Duration,
@@ -201,6 +203,7 @@ impl Source {
             last_heartbeat: Instant::now(),
             session_id: session_id(),
             dest_recovery: false,
+            dest_page_size: PAGE_SIZE,
             recoveries: 0,
             paused: Duration::ZERO,
             switching_to_postcopy: false,

@@ -5,7 +5,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::peer::{PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
+use proto::peer::{PeerMessage, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 
 use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
@@ -80,6 +80,11 @@ impl Source {
             } if version == VERSION => {
                 self.dest_postcopy = capabilities & CAP_POSTCOPY != 0;
                 self.dest_recovery = capabilities & CAP_RECOVERY != 0;
+                self.dest_page_size = if capabilities & CAP_HUGE_PAGES != 0 {
+                    crate::mapping::HUGE_PAGE_SIZE
+                } else {
+                    proto::PAGE_SIZE
+                };
             }
             PeerMessage::Hello { version, .. } => {
                 return Err(SourceError::Version {

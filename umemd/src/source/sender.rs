@@ -145,7 +145,8 @@ impl PageSender {
     ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
         let segments = match (&self.frozen_data, self.frozen) {
-            _ if self.pread_only => vec![(off, end - off, true)],
+            // On huge pages `lseek` finds no hole: every page is read with `pread`.
+            _ if self.pread_only || mem.hugetlb() => vec![(off, end - off, true)],
             (Some(x), _) => x.segments(off, end),
             (None, true) => mem.segments_frozen(off, end, &mut self.extents),
             (None, false) => mem.segments_cached(off, end, &mut self.extents),
@@ -207,7 +208,10 @@ impl PageSender {
         // map (and later unmap) a 64 KiB fault-around window in umemd. Longer segments are read
         // through the mapping, which `sendfile` needs nothing of but the zero check.
         let mut scratch = std::mem::take(&mut self.scratch);
-        let run_bytes = if pages < SMALL_RUN_PAGES || self.pread_only {
+        // On huge pages a read through the mapping would allocate every hole it reads, and
+        // `sendfile` is refused: the run is read with `pread` and its data sent from there.
+        let copied = self.pread_only || mem.hugetlb();
+        let run_bytes = if pages < SMALL_RUN_PAGES || copied {
             scratch.resize(len, 0);
             mem.file().read_exact_at(&mut scratch[..len], off)?;
             VolatileSlice::from(&mut scratch[..len])
@@ -250,6 +254,10 @@ impl PageSender {
                     if self.out.len() >= BATCH_BYTES {
                         self.flush(stream, c)?;
                     }
+                } else if mem.hugetlb() {
+                    stream.write_all_copied(&self.out, &at(i, j - i)?)?;
+                    Counters::add(&c.bytes, (self.out.len() + len) as u64);
+                    self.out.clear();
                 } else {
                     stream.write_all_guest(&self.out, mem, off + i * PAGE_SIZE, len)?;
                     Counters::add(&c.bytes, (self.out.len() + len) as u64);

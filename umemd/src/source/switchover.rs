@@ -76,10 +76,23 @@ impl Source {
         // The VM is stopped: the memfd no longer changes, and pages go in any order.
         self.sender.freeze();
         // Everything dirtied since it was sent is dropped on the destination, to fault again.
+        // A destination on huge pages can only drop whole ones: it is told to drop those, and
+        // each is then sent again whole.
         let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
         for (block, first, count) in dirty.runs(u32::MAX as u64) {
-            if self.sent.unsend(block, first, count) > 0 {
-                discard[block as usize].push((first, count as u32));
+            let (first, count) =
+                self.mem
+                    .widen_to_pages_of(self.dest_page_size, block, first, count);
+            if self.sent.unsend(block, first, count) == 0 {
+                continue;
+            }
+            // Widened runs may overlap in a huge page: one range for both.
+            let ranges = &mut discard[block as usize];
+            match ranges.last_mut() {
+                Some((f, n)) if *f + *n as u64 >= first => {
+                    *n = ((first + count).max(*f + *n as u64) - *f).min(u32::MAX as u64) as u32
+                }
+                _ => ranges.push((first, count.min(u32::MAX as u64) as u32)),
             }
         }
         for (block, ranges) in discard.into_iter().enumerate() {

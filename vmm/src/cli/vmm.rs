@@ -13,6 +13,10 @@ pub struct Args {
     /// Guest RAM size (e.g. 512M, 1G, 5G; above 3G a second block starts at 4 GiB).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
+    /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfd); the host needs that many free in
+    /// its pool (/sys/kernel/mm/hugepages/hugepages-2048kB).
+    #[arg(long)]
+    pub hugepages: bool,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
