@@ -99,6 +99,23 @@ pub struct Scenario {
     extra: Value,
 }
 
+impl Scenario {
+    /// Guest RAM on 2 MiB huge pages on both sides.
+    pub fn hugepages(&self) -> bool {
+        self.extra["hugepages"] == json!(true)
+    }
+
+    /// 2 MiB huge pages both sides need, with some to spare.
+    fn huge_pages_needed(&self) -> u64 {
+        let mib: u64 = match self.mem {
+            "1G" => 1024,
+            "4G" => 4096,
+            m => m.trim_end_matches('M').parse().unwrap_or(1024),
+        };
+        2 * mib / 2 + 8
+    }
+}
+
 /// A row of the machine alone (`machine.rs`): no VM, no umemd.
 fn machine(name: &'static str, mode: &'static str, mem: &'static str) -> Scenario {
     Scenario {
@@ -144,6 +161,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
     },
     || Scenario {
         engine: Engine::Umem,
+        name: "precopy-1g-prefilled-idle-hugepages",
+        mode: "precopy",
+        mem: "1G",
+        prefill: Prefill::All,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({"downtime_limit_ms": 50, "hugepages": true}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
         name: "precopy-1g-prefilled-idle-tls",
         mode: "precopy",
         mem: "1G",
@@ -175,6 +202,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
     },
     || Scenario {
         engine: Engine::Umem,
+        name: "postcopy-1g-prefilled-idle-hugepages",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: Prefill::All,
+        cmdline: "pages=4096 passes=1",
+        ready: "memtouch done",
+        extra: json!({"hugepages": true}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-1g-prefilled-idle-tls",
         mode: "postcopy",
         mem: "1G",
@@ -195,6 +232,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
     },
     || Scenario {
         engine: Engine::Umem,
+        name: "postcopy-1g-prefilled-random-touch-hugepages",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: Prefill::All,
+        cmdline: "pages=65536 random=1",
+        ready: "memtouch base",
+        extra: json!({"hugepages": true}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
         name: "postcopy-1g-prefilled-random-touch-tls",
         mode: "postcopy",
         mem: "1G",
@@ -212,6 +259,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-4g-prefilled-random-touch-hugepages",
+        mode: "postcopy",
+        mem: "4G",
+        prefill: Prefill::All,
+        cmdline: "pages=65536 random=1",
+        ready: "memtouch base",
+        extra: json!({"hugepages": true}),
     },
     || Scenario {
         engine: Engine::Umem,
@@ -300,6 +357,27 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         ready: "pass=1 ",
         extra: json!({}),
     },
+    // The busy-guest twin on 2 MiB huge pages, both engines.
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-guest-random-touch-hugepages",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: Prefill::None,
+        cmdline: "pages=65536 random=1",
+        ready: "pass=1 ",
+        extra: json!({"hugepages": true}),
+    },
+    || Scenario {
+        engine: Engine::Qemu,
+        name: "qemu-postcopy-1g-guest-random-touch-hugepages",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: Prefill::None,
+        cmdline: "pages=65536 random=1",
+        ready: "pass=1 ",
+        extra: json!({"hugepages": true}),
+    },
     || Scenario {
         engine: Engine::Umem,
         name: "precopy-1g-guest-written",
@@ -357,6 +435,10 @@ fn run(s: &Scenario) -> Run {
         .vcpus(1)
         .guest("memtouch")
         .cmdline(s.cmdline);
+    let hugepages = s.hugepages();
+    if hugepages {
+        b = b.arg("--hugepages");
+    }
     match s.prefill {
         Prefill::None => {}
         Prefill::All => b = b.prefill(1),
@@ -368,6 +450,7 @@ fn run(s: &Scenario) -> Run {
         .as_object_mut()
         .and_then(|o| o.remove("stop_after_s"))
         .and_then(|v| v.as_u64());
+    params.as_object_mut().map(|o| o.remove("hugepages"));
     // TLS on every connection, with certificates made for this run.
     let tls = params
         .as_object_mut()
@@ -375,6 +458,9 @@ fn run(s: &Scenario) -> Run {
         .is_some_and(|v| v == json!(true))
         .then(|| umem_testkit::tls::make_creds(&t.dir().join("tls"), &["127.0.0.1"]));
     let mut d = t.vmm("dst", &du).mem(s.mem).vcpus(1).incoming_any();
+    if hugepages {
+        d = d.arg("--hugepages");
+    }
     if let Some(dir) = &tls {
         d = d.arg("--incoming-tls-creds").arg(dir);
         params["tls_creds"] = json!(dir.to_str().expect("a UTF-8 path"));
@@ -499,6 +585,16 @@ fn main() {
             continue;
         }
         eprintln!("umem-bench: {} ...", s.name);
+        if s.hugepages() && !umem_testkit::require_huge_pages(s.name, s.huge_pages_needed()) {
+            let row =
+                json!({"scenario": s.name, "mode": s.mode, "skipped": "too few 2 MiB huge pages"});
+            println!("{row}");
+            runs.push(Run {
+                row,
+                progress: Progress::default(),
+            });
+            continue;
+        }
         let r = match s.engine {
             Engine::Umem => run(&s),
             Engine::Machine => match match s.mode {

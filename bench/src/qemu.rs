@@ -144,6 +144,15 @@ fn start_qemu(
     if let Some(uri) = incoming {
         cmd.args(["-incoming", uri]);
     }
+    // RAM on 2 MiB huge pages, as `vmm --hugepages` has it: a hugetlbfs memfd, shared.
+    if s.hugepages() {
+        cmd.arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=ram0,size={},hugetlb=on,hugetlbsize=2M,share=on",
+                s.mem
+            ))
+            .args(["-machine", "memory-backend=ram0"]);
+    }
     let mut proc = Proc::spawn(name, cmd, &dir.join(format!("{name}.log")));
     let q = Qmp::connect(name, &qmp, &mut proc)?;
     Ok((proc, q, serial))

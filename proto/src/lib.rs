@@ -24,6 +24,6 @@ pub mod wire;
 pub use frame::{FrameError, FramePrefix, MAX_FRAME, PREFIX_LEN};
 pub use types::{
     BlockDesc, MigrationMode, MigrationParams, MigrationStats, Phase, PostcopyStats, TimeoutAction,
-    PAGE_SIZE,
+    HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 pub use wire::DecodeError;

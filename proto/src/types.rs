@@ -4,8 +4,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::{DecodeError, Reader, Writer};
 
-/// Size of a guest page; the only page size umem migrates.
+/// Size of a guest page: the unit pages travel in, and are counted in, whatever backs RAM.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// Size of a huge page of guest RAM (`vmm --hugepages`, 2 MiB): the only huge page size umem
+/// migrates. A destination assembles each one whole before it places it, so a larger one
+/// would cost that much memory per page in flight.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// Longest RAM block name accepted.
 pub const MAX_NAME_LEN: usize = 64;

@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::unistd::{lseek, Whence};
 use proto::local::LocalBlock;
-use proto::PAGE_SIZE;
+use proto::{HUGE_PAGE_SIZE, PAGE_SIZE};
 use vm_memory::{VolatileMemory, VolatileSlice};
 
 /// Errors of mapping a VMM's memory.
@@ -122,11 +122,6 @@ impl DataExtents {
         }
     }
 }
-
-/// The only huge page size umemd migrates: a destination assembles each huge page whole
-/// before it places it ([`crate::dest::huge`]), so a larger one would cost that much memory
-/// per page in flight.
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
 /// A `MAP_SHARED` mapping of a whole guest-RAM memfd.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use proto::local::LocalBlock;
-use proto::{BlockDesc, PAGE_SIZE};
+use proto::{BlockDesc, HUGE_PAGE_SIZE, PAGE_SIZE};
 use sha2::{Digest, Sha256};
 use vm_memory::{
     Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -18,8 +18,6 @@ use vm_memory::{
 pub const LOW_RAM_END: u64 = 3 << 30;
 /// Guest physical address where high RAM starts.
 pub const HIGH_RAM_START: u64 = 1 << 32;
-/// Size of a huge page of [`RamBacking::HugePages2M`].
-pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 /// The host's pool of 2 MiB huge pages: `free_hugepages`, `resv_hugepages`, `nr_hugepages`.
 pub const HUGE_PAGES_2M_SYSFS: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB";
 

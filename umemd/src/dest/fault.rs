@@ -780,12 +780,12 @@ pub(super) mod tests {
 
     #[test]
     fn a_huge_page_is_placed_whole_once_every_page_of_it_arrived_or_reads_zero() {
-        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
-        let len = 2 * crate::mapping::HUGE_PAGE_SIZE;
+        const PER: u64 = proto::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let len = 2 * proto::HUGE_PAGE_SIZE;
         let Some(f) = crate::testutil::sealed_huge_memfd(len) else {
             return;
         };
-        let Some((file, ptr, fh)) = registered_memfd(f, len, crate::mapping::HUGE_PAGE_SIZE) else {
+        let Some((file, ptr, fh)) = registered_memfd(f, len, proto::HUGE_PAGE_SIZE) else {
             return;
         };
         let (fh, rx, server) = serving(fh);
@@ -814,7 +814,7 @@ pub(super) mod tests {
         // The last pages complete it: placed whole, and the fault is resolved.
         fh.place(0, 400, &data(400, PER - 400)).unwrap();
         assert_eq!(reader.join().unwrap(), 0, "page 300 reads zero");
-        let mut back = vec![0u8; crate::mapping::HUGE_PAGE_SIZE as usize];
+        let mut back = vec![0u8; proto::HUGE_PAGE_SIZE as usize];
         file.read_exact_at(&mut back, 0).unwrap();
         for p in 0..PER {
             let want = if (300..400).contains(&p) {

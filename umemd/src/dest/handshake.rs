@@ -15,6 +15,22 @@ use crate::link::{self, send_peer, ReadByError};
 use crate::stream::PeerStream;
 
 impl Dest {
+    /// What this destination tells the source in its hello: postcopy and recovery with a
+    /// userfaultfd, and whether its RAM is on huge pages.
+    pub(super) fn capabilities(&self) -> u64 {
+        let postcopy = if self.postcopy.is_some() {
+            CAP_POSTCOPY | CAP_RECOVERY
+        } else {
+            0
+        };
+        let huge = if self.mem.hugetlb() {
+            CAP_HUGE_PAGES
+        } else {
+            0
+        };
+        postcopy | huge
+    }
+
     /// Waits (until `deadline`, if any) for a connection that authenticates and whose first
     /// message `expect` accepts, giving up if the VMM goes away meanwhile. Every other
     /// connection is told why, dropped, logged and counted, and the wait goes on: no stranger
@@ -108,15 +124,7 @@ impl Dest {
             peer,
             &PeerMessage::Hello {
                 version: VERSION,
-                capabilities: if self.postcopy.is_some() {
-                    CAP_POSTCOPY | CAP_RECOVERY
-                } else {
-                    0
-                } | if self.mem.hugetlb() {
-                    CAP_HUGE_PAGES
-                } else {
-                    0
-                },
+                capabilities: self.capabilities(),
                 session_id,
                 link_timeout_ms: self.link_timeout.as_millis() as u32,
             },

@@ -331,7 +331,7 @@ pub(super) mod tests {
 
     #[test]
     fn on_huge_pages_pages_are_written_before_the_vm_runs_and_discarded_whole_huge_pages() {
-        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
+        const PER: u64 = proto::HUGE_PAGE_SIZE / PAGE_SIZE;
         let Some(file) = crate::testutil::sealed_huge_memfd(2 * PER * PAGE_SIZE) else {
             return;
         };
@@ -381,7 +381,7 @@ pub(super) mod tests {
 
     #[test]
     fn a_discard_of_part_of_a_huge_page_is_refused_before_any_page_drops() {
-        const PER: u64 = crate::mapping::HUGE_PAGE_SIZE / PAGE_SIZE;
+        const PER: u64 = proto::HUGE_PAGE_SIZE / PAGE_SIZE;
         let Some(file) = crate::testutil::sealed_huge_memfd(2 * PER * PAGE_SIZE) else {
             return;
         };

@@ -10,7 +10,7 @@ use std::time::Instant;
 use log::{info, warn};
 use proto::local::LocalMessage;
 use proto::peer::MAX_RUN_PAGES;
-use proto::peer::{PageRun, PeerMessage, CAP_POSTCOPY, CAP_RECOVERY, MAX_RECEIVED_WORDS, VERSION};
+use proto::peer::{PageRun, PeerMessage, CAP_RECOVERY, MAX_RECEIVED_WORDS, VERSION};
 
 use super::error::DestError;
 use super::handshake::{read_frame_by, unexpected};
@@ -158,7 +158,7 @@ impl Dest {
             &mut s,
             &PeerMessage::Hello {
                 version: VERSION,
-                capabilities: CAP_POSTCOPY | CAP_RECOVERY,
+                capabilities: self.capabilities(),
                 session_id,
                 link_timeout_ms: self.link_timeout.as_millis() as u32,
             },

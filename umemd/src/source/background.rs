@@ -22,6 +22,9 @@ impl Source {
         let mut last_hint = u64::MAX;
         let mut all_sent_at: Option<Instant> = None;
         self.sender.map_frozen(&self.mem);
+        // A destination on huge pages places each only once all of it is there: a jump to a
+        // requested page never leaves one half sent behind it.
+        let chunk = CHUNK_PAGES.max(self.dest_page_size / PAGE_SIZE);
         let t0 = Instant::now();
         let bytes0 = Counters::get(&self.counters.bytes);
         loop {
@@ -67,7 +70,7 @@ impl Source {
                 continue;
             };
             let block_pages = self.sent.block_pages(b);
-            let mut end = (p - p % CHUNK_PAGES + CHUNK_PAGES).min(block_pages);
+            let mut end = (p - p % chunk + chunk).min(block_pages);
             // A hole is announced whole, however large, rather than a chunk at a time.
             let at = self.mem.offset_of(b, p, 1).map_err(SourceError::Mapping)?;
             if let Some(h) = self.sender.hole_end(&self.mem, at) {

@@ -57,6 +57,16 @@ impl Source {
         })
     }
 
+    /// The page size the destination drops pages in, from the capabilities of its hello.
+    pub(super) fn learn_page_size(&mut self, capabilities: u64) {
+        self.dest_page_size = if capabilities & CAP_HUGE_PAGES != 0 {
+            proto::HUGE_PAGE_SIZE
+        } else {
+            proto::PAGE_SIZE
+        };
+    }
+
+    /// The hellos (version, capabilities) and the RAM layout, within one link timeout.
     pub(super) fn handshake(
         &mut self,
         peer: &mut Peer,
@@ -80,11 +90,7 @@ impl Source {
             } if version == VERSION => {
                 self.dest_postcopy = capabilities & CAP_POSTCOPY != 0;
                 self.dest_recovery = capabilities & CAP_RECOVERY != 0;
-                self.dest_page_size = if capabilities & CAP_HUGE_PAGES != 0 {
-                    crate::mapping::HUGE_PAGE_SIZE
-                } else {
-                    proto::PAGE_SIZE
-                };
+                self.learn_page_size(capabilities);
             }
             PeerMessage::Hello { version, .. } => {
                 return Err(SourceError::Version {

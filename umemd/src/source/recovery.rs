@@ -148,7 +148,9 @@ impl Source {
                 version,
                 capabilities,
                 ..
-            } if version == VERSION && capabilities & CAP_RECOVERY != 0 => {}
+            } if version == VERSION && capabilities & CAP_RECOVERY != 0 => {
+                self.learn_page_size(capabilities)
+            }
             PeerMessage::Hello { version, .. } if version != VERSION => {
                 return Err(SourceError::Version {
                     theirs: version,

@@ -535,6 +535,73 @@ mod tests {
     }
 
     #[test]
+    fn on_huge_pages_every_page_is_read_with_pread_and_no_hole_is_allocated() {
+        use std::os::unix::fs::MetadataExt;
+        let pages = 2 * proto::HUGE_PAGE_SIZE / PAGE_SIZE;
+        let Some(f) = crate::testutil::sealed_huge_memfd(pages * PAGE_SIZE) else {
+            return;
+        };
+        let block = LocalBlock {
+            desc: proto::BlockDesc {
+                name: "ram".into(),
+                guest_addr: 0,
+                size: pages * PAGE_SIZE,
+            },
+            memfd_offset: 0,
+            host_addr: 0,
+        };
+        let mem = GuestMapping::new(f.into(), vec![block]).unwrap();
+        assert!(mem.hugetlb());
+        // Data in the first huge page only: a long run (sent from the copy, as hugetlbfs
+        // refuses sendfile) and a short one.
+        let data: Vec<u8> = (100..140u64)
+            .flat_map(|p| vec![p as u8; PAGE_SIZE as usize])
+            .collect();
+        mem.write_at(100 * PAGE_SIZE, &data).unwrap();
+        mem.write_at(7 * PAGE_SIZE, &[7u8; PAGE_SIZE as usize]).unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut wire = Vec::new();
+            b.read_to_end(&mut wire).unwrap();
+            wire
+        });
+        let mut stream = PeerStream::Unix(a);
+        let c = Counters::default();
+        let mut s = PageSender::default();
+        s.new_pass();
+        s.send(&mut stream, &mem, 0, 0, pages, 0, Holes::Announce, &c)
+            .unwrap();
+        s.flush(&mut stream, &c).unwrap();
+        drop(stream);
+        let wire = reader.join().unwrap();
+        let mut rest = &wire[..];
+        let (mut data_pages, mut zero_pages) = (Vec::new(), 0);
+        while let Some((p, body, more)) = frame::split(rest).unwrap() {
+            match PeerMessage::decode(p.kind, body) {
+                _ if p.kind == kind::PAGES => {
+                    let hdr: &[u8; RUN_HEADER_LEN] = body[..RUN_HEADER_LEN].try_into().unwrap();
+                    let run = PageRun::decode_pages_header(p, hdr).unwrap();
+                    for (i, page) in body[RUN_HEADER_LEN..].chunks(PAGE_SIZE as usize).enumerate()
+                    {
+                        let at = run.first + i as u64;
+                        assert!(page.iter().all(|&x| x == at as u8), "page {at}");
+                        data_pages.push(at);
+                    }
+                }
+                Ok(PeerMessage::ZeroPages(r)) => zero_pages += r.count as u64,
+                other => panic!("unexpected {other:?}"),
+            }
+            rest = more;
+        }
+        let mut want: Vec<u64> = (100..140).collect();
+        want.insert(0, 7);
+        assert_eq!(data_pages, want);
+        assert_eq!(zero_pages, pages - 41, "a hole reads as zero pages");
+        // The second huge page, never written, was read as zeros without being allocated.
+        assert_eq!(mem.file().metadata().unwrap().blocks() * 512, proto::HUGE_PAGE_SIZE);
+    }
+
+    #[test]
     fn announced_holes_merge_across_runs() {
         let mem = guest();
         let (a, mut b) = UnixStream::pair().unwrap();
