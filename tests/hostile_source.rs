@@ -25,7 +25,9 @@ use umem_testkit::hostile::{capture_machine_state, low_ram_layout, HostileSource
 use umem_testkit::pair::{
     assert_completed, assert_guest_runs_on, assert_same_ram, MigrationSetup, MEMTOUCH_CMDLINE,
 };
-use umem_testkit::{require_kvm, secs, wait_until, RamFileDigest, TestEnv, Umemd, Vmm};
+use umem_testkit::{
+    require_huge_pages, require_kvm, secs, wait_until, RamFileDigest, TestEnv, Umemd, Vmm,
+};
 
 /// The destination's size: small, so that a failed attempt's reset is quick.
 const MEM: &str = "64M";
@@ -80,13 +82,14 @@ impl Target {
     /// `paused` it waits with `-S` after a migration, which only the commit test wants: every
     /// other test would see a VM that ran, and must not.
     fn start(t: &TestEnv, paused: bool) -> Target {
+        Self::start_on(t, paused, false)
+    }
+
+    /// [`Self::start`], guest RAM on 2 MiB huge pages with `hugepages`.
+    fn start_on(t: &TestEnv, paused: bool, hugepages: bool) -> Target {
         let umemd = t.umemd("umemd-dst");
-        let mut dst = t
-            .vmm("dst", &umemd)
-            .mem(MEM)
-            .incoming_any()
-            .paused(paused)
-            .start();
+        let vm = t.vmm("dst", &umemd).mem(MEM).incoming_any().paused(paused);
+        let mut dst = if hugepages { vm.arg("--hugepages") } else { vm }.start();
         let uri = dst.listen_uri();
         let ram0 = dst.ram_file_digest();
         assert_eq!(
@@ -401,6 +404,36 @@ fn discards_outside_the_layout_are_refused() {
         });
     }
     d.report_rss("discards_outside_the_layout_are_refused");
+}
+
+#[test]
+fn a_discard_of_part_of_a_huge_page_is_refused() {
+    let test = "a_discard_of_part_of_a_huge_page_is_refused";
+    if !require_kvm(test) || !require_huge_pages(test, MEM_BYTES / (2 << 20) + 8) {
+        return;
+    }
+    let t = TestEnv::new("hostile-huge-discard");
+    let mut d = Target::start_on(&t, false, true);
+    // A destination on huge pages can only drop whole ones (its hello says so): the page
+    // asked for is not dropped with its 511 neighbours, nor zeroed in place.
+    for (what, ranges) in [
+        ("one page", vec![(1, 1)]),
+        (
+            "a whole huge page, then a part of one",
+            vec![(0, 512), (1024, 100)],
+        ),
+    ] {
+        d.attack(
+            &format!("Discard on huge pages: {what}"),
+            Opening::Complete,
+            &["part of a huge page"],
+            |p| {
+                p.send_pages(run(0, 0, 2), 0x5a).expect("sending pages");
+                let _ = p.send(&discard(0, ranges));
+            },
+        );
+    }
+    d.report_rss(test);
 }
 
 /// Takes a hostile source through a precopy switchover: two pages of data at `first`, the

@@ -558,7 +558,8 @@ mod tests {
             .flat_map(|p| vec![p as u8; PAGE_SIZE as usize])
             .collect();
         mem.write_at(100 * PAGE_SIZE, &data).unwrap();
-        mem.write_at(7 * PAGE_SIZE, &[7u8; PAGE_SIZE as usize]).unwrap();
+        mem.write_at(7 * PAGE_SIZE, &[7u8; PAGE_SIZE as usize])
+            .unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         let reader = std::thread::spawn(move || {
             let mut wire = Vec::new();
@@ -581,7 +582,9 @@ mod tests {
                 _ if p.kind == kind::PAGES => {
                     let hdr: &[u8; RUN_HEADER_LEN] = body[..RUN_HEADER_LEN].try_into().unwrap();
                     let run = PageRun::decode_pages_header(p, hdr).unwrap();
-                    for (i, page) in body[RUN_HEADER_LEN..].chunks(PAGE_SIZE as usize).enumerate()
+                    for (i, page) in body[RUN_HEADER_LEN..]
+                        .chunks(PAGE_SIZE as usize)
+                        .enumerate()
                     {
                         let at = run.first + i as u64;
                         assert!(page.iter().all(|&x| x == at as u8), "page {at}");
@@ -598,7 +601,10 @@ mod tests {
         assert_eq!(data_pages, want);
         assert_eq!(zero_pages, pages - 41, "a hole reads as zero pages");
         // The second huge page, never written, was read as zeros without being allocated.
-        assert_eq!(mem.file().metadata().unwrap().blocks() * 512, proto::HUGE_PAGE_SIZE);
+        assert_eq!(
+            mem.file().metadata().unwrap().blocks() * 512,
+            proto::HUGE_PAGE_SIZE
+        );
     }
 
     #[test]
