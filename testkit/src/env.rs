@@ -134,7 +134,7 @@ pub fn require_kvm(test: &str) -> bool {
 
 /// True if the host's pool has `pages` free 2 MiB huge pages, raising the pool if it can;
 /// otherwise prints a skip line and returns false, or panics where `UMEM_REQUIRE_KVM=1` (the
-/// machines that run CI must have them: `scripts/setup.sh` reserves the pool).
+/// machines that run CI must have them; run as root there, this raises the pool itself).
 pub fn require_huge_pages(test: &str, pages: u64) -> bool {
     let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
     let read = |f: &str| -> u64 {
