@@ -2,7 +2,7 @@
 # umem demo: live-migrate a running VM between two umemds on this machine.
 #
 #   scripts/demo.sh [--mode precopy|postcopy|hybrid] [--mem 1G] [--vcpus 2]
-#                   [--guest memtouch|digest] [--keep]
+#                   [--guest memtouch|digest] [--hugepages] [--keep]
 #
 # What it does, in a private temporary directory:
 #   1. installs what the build needs (scripts/setup.sh, as root) and builds the binaries
@@ -45,6 +45,8 @@ Options:
   --downtime-ms MS     downtime limit passed to migrate (default 50)
   --param KEY=VALUE    extra migration parameter (repeatable), e.g. --param bandwidth_limit=0
   --passes N           memtouch passes the destination must complete after the switchover (3)
+  --hugepages          guest RAM on 2 MiB huge pages on both sides (vmm --hugepages); the host's
+                       pool is raised to hold them if it has too few free (as root)
   --timeout SECONDS    give up on any single wait after this long (default 300)
   --keep               keep the temporary directory (logs, serial output, sockets)
   --no-build           do not run cargo build
@@ -63,6 +65,7 @@ PASSES_AFTER=3
 TIMEOUT=300
 KEEP=0
 BUILD=1
+HUGE=()
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -78,6 +81,7 @@ while [ $# -gt 0 ]; do
         --pages=*) PAGES=${1#*=}; shift ;;
         --downtime-ms) DOWNTIME_MS=${2:?--downtime-ms needs a value}; shift 2 ;;
         --param) EXTRA_PARAMS+=("${2:?--param needs KEY=VALUE}"); shift 2 ;;
+        --hugepages) HUGE=(--hugepages); shift ;;
         --passes) PASSES_AFTER=${2:?--passes needs a value}; shift 2 ;;
         --timeout) TIMEOUT=${2:?--timeout needs a value}; shift 2 ;;
         --keep) KEEP=1; shift ;;
@@ -223,6 +227,25 @@ else
 fi
 EXCLUDE="[[0,$((2 << 20))],[$GUEST_BASE,$((PAGES * 4096))]]"
 
+# Huge pages for both VMs, with a few to spare: the pool is raised if it has too few free.
+if [ ${#HUGE[@]} -gt 0 ]; then
+    pool=/sys/kernel/mm/hugepages/hugepages-2048kB
+    case "$MEM" in
+        *G) mib=$(( ${MEM%G} * 1024 )) ;;
+        *M) mib=${MEM%M} ;;
+        *) fail "--hugepages needs --mem in M or G, not $MEM" ;;
+    esac
+    need=$(( 2 * mib / 2 + 8 ))
+    free=$(cat "$pool/free_hugepages" 2>/dev/null || echo 0)
+    if [ "$free" -lt "$need" ]; then
+        say "raising the pool of 2 MiB huge pages by $((need - free)) ($pool/nr_hugepages)"
+        echo $(( $(cat "$pool/nr_hugepages") + need - free )) >"$pool/nr_hugepages" 2>/dev/null ||
+            fail "cannot raise $pool/nr_hugepages (not root?)"
+        [ "$(cat "$pool/free_hugepages")" -ge "$need" ] ||
+            fail "the host gave only $(cat "$pool/free_hugepages") free huge pages of the $need needed"
+    fi
+fi
+
 start umemd-src "$BIN/umemd" --socket "$T/src.sock"
 start umemd-dst "$BIN/umemd" --socket "$T/dst.sock"
 wait_socket "$T/src.sock" "$PID_umemd_src" "source umemd"
@@ -230,12 +253,12 @@ wait_socket "$T/dst.sock" "$PID_umemd_dst" "destination umemd"
 
 say "source VM: $MEM, $VCPUS vCPUs, guest $GUEST ($CMDLINE), prefilled RAM"
 start vmm-src "$BIN/vmm" --name src --mem "$MEM" --vcpus "$VCPUS" --guest "$GUEST" \
-    --cmdline "$CMDLINE" --prefill 1 --control "$T/vs.sock" --serial "$T/src.serial" \
-    --umemd "$T/src.sock"
+    --cmdline "$CMDLINE" --prefill 1 "${HUGE[@]}" --control "$T/vs.sock" \
+    --serial "$T/src.serial" --umemd "$T/src.sock"
 
 DEST_FLAGS=()
 [ "$MODE" = precopy ] && DEST_FLAGS=(-S)
-start vmm-dst "$BIN/vmm" --name dst --mem "$MEM" --vcpus "$VCPUS" \
+start vmm-dst "$BIN/vmm" --name dst --mem "$MEM" --vcpus "$VCPUS" "${HUGE[@]}" \
     --incoming tcp:127.0.0.1:0 "${DEST_FLAGS[@]}" --control "$T/vd.sock" \
     --serial "$T/dst.serial" --umemd "$T/dst.sock"
 wait_socket "$T/vs.sock" "$PID_vmm_src" "source vmm"

@@ -44,6 +44,8 @@
 #   VM_NAME         VM name [vm0]; VM_SOCK control socket [$UMEM_DIR/$VM_NAME.sock]
 #   VM_MEM [1G]  VM_VCPUS [2]  VM_GUEST [memtouch]  VM_CMDLINE [pages=4096 pause=1000]
 #   VM_PREFILL      seed for filling RAM before boot, empty for none [1]
+#   VM_HUGEPAGES    1: guest RAM on 2 MiB huge pages (vmm --hugepages); the host's pool must
+#                   hold them (/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages) [0]
 #   DEST_LISTEN     where the destination umemd listens [tcp:0.0.0.0:4444]
 #   SECRET_FILE     the migration's secret, the same file on both hosts, readable only by its
 #                   owner; every connection of the migration proves both sides know it. umemd
@@ -83,6 +85,7 @@ VM_VCPUS=${VM_VCPUS:-2}
 VM_GUEST=${VM_GUEST:-memtouch}
 VM_CMDLINE=${VM_CMDLINE:-pages=4096 pause=1000}
 VM_PREFILL=${VM_PREFILL-1}
+VM_HUGEPAGES=${VM_HUGEPAGES:-0}
 DEST_LISTEN=${DEST_LISTEN:-tcp:0.0.0.0:4444}
 DEST_PAUSED=${DEST_PAUSED:-0}
 DEST_URI=${DEST_URI:-tcp:127.0.0.1:4444}
@@ -169,6 +172,7 @@ cmd_source() {
     need vmm umem-ctl
     local prefill=()
     [ -n "$VM_PREFILL" ] && prefill=(--prefill "$VM_PREFILL")
+    [ "$VM_HUGEPAGES" = 1 ] && prefill+=(--hugepages)
     spawn "$VM_NAME" "$UMEM_BIN/vmm" --name "$VM_NAME" --mem "$VM_MEM" --vcpus "$VM_VCPUS" \
         --guest "$VM_GUEST" --cmdline "$VM_CMDLINE" "${prefill[@]}" --control "$VM_SOCK" \
         --serial "$UMEM_DIR/$VM_NAME.serial" --umemd "$UMEMD_SOCK"
@@ -190,6 +194,7 @@ cmd_dest() {
     [ -n "$SECRET_FILE" ] && auth+=(--incoming-secret-file "$SECRET_FILE")
     [ -n "$TLS_CREDS" ] && auth+=(--incoming-tls-creds "$TLS_CREDS")
     [ "$INSECURE" = 1 ] && auth+=(--incoming-insecure)
+    [ "$VM_HUGEPAGES" = 1 ] && paused+=(--hugepages)
     spawn "$VM_NAME" "$UMEM_BIN/vmm" --name "$VM_NAME" --mem "$VM_MEM" --vcpus "$VM_VCPUS" \
         --incoming "$DEST_LISTEN" "${auth[@]}" "${paused[@]}" --control "$VM_SOCK" \
         --serial "$UMEM_DIR/$VM_NAME.serial" --umemd "$UMEMD_SOCK"
