@@ -651,6 +651,27 @@ mod tests {
         assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
     }
 
+    #[test]
+    fn ranges_widen_to_whole_pages_within_their_block() {
+        let per = HUGE_PAGE_SIZE / PAGE_SIZE;
+        let size = 3 * HUGE_PAGE_SIZE + 16 * PAGE_SIZE;
+        let m = GuestMapping::new(memfd(size).into(), vec![block("ram", 0, size)]).unwrap();
+        // 4 KiB pages: unchanged.
+        assert_eq!(m.widen_to_pages_of(PAGE_SIZE, 0, 5, 3), (5, 3));
+        // One page: its huge page; two pages across a boundary: both huge pages.
+        assert_eq!(m.widen_to_pages_of(HUGE_PAGE_SIZE, 0, 5, 1), (0, per));
+        assert_eq!(
+            m.widen_to_pages_of(HUGE_PAGE_SIZE, 0, per - 1, 2),
+            (0, 2 * per)
+        );
+        // Whole huge pages stay as they are; the last, short one ends with the block.
+        assert_eq!(m.widen_to_pages_of(HUGE_PAGE_SIZE, 0, per, per), (per, per));
+        assert_eq!(
+            m.widen_to_pages_of(HUGE_PAGE_SIZE, 0, 3 * per + 2, 1),
+            (3 * per, 16)
+        );
+    }
+
     fn block(name: &str, off: u64, size: u64) -> LocalBlock {
         LocalBlock {
             desc: proto::BlockDesc {
