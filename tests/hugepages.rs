@@ -118,6 +118,47 @@ fn postcopy_on_huge_pages_serves_faults_of_a_guest_that_checks_its_memory() {
 }
 
 #[test]
+fn postcopy_on_huge_pages_over_tls() {
+    let test = "postcopy_on_huge_pages_over_tls";
+    if !can_run(test, 128, 2) {
+        return;
+    }
+    let t = TestEnv::new("huge-postcopy-tls");
+    let (su, du) = (t.umemd("umemd-src"), t.umemd("umemd-dst"));
+    let dir = umem_testkit::tls::make_creds(&t.dir().join("tls"), &["127.0.0.1"]);
+    let mut src = t
+        .vmm("src", &su)
+        .mem("128M")
+        .guest("memtouch")
+        .cmdline(MEMTOUCH_CMDLINE)
+        .prefill(1)
+        .arg("--hugepages")
+        .start();
+    src.wait_pass(secs(60), 2);
+    let mut dst = t
+        .vmm("dst", &du)
+        .mem("128M")
+        .incoming_any()
+        .arg("--incoming-tls-creds")
+        .arg(&dir)
+        .arg("--hugepages")
+        .start();
+    // Pages read with pread leave through umemd's TLS records, as pages of 4 KiB RAM do
+    // straight from the mapping.
+    let creds = dir.to_str().expect("a UTF-8 path");
+    src.migrate(
+        &dst.listen_uri(),
+        json!({"mode": "postcopy", "tls_creds": creds}),
+    )
+    .expect("migrate");
+    assert_completed("source", &src.wait_migration(secs(120)));
+    let dv = wait_dest_completed(&mut dst);
+    assert_eq!(pc(&dv, "remaining_pages"), 0, "{dv}");
+    assert_guest_continues(&src, &mut dst, 2, secs(120));
+    assert_same_ram_outside_working_set(&src, &dst, MEMTOUCH_PAGES);
+}
+
+#[test]
 fn precopy_on_huge_pages_keeps_every_page() {
     let test = "precopy_on_huge_pages_keeps_every_page";
     if !can_run(test, 256, 2) {
