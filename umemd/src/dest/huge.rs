@@ -189,8 +189,16 @@ impl HugePageAssembly {
         head: u64,
     ) -> Option<Assembled> {
         let e = entries.get_mut(&(block, head))?;
-        let complete = (0..self.per)
-            .all(|p| bit(&e.received, p) || pages.get(block, head + p) == PageState::Zero);
+        // A page present already (written before the VM ran, in a huge page that a source on
+        // 4 KiB pages did not send whole) counts as here: placing then finds the huge page in
+        // the memfd (`EEXIST`) and leaves it as it is.
+        let complete = (0..self.per).all(|p| {
+            bit(&e.received, p)
+                || matches!(
+                    pages.get(block, head + p),
+                    PageState::Zero | PageState::Present
+                )
+        });
         if !complete {
             return None;
         }
