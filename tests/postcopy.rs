@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use umem_testkit::pair::{
     assert_completed, assert_digest_guest_moved_mid_run, assert_digest_matches_reference,
     assert_every_round_once, assert_guest_continues, assert_guest_runs_on,
-    assert_same_ram_outside_working_set, combined_passes, memtouch_exclude, MigrationSetup, Pair,
-    DIGEST_CMDLINE, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES, PAGE_SIZE,
+    assert_same_ram_outside_working_set, assert_umemds_rss_bounded, combined_passes,
+    memtouch_exclude, MigrationSetup, Pair, DIGEST_CMDLINE, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES,
+    PAGE_SIZE,
 };
 use umem_testkit::{
     assert_consecutive, assert_no_bad, read_process_memory, require_kvm, secs, wait_until,
@@ -189,18 +190,7 @@ fn postcopy_memtouch_1g_prefilled_two_vcpus() {
         "the destination did not receive every page exactly once: {dv}"
     );
 
-    // Neither umemd kept the guest RAM it moved resident: at most 1% of it plus a fixed
-    // 48 MiB (the source's window of pages read, its batches, the destination's buffers).
-    for (side, u) in [
-        ("source", &pair.src_umemd),
-        ("destination", &pair.dst_umemd),
-    ] {
-        let peak_kib = u.peak_rss_kib();
-        assert!(
-            peak_kib > 0 && peak_kib <= (1 << 20) / 100 + (48 << 10),
-            "the {side} umemd's peak RSS is {peak_kib} KiB for 1 GiB moved"
-        );
-    }
+    assert_umemds_rss_bounded(&pair, 1 << 30);
 
     assert_guest_continues(&pair.src, &mut pair.dst, 5, secs(120));
 

@@ -174,6 +174,23 @@ impl<'a> MigrationSetup<'a> {
     }
 }
 
+/// Neither umemd of `pair` kept the guest RAM it moved resident: each one's peak RSS is at
+/// most 1% of `moved` bytes plus a fixed 48 MiB (the source's window of pages read, its
+/// batches, the destination's buffers).
+pub fn assert_umemds_rss_bounded(pair: &Pair, moved: u64) {
+    for (side, u) in [
+        ("source", &pair.src_umemd),
+        ("destination", &pair.dst_umemd),
+    ] {
+        let peak_kib = u.peak_rss_kib();
+        assert!(
+            peak_kib > 0 && peak_kib <= (moved >> 10) / 100 + (48 << 10),
+            "the {side} umemd's peak RSS is {peak_kib} KiB for {} MiB moved",
+            moved >> 20
+        );
+    }
+}
+
 /// The processes of one migration (the vmms are killed before the umemds when it is dropped).
 pub struct Pair {
     /// The source vmm, running the guest.

@@ -245,20 +245,11 @@ fn set_bit(bits: &mut [u64], i: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::local::LocalBlock;
 
     const PER: u64 = 8;
 
     fn table(pages: u64) -> PageTable {
-        PageTable::new(&[LocalBlock {
-            desc: proto::BlockDesc {
-                name: "ram".into(),
-                guest_addr: 0,
-                size: pages * PAGE_SIZE,
-            },
-            memfd_offset: 0,
-            host_addr: 0,
-        }])
+        PageTable::new(&crate::testutil::blocks(&[pages]))
     }
 
     fn pages_of(first: u64, count: u64) -> Vec<u8> {

@@ -541,16 +541,7 @@ mod tests {
         let Some(f) = crate::testutil::sealed_huge_memfd(pages * PAGE_SIZE) else {
             return;
         };
-        let block = LocalBlock {
-            desc: proto::BlockDesc {
-                name: "ram".into(),
-                guest_addr: 0,
-                size: pages * PAGE_SIZE,
-            },
-            memfd_offset: 0,
-            host_addr: 0,
-        };
-        let mem = GuestMapping::new(f.into(), vec![block]).unwrap();
+        let mem = GuestMapping::new(f.into(), crate::testutil::blocks(&[pages])).unwrap();
         assert!(mem.hugetlb());
         // Data in the first huge page only: a long run (sent from the copy, as hugetlbfs
         // refuses sendfile) and a short one.
