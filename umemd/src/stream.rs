@@ -346,9 +346,8 @@ impl PeerStream {
     /// which `sendfile` refuses).
     pub fn write_all_copied(&mut self, head: &[u8], data: &VolatileSlice<'_>) -> io::Result<()> {
         match self {
-            PeerStream::Tcp(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
-            PeerStream::Unix(s) => crate::link::write_all_vectored(s.as_fd(), head, data),
             PeerStream::Tls(s) => s.write_all(&[Plain::Bytes(head), Plain::Guest(data)]),
+            plain => crate::link::write_all_vectored(plain.socket(), head, data),
         }
     }
 

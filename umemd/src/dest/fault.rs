@@ -172,8 +172,6 @@ pub struct FaultHandler {
     zeros: Vec<u8>,
     /// Guest RAM on huge pages: each is assembled whole before it is placed.
     huge: Option<HugePageAssembly>,
-    /// Bytes the kernel places or finds present at a time.
-    page_size: u64,
     faults: AtomicU64,
     requested: AtomicU64,
     stop: AtomicBool,
@@ -218,7 +216,6 @@ impl FaultHandler {
             stages: Mutex::new(Stages::default()),
             zeros: vec![0; MAX_RUN_PAGES as usize * PAGE_SIZE as usize],
             huge: (page_size > PAGE_SIZE).then(|| HugePageAssembly::new(page_size)),
-            page_size: page_size.max(PAGE_SIZE),
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -257,6 +254,13 @@ impl FaultHandler {
     /// Makes `serve` return.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// Bytes the kernel places or finds present at a time: a huge page, or a page.
+    fn page_size(&self) -> u64 {
+        self.huge
+            .as_ref()
+            .map_or(PAGE_SIZE, |h| h.per() * PAGE_SIZE)
     }
 
     /// Block and page of a faulting address in the VMM.
@@ -472,7 +476,7 @@ impl FaultHandler {
                 // The crate speaks another nix version's Errno: compare raw numbers.
                 Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == libc::EEXIST => {
                     // Present already (placed by another path): wake anyone who queued on it.
-                    let step = self.page_size as usize;
+                    let step = self.page_size() as usize;
                     let _ = self.uffd.wake(dst as *mut libc::c_void, step);
                     done += step;
                 }
@@ -615,7 +619,7 @@ impl FaultHandler {
         let head = huge.head(page);
         if self.pages.get(block, head) == PageState::Present {
             let a = self.host_addr(block, head) as *mut libc::c_void;
-            let _ = self.uffd.wake(a, self.page_size as usize);
+            let _ = self.uffd.wake(a, self.page_size() as usize);
             return Ok(());
         }
         let received = huge.received(block, head);

@@ -79,14 +79,6 @@ impl HugePageAssembly {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// True if `page` of `block` waits here for the rest of its huge page.
-    pub fn holds(&self, block: u32, page: u64) -> bool {
-        let head = self.head(page);
-        self.entries()
-            .get(&(block, head))
-            .is_some_and(|e| bit(&e.received, page - head))
-    }
-
     /// Which pages of the huge page at `head` are here, one flag each.
     pub fn received(&self, block: u32, head: u64) -> Vec<bool> {
         let entries = self.entries();
@@ -123,30 +115,20 @@ impl HugePageAssembly {
                 .get(&(block, head))
                 .is_some_and(|e| e.data.is_none());
             if !placed && !placing {
-                if !entries.contains_key(&(block, head)) {
-                    if entries.len() >= MAX_ASSEMBLING {
-                        return Err(AssemblyError::TooMany);
-                    }
-                    let data = self.spare_buffer();
-                    let received = vec![0; self.per.div_ceil(64) as usize];
-                    entries.insert(
-                        (block, head),
-                        Entry {
-                            data: Some(data),
-                            received,
-                        },
-                    );
+                if !entries.contains_key(&(block, head)) && entries.len() >= MAX_ASSEMBLING {
+                    return Err(AssemblyError::TooMany);
                 }
-                if let Some(e) = entries.get_mut(&(block, head)) {
-                    let from = ((page - first) * PAGE_SIZE) as usize;
-                    let to = ((end - first) * PAGE_SIZE) as usize;
-                    let at = ((page - head) * PAGE_SIZE) as usize;
-                    if let Some(buf) = e.data.as_mut() {
-                        buf[at..at + to - from].copy_from_slice(&data[from..to]);
-                    }
-                    for p in page - head..end - head {
-                        set_bit(&mut e.received, p);
-                    }
+                let e = entries
+                    .entry((block, head))
+                    .or_insert_with(|| self.new_entry());
+                let from = ((page - first) * PAGE_SIZE) as usize;
+                let to = ((end - first) * PAGE_SIZE) as usize;
+                let at = ((page - head) * PAGE_SIZE) as usize;
+                if let Some(buf) = e.data.as_mut() {
+                    buf[at..at + to - from].copy_from_slice(&data[from..to]);
+                }
+                for p in page - head..end - head {
+                    set_bit(&mut e.received, p);
                 }
                 if let Some(a) = self.take_if_complete(&mut entries, pages, block, head) {
                     done.push(a);
@@ -171,10 +153,7 @@ impl HugePageAssembly {
             if (0..self.per).any(|p| pages.get(block, head + p) != PageState::Zero) {
                 return None;
             }
-            v.insert(Entry {
-                data: Some(self.spare_buffer()),
-                received: vec![0; self.per.div_ceil(64) as usize],
-            });
+            v.insert(self.new_entry());
         }
         self.take_if_complete(&mut entries, pages, block, head)
     }
@@ -224,13 +203,18 @@ impl HugePageAssembly {
     }
 
     /// Huge pages half received now.
-    pub fn assembling(&self) -> usize {
+    #[cfg(test)]
+    fn assembling(&self) -> usize {
         self.entries().len()
     }
 
-    fn spare_buffer(&self) -> Vec<u8> {
+    /// An entry for a huge page none of whose pages is here yet, its buffer a spare one.
+    fn new_entry(&self) -> Entry {
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        spare.unwrap_or_else(|| vec![0; (self.per * PAGE_SIZE) as usize])
+        Entry {
+            data: Some(spare.unwrap_or_else(|| vec![0; (self.per * PAGE_SIZE) as usize])),
+            received: vec![0; self.per.div_ceil(64) as usize],
+        }
     }
 }
 
@@ -264,7 +248,8 @@ mod tests {
         let a = HugePageAssembly::new(PER * PAGE_SIZE);
         // Pages 6..10 span the end of huge page 0 and the start of huge page 1.
         assert!(a.receive(&t, 0, 6, &pages_of(6, 4)).unwrap().is_empty());
-        assert!(a.holds(0, 7) && a.holds(0, 9) && !a.holds(0, 5));
+        let (h0, h1) = (a.received(0, 0), a.received(0, PER));
+        assert!(h0[7] && h1[1] && !h0[5]);
         assert_eq!(a.assembling(), 2);
         // Pages 2..4 of huge page 0 read as zero; 0, 1, 4, 5 arrive.
         t.set_range(0, 2, 2, PageState::Zero);

@@ -145,8 +145,7 @@ impl PageSender {
     ) -> io::Result<()> {
         let end = off + count * PAGE_SIZE;
         let segments = match (&self.frozen_data, self.frozen) {
-            // On huge pages `lseek` finds no hole: every page is read with `pread`.
-            _ if self.pread_only || mem.hugetlb() => vec![(off, end - off, true)],
+            _ if self.reads_with_pread(mem) => vec![(off, end - off, true)],
             (Some(x), _) => x.segments(off, end),
             (None, true) => mem.segments_frozen(off, end, &mut self.extents),
             (None, false) => mem.segments_cached(off, end, &mut self.extents),
@@ -208,10 +207,7 @@ impl PageSender {
         // map (and later unmap) a 64 KiB fault-around window in umemd. Longer segments are read
         // through the mapping, which `sendfile` needs nothing of but the zero check.
         let mut scratch = std::mem::take(&mut self.scratch);
-        // On huge pages a read through the mapping would allocate every hole it reads, and
-        // `sendfile` is refused: the run is read with `pread` and its data sent from there.
-        let copied = self.pread_only || mem.hugetlb();
-        let run_bytes = if pages < SMALL_RUN_PAGES || copied {
+        let run_bytes = if pages < SMALL_RUN_PAGES || self.reads_with_pread(mem) {
             scratch.resize(len, 0);
             mem.file().read_exact_at(&mut scratch[..len], off)?;
             VolatileSlice::from(&mut scratch[..len])
@@ -269,6 +265,14 @@ impl PageSender {
         }
         self.scratch = scratch;
         Ok(())
+    }
+
+    /// True if every run is read with one `pread`: for requested pages
+    /// ([`PageSender::for_requests`]), and on huge pages, where `lseek` finds no hole, a read
+    /// through the mapping would allocate every hole it reads, and `sendfile` is refused (the
+    /// data then leaves from the copy).
+    fn reads_with_pread(&self, mem: &GuestMapping) -> bool {
+        self.pread_only || mem.hugetlb()
     }
 
     /// Records that `[off, off+len)` is about to be read through the mapping, after dropping
