@@ -88,8 +88,13 @@ impl Target {
     /// [`Self::start`], guest RAM on 2 MiB huge pages with `hugepages`.
     fn start_on(t: &TestEnv, paused: bool, hugepages: bool) -> Target {
         let umemd = t.umemd("umemd-dst");
-        let vm = t.vmm("dst", &umemd).mem(MEM).incoming_any().paused(paused);
-        let mut dst = if hugepages { vm.arg("--hugepages") } else { vm }.start();
+        let mut dst = t
+            .vmm("dst", &umemd)
+            .mem(MEM)
+            .incoming_any()
+            .paused(paused)
+            .hugepages(hugepages)
+            .start();
         let uri = dst.listen_uri();
         let ram0 = dst.ram_file_digest();
         assert_eq!(

@@ -122,7 +122,7 @@ fn postcopy_on_huge_pages_over_tls() {
         .guest("memtouch")
         .cmdline(MEMTOUCH_CMDLINE)
         .prefill(1)
-        .arg("--hugepages")
+        .hugepages(true)
         .start();
     src.wait_pass(secs(60), 2);
     let mut dst = t
@@ -131,7 +131,7 @@ fn postcopy_on_huge_pages_over_tls() {
         .incoming_any()
         .arg("--incoming-tls-creds")
         .arg(&dir)
-        .arg("--hugepages")
+        .hugepages(true)
         .start();
     // Pages read with pread leave through umemd's TLS records, as pages of 4 KiB RAM do
     // straight from the mapping.

@@ -434,11 +434,8 @@ fn run(s: &Scenario) -> Run {
         .mem(s.mem)
         .vcpus(1)
         .guest("memtouch")
-        .cmdline(s.cmdline);
-    let hugepages = s.hugepages();
-    if hugepages {
-        b = b.arg("--hugepages");
-    }
+        .cmdline(s.cmdline)
+        .hugepages(s.hugepages());
     match s.prefill {
         Prefill::None => {}
         Prefill::All => b = b.prefill(1),
@@ -457,10 +454,12 @@ fn run(s: &Scenario) -> Run {
         .and_then(|o| o.remove("tls"))
         .is_some_and(|v| v == json!(true))
         .then(|| umem_testkit::tls::make_creds(&t.dir().join("tls"), &["127.0.0.1"]));
-    let mut d = t.vmm("dst", &du).mem(s.mem).vcpus(1).incoming_any();
-    if hugepages {
-        d = d.arg("--hugepages");
-    }
+    let mut d = t
+        .vmm("dst", &du)
+        .mem(s.mem)
+        .vcpus(1)
+        .incoming_any()
+        .hugepages(s.hugepages());
     if let Some(dir) = &tls {
         d = d.arg("--incoming-tls-creds").arg(dir);
         params["tls_creds"] = json!(dir.to_str().expect("a UTF-8 path"));

@@ -129,12 +129,8 @@ impl<'a> MigrationSetup<'a> {
             .mem(&self.mem)
             .vcpus(self.vcpus)
             .guest(&self.guest)
-            .cmdline(&self.cmdline);
-        let vm = if self.hugepages.0 {
-            vm.arg("--hugepages")
-        } else {
-            vm
-        };
+            .cmdline(&self.cmdline)
+            .hugepages(self.hugepages.0);
         if self.prefilled { vm.prefill(1) } else { vm }.start()
     }
 
@@ -145,19 +141,14 @@ impl<'a> MigrationSetup<'a> {
 
     /// Starts a destination vmm named `name`, listening for an incoming migration.
     pub fn destination(&self, name: &str, umemd: &Umemd) -> Vmm {
-        let vm = self
-            .env
+        self.env
             .vmm(name, umemd)
             .mem(self.destination_mem.as_deref().unwrap_or(&self.mem))
             .vcpus(self.vcpus)
             .incoming_any()
-            .paused(self.paused_destination);
-        if self.hugepages.1 {
-            vm.arg("--hugepages")
-        } else {
-            vm
-        }
-        .start()
+            .paused(self.paused_destination)
+            .hugepages(self.hugepages.1)
+            .start()
     }
 
     /// Starts both umemds, the source `src` and the destination `dst`.

@@ -30,6 +30,7 @@ pub struct VmmBuilder {
     prefill_size: Option<String>,
     incoming: Option<String>,
     paused: bool,
+    hugepages: bool,
     extra: Vec<String>,
 }
 
@@ -48,6 +49,7 @@ impl VmmBuilder {
             prefill_size: None,
             incoming: None,
             paused: false,
+            hugepages: false,
             extra: Vec::new(),
         }
     }
@@ -98,6 +100,12 @@ impl VmmBuilder {
         self
     }
 
+    /// `--hugepages`: guest RAM on 2 MiB huge pages.
+    pub fn hugepages(mut self, h: bool) -> Self {
+        self.hugepages = h;
+        self
+    }
+
     /// One more command-line argument (e.g. `--incoming-secret-file`), after the others.
     pub fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
         self.extra.push(a.as_ref().to_string_lossy().into_owned());
@@ -135,6 +143,9 @@ impl VmmBuilder {
         }
         if let Some(u) = &self.incoming {
             cmd.arg("--incoming").arg(u);
+        }
+        if self.hugepages {
+            cmd.arg("--hugepages");
         }
         if self.paused {
             cmd.arg("-S");

@@ -15,27 +15,13 @@ pub(crate) fn sealed_memfd(len: u64) -> std::fs::File {
 }
 
 /// A sealed memfd of `len` bytes on 2 MiB huge pages, or `None` (with a skip line) when the
-/// host cannot give that many: the pool is raised if it has too few free. Where the
-/// environment says the host must (`UMEM_REQUIRE_KVM`, set on the machines that run CI), a
-/// missing pool fails the test instead.
+/// host cannot give that many: the pool is raised if it has too few free
+/// ([`umem_testkit::require_huge_pages`]). Where the environment says the host must
+/// (`UMEM_REQUIRE_KVM`, set on the machines that run CI), a missing pool fails the test
+/// instead.
 pub(crate) fn sealed_huge_memfd(len: u64) -> Option<std::fs::File> {
-    let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
-    let read = |f: &str| -> u64 {
-        std::fs::read_to_string(format!("{dir}/{f}"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let need = len.div_ceil(2 << 20);
-    // A few times: tests running beside may raise the pool at the same moment.
-    for _ in 0..5 {
-        if read("free_hugepages") >= need + 2 {
-            break;
-        }
-        let _ = std::fs::write(
-            format!("{dir}/nr_hugepages"),
-            (read("nr_hugepages") + need + 2).to_string(),
-        );
+    if !umem_testkit::require_huge_pages("a memfd on huge pages", len.div_ceil(2 << 20) + 2) {
+        return None;
     }
     let made = memfd::MemfdOptions::default()
         .allow_sealing(true)
@@ -49,11 +35,8 @@ pub(crate) fn sealed_huge_memfd(len: u64) -> Option<std::fs::File> {
             Ok(f.into_file())
         });
     match made {
-        Ok(f) if read("free_hugepages") >= need => Some(f),
-        other => {
-            let why = other
-                .err()
-                .unwrap_or_else(|| "too few free huge pages".into());
+        Ok(f) => Some(f),
+        Err(why) => {
             assert!(
                 std::env::var_os("UMEM_REQUIRE_KVM").is_none(),
                 "no 2 MiB huge pages on this host ({why}); UMEM_REQUIRE_KVM says it must have them"

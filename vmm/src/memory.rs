@@ -675,34 +675,9 @@ mod tests {
         assert_eq!(skipped, sparse.digests_excluding(&[], false));
     }
 
-    /// Makes sure `pages` 2 MiB huge pages are free in the host's pool, raising the pool (tests
-    /// run as root) when it is short. False, after saying so, when the host cannot give them;
-    /// with `UMEM_REQUIRE_KVM` set (CI) that fails the test instead.
-    fn huge_pages_or_skip(pages: u64) -> bool {
-        let enough = || free_huge_pages().is_ok_and(|free| free >= pages);
-        // By the whole count, not the shortfall, and a few times: tests running beside may
-        // raise the pool at the same moment, or take what was added.
-        let ok = (0..5).any(|_| {
-            enough()
-                || huge_pool_counter("nr_hugepages").is_ok_and(|nr| {
-                    let raised = (nr + pages).to_string();
-                    std::fs::write(format!("{HUGE_PAGES_2M_SYSFS}/nr_hugepages"), raised).is_ok()
-                        && enough()
-                })
-        });
-        if !ok {
-            assert!(
-                std::env::var_os("UMEM_REQUIRE_KVM").is_none(),
-                "{pages} free 2 MiB huge pages are needed: raise {HUGE_PAGES_2M_SYSFS}/nr_hugepages"
-            );
-            println!("skip: no free 2 MiB huge pages");
-        }
-        ok
-    }
-
     #[test]
     fn huge_pages_hold_the_same_bytes() {
-        if !huge_pages_or_skip(4) {
+        if !umem_testkit::require_huge_pages("huge_pages_hold_the_same_bytes", 4) {
             return;
         }
         let huge = GuestRam::with_backing(8 << 20, RamBacking::HugePages2M).unwrap();
@@ -725,7 +700,8 @@ mod tests {
     fn digests_of_untouched_huge_pages_allocate_none() {
         const SIZE: u64 = 64 << 20;
         let pages = SIZE / HUGE_PAGE_SIZE;
-        if !huge_pages_or_skip(pages) {
+        if !umem_testkit::require_huge_pages("digests_of_untouched_huge_pages_allocate_none", pages)
+        {
             return;
         }
         let huge = GuestRam::with_backing(SIZE, RamBacking::HugePages2M).unwrap();
@@ -743,7 +719,7 @@ mod tests {
 
     #[test]
     fn discarding_huge_pages_leaves_a_hole() {
-        if !huge_pages_or_skip(4) {
+        if !umem_testkit::require_huge_pages("discarding_huge_pages_leaves_a_hole", 4) {
             return;
         }
         let huge = GuestRam::with_backing(8 << 20, RamBacking::HugePages2M).unwrap();
@@ -756,7 +732,7 @@ mod tests {
 
     #[test]
     fn too_few_huge_pages_is_a_clear_error() {
-        if !huge_pages_or_skip(0) {
+        if !umem_testkit::require_huge_pages("too_few_huge_pages_is_a_clear_error", 0) {
             return;
         }
         // Far beyond what is free, so that tests raising the pool beside cannot close the gap;
