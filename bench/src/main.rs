@@ -47,7 +47,8 @@ struct Args {
     /// throughput over time
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
-    /// Run only the scenarios whose name contains one of these (all when none is given)
+    /// Run only the scenarios whose name contains one of these (all when none is given); one
+    /// that ends in `$` must match a whole name
     filters: Vec<String>,
 }
 
@@ -571,6 +572,14 @@ fn run(s: &Scenario) -> Run {
     Run { row, progress }
 }
 
+/// Whether the command-line filter `f` selects scenario `name`.
+fn selects(f: &str, name: &str) -> bool {
+    match f.strip_suffix('$') {
+        Some(whole) => name == whole,
+        None => name.contains(f),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     if !require_kvm("umem-bench") {
@@ -580,7 +589,7 @@ fn main() {
     let mut runs = Vec::new();
     for make in SCENARIOS {
         let s = make();
-        if !filter.is_empty() && !filter.iter().any(|f| s.name.contains(f.as_str())) {
+        if !filter.is_empty() && !filter.iter().any(|f| selects(f, s.name)) {
             continue;
         }
         eprintln!("umem-bench: {} ...", s.name);
@@ -725,6 +734,23 @@ fn print_table(runs: &[Run]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_ending_in_a_dollar_sign_selects_one_whole_name() {
+        assert!(selects(
+            "random-touch",
+            "postcopy-1g-prefilled-random-touch-tls"
+        ));
+        assert!(selects(
+            "postcopy-1g-prefilled-random-touch$",
+            "postcopy-1g-prefilled-random-touch"
+        ));
+        assert!(!selects(
+            "postcopy-1g-prefilled-random-touch$",
+            "postcopy-1g-prefilled-random-touch-tls"
+        ));
+        assert!(!selects("touch$", "postcopy-1g-prefilled-random-touch"));
+    }
 
     #[test]
     fn cpu_is_counted_per_gib_sent() {

@@ -221,6 +221,9 @@ fn spawn_reader<R, M, F>(
     let _ = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            // A reader sleeps until a message comes; a source's peer reader serves page
+            // requests (`intercept`), each of which a vCPU waits for.
+            crate::priority::shorten_time_slice();
             let mut body = Vec::new();
             loop {
                 let item = match frame::read(&mut conn, &mut body) {

@@ -8,6 +8,7 @@ use proto::peer::PeerMessage;
 use super::error::DestError;
 use super::urgent::UrgentReceiver;
 use super::{Dest, PeerWriter};
+use crate::priority::shorten_time_slice;
 use crate::stream::PeerStream;
 
 impl Dest {
@@ -21,6 +22,7 @@ impl Dest {
         let t = std::thread::Builder::new()
             .name("faults".into())
             .spawn(move || {
+                shorten_time_slice();
                 let mut buf = Vec::new();
                 let r = fault.serve(|runs| {
                     buf.clear();
@@ -73,6 +75,7 @@ impl Dest {
         let t = std::thread::Builder::new()
             .name("urgent-pages".into())
             .spawn(move || {
+                shorten_time_slice();
                 if let Err(e) = receiver.run() {
                     let _ = tx.send(e);
                 }
