@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
-use umem_testkit::{require_kvm, secs, TestEnv, Vmm};
+use umem_testkit::{require_kvm, secs, ControlConnection, TestEnv, Vmm};
 
 mod charts;
 mod latency;
@@ -419,7 +419,7 @@ fn ms(us: u64) -> f64 {
 
 /// Reads the source's byte counter, with umemd's own timestamp of it (umemd reports both
 /// every 200 ms, so most readings repeat the last one and are dropped).
-fn sample(src: &Vmm, progress: &mut Progress) {
+fn sample(src: &mut ControlConnection, progress: &mut Progress) {
     let st = &src.query_migrate()["stats"];
     if let (Some(us), Some(bytes)) = (st["total_us"].as_u64(), st["bytes_sent"].as_u64()) {
         progress.record(Duration::from_micros(us), bytes);
@@ -473,24 +473,31 @@ fn run(s: &Scenario) -> Run {
     let cpu0 = [su.proc.cpu_time(None), du.proc.cpu_time(None)];
     let t0 = Instant::now();
     src.migrate(&uri, params).expect("migrate");
+    // Polled on connections kept open, as QEMU's QMP is: a connection per request costs the
+    // VMM a thread each, 400 a second, on the cores the migration uses.
+    let connect = |vmm: &Vmm| {
+        vmm.control_connection()
+            .unwrap_or_else(|e| panic!("{}: control socket: {e}", vmm.name))
+    };
+    let (mut src_ctl, mut dst_ctl) = (connect(&src), connect(&dst));
     let (outcome, wall) = match stop_after {
         // No background: it completes only once every page was touched; measure the fault
         // path for a while instead.
         Some(n) => {
             while t0.elapsed() < Duration::from_secs(n) {
-                sample(&src, &mut progress);
+                sample(&mut src_ctl, &mut progress);
                 std::thread::sleep(Duration::from_millis(5));
             }
-            sample(&src, &mut progress);
-            let v = dst.query_migrate();
+            sample(&mut src_ctl, &mut progress);
+            let v = dst_ctl.query_migrate();
             (v, t0.elapsed())
         }
         None => {
             // Polled every 5 ms (not the harness's 50 ms), as the QEMU runs are.
             let v = umem_testkit::poll_every(secs(600), Duration::from_millis(5), || {
                 dst.proc.assert_alive();
-                sample(&src, &mut progress);
-                let v = dst.query_migrate();
+                sample(&mut src_ctl, &mut progress);
+                let v = dst_ctl.query_migrate();
                 matches!(
                     v["phase"].as_str(),
                     Some("completed" | "failed" | "cancelled")

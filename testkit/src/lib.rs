@@ -72,4 +72,4 @@ pub use process::Proc;
 pub use serial::{assert_consecutive, assert_no_bad, complete_lines, parse_passes, Pass};
 pub use timing::{poll_every, secs, timeout_scale, try_wait_until, wait_until};
 pub use umemd::{Umemd, UmemdBuilder};
-pub use vmm::{MigrationOutcome, Vmm, VmmBuilder};
+pub use vmm::{ControlConnection, MigrationOutcome, Vmm, VmmBuilder};

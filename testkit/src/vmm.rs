@@ -17,6 +17,60 @@ use crate::timing::{secs, timeout_scale, try_wait_until, wait_until};
 /// How long one control request may take (a RAM digest of several GiB takes seconds).
 const CTL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// An open connection to a vmm's control socket; see [`Vmm::control_connection`].
+pub struct ControlConnection {
+    name: String,
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl ControlConnection {
+    /// Runs one control command; `Ok(return value)` or `Err(error description)`.
+    /// Panics when the socket cannot be used at all (the vmm is gone or hangs).
+    pub fn ctl(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let req = if args.is_null() || args.as_object().is_some_and(|o| o.is_empty()) {
+            json!({ "execute": cmd })
+        } else {
+            json!({ "execute": cmd, "arguments": args })
+        };
+        let reply = self
+            .raw_request(&req.to_string())
+            .unwrap_or_else(|e| panic!("vmm {}: control request {req}: {e}", self.name));
+        if let Some(r) = reply.get("return") {
+            Ok(r.clone())
+        } else if let Some(e) = reply.get("error") {
+            Err(e
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("error without a description")
+                .to_string())
+        } else {
+            panic!(
+                "vmm {}: reply to {req} has neither return nor error: {reply}",
+                self.name
+            )
+        }
+    }
+
+    /// `query-migrate`'s reply.
+    pub fn query_migrate(&mut self) -> Value {
+        self.ctl("query-migrate", Value::Null)
+            .expect("query-migrate")
+    }
+
+    /// Sends one raw request line and reads one reply line.
+    pub fn raw_request(&mut self, line: &str) -> Result<Value, String> {
+        writeln!(self.writer, "{line}").map_err(|e| format!("write: {e}"))?;
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(0) => return Err("read: the vmm closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))
+    }
+}
+
 /// Options for a vmm; see [`TestEnv::vmm`](crate::TestEnv::vmm).
 pub struct VmmBuilder {
     dir: PathBuf,
@@ -201,28 +255,24 @@ impl Vmm {
     /// Runs one control command; `Ok(return value)` or `Err(error description)`.
     /// Panics when the socket cannot be used at all (the vmm is gone or hangs).
     pub fn ctl(&self, cmd: &str, args: Value) -> Result<Value, String> {
-        let req = if args.is_null() || args.as_object().is_some_and(|o| o.is_empty()) {
-            json!({ "execute": cmd })
-        } else {
-            json!({ "execute": cmd, "arguments": args })
-        };
-        let reply = self
-            .raw_request(&req.to_string())
-            .unwrap_or_else(|e| panic!("vmm {}: control request {req}: {e}", self.name));
-        if let Some(r) = reply.get("return") {
-            Ok(r.clone())
-        } else if let Some(e) = reply.get("error") {
-            Err(e
-                .get("desc")
-                .and_then(Value::as_str)
-                .unwrap_or("error without a description")
-                .to_string())
-        } else {
-            panic!(
-                "vmm {}: reply to {req} has neither return nor error: {reply}",
-                self.name
-            )
-        }
+        self.control_connection()
+            .unwrap_or_else(|e| panic!("vmm {}: control socket: {e}", self.name))
+            .ctl(cmd, args)
+    }
+
+    /// A connection to its control socket that stays open for many requests: a poller's
+    /// requests then cost the VMM no new connection (and thread) each.
+    pub fn control_connection(&self) -> Result<ControlConnection, String> {
+        let s = UnixStream::connect(&self.control).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(CTL_TIMEOUT.mul_f64(timeout_scale())))
+            .and_then(|_| s.set_write_timeout(Some(secs(30))))
+            .map_err(|e| e.to_string())?;
+        let reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+        Ok(ControlConnection {
+            name: self.name.clone(),
+            writer: s,
+            reader,
+        })
     }
 
     /// Its control socket.
@@ -232,16 +282,7 @@ impl Vmm {
 
     /// Sends one raw request line and reads one reply line.
     pub fn raw_request(&self, line: &str) -> Result<Value, String> {
-        let mut s = UnixStream::connect(&self.control).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(CTL_TIMEOUT.mul_f64(timeout_scale())))
-            .and_then(|_| s.set_write_timeout(Some(secs(30))))
-            .map_err(|e| e.to_string())?;
-        writeln!(s, "{line}").map_err(|e| format!("write: {e}"))?;
-        let mut reply = String::new();
-        BufReader::new(&s)
-            .read_line(&mut reply)
-            .map_err(|e| format!("read: {e}"))?;
-        serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))
+        self.control_connection()?.raw_request(line)
     }
 
     /// `query-status`'s `status` ("running", "paused", "postmigrate", ...).
