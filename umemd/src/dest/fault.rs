@@ -25,6 +25,11 @@ use super::pages::{PageState, PageTable};
 const MAX_SAMPLES: usize = 1 << 18;
 /// How long `serve` waits for a fault before it looks at its stop flag again.
 const POLL_MS: u16 = 50;
+/// Most pages placed by one `UFFDIO_COPY` of 4 KiB pages (64 KiB). This kernel preempts no
+/// thread inside a system call: a copy of a 256 KiB background run into memory the host
+/// backs lazily held a core for long enough to show in the fault p99 of the thread waiting
+/// for it (4 GiB random touch, p99 757 -> 390 us over 6 runs alternating).
+const PLACE_PAGES: u64 = 16;
 /// Retries of an `UFFDIO_COPY` that the kernel answered with `EAGAIN` (the VMM's mappings were
 /// changing) before giving up.
 const MAX_EAGAIN: u32 = 10_000;
@@ -306,7 +311,10 @@ impl FaultHandler {
                 continue;
             }
             let mut j = i + 1;
-            while j < count && self.pages.get(block, first + j) != PageState::Present {
+            while j < count
+                && j - i < PLACE_PAGES
+                && self.pages.get(block, first + j) != PageState::Present
+            {
                 j += 1;
             }
             let src = &data[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize];
@@ -920,9 +928,20 @@ pub(super) mod tests {
         // Arriving twice is harmless.
         assert_eq!(fh.place(0, 4, &vec![0xcd; 4096]).unwrap(), 0);
 
+        // A run longer than one copy places is placed in pieces, each page where it belongs.
+        let (at, n) = (31, 2 * PLACE_PAGES + 1);
+        let data: Vec<u8> = (0..n)
+            .flat_map(|i| [i as u8 + 1; PAGE_SIZE as usize])
+            .collect();
+        assert_eq!(fh.place(0, at, &data).unwrap(), n);
+        for i in 0..n {
+            file.read_exact_at(&mut b, (at + i) * PAGE_SIZE).unwrap();
+            assert_eq!(b[0], i as u8 + 1, "page {}", at + i);
+        }
+
         // Pages announced as zero are placed locally when touched: no request.
         fh.zero(0, 20, 4).unwrap();
-        assert_eq!(fh.pages().unresolved(), PAGES - 7 - 4);
+        assert_eq!(fh.pages().unresolved(), PAGES - 7 - n - 4);
         assert_eq!(touch(ptr, 21).join().unwrap(), 0);
         assert!(rx.try_recv().is_err(), "no request for a zero page");
         // A requested page that then turns out to be zero is placed at once.
