@@ -20,8 +20,8 @@ const CTL_TIMEOUT: Duration = Duration::from_secs(120);
 /// An open connection to a vmm's control socket; see [`Vmm::control_connection`].
 pub struct ControlConnection {
     name: String,
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
+    /// The socket, read through a buffer and written directly (`get_mut`).
+    conn: BufReader<UnixStream>,
 }
 
 impl ControlConnection {
@@ -60,9 +60,9 @@ impl ControlConnection {
 
     /// Sends one raw request line and reads one reply line.
     pub fn raw_request(&mut self, line: &str) -> Result<Value, String> {
-        writeln!(self.writer, "{line}").map_err(|e| format!("write: {e}"))?;
+        writeln!(self.conn.get_mut(), "{line}").map_err(|e| format!("write: {e}"))?;
         let mut reply = String::new();
-        match self.reader.read_line(&mut reply) {
+        match self.conn.read_line(&mut reply) {
             Ok(0) => return Err("read: the vmm closed the connection".into()),
             Ok(_) => {}
             Err(e) => return Err(format!("read: {e}")),
@@ -267,11 +267,9 @@ impl Vmm {
         s.set_read_timeout(Some(CTL_TIMEOUT.mul_f64(timeout_scale())))
             .and_then(|_| s.set_write_timeout(Some(secs(30))))
             .map_err(|e| e.to_string())?;
-        let reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
         Ok(ControlConnection {
             name: self.name.clone(),
-            writer: s,
-            reader,
+            conn: BufReader::new(s),
         })
     }
 
