@@ -520,6 +520,60 @@ fn a_second_machine_state_is_refused() {
 }
 
 #[test]
+fn a_drain_is_answered_once_the_pages_before_it_are_in_and_refused_after_the_switchover() {
+    if !require_kvm(
+        "a_drain_is_answered_once_the_pages_before_it_are_in_and_refused_after_the_switchover",
+    ) {
+        return;
+    }
+    let t = TestEnv::new("hostile-drain");
+    let other = t.umemd("umemd-other");
+    let state = capture_machine_state(&t, &other, MEM);
+    let mut d = Target::start(&t, false);
+
+    // Half of RAM in whole runs, more than the destination's sockets and placing queue hold,
+    // then the drain: when its answer comes, every one of those pages is in guest RAM.
+    let runs = PAGES / 2 / MAX_RUN_PAGES as u64;
+    let mut p = d.open(Opening::Complete);
+    for i in 0..runs {
+        p.send_pages(run(0, i * MAX_RUN_PAGES as u64, MAX_RUN_PAGES), 0x5a)
+            .expect("sending pages");
+    }
+    p.send(&PeerMessage::Drain { round: 7 })
+        .expect("sending Drain");
+    match p.next_reply(reply_timeout()) {
+        Reply::Message(PeerMessage::Drained { round: 7 }) => {}
+        other => panic!("expected Drained for round 7, got {other:?}"),
+    }
+    let ram = d.dst.ram_file_digest();
+    assert_eq!(
+        ram.nonzero_pages,
+        runs * MAX_RUN_PAGES as u64,
+        "pages sent before the drain, in guest RAM when it is answered"
+    );
+
+    // Once the machine state is loaded there is nothing to drain: the source that asks is
+    // refused, and the VM never runs.
+    p.send(&PeerMessage::Switchover { postcopy: false })
+        .expect("sending Switchover");
+    p.send(&PeerMessage::MachineState(state))
+        .expect("sending the machine state");
+    if let Err(other) = p.wait_ready(reply_timeout()) {
+        panic!("expected Ready after a real machine state, got {other:?}");
+    }
+    let _ = p.send(&PeerMessage::Drain { round: 8 });
+    let reply = p.next_reply(reply_timeout());
+    d.check_refusal(
+        "a drain after the switchover",
+        reply,
+        &["drain after the switchover"],
+    );
+    d.report_rss(
+        "a_drain_is_answered_once_the_pages_before_it_are_in_and_refused_after_the_switchover",
+    );
+}
+
+#[test]
 fn pages_between_the_machine_state_and_the_commit_are_refused() {
     if !require_kvm("pages_between_the_machine_state_and_the_commit_are_refused") {
         return;

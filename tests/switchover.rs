@@ -1,6 +1,6 @@
 //! The switchover is a commit: the VM never runs on two hosts. A fault proxy between the
-//! umemds drops one message of the switchover exchange (the destination's `Ready`, the source's
-//! `Commit`, the destination's `Started`) and cuts the link; then exactly one side may run the
+//! umemds drops one message of the switchover exchange (the destination's `Drained` or `Ready`,
+//! the source's `Commit`, the destination's `Started`) and cuts the link; then exactly one side may run the
 //! guest, or neither until the operator decides. Two racing `migrate` commands on one source
 //! are the other way a VM could run twice: only one may proceed.
 
@@ -63,6 +63,21 @@ fn lost_ready_precopy_source_resumes_destination_never_runs() {
     assert_completed("source (retry)", &o);
     pair.dst.wait_phase(secs(30), &["completed"]);
     assert_guest_runs_on(&pair.src, &mut pair.dst, 3, secs(60));
+}
+
+#[test]
+fn lost_drained_the_source_never_stops_and_the_destination_never_runs() {
+    if !require_kvm("lost_drained_the_source_never_stops_and_the_destination_never_runs") {
+        return;
+    }
+    let t = TestEnv::new("lost-drained");
+    let mut pair = memtouch_pair(&t);
+    // The destination's answer to the drain before the stop is lost with the link: the source
+    // had not stopped the VM yet, and keeps running it.
+    let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::DRAINED);
+    assert_keeps_running("source", &mut pair.src);
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
 }
 
 #[test]

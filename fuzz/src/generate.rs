@@ -14,7 +14,7 @@ use proto::{
 };
 
 /// Number of `PeerMessage` variants [`peer_message_of`] builds.
-pub const PEER_VARIANTS: u32 = 26;
+pub const PEER_VARIANTS: u32 = 28;
 /// Number of `LocalMessage` variants [`local_message_of`] builds.
 pub const LOCAL_VARIANTS: u32 = 26;
 
@@ -322,6 +322,12 @@ pub fn peer_message_of(u: &mut Unstructured, variant: u32) -> Result<PeerMessage
         },
         24 => PeerMessage::AuthProof {
             proof: u.arbitrary()?,
+        },
+        25 => PeerMessage::Drain {
+            round: u.arbitrary()?,
+        },
+        26 => PeerMessage::Drained {
+            round: u.arbitrary()?,
         },
         _ => PeerMessage::Resumed,
     })

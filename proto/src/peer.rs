@@ -29,6 +29,9 @@ pub const CAP_RECOVERY: u64 = 1 << 1;
 /// Capability (of a destination): its guest RAM is on 2 MiB huge pages, which it can only drop
 /// whole, so a source discards whole huge pages (512 pages, aligned) and sends them again.
 pub const CAP_HUGE_PAGES: u64 = 1 << 2;
+/// Capability (of a destination): it answers [`PeerMessage::Drain`], so that a source can stop
+/// the VM only once what it queued before is in guest RAM.
+pub const CAP_DRAIN: u64 = 1 << 3;
 /// Most pages in one run (1 MiB of data per frame).
 pub const MAX_RUN_PAGES: u32 = 256;
 /// Bytes of a run header inside a frame body.
@@ -67,6 +70,8 @@ pub mod kind {
     pub const AUTH_HELLO: u8 = 0x18;
     pub const AUTH_CHALLENGE: u8 = 0x19;
     pub const AUTH_PROOF: u8 = 0x1a;
+    pub const DRAIN: u8 = 0x1b;
+    pub const DRAINED: u8 = 0x1c;
 }
 
 /// Most bitmap words in one `Received` (4 GiB of guest RAM).
@@ -201,6 +206,18 @@ pub enum PeerMessage {
         /// Round number, from 1.
         round: u32,
     },
+    /// Source, before it stops the VM: answer with `Drained` once every page sent before this
+    /// frame is in guest RAM. What is queued between the two (both sockets' buffers, the
+    /// destination's placing queue) would otherwise be written while the VM is stopped.
+    Drain {
+        /// The round just ended; echoed.
+        round: u32,
+    },
+    /// Destination, answering `Drain`.
+    Drained {
+        /// The `round` of the `Drain`.
+        round: u32,
+    },
     /// Pages the destination must drop (sent earlier, dirtied since).
     Discard {
         /// Block index.
@@ -318,6 +335,8 @@ impl PeerMessage {
             PeerMessage::RoundEnd { round } => {
                 frame::encode(buf, kind::ROUND_END, |w| w.u32(*round))
             }
+            PeerMessage::Drain { round } => frame::encode(buf, kind::DRAIN, |w| w.u32(*round)),
+            PeerMessage::Drained { round } => frame::encode(buf, kind::DRAINED, |w| w.u32(*round)),
             PeerMessage::Discard { block, ranges } => frame::encode(buf, kind::DISCARD, |w| {
                 w.u32(*block);
                 w.u32(ranges.len() as u32);
@@ -428,6 +447,12 @@ impl PeerMessage {
             kind::ZERO_PAGES => PeerMessage::ZeroPages(PageRun::decode(&mut r)?),
             kind::ROUND_END => PeerMessage::RoundEnd {
                 round: r.u32("round")?,
+            },
+            kind::DRAIN => PeerMessage::Drain {
+                round: r.u32("drain round")?,
+            },
+            kind::DRAINED => PeerMessage::Drained {
+                round: r.u32("drained round")?,
             },
             kind::DISCARD => {
                 let block = r.u32("discard block")?;
@@ -556,6 +581,8 @@ mod tests {
             PeerMessage::Pages(run),
             PeerMessage::ZeroPages(run),
             PeerMessage::RoundEnd { round: 4 },
+            PeerMessage::Drain { round: 4 },
+            PeerMessage::Drained { round: 4 },
             PeerMessage::Discard {
                 block: 0,
                 ranges: vec![(1, 2), (10, 20)],

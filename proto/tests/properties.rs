@@ -117,7 +117,7 @@ const PHASES: [Phase; 9] = [
     Phase::PostcopyPaused,
 ];
 
-const PEER_KINDS: [u8; 26] = [
+const PEER_KINDS: [u8; 28] = [
     peer::kind::HELLO,
     peer::kind::LAYOUT,
     peer::kind::LAYOUT_ACCEPTED,
@@ -144,6 +144,8 @@ const PEER_KINDS: [u8; 26] = [
     peer::kind::AUTH_HELLO,
     peer::kind::AUTH_CHALLENGE,
     peer::kind::AUTH_PROOF,
+    peer::kind::DRAIN,
+    peer::kind::DRAINED,
 ];
 
 const LOCAL_KINDS: [u8; 26] = [
@@ -422,6 +424,8 @@ fn peer_message() -> BoxedStrategy<PeerMessage> {
         page_run().prop_map(PeerMessage::Pages),
         page_run().prop_map(PeerMessage::ZeroPages),
         any::<u32>().prop_map(|round| PeerMessage::RoundEnd { round }),
+        any::<u32>().prop_map(|round| PeerMessage::Drain { round }),
+        any::<u32>().prop_map(|round| PeerMessage::Drained { round }),
         (
             any::<u32>(),
             bulk_vec(
@@ -641,6 +645,8 @@ fn peer_kind(m: &PeerMessage) -> u8 {
         PeerMessage::Pages(_) => PAGES,
         PeerMessage::ZeroPages(_) => ZERO_PAGES,
         PeerMessage::RoundEnd { .. } => ROUND_END,
+        PeerMessage::Drain { .. } => DRAIN,
+        PeerMessage::Drained { .. } => DRAINED,
         PeerMessage::Discard { .. } => DISCARD,
         PeerMessage::MachineState(_) => MACHINE_STATE,
         PeerMessage::AllSent => ALL_SENT,

@@ -288,6 +288,7 @@ impl Target for DestPlacement {
             });
         }
         one(PeerMessage::Heartbeat);
+        one(PeerMessage::Drain { round: 1 });
         seeds.push(every);
         seeds
     }
@@ -295,7 +296,7 @@ impl Target for DestPlacement {
     fn generate(&mut self, u: &mut Unstructured) -> arbitrary::Result<Vec<u8>> {
         let mut stream = Vec::new();
         for _ in 0..u.int_in_range(1..=8)? {
-            let m = match u.int_in_range(0u8..=9)? {
+            let m = match u.int_in_range(0u8..=10)? {
                 0..=3 => PeerMessage::Pages(run(u)?),
                 4 | 5 => PeerMessage::ZeroPages(run(u)?),
                 6 => {
@@ -315,6 +316,9 @@ impl Target for DestPlacement {
                     }
                     PeerMessage::Discard { block, ranges }
                 }
+                9 => PeerMessage::Drain {
+                    round: u.arbitrary()?,
+                },
                 _ => PeerMessage::RoundEnd {
                     round: u.arbitrary()?,
                 },

@@ -210,6 +210,15 @@ impl Dest {
                     self.stats.rounds = round;
                     self.progress(true);
                 }
+                PeerMessage::Drain { .. } if self.phase != DestPhase::Precopy => {
+                    return Err(DestError::Protocol(
+                        "the source asked for a drain after the switchover",
+                    ));
+                }
+                // The placer was flushed above: every page before this frame is in guest RAM.
+                PeerMessage::Drain { round } => {
+                    write_peer(writer, &PeerMessage::Drained { round })?;
+                }
                 PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {
                     return Err(DestError::Protocol(
                         "the source announced a second switchover",

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use log::info;
-use proto::peer::{PeerMessage, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
+use proto::peer::{PeerMessage, CAP_DRAIN, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 use proto::types::{MAX_LINK_TIMEOUT_MS, MIN_LINK_TIMEOUT_MS};
 use proto::BlockDesc;
 
@@ -16,7 +16,7 @@ use crate::stream::PeerStream;
 
 impl Dest {
     /// What this destination tells the source in its hello: postcopy and recovery with a
-    /// userfaultfd, and whether its RAM is on huge pages.
+    /// userfaultfd, whether its RAM is on huge pages, and that it answers a drain.
     pub(super) fn capabilities(&self) -> u64 {
         let postcopy = if self.postcopy.is_some() {
             CAP_POSTCOPY | CAP_RECOVERY
@@ -28,7 +28,7 @@ impl Dest {
         } else {
             0
         };
-        postcopy | huge
+        postcopy | huge | CAP_DRAIN
     }
 
     /// Waits (until `deadline`, if any) for a connection that authenticates and whose first

@@ -108,6 +108,8 @@ pub struct Source {
     session_id: u64,
     /// The destination can resume postcopy on a new connection.
     dest_recovery: bool,
+    /// The destination answers a drain ([`proto::peer::CAP_DRAIN`]).
+    dest_drain: bool,
     /// The page size the destination drops pages in ([`proto::peer::CAP_HUGE_PAGES`]).
     dest_page_size: u64,
     /// Recoveries so far, and the time spent paused.
@@ -203,6 +205,7 @@ impl Source {
             last_heartbeat: Instant::now(),
             session_id: session_id(),
             dest_recovery: false,
+            dest_drain: false,
             dest_page_size: PAGE_SIZE,
             recoveries: 0,
             paused: Duration::ZERO,
@@ -412,11 +415,13 @@ impl Source {
                         "{}: switching to postcopy after {round} rounds ({pending} dirty pages, {reason:?})",
                         self.vm
                     );
+                    self.drain(peer, round)?;
                     return self.postcopy(peer, dirty);
                 }
             }
         }
 
+        self.drain(peer, round)?;
         self.switchover(peer, dirty)
     }
 }

@@ -5,7 +5,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::peer::{PeerMessage, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
+use proto::peer::{PeerMessage, CAP_DRAIN, CAP_HUGE_PAGES, CAP_POSTCOPY, CAP_RECOVERY, VERSION};
 
 use super::error::SourceError;
 use super::{Peer, Source, CONNECT_TIMEOUT, HEARTBEATS_PER_TIMEOUT};
@@ -90,6 +90,7 @@ impl Source {
             } if version == VERSION => {
                 self.dest_postcopy = capabilities & CAP_POSTCOPY != 0;
                 self.dest_recovery = capabilities & CAP_RECOVERY != 0;
+                self.dest_drain = capabilities & CAP_DRAIN != 0;
                 self.learn_page_size(capabilities);
             }
             PeerMessage::Hello { version, .. } => {

@@ -18,6 +18,32 @@ use crate::link::send_peer;
 use crate::priority::lower_priority;
 
 impl Source {
+    /// Before the VM stops: waits until the destination has put in guest RAM every page sent
+    /// so far. Without it, what the sockets' buffers and the destination's placing queue hold
+    /// (a few MiB) would be written while the VM is stopped: 15-25 ms of an idle 1 GiB guest's
+    /// downtime on a host whose fresh memory is slow. Pages the guest dirties meanwhile go in
+    /// the last pass, as they would have. A destination that does not answer within the link
+    /// timeout fails the migration before the VM stops.
+    pub(super) fn drain(&mut self, peer: &mut Peer, round: u32) -> Result<(), SourceError> {
+        if !self.dest_drain {
+            return Ok(());
+        }
+        let t = Instant::now();
+        send_peer(&mut peer.stream, &PeerMessage::Drain { round })
+            .map_err(|e| self.peer_error(peer, e))?;
+        let timeout = self.link_timeout();
+        match self.wait_peer(peer, "Drained", timeout)? {
+            PeerMessage::Drained { round: r } if r == round => {}
+            other => return Err(SourceError::unexpected("Drained", other)),
+        }
+        info!(
+            "{}: the destination placed what was queued before the stop in {} us",
+            self.vm,
+            t.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
     /// The precopy switchover: stops the VM, sends the pages it dirtied since the last round,
     /// the machine state, and commits.
     pub(super) fn switchover(
