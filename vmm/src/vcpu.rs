@@ -50,6 +50,16 @@ impl VcpuControl {
         self.lock().fault.clone()
     }
 
+    /// A halted vCPU's wait: up to `limit`, or until it is told to stop. A plain sleep
+    /// could not be cut short (the kick's `EINTR` only resumes it), and held a stop, that is
+    /// the downtime of an idle guest, for the rest of it.
+    fn halt(&self, limit: Duration) {
+        let s = self.lock();
+        if s.desired == Desired::Run {
+            let _ = self.cv.wait_timeout(s, limit);
+        }
+    }
+
     /// Host thread ids of the vCPU threads, by vCPU index, once all have started.
     pub fn thread_ids(&self) -> Vec<u32> {
         let mut s = self.lock();
@@ -271,7 +281,7 @@ fn run_until_kicked(
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(..)) => {}
-            Ok(VcpuExit::Hlt) => std::thread::sleep(Duration::from_millis(1)),
+            Ok(VcpuExit::Hlt) => control.halt(Duration::from_millis(1)),
             Ok(VcpuExit::Shutdown) => return Err("guest shut down (triple fault)".into()),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Err(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
