@@ -101,34 +101,7 @@ impl Source {
 
         // The VM is stopped: the memfd no longer changes, and pages go in any order.
         self.sender.freeze();
-        // Everything dirtied since it was sent is dropped on the destination, to fault again.
-        // A destination on huge pages can only drop whole ones: it is told to drop those, and
-        // each is then sent again whole.
-        let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
-        for (block, first, count) in dirty.runs(u32::MAX as u64) {
-            let (first, count) =
-                self.mem
-                    .widen_to_pages_of(self.dest_page_size, block, first, count);
-            if self.sent.unsend(block, first, count) == 0 {
-                continue;
-            }
-            // Widened runs may overlap in a huge page: one range for both.
-            let ranges = &mut discard[block as usize];
-            match ranges.last_mut() {
-                Some((f, n)) if *f + *n as u64 >= first => {
-                    *n = ((first + count).max(*f + *n as u64) - *f).min(u32::MAX as u64) as u32
-                }
-                _ => ranges.push((first, count.min(u32::MAX as u64) as u32)),
-            }
-        }
-        for (block, ranges) in discard.into_iter().enumerate() {
-            for chunk in ranges.chunks(MAX_DISCARD_RANGES) {
-                self.sender.push(&PeerMessage::Discard {
-                    block: block as u32,
-                    ranges: chunk.to_vec(),
-                });
-            }
-        }
+        self.discard_sent(&dirty);
         self.sender
             .push(&PeerMessage::Switchover { postcopy: true });
         self.sender.push(&PeerMessage::MachineState(state));
@@ -155,6 +128,38 @@ impl Source {
         // serve faults must not wait for a time slice behind the bulk copy.
         lower_priority();
         self.postcopy_until_done(peer)
+    }
+
+    /// Queues a `Discard` for every page of `dirty` that was sent: it is dropped on the
+    /// destination, to be sent (or fault) again. A destination on huge pages can only drop
+    /// whole ones: it is told to drop those, and each is then sent again whole. A page already
+    /// unsent is not named again.
+    pub(super) fn discard_sent(&mut self, dirty: &DirtyBitmap) {
+        let mut discard: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.sent.block_count()];
+        for (block, first, count) in dirty.runs(u32::MAX as u64) {
+            let (first, count) =
+                self.mem
+                    .widen_to_pages_of(self.dest_page_size, block, first, count);
+            if self.sent.unsend(block, first, count) == 0 {
+                continue;
+            }
+            // Widened runs may overlap in a huge page: one range for both.
+            let ranges = &mut discard[block as usize];
+            match ranges.last_mut() {
+                Some((f, n)) if *f + *n as u64 >= first => {
+                    *n = ((first + count).max(*f + *n as u64) - *f).min(u32::MAX as u64) as u32
+                }
+                _ => ranges.push((first, count.min(u32::MAX as u64) as u32)),
+            }
+        }
+        for (block, ranges) in discard.into_iter().enumerate() {
+            for chunk in ranges.chunks(MAX_DISCARD_RANGES) {
+                self.sender.push(&PeerMessage::Discard {
+                    block: block as u32,
+                    ranges: chunk.to_vec(),
+                });
+            }
+        }
     }
 
     /// From now on the destination's page requests are served by the thread that reads them,
