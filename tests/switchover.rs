@@ -1,8 +1,8 @@
 //! The switchover is a commit: the VM never runs on two hosts. A fault proxy between the
-//! umemds drops one message of the switchover exchange (the destination's `Drained` or `Ready`,
-//! the source's `Commit`, the destination's `Started`) and cuts the link; then exactly one side may run the
-//! guest, or neither until the operator decides. Two racing `migrate` commands on one source
-//! are the other way a VM could run twice: only one may proceed.
+//! umemds drops one message of the switchover exchange (the destination's `Drained` or
+//! `Ready`, the source's `Commit`, the destination's `Started`) and cuts the link; then exactly
+//! one side may run the guest, or neither until the operator decides. Two racing `migrate`
+//! commands on one source are the other way a VM could run twice: only one may proceed.
 
 use std::time::Duration;
 
@@ -45,6 +45,14 @@ fn assert_stays_stopped(who: &str, vm: &Vmm, status: &str) {
     assert_eq!(vm.serial(), before, "{who} ran the guest");
 }
 
+/// After a switchover that failed before the commit: the source runs the guest, and the
+/// destination failed without running it and listens again.
+fn assert_only_the_source_runs(pair: &mut Pair) {
+    assert_keeps_running("source", &mut pair.src);
+    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
+    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+}
+
 #[test]
 fn lost_ready_precopy_source_resumes_destination_never_runs() {
     if !require_kvm("lost_ready_precopy_source_resumes_destination_never_runs") {
@@ -54,9 +62,7 @@ fn lost_ready_precopy_source_resumes_destination_never_runs() {
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::READY);
     // The source never committed: it takes its guest back.
-    assert_keeps_running("source", &mut pair.src);
-    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
-    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+    assert_only_the_source_runs(&mut pair);
 
     // The link is back (here: no proxy): the same two VMMs try again, and the VM moves.
     let o = pair.migrate_and_wait(json!({}), secs(120));
@@ -75,9 +81,7 @@ fn lost_drained_the_source_never_stops_and_the_destination_never_runs() {
     // The destination's answer to the drain before the stop is lost with the link: the source
     // had not stopped the VM yet, and keeps running it.
     let _proxy = migrate_dropping(&mut pair, "precopy", Direction::ToSource, kind::DRAINED);
-    assert_keeps_running("source", &mut pair.src);
-    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
-    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+    assert_only_the_source_runs(&mut pair);
 }
 
 #[test]
@@ -88,9 +92,7 @@ fn lost_ready_postcopy_source_resumes_destination_never_runs() {
     let t = TestEnv::new("lost-ready-postcopy");
     let mut pair = memtouch_pair(&t);
     let _proxy = migrate_dropping(&mut pair, "postcopy", Direction::ToSource, kind::READY);
-    assert_keeps_running("source", &mut pair.src);
-    assert_destination_failed_without_running(&mut pair.dst, secs(30), AfterFailure::ListensAgain);
-    assert_stays_stopped("destination", &pair.dst, "inmigrate");
+    assert_only_the_source_runs(&mut pair);
 }
 
 #[test]

@@ -421,9 +421,6 @@ impl Source {
                     // it is stopped (a punched hole each: thousands of them were 10 ms of a
                     // busy guest's downtime).
                     self.discard_sent(&dirty);
-                    self.sender
-                        .flush(&mut peer.stream, &self.counters)
-                        .map_err(|e| self.peer_error(peer, e))?;
                     self.drain(peer, round)?;
                     return self.postcopy(peer, dirty);
                 }

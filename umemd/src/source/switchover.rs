@@ -23,13 +23,16 @@ impl Source {
     /// (a few MiB) would be written while the VM is stopped: 15-25 ms of an idle 1 GiB guest's
     /// downtime on a host whose fresh memory is slow. Pages the guest dirties meanwhile go in
     /// the last pass, as they would have. A destination that does not answer within the link
-    /// timeout fails the migration before the VM stops.
+    /// timeout fails the migration before the VM stops. `Drain` goes through the page sender,
+    /// after whatever it still holds (the discards of a postcopy switchover).
     pub(super) fn drain(&mut self, peer: &mut Peer, round: u32) -> Result<(), SourceError> {
         if !self.dest_drain {
             return Ok(());
         }
         let t = Instant::now();
-        send_peer(&mut peer.stream, &PeerMessage::Drain { round })
+        self.sender.push(&PeerMessage::Drain { round });
+        self.sender
+            .flush(&mut peer.stream, &self.counters)
             .map_err(|e| self.peer_error(peer, e))?;
         let timeout = self.link_timeout();
         match self.wait_peer(peer, "Drained", timeout)? {
