@@ -29,7 +29,7 @@ pub fn run(s: &Scenario) -> Result<Run, String> {
 }
 
 /// Writes `bytes` of data into `file` from its start, `CHUNK` per `pwrite`.
-fn fill(file: &std::fs::File, bytes: u64) -> Result<(), String> {
+pub(crate) fn fill(file: &std::fs::File, bytes: u64) -> Result<(), String> {
     let buf = vec![0x5au8; CHUNK];
     let mut off = 0;
     while off < bytes {
@@ -42,7 +42,7 @@ fn fill(file: &std::fs::File, bytes: u64) -> Result<(), String> {
 }
 
 /// A machine row: `bytes` in `secs`, with `extra` fields.
-fn row(s: &Scenario, bytes: u64, secs: f64, extra: serde_json::Value) -> Run {
+pub(crate) fn row(s: &Scenario, bytes: u64, secs: f64, extra: serde_json::Value) -> Run {
     let mut row = json!({
         "scenario": s.name,
         "engine": "machine",
@@ -102,13 +102,13 @@ impl Placement {
 }
 
 /// A shared mapping of `len` bytes of `file`, unmapped on drop.
-struct Shared {
+pub(crate) struct Shared {
     ptr: std::ptr::NonNull<libc::c_void>,
     len: usize,
 }
 
 impl Shared {
-    fn new(file: &std::fs::File, len: usize) -> Result<Self, String> {
+    pub(crate) fn new(file: &std::fs::File, len: usize) -> Result<Self, String> {
         use nix::sys::mman::{mmap, MapFlags, ProtFlags};
         use std::os::fd::AsFd;
         let size = std::num::NonZeroUsize::new(len).ok_or("an empty mapping")?;
@@ -127,7 +127,7 @@ impl Shared {
         Ok(Shared { ptr, len })
     }
 
-    fn at(&self, off: usize) -> *mut libc::c_void {
+    pub(crate) fn at(&self, off: usize) -> *mut libc::c_void {
         // SAFETY: callers pass offsets below `len`, inside the mapping.
         unsafe { self.ptr.as_ptr().cast::<u8>().add(off).cast() }
     }
@@ -141,7 +141,7 @@ impl Drop for Shared {
 }
 
 /// An empty memfd of `bytes`.
-fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
+pub(crate) fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
     let file = memfd::MemfdOptions::default()
         .create(name)
         .map_err(|e| format!("memfd: {e}"))?
@@ -151,13 +151,19 @@ fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
 }
 
 /// A loopback connection whose far end a thread fills with `bytes` of a prefilled memfd, with
-/// `sendfile`, as a source umemd sends pages.
-fn sending_peer(bytes: u64) -> Result<(TcpStream, JoinHandle<Result<(), String>>), String> {
+/// `sendfile`, as a source umemd sends pages; at the push's nice value if `background`.
+pub(crate) fn sending_peer(
+    bytes: u64,
+    background: bool,
+) -> Result<(TcpStream, JoinHandle<Result<(), String>>), String> {
     let src = fresh_memfd("umem-bench-source", bytes)?;
     fill(&src, bytes)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let sender = std::thread::spawn(move || {
+        if background {
+            umemd::priority::lower_priority();
+        }
         let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         let mut off: libc::off64_t = 0;
         while (off as u64) < bytes {
@@ -235,7 +241,7 @@ pub fn place(s: &Scenario, how: Placement) -> Result<Run, String> {
     // guest memory lazily, what is allocated first is cheaper.
     let (mut sock, sender) = match how.receives() {
         true => {
-            let (sock, sender) = sending_peer(bytes)?;
+            let (sock, sender) = sending_peer(bytes, false)?;
             (Some(sock), Some(sender))
         }
         false => (None, None),

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 use umem_testkit::{require_kvm, secs, ControlConnection, TestEnv, Vmm};
 
 mod charts;
+mod floor;
 mod latency;
 mod machine;
 mod progress;
@@ -145,6 +146,17 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         machine(
             "machine-receive-splice-minor-1g",
             "receive-splice-minor",
+            "1G",
+        )
+    },
+    // The floor under a requested page on this machine: a userfaultfd fault served from a
+    // buffer, over loopback TCP, and over loopback TCP while a push runs (`floor.rs`).
+    || machine("machine-fault-local-1g", "fault-local", "1G"),
+    || machine("machine-fault-loopback-1g", "fault-loopback", "1G"),
+    || {
+        machine(
+            "machine-fault-loopback-push-1g",
+            "fault-loopback-push",
             "1G",
         )
     },
@@ -613,6 +625,9 @@ fn main() {
         let r = match s.engine {
             Engine::Umem => run(&s),
             Engine::Machine => match match s.mode {
+                "fault-local" => floor::faults(&s, floor::PageSource::Local),
+                "fault-loopback" => floor::faults(&s, floor::PageSource::Loopback),
+                "fault-loopback-push" => floor::faults(&s, floor::PageSource::LoopbackPush),
                 "place-copy" => machine::place(&s, machine::Placement::Copy),
                 "place-minor" => machine::place(&s, machine::Placement::Minor),
                 "receive-copy" => machine::place(&s, machine::Placement::ReceiveCopy),
