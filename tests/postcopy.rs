@@ -336,6 +336,33 @@ const SMALL_MEMTOUCH: &str = "pages=1024 pause=1000";
 /// The working set of [`SMALL_MEMTOUCH`], in pages.
 const SMALL_PAGES: u64 = 1024;
 
+/// Asserts that both umemds of `pair` hold a request for idle CPUs that wake at once (the
+/// default of `--cpu-wake-latency-us`), and that the host then has it, or that neither does.
+fn assert_wake_latency_held(pair: &Pair, held: bool) {
+    let qos = std::path::Path::new(umemd::wake::CPU_LATENCY_QOS);
+    if !qos.exists() {
+        eprintln!(
+            "skipped the wake-up latency check: {} is missing",
+            qos.display()
+        );
+        return;
+    }
+    for (who, u) in [
+        ("source", &pair.src_umemd),
+        ("destination", &pair.dst_umemd),
+    ] {
+        assert_eq!(
+            u.has_open(qos),
+            held,
+            "{who} umemd holding {}",
+            qos.display()
+        );
+    }
+    if held {
+        assert_eq!(umemd::wake::current(qos).unwrap(), 0);
+    }
+}
+
 #[test]
 fn postcopy_no_background_sends_only_requested_pages() {
     if !require_kvm("postcopy_no_background_sends_only_requested_pages") {
@@ -370,6 +397,8 @@ fn postcopy_no_background_sends_only_requested_pages() {
             < (SMALL_PAGES + 1024) * PAGE_SIZE * 11 / 10,
         "the source sent more than the requested pages: {sv}"
     );
+    // While pages are missing, both umemds keep idle CPUs awake for the requests.
+    assert_wake_latency_held(&pair, true);
 
     // The VMM's own reads of guest RAM fault too and are served: reading all of it fetches
     // every remaining page and so ends the migration.
@@ -387,6 +416,7 @@ fn postcopy_no_background_sends_only_requested_pages() {
         o.raw
     );
     assert_eq!(pc(&dv, "pages_urgent"), total, "{dv}");
+    assert_wake_latency_held(&pair, false);
     assert_eq!(
         o.stat("pages_sent") + o.stat("zero_pages"),
         total,
@@ -409,6 +439,30 @@ fn postcopy_no_background_sends_only_requested_pages() {
 
     assert_guest_continues(&pair.src, &mut pair.dst, 3, secs(120));
     assert_same_ram_outside_working_set(&pair.src, &pair.dst, SMALL_PAGES);
+}
+
+#[test]
+fn postcopy_with_the_wake_latency_request_off_leaves_the_host_alone() {
+    if !require_kvm("postcopy_with_the_wake_latency_request_off_leaves_the_host_alone") {
+        return;
+    }
+    let t = TestEnv::new("postcopy-wake-latency-off");
+    let mut pair = MigrationSetup::memtouch(&t, "32M", SMALL_MEMTOUCH)
+        .prefilled()
+        .umemd_arg("--cpu-wake-latency-us")
+        .umemd_arg("off")
+        .start();
+    pair.src.wait_pass(secs(60), 2);
+    start_postcopy_without_background(&mut pair);
+    let src_last = wait_until(secs(60), "source to stop", || {
+        (pair.src.status() == "postmigrate").then(|| pair.src.last_pass().map_or(0, |p| p.pass))
+    });
+    pair.dst.wait_pass(secs(120), src_last + 2);
+    assert_eq!(pair.dst.query_migrate()["phase"], "postcopy");
+    assert_wake_latency_held(&pair, false);
+    let _ = pair.dst.digest();
+    assert_completed("source", &pair.src.wait_migration(secs(120)));
+    wait_dest_completed(&mut pair.dst, secs(60));
 }
 
 #[test]

@@ -62,6 +62,8 @@ pub struct MigrationSetup<'a> {
     paused_destination: bool,
     /// Guest RAM on 2 MiB huge pages (`--hugepages`): source, destination.
     hugepages: (bool, bool),
+    /// Arguments given to both umemds.
+    umemd_args: Vec<String>,
 }
 
 impl<'a> MigrationSetup<'a> {
@@ -78,12 +80,19 @@ impl<'a> MigrationSetup<'a> {
             prefilled: false,
             paused_destination: false,
             hugepages: (false, false),
+            umemd_args: Vec::new(),
         }
     }
 
     /// A source running memtouch with `cmdline`.
     pub fn memtouch(env: &'a TestEnv, mem: &str, cmdline: &str) -> Self {
         Self::new(env, mem, "memtouch", cmdline)
+    }
+
+    /// Both umemds get `arg` on their command line.
+    pub fn umemd_arg(mut self, arg: &str) -> Self {
+        self.umemd_args.push(arg.into());
+        self
     }
 
     /// `n` vCPUs on each side.
@@ -118,7 +127,11 @@ impl<'a> MigrationSetup<'a> {
 
     /// Starts the umemds `umemd-src` and `umemd-dst`.
     pub fn start_umemds(&self) -> (Umemd, Umemd) {
-        (self.env.umemd("umemd-src"), self.env.umemd("umemd-dst"))
+        let start = |name| {
+            let b = self.env.umemd_builder(name);
+            self.umemd_args.iter().fold(b, |b, a| b.arg(a)).start()
+        };
+        (start("umemd-src"), start("umemd-dst"))
     }
 
     /// Starts a vmm named `name` that runs the guest.

@@ -131,6 +131,16 @@ impl Umemd {
             .unwrap_or(0)
     }
 
+    /// Whether the process has `path` open (one of its descriptors links to it).
+    pub fn has_open(&self, path: &Path) -> bool {
+        std::fs::read_dir(format!("/proc/{}/fd", self.proc.pid()))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+            })
+            .unwrap_or(false)
+    }
+
     /// Resident memory of the process in KiB (`VmRSS` of `/proc/PID/status`); 0 once it is gone.
     pub fn rss_kib(&self) -> u64 {
         self.status_kib("VmRSS:")

@@ -49,4 +49,24 @@ pub struct Args {
     /// unauthenticated, so keep it on a trusted network. Off when not given.
     #[arg(long, value_name = "IP:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// While a migration's switchover and postcopy run, ask the kernel (PM QoS,
+    /// /dev/cpu_dma_latency) for idle CPUs that wake within this many microseconds, so that the
+    /// threads a page request wakes start at once; 0 keeps idle CPUs polling for that time.
+    /// `off` leaves the host's idle policy alone.
+    #[arg(long, value_name = "US|off", default_value = "0", value_parser = parse_wake_latency)]
+    pub cpu_wake_latency_us: WakeBound,
+}
+
+/// `--cpu-wake-latency-us`: a bound in microseconds, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeBound(pub Option<u32>);
+
+fn parse_wake_latency(s: &str) -> Result<WakeBound, String> {
+    match s {
+        "off" => Ok(WakeBound(None)),
+        us => us
+            .parse()
+            .map(|us| WakeBound(Some(us)))
+            .map_err(|e| format!("{e}: microseconds, or off")),
+    }
 }

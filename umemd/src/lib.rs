@@ -29,3 +29,4 @@ pub mod stream;
 #[cfg(test)]
 mod testutil;
 pub mod tls;
+pub mod wake;

@@ -39,6 +39,7 @@ fn main() {
             dir.display()
         );
     }
+    umemd::wake::set_policy(args.cpu_wake_latency_us.0);
     let limits = Limits {
         allow: AllowList::for_this_process(args.allow_uid.clone(), gids),
         opening_timeout: Duration::from_millis(args.opening_timeout_ms),

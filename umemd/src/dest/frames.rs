@@ -217,6 +217,7 @@ impl Dest {
                 }
                 // The placer was flushed above: every page before this frame is in guest RAM.
                 PeerMessage::Drain { round } => {
+                    self.hold_wake_latency();
                     write_peer(writer, &PeerMessage::Drained { round })?;
                 }
                 PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {
@@ -230,6 +231,7 @@ impl Dest {
                             "the source switched to postcopy, but this VMM passed no userfaultfd",
                         ));
                     }
+                    self.hold_wake_latency();
                     self.switching_to_postcopy = postcopy;
                     self.switchover_at = Some(Instant::now());
                     self.set_phase(DestPhase::Switchover)?;

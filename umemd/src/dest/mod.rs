@@ -46,6 +46,7 @@ use crate::mapping::GuestMapping;
 use crate::metrics::SessionMetrics;
 use crate::phase::Transitions;
 use crate::stream::{PeerListener, PeerStream};
+use crate::wake::WakeLatencyRequest;
 pub use error::{DestError, DestFailure};
 use fault::FaultHandler;
 use pages::PageTable;
@@ -102,6 +103,9 @@ pub struct Dest {
     postcopy: Option<Postcopy>,
     /// The source announced a postcopy switchover.
     switching_to_postcopy: bool,
+    /// Idle CPUs wake at once from the drain before the switchover until the migration ends
+    /// (see [`crate::wake`]).
+    wake_latency: Option<WakeLatencyRequest>,
     /// Where the migration stands: from `Loaded` the VMM holds the machine state, and the VM
     /// runs once the source commits; in `Postcopy` pages may be placed only with
     /// `UFFDIO_COPY`.
@@ -193,6 +197,7 @@ impl Dest {
                     pages,
                     postcopy,
                     switching_to_postcopy: false,
+                    wake_latency: None,
                     phase: DestPhase::Setup,
                     started: Instant::now(),
                     last_progress: Instant::now(),
@@ -249,6 +254,14 @@ impl Dest {
         self.run_with(None)
     }
 
+    /// From the drain on, the switchover's messages and the page requests after it should find
+    /// CPUs that wake at once; taken once, kept until the migration ends.
+    fn hold_wake_latency(&mut self) {
+        if self.wake_latency.is_none() {
+            self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);
+        }
+    }
+
     /// Takes over postcopy session `session_id` for a VM that runs here already (the umemd
     /// that served it died), and runs it to its end.
     pub fn run_resumed(self, session_id: u64) {
@@ -261,6 +274,7 @@ impl Dest {
             None => self.receive(&mut peer),
             Some(id) => self.receive_after_restart(&mut peer, id),
         };
+        self.wake_latency = None;
         self.stats.total_us = self.started.elapsed().as_micros() as u64;
         match result {
             Ok(()) => {

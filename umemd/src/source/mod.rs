@@ -45,6 +45,7 @@ use crate::phase::Transitions;
 use crate::stats::rate;
 use crate::stream::PeerStream;
 use crate::tls;
+use crate::wake::WakeLatencyRequest;
 pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
@@ -96,6 +97,9 @@ pub struct Source {
     start_postcopy: bool,
     /// The migration went through a postcopy phase.
     postcopy_ran: bool,
+    /// Idle CPUs wake at once from the drain before the switchover until the migration ends
+    /// (see [`crate::wake`]).
+    wake_latency: Option<WakeLatencyRequest>,
     /// The VMM handed over the final machine state: from then on the migration goes on even if
     /// the source VMM exits, since umemd holds everything the destination needs.
     state_taken: bool,
@@ -200,6 +204,7 @@ impl Source {
             dest_postcopy: false,
             start_postcopy: false,
             postcopy_ran: false,
+            wake_latency: None,
             state_taken: false,
             phase: SourcePhase::Setup,
             last_heartbeat: Instant::now(),
@@ -254,6 +259,7 @@ impl Source {
             None => self.migrate(&mut peer),
             Some(id) => self.resume_after_restart(&mut peer, id),
         };
+        self.wake_latency = None;
         self.update_stats();
         match result {
             Ok(()) => {
@@ -295,6 +301,14 @@ impl Source {
                     stats: self.stats,
                 });
             }
+        }
+    }
+
+    /// From the switchover on, page requests and the commit's messages should find CPUs that
+    /// wake at once; taken once, kept until the migration ends.
+    fn hold_wake_latency(&mut self) {
+        if self.wake_latency.is_none() {
+            self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);
         }
     }
 

@@ -26,6 +26,7 @@ impl Source {
     /// timeout fails the migration before the VM stops. `Drain` goes through the page sender,
     /// after whatever it still holds (the discards of a postcopy switchover).
     pub(super) fn drain(&mut self, peer: &mut Peer, round: u32) -> Result<(), SourceError> {
+        self.hold_wake_latency();
         if !self.dest_drain {
             return Ok(());
         }
@@ -55,6 +56,7 @@ impl Source {
         mut dirty: DirtyBitmap,
     ) -> Result<(), SourceError> {
         // Switchover: the VMM stops its vCPUs, sends what they dirtied since, and its state.
+        self.hold_wake_latency();
         self.set_phase(SourcePhase::Switchover)?;
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
@@ -94,6 +96,7 @@ impl Source {
         mut dirty: DirtyBitmap,
     ) -> Result<(), SourceError> {
         self.switching_to_postcopy = true;
+        self.hold_wake_latency();
         self.set_phase(SourcePhase::Switchover)?;
         self.progress(true);
         let stopped_at = Instant::now();
