@@ -116,6 +116,13 @@ fn memtouch_pair(t: &TestEnv, mem: &str, vcpus: u32, cmdline: &str) -> Pair {
     pair
 }
 
+/// Waits until the source VM stopped for the switchover; returns its last pass there.
+fn source_stopped_after(pair: &Pair) -> u64 {
+    wait_until(secs(60), "source to stop", || {
+        (pair.src.status() == "postmigrate").then(|| pair.src.last_pass().map_or(0, |p| p.pass))
+    })
+}
+
 /// Starts a postcopy that moves only the pages the destination asks for, and waits until the
 /// destination runs the guest.
 fn start_postcopy_without_background(pair: &mut Pair) {
@@ -373,9 +380,7 @@ fn postcopy_no_background_sends_only_requested_pages() {
     let total = (32 << 20) / PAGE_SIZE;
     pair.src.wait_pass(secs(60), 3);
     start_postcopy_without_background(&mut pair);
-    let src_last = wait_until(secs(60), "source to stop", || {
-        (pair.src.status() == "postmigrate").then(|| pair.src.last_pass().map_or(0, |p| p.pass))
-    });
+    let src_last = source_stopped_after(&pair);
     pair.dst.wait_pass(secs(120), src_last + 3);
 
     // Only the working set (and the guest's image and stack) was fetched; nothing else moves.
@@ -454,9 +459,7 @@ fn postcopy_with_the_wake_latency_request_off_leaves_the_host_alone() {
         .start();
     pair.src.wait_pass(secs(60), 2);
     start_postcopy_without_background(&mut pair);
-    let src_last = wait_until(secs(60), "source to stop", || {
-        (pair.src.status() == "postmigrate").then(|| pair.src.last_pass().map_or(0, |p| p.pass))
-    });
+    let src_last = source_stopped_after(&pair);
     pair.dst.wait_pass(secs(120), src_last + 2);
     assert_eq!(pair.dst.query_migrate()["phase"], "postcopy");
     assert_wake_latency_held(&pair, false);
