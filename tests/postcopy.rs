@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use umem_testkit::pair::{
     assert_completed, assert_digest_guest_moved_mid_run, assert_digest_matches_reference,
     assert_every_round_once, assert_guest_continues, assert_guest_runs_on,
-    assert_same_ram_outside_working_set, assert_umemds_rss_bounded, combined_passes,
-    memtouch_exclude, MigrationSetup, Pair, DIGEST_CMDLINE, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES,
-    PAGE_SIZE,
+    assert_same_ram_outside_working_set, assert_umemds_rss_bounded, assert_wake_latency_request,
+    combined_passes, memtouch_exclude, MigrationSetup, Pair, DIGEST_CMDLINE, MEMTOUCH_CMDLINE,
+    MEMTOUCH_PAGES, PAGE_SIZE,
 };
 use umem_testkit::{
     assert_consecutive, assert_no_bad, read_process_memory, require_kvm, secs, wait_until,
@@ -343,33 +343,6 @@ const SMALL_MEMTOUCH: &str = "pages=1024 pause=1000";
 /// The working set of [`SMALL_MEMTOUCH`], in pages.
 const SMALL_PAGES: u64 = 1024;
 
-/// Asserts that both umemds of `pair` hold a request for idle CPUs that wake at once (the
-/// default of `--cpu-wake-latency-us`), and that the host then has it, or that neither does.
-fn assert_wake_latency_held(pair: &Pair, held: bool) {
-    let qos = std::path::Path::new(umemd::wake::CPU_LATENCY_QOS);
-    if !qos.exists() {
-        eprintln!(
-            "skipped the wake-up latency check: {} is missing",
-            qos.display()
-        );
-        return;
-    }
-    for (who, u) in [
-        ("source", &pair.src_umemd),
-        ("destination", &pair.dst_umemd),
-    ] {
-        assert_eq!(
-            u.has_open(qos),
-            held,
-            "{who} umemd holding {}",
-            qos.display()
-        );
-    }
-    if held {
-        assert_eq!(umemd::wake::current(qos).unwrap(), 0);
-    }
-}
-
 #[test]
 fn postcopy_no_background_sends_only_requested_pages() {
     if !require_kvm("postcopy_no_background_sends_only_requested_pages") {
@@ -403,7 +376,7 @@ fn postcopy_no_background_sends_only_requested_pages() {
         "the source sent more than the requested pages: {sv}"
     );
     // While pages are missing, both umemds keep idle CPUs awake for the requests.
-    assert_wake_latency_held(&pair, true);
+    assert_wake_latency_request(&pair, true);
 
     // The VMM's own reads of guest RAM fault too and are served: reading all of it fetches
     // every remaining page and so ends the migration.
@@ -421,7 +394,7 @@ fn postcopy_no_background_sends_only_requested_pages() {
         o.raw
     );
     assert_eq!(pc(&dv, "pages_urgent"), total, "{dv}");
-    assert_wake_latency_held(&pair, false);
+    assert_wake_latency_request(&pair, false);
     assert_eq!(
         o.stat("pages_sent") + o.stat("zero_pages"),
         total,
@@ -462,7 +435,7 @@ fn postcopy_with_the_wake_latency_request_off_leaves_the_host_alone() {
     let src_last = source_stopped_after(&pair);
     pair.dst.wait_pass(secs(120), src_last + 2);
     assert_eq!(pair.dst.query_migrate()["phase"], "postcopy");
-    assert_wake_latency_held(&pair, false);
+    assert_wake_latency_request(&pair, false);
     let _ = pair.dst.digest();
     assert_completed("source", &pair.src.wait_migration(secs(120)));
     wait_dest_completed(&mut pair.dst, secs(60));

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use umem_testkit::pair::{
-    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set, MigrationSetup,
-    Pair, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES,
+    assert_completed, assert_guest_runs_on, assert_same_ram_outside_working_set,
+    assert_wake_latency_request, MigrationSetup, Pair, MEMTOUCH_CMDLINE, MEMTOUCH_PAGES,
 };
 use umem_testkit::proxy::FaultProxy;
 use umem_testkit::{require_kvm, secs, wait_until, TestEnv, Vmm};
@@ -104,6 +104,8 @@ fn postcopy_resumes_after_the_link_is_cut_and_back() {
         .ctl("query-ram-digest", Value::Null)
         .expect_err("a RAM digest while pages are out of reach");
     assert!(e.contains("missing"), "{e}");
+    // Nothing flows while paused: idle CPUs go back to the host's policy until the link is back.
+    assert_wake_latency_request(&pair, false);
 
     proxy.restore();
     let took = assert_recovers(&mut pair, Instant::now());

@@ -38,8 +38,20 @@ pub enum PageSource {
     Local,
     /// A server thread over loopback TCP, as a source umemd serves requests.
     Loopback,
-    /// The same while a push of the scenario's size runs on a second connection.
+    /// The same while a push of the scenario's size runs on a second connection, at the
+    /// push's nice value as umemd runs it.
     LoopbackPush,
+    /// The same with the push at the priority of the fault's path: what the nice value buys.
+    LoopbackPushUnniced,
+}
+
+impl PageSource {
+    fn pushes(self) -> bool {
+        matches!(
+            self,
+            PageSource::LoopbackPush | PageSource::LoopbackPushUnniced
+        )
+    }
 }
 
 /// Serves page requests (a page index, 8 bytes) with the page read from `src`, until the
@@ -115,11 +127,13 @@ fn handle(
 /// A push of `bytes` on a connection of its own: a sender with `sendfile`, a receiver writing
 /// into a fresh memfd, both at the push's nice value. Returns the receiver, which ends with the
 /// push and gives its bytes per second.
-fn push(bytes: u64) -> Result<JoinHandle<Result<f64, String>>, String> {
-    let (mut sock, sender) = sending_peer(bytes, true)?;
+fn push(bytes: u64, niced: bool) -> Result<JoinHandle<Result<f64, String>>, String> {
+    let (mut sock, sender) = sending_peer(bytes, niced)?;
     let dst = fresh_memfd("umem-bench-push", bytes)?;
     Ok(std::thread::spawn(move || {
-        umemd::priority::lower_priority();
+        if niced {
+            umemd::priority::lower_priority();
+        }
         let t = Instant::now();
         let mut buf = vec![0u8; PUSH_STEP];
         let mut off = 0u64;
@@ -152,7 +166,7 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
     let pages = len / PAGE;
     let (server, sock) = match from {
         PageSource::Local => (None, None),
-        PageSource::Loopback | PageSource::LoopbackPush => {
+        PageSource::Loopback | PageSource::LoopbackPush | PageSource::LoopbackPushUnniced => {
             let src = fresh_memfd("umem-bench-served", bytes)?;
             fill(&src, bytes)?;
             let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
@@ -174,9 +188,9 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
         .map_err(|e| format!("userfaultfd: {e}"))?;
     uffd.register_with_mode(vm.at(0), len, RegisterMode::MISSING)
         .map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
-    let pushing = match from {
-        PageSource::LoopbackPush => Some(push(bytes)?),
-        _ => None,
+    let pushing = match from.pushes() {
+        true => Some(push(bytes, from == PageSource::LoopbackPush)?),
+        false => None,
     };
     let push_done = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));

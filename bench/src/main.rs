@@ -160,6 +160,14 @@ const SCENARIOS: &[fn() -> Scenario] = &[
             "1G",
         )
     },
+    // The same push at the fault path's priority: what the push's nice value buys.
+    || {
+        machine(
+            "machine-fault-loopback-push-unniced-1g",
+            "fault-loopback-push-unniced",
+            "1G",
+        )
+    },
     || machine("machine-place-copy-4g", "place-copy", "4G"),
     || machine("machine-place-minor-4g", "place-minor", "4G"),
     || Scenario {
@@ -628,6 +636,9 @@ fn main() {
                 "fault-local" => floor::faults(&s, floor::PageSource::Local),
                 "fault-loopback" => floor::faults(&s, floor::PageSource::Loopback),
                 "fault-loopback-push" => floor::faults(&s, floor::PageSource::LoopbackPush),
+                "fault-loopback-push-unniced" => {
+                    floor::faults(&s, floor::PageSource::LoopbackPushUnniced)
+                }
                 "place-copy" => machine::place(&s, machine::Placement::Copy),
                 "place-minor" => machine::place(&s, machine::Placement::Minor),
                 "receive-copy" => machine::place(&s, machine::Placement::ReceiveCopy),

@@ -439,3 +439,30 @@ pub fn assert_every_round_once(src: &Vmm, dst: &Vmm) {
         );
     }
 }
+
+/// Asserts that both umemds of `pair` hold a request for idle CPUs that wake at once (the
+/// default of `--cpu-wake-latency-us`), and that the host then has it, or that neither does.
+pub fn assert_wake_latency_request(pair: &Pair, held: bool) {
+    let qos = std::path::Path::new(umemd::wake::CPU_LATENCY_QOS);
+    if !qos.exists() {
+        eprintln!(
+            "skipped the wake-up latency check: {} is missing",
+            qos.display()
+        );
+        return;
+    }
+    for (who, u) in [
+        ("source", &pair.src_umemd),
+        ("destination", &pair.dst_umemd),
+    ] {
+        assert_eq!(
+            u.has_open(qos),
+            held,
+            "{who} umemd holding {}",
+            qos.display()
+        );
+    }
+    if held {
+        assert_eq!(umemd::wake::current(qos).unwrap(), 0);
+    }
+}

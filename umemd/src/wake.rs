@@ -60,7 +60,9 @@ impl WakeLatencyRequest {
         let us = policy()?;
         match Self::open(Path::new(CPU_LATENCY_QOS), us) {
             Ok(r) => {
-                debug!("{vm}: idle CPUs wake within {us} us until the postcopy ends");
+                debug!(
+                    "{vm}: idle CPUs wake within {us} us while the switchover and the postcopy run"
+                );
                 Some(r)
             }
             Err(e) => {

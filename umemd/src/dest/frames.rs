@@ -231,7 +231,6 @@ impl Dest {
                             "the source switched to postcopy, but this VMM passed no userfaultfd",
                         ));
                     }
-                    self.hold_wake_latency();
                     self.switching_to_postcopy = postcopy;
                     self.switchover_at = Some(Instant::now());
                     self.set_phase(DestPhase::Switchover)?;

@@ -103,8 +103,8 @@ pub struct Dest {
     postcopy: Option<Postcopy>,
     /// The source announced a postcopy switchover.
     switching_to_postcopy: bool,
-    /// Idle CPUs wake at once from the drain before the switchover until the migration ends
-    /// (see [`crate::wake`]).
+    /// Idle CPUs wake at once from the drain before the switchover until the migration ends,
+    /// but while a postcopy is paused (see [`crate::wake`]).
     wake_latency: Option<WakeLatencyRequest>,
     /// Where the migration stands: from `Loaded` the VMM holds the machine state, and the VM
     /// runs once the source commits; in `Postcopy` pages may be placed only with
@@ -237,7 +237,21 @@ impl Dest {
     fn set_phase(&mut self, next: DestPhase) -> Result<(), DestError> {
         self.phase = self.phase.advance(next)?;
         self.stats.phase = next.reported();
+        self.wake_latency_for(next);
         Ok(())
+    }
+
+    /// Idle CPUs wake at once while the switchover and the postcopy run (see [`crate::wake`]);
+    /// not while a postcopy waits for its link to come back, when nothing flows for as long as
+    /// that takes, nor once the migration has ended.
+    fn wake_latency_for(&mut self, phase: DestPhase) {
+        match phase {
+            DestPhase::Switchover | DestPhase::Postcopy => self.hold_wake_latency(),
+            DestPhase::PostcopyPaused | DestPhase::Completed | DestPhase::Failed => {
+                self.wake_latency = None
+            }
+            _ => {}
+        }
     }
 
     /// Moves to a final phase.
@@ -255,7 +269,7 @@ impl Dest {
     }
 
     /// From the drain on, the switchover's messages and the page requests after it should find
-    /// CPUs that wake at once; taken once, kept until the migration ends.
+    /// CPUs that wake at once; taken once, kept until the migration ends or pauses.
     fn hold_wake_latency(&mut self) {
         if self.wake_latency.is_none() {
             self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);

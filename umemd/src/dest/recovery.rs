@@ -95,7 +95,6 @@ impl Dest {
         send_local(&mut self.vmm, &LocalMessage::Listening { uri }).map_err(DestError::Vmm)?;
         let _ = send_local(&mut self.vmm, &LocalMessage::Session(session_id));
         self.started = Instant::now();
-        self.hold_wake_latency();
         let mut present = 0;
         // On huge pages `lseek` takes all of the memfd for data, so nothing can be told from
         // it: every page counts as still to come. The source then sends them all again, and

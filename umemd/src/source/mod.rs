@@ -97,8 +97,8 @@ pub struct Source {
     start_postcopy: bool,
     /// The migration went through a postcopy phase.
     postcopy_ran: bool,
-    /// Idle CPUs wake at once from the drain before the switchover until the migration ends
-    /// (see [`crate::wake`]).
+    /// Idle CPUs wake at once from the drain before the switchover until the migration ends,
+    /// but while a postcopy is paused (see [`crate::wake`]).
     wake_latency: Option<WakeLatencyRequest>,
     /// The VMM handed over the final machine state: from then on the migration goes on even if
     /// the source VMM exits, since umemd holds everything the destination needs.
@@ -305,7 +305,7 @@ impl Source {
     }
 
     /// From the switchover on, page requests and the commit's messages should find CPUs that
-    /// wake at once; taken once, kept until the migration ends.
+    /// wake at once; taken once, kept until the migration ends or pauses.
     fn hold_wake_latency(&mut self) {
         if self.wake_latency.is_none() {
             self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);
@@ -324,7 +324,21 @@ impl Source {
     fn set_phase(&mut self, next: SourcePhase) -> Result<(), SourceError> {
         self.phase = self.phase.advance(next)?;
         self.stats.phase = next.reported();
+        self.wake_latency_for(next);
         Ok(())
+    }
+
+    /// Idle CPUs wake at once while the switchover and the postcopy run (see [`crate::wake`]);
+    /// not while a postcopy waits for its link to come back, when nothing flows for as long as
+    /// that takes, nor once the migration has ended.
+    fn wake_latency_for(&mut self, phase: SourcePhase) {
+        match phase {
+            SourcePhase::Switchover | SourcePhase::Postcopy => self.hold_wake_latency(),
+            SourcePhase::PostcopyPaused | SourcePhase::Completed | SourcePhase::Failed => {
+                self.wake_latency = None
+            }
+            _ => {}
+        }
     }
 
     /// Moves to a final phase.

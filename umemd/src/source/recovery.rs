@@ -85,7 +85,6 @@ impl Source {
         self.dest_recovery = true;
         self.postcopy_ran = true;
         self.sender.freeze();
-        self.hold_wake_latency();
         self.set_phase(SourcePhase::PostcopyPaused)?;
         self.report(&LocalMessage::Session(session_id));
         self.progress(true);

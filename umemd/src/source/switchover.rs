@@ -56,7 +56,6 @@ impl Source {
         mut dirty: DirtyBitmap,
     ) -> Result<(), SourceError> {
         // Switchover: the VMM stops its vCPUs, sends what they dirtied since, and its state.
-        self.hold_wake_latency();
         self.set_phase(SourcePhase::Switchover)?;
         let stopped_at = Instant::now();
         let (last, state) = self.harvest(true)?;
@@ -96,7 +95,6 @@ impl Source {
         mut dirty: DirtyBitmap,
     ) -> Result<(), SourceError> {
         self.switching_to_postcopy = true;
-        self.hold_wake_latency();
         self.set_phase(SourcePhase::Switchover)?;
         self.progress(true);
         let stopped_at = Instant::now();
