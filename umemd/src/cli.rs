@@ -70,3 +70,26 @@ fn parse_wake_latency(s: &str) -> Result<WakeBound, String> {
             .map_err(|e| format!("{e}: microseconds, or off")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("umemd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_wake_latency_bound_is_microseconds_or_off_and_zero_by_default() {
+        assert_eq!(parse(&[]).unwrap().cpu_wake_latency_us, WakeBound(Some(0)));
+        let a = parse(&["--cpu-wake-latency-us", "50"]).unwrap();
+        assert_eq!(a.cpu_wake_latency_us, WakeBound(Some(50)));
+        let a = parse(&["--cpu-wake-latency-us", "off"]).unwrap();
+        assert_eq!(a.cpu_wake_latency_us, WakeBound(None));
+        for bad in ["-1", "soon", ""] {
+            let arg = format!("--cpu-wake-latency-us={bad}");
+            let e = parse(&[&arg]).unwrap_err().to_string();
+            assert!(e.contains("microseconds, or off"), "{bad:?}: {e}");
+        }
+    }
+}
