@@ -9,7 +9,7 @@
 //! served.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
-use crate::machine::{fill, fresh_memfd, row, sending_peer, Shared};
+use crate::machine::{fill, fresh_memfd, loopback, row, sending_peer, Shared};
 use crate::{Run, Scenario};
 
 const PAGE: usize = 4096;
@@ -56,10 +56,9 @@ impl PageSource {
 
 /// Serves page requests (a page index, 8 bytes) with the page read from `src`, until the
 /// connection closes.
-fn serve(listener: TcpListener, src: std::fs::File) -> JoinHandle<Result<(), String>> {
+fn serve(mut sock: TcpStream, src: std::fs::File) -> JoinHandle<Result<(), String>> {
     std::thread::spawn(move || {
         umemd::priority::shorten_time_slice();
-        let (mut sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         sock.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut page = vec![0u8; PAGE];
         let mut index = [0u8; 8];
@@ -169,10 +168,8 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
         PageSource::Loopback | PageSource::LoopbackPush | PageSource::LoopbackPushUnniced => {
             let src = fresh_memfd("umem-bench-served", bytes)?;
             fill(&src, bytes)?;
-            let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let server = serve(listener, src);
-            let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            let (far, sock) = loopback()?;
+            let server = serve(far, src);
             sock.set_nodelay(true).map_err(|e| e.to_string())?;
             (Some(server), Some(sock))
         }

@@ -158,23 +158,29 @@ pub(crate) fn sending_peer(
 ) -> Result<(TcpStream, JoinHandle<Result<(), String>>), String> {
     let src = fresh_memfd("umem-bench-source", bytes)?;
     fill(&src, bytes)?;
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (sock, far) = loopback()?;
     let sender = std::thread::spawn(move || {
         if background {
             umemd::priority::lower_priority();
         }
-        let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
         let mut off: libc::off64_t = 0;
         while (off as u64) < bytes {
             let n = (bytes - off as u64).min(CHUNK as u64) as usize;
-            nix::sys::sendfile::sendfile64(&sock, &src, Some(&mut off), n)
+            nix::sys::sendfile::sendfile64(&far, &src, Some(&mut off), n)
                 .map_err(|e| format!("sendfile: {e}"))?;
         }
         Ok(())
     });
-    let (sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
     Ok((sock, sender))
+}
+
+/// Both ends of a fresh loopback TCP connection: the one accepted, the one that connected.
+pub(crate) fn loopback() -> Result<(TcpStream, TcpStream), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("listen: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let connected = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let (accepted, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    Ok((accepted, connected))
 }
 
 /// Moves up to `n` bytes from `from` to `to` with `splice`, at `*to_off` when `to` is a file

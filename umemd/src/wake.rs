@@ -81,6 +81,25 @@ impl WakeLatencyRequest {
     }
 }
 
+/// A migration's hold on this umemd's request: taken while its switchover or its postcopy
+/// runs, given back in between and at the end.
+#[derive(Debug, Default)]
+pub struct WakeLatencyHold(Option<WakeLatencyRequest>);
+
+impl WakeLatencyHold {
+    /// Takes the request of this umemd's policy for the migration of `vm`, unless held already.
+    pub fn hold(&mut self, vm: &str) {
+        if self.0.is_none() {
+            self.0 = WakeLatencyRequest::for_migration(vm);
+        }
+    }
+
+    /// Gives the request back, if held.
+    pub fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// The bound in force on the host now (the smallest of all requests), in microseconds.
 pub fn current(qos: &Path) -> io::Result<i32> {
     let mut b = [0u8; 4];

@@ -217,7 +217,8 @@ impl Dest {
                 }
                 // The placer was flushed above: every page before this frame is in guest RAM.
                 PeerMessage::Drain { round } => {
-                    self.hold_wake_latency();
+                    // The switchover follows: CPUs that wake at once from here.
+                    self.wake_latency.hold(&self.vm);
                     write_peer(writer, &PeerMessage::Drained { round })?;
                 }
                 PeerMessage::Switchover { .. } if self.phase != DestPhase::Precopy => {

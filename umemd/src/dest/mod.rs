@@ -46,7 +46,7 @@ use crate::mapping::GuestMapping;
 use crate::metrics::SessionMetrics;
 use crate::phase::Transitions;
 use crate::stream::{PeerListener, PeerStream};
-use crate::wake::WakeLatencyRequest;
+use crate::wake::WakeLatencyHold;
 pub use error::{DestError, DestFailure};
 use fault::FaultHandler;
 use pages::PageTable;
@@ -105,7 +105,7 @@ pub struct Dest {
     switching_to_postcopy: bool,
     /// Idle CPUs wake at once from the drain before the switchover until the migration ends,
     /// but while a postcopy is paused (see [`crate::wake`]).
-    wake_latency: Option<WakeLatencyRequest>,
+    wake_latency: WakeLatencyHold,
     /// Where the migration stands: from `Loaded` the VMM holds the machine state, and the VM
     /// runs once the source commits; in `Postcopy` pages may be placed only with
     /// `UFFDIO_COPY`.
@@ -197,7 +197,7 @@ impl Dest {
                     pages,
                     postcopy,
                     switching_to_postcopy: false,
-                    wake_latency: None,
+                    wake_latency: WakeLatencyHold::default(),
                     phase: DestPhase::Setup,
                     started: Instant::now(),
                     last_progress: Instant::now(),
@@ -246,9 +246,9 @@ impl Dest {
     /// that takes, nor once the migration has ended.
     fn wake_latency_for(&mut self, phase: DestPhase) {
         match phase {
-            DestPhase::Switchover | DestPhase::Postcopy => self.hold_wake_latency(),
+            DestPhase::Switchover | DestPhase::Postcopy => self.wake_latency.hold(&self.vm),
             DestPhase::PostcopyPaused | DestPhase::Completed | DestPhase::Failed => {
-                self.wake_latency = None
+                self.wake_latency.release()
             }
             _ => {}
         }
@@ -268,14 +268,6 @@ impl Dest {
         self.run_with(None)
     }
 
-    /// From the drain on, the switchover's messages and the page requests after it should find
-    /// CPUs that wake at once; taken once, kept until the migration ends or pauses.
-    fn hold_wake_latency(&mut self) {
-        if self.wake_latency.is_none() {
-            self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);
-        }
-    }
-
     /// Takes over postcopy session `session_id` for a VM that runs here already (the umemd
     /// that served it died), and runs it to its end.
     pub fn run_resumed(self, session_id: u64) {
@@ -288,7 +280,7 @@ impl Dest {
             None => self.receive(&mut peer),
             Some(id) => self.receive_after_restart(&mut peer, id),
         };
-        self.wake_latency = None;
+        self.wake_latency.release();
         self.stats.total_us = self.started.elapsed().as_micros() as u64;
         match result {
             Ok(()) => {

@@ -45,7 +45,7 @@ use crate::phase::Transitions;
 use crate::stats::rate;
 use crate::stream::PeerStream;
 use crate::tls;
-use crate::wake::WakeLatencyRequest;
+use crate::wake::WakeLatencyHold;
 pub use error::{SourceError, SourceFailure};
 use peer::session_id;
 use phase::SourcePhase;
@@ -99,7 +99,7 @@ pub struct Source {
     postcopy_ran: bool,
     /// Idle CPUs wake at once from the drain before the switchover until the migration ends,
     /// but while a postcopy is paused (see [`crate::wake`]).
-    wake_latency: Option<WakeLatencyRequest>,
+    wake_latency: WakeLatencyHold,
     /// The VMM handed over the final machine state: from then on the migration goes on even if
     /// the source VMM exits, since umemd holds everything the destination needs.
     state_taken: bool,
@@ -204,7 +204,7 @@ impl Source {
             dest_postcopy: false,
             start_postcopy: false,
             postcopy_ran: false,
-            wake_latency: None,
+            wake_latency: WakeLatencyHold::default(),
             state_taken: false,
             phase: SourcePhase::Setup,
             last_heartbeat: Instant::now(),
@@ -259,7 +259,7 @@ impl Source {
             None => self.migrate(&mut peer),
             Some(id) => self.resume_after_restart(&mut peer, id),
         };
-        self.wake_latency = None;
+        self.wake_latency.release();
         self.update_stats();
         match result {
             Ok(()) => {
@@ -304,14 +304,6 @@ impl Source {
         }
     }
 
-    /// From the switchover on, page requests and the commit's messages should find CPUs that
-    /// wake at once; taken once, kept until the migration ends or pauses.
-    fn hold_wake_latency(&mut self) {
-        if self.wake_latency.is_none() {
-            self.wake_latency = WakeLatencyRequest::for_migration(&self.vm);
-        }
-    }
-
     fn report(&mut self, msg: &LocalMessage) {
         // Published whether or not the VMM is still there to read it.
         self.metrics.observe(msg);
@@ -333,9 +325,9 @@ impl Source {
     /// that takes, nor once the migration has ended.
     fn wake_latency_for(&mut self, phase: SourcePhase) {
         match phase {
-            SourcePhase::Switchover | SourcePhase::Postcopy => self.hold_wake_latency(),
+            SourcePhase::Switchover | SourcePhase::Postcopy => self.wake_latency.hold(&self.vm),
             SourcePhase::PostcopyPaused | SourcePhase::Completed | SourcePhase::Failed => {
-                self.wake_latency = None
+                self.wake_latency.release()
             }
             _ => {}
         }

@@ -26,7 +26,8 @@ impl Source {
     /// timeout fails the migration before the VM stops. `Drain` goes through the page sender,
     /// after whatever it still holds (the discards of a postcopy switchover).
     pub(super) fn drain(&mut self, peer: &mut Peer, round: u32) -> Result<(), SourceError> {
-        self.hold_wake_latency();
+        // The switchover's messages and page requests follow: CPUs that wake at once from here.
+        self.wake_latency.hold(&self.vm);
         if !self.dest_drain {
             return Ok(());
         }
