@@ -60,7 +60,11 @@ impl ControlConnection {
 
     /// Sends one raw request line and reads one reply line.
     pub fn raw_request(&mut self, line: &str) -> Result<Value, String> {
-        writeln!(self.conn.get_mut(), "{line}").map_err(|e| format!("write: {e}"))?;
+        // One write: a request in pieces wakes the VMM's control thread for each.
+        self.conn
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| format!("write: {e}"))?;
         let mut reply = String::new();
         match self.conn.read_line(&mut reply) {
             Ok(0) => return Err("read: the vmm closed the connection".into()),

@@ -7,7 +7,7 @@
 //! umem-ctl -s /run/umem/vm0.sock --json wait-migrate
 //! ```
 
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -44,7 +44,7 @@ impl Client {
 
     fn call(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
         let req = json!({"execute": cmd, "arguments": args});
-        writeln!(self.writer, "{req}").map_err(|e| format!("sending: {e}"))?;
+        vmm::control::send_line(&mut self.writer, &req).map_err(|e| format!("sending: {e}"))?;
         let mut line = String::new();
         loop {
             line.clear();
