@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::admission;
+use crate::congestion::CongestionPolicy;
 
 /// The umem migration daemon.
 #[derive(Debug, Parser)]
@@ -55,6 +56,12 @@ pub struct Args {
     /// `off` leaves the host's idle policy alone.
     #[arg(long, value_name = "US|off", default_value = "0", value_parser = parse_wake_latency)]
     pub cpu_wake_latency_us: WakeBound,
+    /// The TCP congestion control of migration connections, set on each before it connects
+    /// or listens: an algorithm's name, or `host` for the host's default. CUBIC does not pace;
+    /// BBR, a common host default, paces each connection, which delays requested pages and
+    /// costs the receiver a wake-up per paced burst. If the host refuses cubic, reno.
+    #[arg(long, value_name = "NAME|host", default_value = crate::congestion::DEFAULT_ALGORITHM)]
+    pub congestion_control: CongestionPolicy,
 }
 
 /// `--cpu-wake-latency-us`: a bound in microseconds, or none.
@@ -77,6 +84,19 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("umemd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_congestion_control_is_a_name_or_host_and_cubic_by_default() {
+        assert_eq!(
+            parse(&[]).unwrap().congestion_control,
+            CongestionPolicy::Named("cubic".into())
+        );
+        let a = parse(&["--congestion-control", "host"]).unwrap();
+        assert_eq!(a.congestion_control, CongestionPolicy::Host);
+        let a = parse(&["--congestion-control", "bbr"]).unwrap();
+        assert_eq!(a.congestion_control, CongestionPolicy::Named("bbr".into()));
+        assert!(parse(&["--congestion-control", ""]).is_err());
     }
 
     #[test]

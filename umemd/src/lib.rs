@@ -13,6 +13,7 @@ pub mod admission;
 pub mod auth;
 pub mod bitmap;
 pub mod cli;
+pub mod congestion;
 pub mod daemon;
 pub mod dest;
 pub mod error;

@@ -40,6 +40,7 @@ fn main() {
         );
     }
     umemd::wake::set_policy(args.cpu_wake_latency_us.0);
+    umemd::congestion::set_policy(args.congestion_control.clone());
     let limits = Limits {
         allow: AllowList::for_this_process(args.allow_uid.clone(), gids),
         opening_timeout: Duration::from_millis(args.opening_timeout_ms),

@@ -21,6 +21,20 @@ use vm_memory::VolatileSlice;
 /// so the queue is kept short; loopback still streams at full speed with it.
 pub const POSTCOPY_SOCKET_BUFFER: usize = 256 << 10;
 
+/// A TCP connection to `addr` within `timeout`, running umemd's congestion control from its
+/// first segment (see [`crate::congestion`]).
+fn tcp_connect(addr: &std::net::SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, SockRef, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    crate::congestion::apply(SockRef::from(&sock));
+    sock.connect_timeout(&(*addr).into(), timeout)?;
+    Ok(sock.into())
+}
+
 /// Errors of opening a migration stream.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -149,7 +163,7 @@ impl PeerStream {
                     .collect();
                 let mut last = Err(StreamError::NoAddress(addr));
                 for a in addrs {
-                    match TcpStream::connect_timeout(&a, timeout) {
+                    match tcp_connect(&a, timeout) {
                         Ok(s) => {
                             last = Ok(PeerStream::Tcp(s));
                             break;
@@ -426,10 +440,13 @@ impl PeerListener {
     pub fn bind(uri: &str) -> Result<Self, StreamError> {
         let l = match Endpoint::parse(uri)? {
             Endpoint::Tcp(addr) => {
-                PeerListener::Tcp(TcpListener::bind(&addr).map_err(|err| StreamError::Listen {
+                let l = TcpListener::bind(&addr).map_err(|err| StreamError::Listen {
                     on: addr.clone(),
                     err,
-                })?)
+                })?;
+                // Before any connection comes: accepted ones take the listener's algorithm.
+                crate::congestion::apply(socket2::SockRef::from(&l));
+                PeerListener::Tcp(l)
             }
             Endpoint::Unix(path) => PeerListener::Unix(
                 UnixListener::bind(&path).map_err(|err| StreamError::Listen {
@@ -581,5 +598,29 @@ mod tests {
         drop(l);
         assert!(!dir.join("m.sock").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn both_ends_of_a_migration_connection_run_umemds_congestion_control() {
+        use crate::congestion::algorithm_of;
+        use socket2::SockRef;
+        let l = PeerListener::bind("tcp:127.0.0.1:0").unwrap();
+        let c = PeerStream::connect(&l.uri().unwrap(), Duration::from_secs(1)).unwrap();
+        let a = loop {
+            match l.accept() {
+                Ok((a, _)) => break a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let (PeerStream::Tcp(c), PeerStream::Tcp(a)) = (&c, &a) else {
+            panic!("not TCP: {c:?} {a:?}")
+        };
+        // This process's policy is the default: CUBIC, or Reno where CUBIC is refused.
+        let ours = algorithm_of(SockRef::from(c)).unwrap();
+        assert!(ours == "cubic" || ours == "reno", "{ours}");
+        assert_eq!(algorithm_of(SockRef::from(a)).unwrap(), ours);
     }
 }
