@@ -293,7 +293,7 @@ fn tls_and_a_secret_together_and_the_hosts_tls_creds() {
         .migrate(&dst2.listen_uri(), json!({}))
         .expect("migrate");
     assert_fails_with(&mut stranger, &["requires TLS"]);
-    assert!(dst2.rejected_peers() >= 1);
+    dst2.wait_rejected_peers(1, secs(10));
     // Within one host (`unix:`) the connections stay plain, host credentials or not.
     let sock = t.dir().join("local-migration.sock");
     let mut local = t
