@@ -85,9 +85,7 @@ fn a_wrong_or_missing_secret_is_refused_and_the_destination_keeps_listening() {
 
     // Both were dropped at the door; the destination never left setup, nothing was written,
     // and it still waits: the real source then migrates.
-    wait_until(secs(10), "both peers counted", || {
-        (dst.rejected_peers() >= 2).then_some(())
-    });
+    dst.wait_rejected_peers(2, secs(10));
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
     assert_eq!(v["failed_attempts"], 0, "{v}");
@@ -136,9 +134,7 @@ fn a_recorded_exchange_replayed_to_a_destination_is_refused() {
     replay.stream.write_all(&recorded).unwrap();
     let mut answer = Vec::new();
     let _ = replay.stream.read_to_end(&mut answer);
-    wait_until(secs(10), "the replay to be counted", || {
-        (dst.rejected_peers() > rejected_before).then_some(())
-    });
+    dst.wait_rejected_peers(rejected_before + 1, secs(10));
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
     assert_eq!(dst.status(), "inmigrate");
@@ -174,9 +170,7 @@ fn recovery_connections_authenticate_too() {
     assert!(
         matches!(stranger.read(), Ok(PeerMessage::Error(e)) if e.contains("authentication required"))
     );
-    wait_until(secs(10), "the stranger to be counted", || {
-        (dst.rejected_peers() > rejected_before).then_some(())
-    });
+    dst.wait_rejected_peers(rejected_before + 1, secs(10));
     assert_eq!(dst.phase(), "postcopy-paused");
     let back = Instant::now();
     proxy.restore();

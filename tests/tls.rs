@@ -59,9 +59,7 @@ fn assert_fails_with(src: &mut Vmm, words: &[&str]) -> String {
 
 /// The destination turned `n` peers away at the gate and still waits, untouched.
 fn assert_still_waiting(dst: &Vmm, n: u64, before: &[(String, String)]) {
-    wait_until(secs(10), "the refused peers to be counted", || {
-        (dst.rejected_peers() >= n).then_some(())
-    });
+    dst.wait_rejected_peers(n, secs(10));
     let v = dst.query_migrate();
     assert_eq!(v["phase"], "setup", "{v}");
     assert_eq!(v["failed_attempts"], 0, "{v}");

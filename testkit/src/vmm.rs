@@ -386,15 +386,11 @@ impl Vmm {
     /// refused peer hears why before the count reaches this VMM, so a source that failed
     /// does not mean the count is in yet.
     pub fn wait_rejected_peers(&self, n: u64, timeout: Duration) -> u64 {
-        let name = self.name.clone();
-        wait_until(
-            timeout,
-            &format!("{name}: {n} rejected peer(s) counted"),
-            || {
-                let r = self.rejected_peers();
-                (r >= n).then_some(r)
-            },
-        )
+        let what = format!("{}: {n} rejected peer(s) counted", self.name);
+        wait_until(timeout, &what, || {
+            let r = self.rejected_peers();
+            (r >= n).then_some(r)
+        })
     }
 
     /// Waits until the migration is completed, failed or cancelled.
