@@ -6,6 +6,7 @@
 //! cargo run --release --bin umem-bench              # every scenario
 //! cargo run --release --bin umem-bench -- postcopy  # scenarios whose name contains "postcopy"
 //! cargo run --release --bin umem-bench -- --plot charts guest  # and SVG charts into charts/
+//! cargo run --release --bin umem-bench -- --runs 3 guest  # medians of 3 runs in a row
 //! ```
 //!
 //! The `*-tls` scenarios run every connection over TLS 1.3 (certificates made for the run),
@@ -35,6 +36,7 @@ mod charts;
 mod floor;
 mod latency;
 mod machine;
+mod medians;
 mod progress;
 mod qemu;
 
@@ -48,6 +50,10 @@ struct Args {
     /// throughput over time
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
+    /// Run the selection this many times in a row, then print each scenario's median over the
+    /// runs and the spread of its main figures (the charts show the last run)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Run only the scenarios whose name contains one of these (all when none is given); one
     /// that ends in `$` must match a whole name
     filters: Vec<String>,
@@ -612,7 +618,44 @@ fn main() {
     if !require_kvm("umem-bench") {
         return;
     }
-    let filter = &args.filters;
+    let mut rows = Vec::new();
+    let mut last = Vec::new();
+    for round in 1..=args.runs {
+        if args.runs > 1 {
+            eprintln!("umem-bench: run {round} of {}", args.runs);
+        }
+        last = run_selection(&args.filters, round, args.runs);
+        rows.extend(last.iter().map(|r| r.row.clone()));
+    }
+    if args.runs == 1 {
+        print_table(&rows);
+    } else {
+        let folded = medians::fold(&rows);
+        for r in &folded {
+            println!("{}", json!({"median_of": r}));
+        }
+        println!("\nmedian of {} runs:", args.runs);
+        print_table(&folded);
+        print_spread(&rows, &folded);
+    }
+    if let Some(dir) = &args.plot {
+        match charts::write_all(dir, &last) {
+            Ok(files) => {
+                for f in files {
+                    eprintln!("umem-bench: wrote {}", f.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("umem-bench: --plot: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Runs every scenario `filter` selects once, in the order of [`SCENARIOS`], printing each
+/// one's JSON line as it ends (with `"run"` when the selection runs more than once).
+fn run_selection(filter: &[String], round: u32, rounds: u32) -> Vec<Run> {
     let mut runs = Vec::new();
     for make in SCENARIOS {
         let s = make();
@@ -673,27 +716,18 @@ fn main() {
                 }
             },
         };
+        let mut r = r;
+        if rounds > 1 {
+            r.row["run"] = json!(round);
+        }
         println!("{}", r.row);
         runs.push(r);
     }
-    print_table(&runs);
-    if let Some(dir) = &args.plot {
-        match charts::write_all(dir, &runs) {
-            Ok(files) => {
-                for f in files {
-                    eprintln!("umem-bench: wrote {}", f.display());
-                }
-            }
-            Err(e) => {
-                eprintln!("umem-bench: --plot: {e}");
-                std::process::exit(1);
-            }
-        }
-    }
+    runs
 }
 
 /// The rows side by side, after the JSON lines.
-fn print_table(runs: &[Run]) {
+fn print_table(rows: &[Value]) {
     let f = |v: &Value, k: &str| match &v[k] {
         Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
         Value::Number(n) => n.to_string(),
@@ -726,7 +760,7 @@ fn print_table(runs: &[Run]) {
         "bad",
         "cpu ms/GiB"
     );
-    for r in runs.iter().map(|r| &r.row) {
+    for r in rows {
         let name = r["scenario"].as_str().unwrap_or("");
         if let Some(why) = r["skipped"].as_str() {
             println!("{name:<50} skipped: {why}");
@@ -753,7 +787,7 @@ fn print_table(runs: &[Run]) {
             pair(r, "cpu_ms_per_gib"),
         );
     }
-    for r in runs.iter().map(|r| &r.row) {
+    for r in rows {
         if let Some(p) = r["prealloc_ms"].as_f64().filter(|&p| p > 0.0) {
             println!(
                 "{}: preallocated in {p:.0} ms beforehand; of its total, {:.0} ms brought the data in, the rest was UFFDIO_CONTINUE",
@@ -761,6 +795,24 @@ fn print_table(runs: &[Run]) {
                 r["write_ms"].as_f64().unwrap_or(0.0),
             );
         }
+    }
+}
+
+/// Each scenario's lowest and highest run of its main figures, after the table of medians.
+fn print_spread(rows: &[Value], folded: &[Value]) {
+    println!("\nspread, lowest-highest run:");
+    print!("{:<50} {:>4}", "scenario", "runs");
+    for (_, heading) in medians::SPREAD {
+        print!(" {heading:>15}");
+    }
+    println!();
+    for r in folded.iter().filter(|r| r.get("runs").is_some()) {
+        let name = r["scenario"].as_str().unwrap_or("");
+        print!("{name:<50} {:>4}", r["runs"]);
+        for (key, _) in medians::SPREAD {
+            print!(" {:>15}", medians::spread(rows, name, key));
+        }
+        println!();
     }
 }
 
