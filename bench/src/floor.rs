@@ -23,7 +23,10 @@ use crate::machine::{fill, fresh_memfd, loopback, row, sending_peer, Shared};
 use crate::{Run, Scenario};
 
 const PAGE: usize = 4096;
-/// Faults timed without a push; with one, as many as come while it runs.
+/// A huge page, the unit a destination on huge pages requests and places.
+const HUGE_PAGE: usize = 2 << 20;
+/// Faults timed without a push (at most one per page, half the pages); with one, as many as
+/// come while it runs.
 const FAULTS: usize = 3000;
 /// The faulting thread's work between two touches, as a guest that computes between them: a
 /// busy vCPU holds a core, as in the busy-guest scenarios.
@@ -54,13 +57,13 @@ impl PageSource {
     }
 }
 
-/// Serves page requests (a page index, 8 bytes) with the page read from `src`, until the
-/// connection closes.
-fn serve(mut sock: TcpStream, src: std::fs::File) -> JoinHandle<Result<(), String>> {
+/// Serves page requests (a page index, 8 bytes) with the page of `size` bytes read from `src`,
+/// until the connection closes.
+fn serve(mut sock: TcpStream, src: std::fs::File, size: usize) -> JoinHandle<Result<(), String>> {
     std::thread::spawn(move || {
         umemd::priority::shorten_time_slice();
         sock.set_nodelay(true).map_err(|e| e.to_string())?;
-        let mut page = vec![0u8; PAGE];
+        let mut page = vec![0u8; size];
         let mut index = [0u8; 8];
         loop {
             match sock.read_exact(&mut index) {
@@ -68,7 +71,7 @@ fn serve(mut sock: TcpStream, src: std::fs::File) -> JoinHandle<Result<(), Strin
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(format!("server read: {e}")),
             }
-            let off = u64::from_le_bytes(index) * PAGE as u64;
+            let off = u64::from_le_bytes(index) * size as u64;
             src.read_exact_at(&mut page, off)
                 .map_err(|e| format!("pread at {off:#x}: {e}"))?;
             sock.write_all(&page)
@@ -78,10 +81,12 @@ fn serve(mut sock: TcpStream, src: std::fs::File) -> JoinHandle<Result<(), Strin
 }
 
 /// Handles the faults of the mapping at `base` (registered with `uffd`) until `stop`, each page
-/// fetched from `server` (or a local buffer without one) and placed with `UFFDIO_COPY`.
+/// of `size` bytes fetched from `server` (or a local buffer without one) and placed with
+/// `UFFDIO_COPY`.
 fn handle(
     uffd: Uffd,
     base: usize,
+    size: usize,
     mut server: Option<TcpStream>,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<Result<(), String>> {
@@ -89,7 +94,7 @@ fn handle(
     use std::os::fd::{AsRawFd, BorrowedFd};
     std::thread::spawn(move || {
         umemd::priority::shorten_time_slice();
-        let mut page = vec![0x5au8; PAGE];
+        let mut page = vec![0x5au8; size];
         while !stop.load(Ordering::Acquire) {
             // SAFETY: the userfaultfd lives in `uffd`, which outlives this borrow.
             let fd = unsafe { BorrowedFd::borrow_raw(uffd.as_raw_fd()) };
@@ -100,22 +105,23 @@ fn handle(
                 Err(e) => return Err(format!("poll: {e}")),
             }
             let at = match uffd.read_event().map_err(|e| format!("uffd read: {e}"))? {
-                Some(Event::Pagefault { addr, .. }) => addr as usize & !(PAGE - 1),
+                Some(Event::Pagefault { addr, .. }) => addr as usize & !(size - 1),
                 // Non-blocking: readable once, taken since (a blocking userfaultfd always
                 // polls as an error).
                 None => continue,
                 other => return Err(format!("unexpected userfaultfd event {other:?}")),
             };
             if let Some(sock) = server.as_mut() {
-                let index = ((at - base) / PAGE) as u64;
+                let index = ((at - base) / size) as u64;
                 sock.write_all(&index.to_le_bytes())
                     .map_err(|e| format!("request: {e}"))?;
                 sock.read_exact(&mut page)
                     .map_err(|e| format!("page: {e}"))?;
             }
-            // SAFETY: `at` is a page-aligned address inside the registered mapping that just
-            // faulted, and `page` holds one page; the kernel copies into the memfd's new page.
-            let r = unsafe { uffd.copy(page.as_ptr().cast(), at as *mut _, PAGE, true) };
+            // SAFETY: `at` is an address aligned to `size` inside the registered mapping that
+            // just faulted, and `page` holds `size` bytes; the kernel copies into the memfd's
+            // new page.
+            let r = unsafe { uffd.copy(page.as_ptr().cast(), at as *mut _, size, true) };
             // Each page faults once: the toucher reads distinct pages, one at a time.
             r.map_err(|e| format!("UFFDIO_COPY at {at:#x}: {e}"))?;
         }
@@ -158,29 +164,42 @@ fn work(d: Duration) {
     }
 }
 
-/// Times faults on distinct pages of a scenario's size of fresh memory, spread over all of it.
+/// Times faults on distinct pages of a scenario's size of fresh memory, spread over all of it;
+/// 2 MiB pages of a `hugetlbfs` memfd for a scenario on huge pages.
 pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
     let bytes = vmm::parse_size(s.mem)?;
     let len = usize::try_from(bytes).map_err(|e| e.to_string())?;
-    let pages = len / PAGE;
+    let size = if s.hugepages() { HUGE_PAGE } else { PAGE };
+    let pages = len / size;
     let (server, sock) = match from {
         PageSource::Local => (None, None),
         PageSource::Loopback | PageSource::LoopbackPush | PageSource::LoopbackPushUnniced => {
             let src = fresh_memfd("umem-bench-served", bytes)?;
             fill(&src, bytes)?;
             let (far, sock) = loopback()?;
-            let server = serve(far, src);
+            let server = serve(far, src, size);
             sock.set_nodelay(true).map_err(|e| e.to_string())?;
             (Some(server), Some(sock))
         }
     };
-    let file = fresh_memfd("umem-bench-faulted", bytes)?;
+    let (file, feature) = if size == HUGE_PAGE {
+        let f = memfd::MemfdOptions::default()
+            .hugetlb(Some(memfd::HugetlbSize::Huge2MB))
+            .create("umem-bench-faulted")
+            .map_err(|e| format!("memfd on huge pages: {e}"))?
+            .into_file();
+        f.set_len(bytes).map_err(|e| format!("ftruncate: {e}"))?;
+        (f, userfaultfd::FeatureFlags::MISSING_HUGETLBFS)
+    } else {
+        let f = fresh_memfd("umem-bench-faulted", bytes)?;
+        (f, userfaultfd::FeatureFlags::MISSING_SHMEM)
+    };
     let vm = Shared::new(&file, len)?;
     let uffd = UffdBuilder::new()
         .close_on_exec(true)
         .non_blocking(true)
         .user_mode_only(false)
-        .require_features(userfaultfd::FeatureFlags::MISSING_SHMEM)
+        .require_features(feature)
         .create()
         .map_err(|e| format!("userfaultfd: {e}"))?;
     uffd.register_with_mode(vm.at(0), len, RegisterMode::MISSING)
@@ -191,7 +210,7 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
     };
     let push_done = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let handler = handle(uffd, vm.at(0) as usize, sock, stop.clone());
+    let handler = handle(uffd, vm.at(0) as usize, size, sock, stop.clone());
     let watcher = pushing.map(|p| {
         let done = push_done.clone();
         std::thread::spawn(move || {
@@ -210,16 +229,20 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
     let mut page = 0usize;
     let t = Instant::now();
     // Without a push, FAULTS faults; with one, as many as come before it ends.
-    while lat.len() < FAULTS.max(if watcher.is_some() { pages / 2 } else { 0 }) {
+    let want = match watcher {
+        Some(_) => pages / 2,
+        None => FAULTS.min(pages / 2),
+    };
+    while lat.len() < want {
         if watcher.is_some() && push_done.load(Ordering::Acquire) {
             break;
         }
         work(WORK_BETWEEN);
         page = (page + stride) % pages;
         let f = Instant::now();
-        // SAFETY: `page * PAGE` lies inside the mapping `vm`; the read faults the page in
+        // SAFETY: `page * size` lies inside the mapping `vm`; the read faults the page in
         // through the handler, and a volatile read of one byte of it aliases nothing of ours.
-        let _ = unsafe { std::ptr::read_volatile(vm.at(page * PAGE).cast::<u8>()) };
+        let _ = unsafe { std::ptr::read_volatile(vm.at(page * size).cast::<u8>()) };
         lat.push(f.elapsed());
     }
     let secs = t.elapsed().as_secs_f64();
@@ -238,7 +261,7 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
     let pct = |p: f64| us.get(((us.len() as f64 - 1.0) * p) as usize).copied();
     Ok(row(
         s,
-        (timed * PAGE) as u64,
+        (timed * size) as u64,
         secs,
         json!({
             "faults": timed,

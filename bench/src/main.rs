@@ -159,6 +159,14 @@ const SCENARIOS: &[fn() -> Scenario] = &[
     // buffer, over loopback TCP, and over loopback TCP while a push runs (`floor.rs`).
     || machine("machine-fault-local-1g", "fault-local", "1G"),
     || machine("machine-fault-loopback-1g", "fault-loopback", "1G"),
+    || Scenario {
+        extra: json!({"hugepages": true}),
+        ..machine(
+            "machine-fault-loopback-hugepages-1g",
+            "fault-loopback",
+            "1G",
+        )
+    },
     || {
         machine(
             "machine-fault-loopback-push-1g",
@@ -328,6 +336,16 @@ const SCENARIOS: &[fn() -> Scenario] = &[
         cmdline: "pages=65536 random=1",
         ready: "memtouch base",
         extra: json!({"no_background": true, "stop_after_s": 5}),
+    },
+    || Scenario {
+        engine: Engine::Umem,
+        name: "postcopy-1g-random-touch-no-background-hugepages",
+        mode: "postcopy",
+        mem: "1G",
+        prefill: Prefill::All,
+        cmdline: "pages=65536 random=1",
+        ready: "memtouch base",
+        extra: json!({"no_background": true, "stop_after_s": 5, "hugepages": true}),
     },
     || Scenario {
         engine: Engine::Umem,
