@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
-use crate::machine::{fill, fresh_memfd, loopback, row, sending_peer, Shared};
+use crate::machine::{fill, fresh_memfd, fresh_memfd_on, loopback, row, sending_peer, Shared};
 use crate::{Run, Scenario};
 
 const PAGE: usize = 4096;
@@ -182,18 +182,14 @@ pub fn faults(s: &Scenario, from: PageSource) -> Result<Run, String> {
             (Some(server), Some(sock))
         }
     };
-    let (file, feature) = if size == HUGE_PAGE {
-        let f = memfd::MemfdOptions::default()
-            .hugetlb(Some(memfd::HugetlbSize::Huge2MB))
-            .create("umem-bench-faulted")
-            .map_err(|e| format!("memfd on huge pages: {e}"))?
-            .into_file();
-        f.set_len(bytes).map_err(|e| format!("ftruncate: {e}"))?;
-        (f, userfaultfd::FeatureFlags::MISSING_HUGETLBFS)
-    } else {
-        let f = fresh_memfd("umem-bench-faulted", bytes)?;
-        (f, userfaultfd::FeatureFlags::MISSING_SHMEM)
+    let (huge, feature) = match s.hugepages() {
+        true => (
+            Some(memfd::HugetlbSize::Huge2MB),
+            userfaultfd::FeatureFlags::MISSING_HUGETLBFS,
+        ),
+        false => (None, userfaultfd::FeatureFlags::MISSING_SHMEM),
     };
+    let file = fresh_memfd_on("umem-bench-faulted", bytes, huge)?;
     let vm = Shared::new(&file, len)?;
     let uffd = UffdBuilder::new()
         .close_on_exec(true)

@@ -142,7 +142,17 @@ impl Drop for Shared {
 
 /// An empty memfd of `bytes`.
 pub(crate) fn fresh_memfd(name: &str, bytes: u64) -> Result<std::fs::File, String> {
+    fresh_memfd_on(name, bytes, None)
+}
+
+/// A fresh memfd of `bytes`, on huge pages of `huge` size if given.
+pub(crate) fn fresh_memfd_on(
+    name: &str,
+    bytes: u64,
+    huge: Option<memfd::HugetlbSize>,
+) -> Result<std::fs::File, String> {
     let file = memfd::MemfdOptions::default()
+        .hugetlb(huge)
         .create(name)
         .map_err(|e| format!("memfd: {e}"))?
         .into_file();

@@ -691,7 +691,7 @@ fn run_selection(filter: &[String], round: u32, rounds: u32) -> Vec<Run> {
             });
             continue;
         }
-        let r = match s.engine {
+        let mut r = match s.engine {
             Engine::Umem => run(&s),
             Engine::Machine => match match s.mode {
                 "fault-local" => floor::faults(&s, floor::PageSource::Local),
@@ -734,7 +734,6 @@ fn run_selection(filter: &[String], round: u32, rounds: u32) -> Vec<Run> {
                 }
             },
         };
-        let mut r = r;
         if rounds > 1 {
             r.row["run"] = json!(round);
         }
